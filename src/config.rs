@@ -1,0 +1,128 @@
+//! Experiment configs: one TOML file per experiment under `configs/`, with `[data]`, `[model]`
+//! (the registry: `name = "wukong"` plus that model's keys) and `[train]` tables.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::data::BadLines;
+use crate::model::ModelConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Experiment id; names the run directory.
+    pub name: String,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `libfm` (also reads libsvm: same syntax).
+    #[serde(default = "default_format")]
+    pub format: String,
+    pub train: PathBuf,
+    pub valid: PathBuf,
+    pub test: Option<PathBuf>,
+    /// id:value pairs per line, one per field in this order; omitted = taken from the first line.
+    pub num_fields: Option<usize>,
+    /// Field names, for logs and the saved encoder.
+    #[serde(default)]
+    pub field_names: Vec<String>,
+    /// Ids seen fewer times in training map to the field's OOV row.
+    #[serde(default = "one")]
+    pub min_count: u32,
+    /// `error` (default) or `skip` (count and report malformed lines).
+    #[serde(default)]
+    pub bad_lines: BadLines,
+}
+
+fn default_format() -> String {
+    "libfm".into()
+}
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    /// Adam learning rate for dense parameters.
+    pub lr: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// Decoupled weight decay on dense parameters (0 = off).
+    pub weight_decay: f64,
+    /// Linear warm-up of both learning rates over this many steps.
+    pub warmup_steps: usize,
+    /// Global L2-norm clipping of the dense gradients (0 = off).
+    pub grad_clip_norm: f64,
+    /// Row-wise Adagrad learning rate for embedding rows.
+    pub emb_lr: f64,
+    pub emb_epsilon: f64,
+    pub emb_initial_accumulator: f64,
+    /// L2 on the embedding rows a batch touched (added to their gradient).
+    pub emb_l2: f64,
+    /// Early stopping: epochs without validation-AUC improvement before stopping.
+    pub patience: usize,
+    /// Multiply both learning rates by this when validation AUC does not improve (1 = off).
+    pub plateau_lr_factor: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 30,
+            batch_size: 4096,
+            eval_batch_size: 8192,
+            lr: 1e-3,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 100,
+            grad_clip_norm: 10.0,
+            emb_lr: 0.05,
+            emb_epsilon: 1e-8,
+            emb_initial_accumulator: 0.0,
+            emb_l2: 0.0,
+            patience: 2,
+            plateau_lr_factor: 0.1,
+            seed: 2024,
+        }
+    }
+}
+
+impl ExperimentConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let cfg: Self = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.data.format == "libfm" || self.data.format == "libsvm", "data.format {:?} is not supported (libfm, libsvm)", self.data.format);
+        anyhow::ensure!(self.train.batch_size > 0 && self.train.eval_batch_size > 0, "batch sizes must be positive");
+        anyhow::ensure!(self.train.epochs > 0, "train.epochs must be positive");
+        anyhow::ensure!(self.train.lr > 0.0 && self.train.emb_lr > 0.0, "learning rates must be positive");
+        self.model.validate()
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}

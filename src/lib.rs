@@ -1,0 +1,13 @@
+//! Wukong (Zhang et al., ICML 2024) and CTR baselines on burn.
+//!
+//! Layout follows the data flow: [`data`] (readers, encoding, batching) → [`model`] (sparse
+//! embedding, interaction layers, one file per model) → [`train`] (loop, optimizers, metrics,
+//! checkpoints) → the `wukong` binary at the edge, which picks the backend.
+
+pub mod config;
+pub mod data;
+pub mod flops;
+pub mod metrics;
+pub mod model;
+pub mod runtime;
+pub mod train;

@@ -1,0 +1,140 @@
+//! Exact AUC (ties get the average rank, i.e. count one half) and LogLoss over a whole split.
+//!
+//! Scores are accumulated as they are produced (one `(logit, label)` pair per example, no
+//! second copy); LogLoss is summed on the fly from logits in f64, which is exact for saturated
+//! predictions where `log(sigmoid)` in f32 would underflow.
+
+use anyhow::{Result, bail};
+
+#[derive(Debug, Default, Clone)]
+pub struct MetricAccumulator {
+    pairs: Vec<(f32, bool)>,
+    logloss_sum: f64,
+    positives: u64,
+}
+
+/// `-[y log σ(z) + (1-y) log(1-σ(z))]` computed stably from the logit.
+pub fn bce_from_logit(z: f64, y: bool) -> f64 {
+    // softplus(z) - y z, with softplus(z) = max(z, 0) + ln(1 + e^{-|z|})
+    let sp = z.max(0.0) + (-z.abs()).exp().ln_1p();
+    if y { sp - z } else { sp }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    pub auc: f64,
+    pub logloss: f64,
+    pub count: u64,
+}
+
+impl MetricAccumulator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, logit: f32, label: f32) {
+        let y = label >= 0.5;
+        self.logloss_sum += bce_from_logit(logit as f64, y);
+        self.positives += y as u64;
+        self.pairs.push((logit, y));
+    }
+
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    pub fn logloss(&self) -> Result<f64> {
+        if self.pairs.is_empty() {
+            bail!("LogLoss of an empty split is undefined");
+        }
+        Ok(self.logloss_sum / self.pairs.len() as f64)
+    }
+
+    /// Exact ROC AUC = P(score⁺ > score⁻) + ½ P(score⁺ = score⁻). A split with one class only
+    /// has no AUC: that is an error, not a made-up 0.5.
+    pub fn auc(&mut self) -> Result<f64> {
+        let n = self.pairs.len() as u64;
+        let (pos, neg) = (self.positives, n - self.positives);
+        if pos == 0 || neg == 0 {
+            bail!("AUC is undefined: the split has {pos} positives and {neg} negatives (one class only)");
+        }
+        self.pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        // Sum of positive ranks (1-based), ties receiving their average rank.
+        let mut rank_sum = 0.0f64;
+        let mut i = 0;
+        while i < self.pairs.len() {
+            let mut j = i;
+            let mut pos_in_tie = 0u64;
+            while j < self.pairs.len() && self.pairs[j].0 == self.pairs[i].0 {
+                pos_in_tie += self.pairs[j].1 as u64;
+                j += 1;
+            }
+            let avg_rank = (i + 1 + j) as f64 / 2.0;
+            rank_sum += avg_rank * pos_in_tie as f64;
+            i = j;
+        }
+        let u = rank_sum - (pos * (pos + 1)) as f64 / 2.0;
+        Ok(u / (pos as f64 * neg as f64))
+    }
+
+    pub fn finish(mut self) -> Result<Metrics> {
+        Ok(Metrics { auc: self.auc()?, logloss: self.logloss()?, count: self.pairs.len() as u64 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acc(pairs: &[(f32, f32)]) -> MetricAccumulator {
+        let mut a = MetricAccumulator::new();
+        for &(s, y) in pairs {
+            a.push(s, y);
+        }
+        a
+    }
+
+    #[test]
+    fn auc_by_hand() {
+        // positives at 0.8, 0.4; negatives at 0.6, 0.2: pairs (0.8>0.6, 0.8>0.2, 0.4<0.6, 0.4>0.2) → 3/4
+        let mut a = acc(&[(0.8, 1.0), (0.6, 0.0), (0.4, 1.0), (0.2, 0.0)]);
+        assert!((a.auc().unwrap() - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn auc_ties_count_half() {
+        // one positive and one negative tied at 0.5, one negative below: (0.5 = 0.5 → ½, 0.5 > 0.1 → 1) → 0.75
+        let mut a = acc(&[(0.5, 1.0), (0.5, 0.0), (0.1, 0.0)]);
+        assert!((a.auc().unwrap() - 0.75).abs() < 1e-12);
+        // all scores equal → 0.5 exactly
+        let mut b = acc(&[(0.3, 1.0), (0.3, 0.0), (0.3, 1.0), (0.3, 0.0)]);
+        assert_eq!(b.auc().unwrap(), 0.5);
+    }
+
+    #[test]
+    fn auc_perfect_and_reversed() {
+        assert_eq!(acc(&[(2.0, 1.0), (1.0, 0.0), (3.0, 1.0)]).auc().unwrap(), 1.0);
+        assert_eq!(acc(&[(0.0, 1.0), (1.0, 0.0), (-1.0, 1.0)]).auc().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn single_class_is_an_error() {
+        let err = acc(&[(0.1, 1.0), (0.7, 1.0)]).auc().unwrap_err().to_string();
+        assert!(err.contains("one class"), "{err}");
+        assert!(MetricAccumulator::new().logloss().is_err());
+    }
+
+    #[test]
+    fn logloss_by_hand() {
+        // logit 0 → p = 0.5 → ln 2 either label; logit ln 3 → p = 0.75: y=1 → -ln .75, y=0 → -ln .25
+        let a = acc(&[(0.0, 1.0), (0.0, 0.0), (3f32.ln(), 1.0), (3f32.ln(), 0.0)]);
+        let expected = (2.0 * 2f64.ln() - 0.75f64.ln() - 0.25f64.ln()) / 4.0;
+        assert!((a.logloss().unwrap() - expected).abs() < 1e-7);
+        // saturated logits stay finite and exact
+        assert!((bce_from_logit(-100.0, true) - 100.0).abs() < 1e-9);
+        assert!(bce_from_logit(100.0, true) < 1e-40);
+    }
+}

@@ -1,0 +1,90 @@
+//! Sparse embedding tables.
+//!
+//! All categorical fields share one concatenated table (each field owns a block of rows, see
+//! [`crate::data::Encoder`]). The table is a parameter that autodiff never tracks: a training
+//! step gathers only the batch's unique rows, makes that small `[U, d]` tensor the autodiff
+//! leaf, and the row-wise optimizer ([`crate::train::RowWiseAdagrad`]) writes the update back
+//! into those rows in place. No full-table gradient or optimizer pass happens per step.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+
+use crate::data::Batch;
+
+#[derive(Module, Debug)]
+pub struct SparseEmbedding {
+    pub weight: Param<Tensor<2>>,
+}
+
+/// A batch's index tensors on the device.
+#[derive(Debug, Clone)]
+pub struct SparseInput {
+    pub batch: usize,
+    pub fields: usize,
+    pub unique_rows: Tensor<1, Int>,
+    pub inverse: Tensor<1, Int>,
+    pub values: Option<Tensor<3>>,
+}
+
+impl SparseInput {
+    pub fn from_batch(b: &Batch, fields: usize, device: &Device) -> Self {
+        let u = b.unique_rows.len();
+        let ints = |v: &[i64], n: usize| Tensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [n]), device);
+        Self {
+            batch: b.size,
+            fields,
+            unique_rows: ints(&b.unique_rows, u),
+            inverse: ints(&b.inverse, b.inverse.len()),
+            values: b.values.as_ref().map(|v| {
+                Tensor::<3>::from_data(TensorData::new(v.clone(), [b.size, fields, 1]), device)
+            }),
+        }
+    }
+}
+
+/// The gathered rows of one step; `rows` is the autodiff leaf whose gradient feeds the sparse
+/// optimizer.
+pub struct Gathered {
+    pub rows: Tensor<2>,
+    pub unique_rows: Tensor<1, Int>,
+}
+
+impl SparseEmbedding {
+    pub fn new(rows: usize, dim: usize, init_std: f64, device: &Device) -> Self {
+        let w = Tensor::<2>::random([rows, dim], Distribution::Normal(0.0, init_std), device).inner();
+        Self { weight: Param::initialized(ParamId::new(), w).set_require_grad(false) }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    pub fn dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// Looks up `[batch, fields, d]`. With `track = true` the unique rows become an autodiff
+    /// leaf (returned) so their gradient can be read after `backward`.
+    pub fn lookup(&self, input: &SparseInput, track: bool) -> (Tensor<3>, Option<Gathered>) {
+        let table = self.weight.val().inner();
+        let rows = table.select(0, input.unique_rows.clone());
+        let rows = if track { rows.autodiff().require_grad() } else { rows };
+        let x = rows
+            .clone()
+            .select(0, input.inverse.clone())
+            .reshape([input.batch, input.fields, self.dim()]);
+        let x = match &input.values {
+            Some(v) => x * v.clone(),
+            None => x,
+        };
+        let gathered = track.then(|| Gathered { rows, unique_rows: input.unique_rows.clone() });
+        (x, gathered)
+    }
+
+    /// Adds `delta` (`[U, d]`) to the given distinct rows, in place when the table is not shared.
+    pub fn add_rows(self, unique_rows: Tensor<1, Int>, delta: Tensor<2>) -> Self {
+        let weight = self.weight.map(|t| {
+            t.inner().select_assign(0, unique_rows, delta, burn::tensor::IndexingUpdateOp::Add)
+        });
+        Self { weight }
+    }
+}

@@ -1,0 +1,215 @@
+//! Building blocks shared by the models: MLP, linear compression along the embedding axis,
+//! the factorization-machine block (FMB) and the Wukong interaction layer.
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// `d_in → hidden… → d_out`, ReLU and dropout after every hidden layer, linear output.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub hidden: Vec<Linear>,
+    pub output: Linear,
+    pub dropout: Dropout,
+}
+
+impl Mlp {
+    pub fn new(d_in: usize, hidden: &[usize], d_out: usize, dropout: f64, device: &Device) -> Self {
+        let mut layers = Vec::with_capacity(hidden.len());
+        let mut d = d_in;
+        for &h in hidden {
+            layers.push(LinearConfig::new(d, h).init(device));
+            d = h;
+        }
+        Self {
+            hidden: layers,
+            output: LinearConfig::new(d, d_out).init(device),
+            dropout: DropoutConfig::new(dropout).init(),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, mut x: Tensor<D>) -> Tensor<D> {
+        for layer in &self.hidden {
+            x = self.dropout.forward(relu(layer.forward(x)));
+        }
+        self.output.forward(x)
+    }
+}
+
+/// Dimensions of an MLP, for FLOP and parameter counts.
+pub fn mlp_dims(d_in: usize, hidden: &[usize], d_out: usize) -> Vec<(usize, usize)> {
+    let mut dims = Vec::new();
+    let mut d = d_in;
+    for &h in hidden {
+        dims.push((d, h));
+        d = h;
+    }
+    dims.push((d, d_out));
+    dims
+}
+
+/// `X ↦ W X`: mixes `n_in` embeddings into `n_out` embeddings, each a linear combination of the
+/// inputs, so the interaction order does not increase. Weight `[n_in, n_out]`.
+#[derive(Module, Debug)]
+pub struct LinearCompress {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl LinearCompress {
+    pub fn new(n_in: usize, n_out: usize, device: &Device) -> Self {
+        // Same scale as a Linear layer's default init (Kaiming-uniform, fan-in n_in).
+        let bound = 1.0 / (n_in as f64).sqrt();
+        let w = Tensor::<2>::random([n_in, n_out], Distribution::Uniform(-bound, bound), device);
+        Self { weight: Param::initialized(ParamId::new(), w) }
+    }
+
+    /// `[b, n_in, d] → [b, n_out, d]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let w = self.weight.val().unsqueeze_dim::<3>(0); // [1, n_in, n_out]
+        x.swap_dims(1, 2).matmul(w).swap_dims(1, 2)
+    }
+}
+
+/// How the FM block forms pairwise interactions (paper §3.4 and §3.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FmKind {
+    /// Optimized FM `X (Xᵀ Y)` with a learned static `Y ∈ R^{n×k}`.
+    #[default]
+    Static,
+    /// Optimized FM whose `Y` is produced per example by an MLP from the linearly compressed
+    /// input (paper §3.6).
+    Attentive,
+    /// Plain `X Xᵀ` (n² outputs; no rank reduction).
+    Full,
+}
+
+/// Produces the attentive projection `Y(X) = reshape(MLP(flatten(W_c X)))`.
+#[derive(Module, Debug)]
+pub struct AttentiveProjection {
+    pub compress: LinearCompress,
+    pub mlp: Mlp,
+}
+
+/// FMB = reshape(MLP(LN(flatten(FM(X))))): `[b, n, d] → [b, n_out, d]`.
+#[derive(Module, Debug)]
+pub struct FmBlock {
+    pub projection: Option<Param<Tensor<2>>>,
+    pub attentive: Option<AttentiveProjection>,
+    pub norm: LayerNorm,
+    pub mlp: Mlp,
+    n_in: usize,
+    n_out: usize,
+    dim: usize,
+    rank: usize,
+}
+
+/// Hyperparameters of one FM block.
+#[derive(Debug, Clone)]
+pub struct FmBlockSpec {
+    pub kind: FmKind,
+    pub n_in: usize,
+    pub n_out: usize,
+    pub dim: usize,
+    pub rank: usize,
+    /// Embeddings kept by the attentive projection's compression.
+    pub attention_compress: usize,
+    pub attention_hidden: Vec<usize>,
+    pub mlp_hidden: Vec<usize>,
+    pub dropout: f64,
+}
+
+impl FmBlockSpec {
+    /// Width of the flattened FM output.
+    pub fn fm_width(&self) -> usize {
+        match self.kind {
+            FmKind::Full => self.n_in * self.n_in,
+            _ => self.n_in * self.rank,
+        }
+    }
+}
+
+impl FmBlock {
+    pub fn new(s: &FmBlockSpec, device: &Device) -> Self {
+        let projection = (s.kind == FmKind::Static).then(|| {
+            let bound = 1.0 / (s.n_in as f64).sqrt();
+            let y = Tensor::<2>::random([s.n_in, s.rank], Distribution::Uniform(-bound, bound), device);
+            Param::initialized(ParamId::new(), y)
+        });
+        let attentive = (s.kind == FmKind::Attentive).then(|| AttentiveProjection {
+            compress: LinearCompress::new(s.n_in, s.attention_compress, device),
+            mlp: Mlp::new(s.attention_compress * s.dim, &s.attention_hidden, s.n_in * s.rank, 0.0, device),
+        });
+        let width = s.fm_width();
+        Self {
+            projection,
+            attentive,
+            norm: LayerNormConfig::new(width).init(device),
+            mlp: Mlp::new(width, &s.mlp_hidden, s.n_out * s.dim, s.dropout, device),
+            n_in: s.n_in,
+            n_out: s.n_out,
+            dim: s.dim,
+            rank: s.rank,
+        }
+    }
+
+    /// The FM interaction matrix before flattening: `[b, n, k]` (or `[b, n, n]` for `Full`).
+    pub fn interactions(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, d] = x.dims();
+        let xt = x.clone().swap_dims(1, 2); // [b, d, n]
+        if let Some(y) = &self.projection {
+            // X (Xᵀ Y): O(n k d) instead of O(n² d).
+            let xty = xt.matmul(y.val().unsqueeze_dim::<3>(0)); // [b, d, k]
+            x.matmul(xty)
+        } else if let Some(att) = &self.attentive {
+            let c = att.compress.forward(x.clone()); // [b, c, d]
+            let c = c.reshape([b, att.compress.weight.dims()[1] * d]);
+            let y = att.mlp.forward(c).reshape([b, n, self.rank]);
+            x.matmul(xt.matmul(y))
+        } else {
+            x.matmul(xt)
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let b = x.dims()[0];
+        debug_assert_eq!(x.dims()[1], self.n_in);
+        let fm = self.interactions(x);
+        let width = fm.dims()[1] * fm.dims()[2];
+        let h = self.mlp.forward(self.norm.forward(fm.reshape([b, width])));
+        h.reshape([b, self.n_out, self.dim])
+    }
+}
+
+/// One Wukong layer: `X' = LN(concat(FMB(X), LCB(X)) + residual(X))`, the residual projected
+/// by a [`LinearCompress`] exactly when `n_in ≠ n_F + n_L`.
+#[derive(Module, Debug)]
+pub struct WukongLayer {
+    pub fmb: FmBlock,
+    pub lcb: LinearCompress,
+    pub residual: Option<LinearCompress>,
+    pub norm: LayerNorm,
+}
+
+impl WukongLayer {
+    pub fn new(fm: &FmBlockSpec, n_lcb: usize, device: &Device) -> Self {
+        let n_out = fm.n_out + n_lcb;
+        Self {
+            fmb: FmBlock::new(fm, device),
+            lcb: LinearCompress::new(fm.n_in, n_lcb, device),
+            residual: (fm.n_in != n_out).then(|| LinearCompress::new(fm.n_in, n_out, device)),
+            norm: LayerNormConfig::new(fm.dim).init(device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let out = Tensor::cat(vec![self.fmb.forward(x.clone()), self.lcb.forward(x.clone())], 1);
+        let res = match &self.residual {
+            Some(proj) => proj.forward(x),
+            None => x,
+        };
+        self.norm.forward(out + res)
+    }
+}

@@ -1,0 +1,203 @@
+//! Wukong (Zhang, Luo, Chen et al., ICML 2024): embedding layer → `l` Wukong layers
+//! (FMB ∥ LCB, residual, LayerNorm) → top MLP → logit.
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::embedding::SparseEmbedding;
+use super::layers::{FmBlockSpec, FmKind, Mlp, WukongLayer, mlp_dims};
+
+/// Every hyperparameter of the paper, plus regularization. TOML keys are these field names.
+///
+/// Plain serde rather than burn's `Config` derive: configs are user files, so unknown keys
+/// (typos) must be refused and omitted keys need defaults, neither of which that derive does.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WukongConfig {
+    /// d: the global embedding dimension.
+    pub embedding_dim: usize,
+    /// l: number of Wukong layers.
+    pub num_layers: usize,
+    /// n_F: embeddings produced by each FM block.
+    pub num_fmb: usize,
+    /// n_L: embeddings produced by each linear compress block.
+    pub num_lcb: usize,
+    /// k: rank of the optimized FM projection.
+    pub fm_rank: usize,
+    /// `static`, `attentive` or `full`.
+    pub fm_kind: FmKind,
+    /// Attentive FM: embeddings kept by the linear compression that feeds the Y-MLP.
+    pub attention_compress: usize,
+    /// Attentive FM: hidden widths of the Y-MLP.
+    pub attention_hidden: Vec<usize>,
+    /// Hidden widths of each FMB's MLP (its output width is n_F·d).
+    pub fmb_mlp: Vec<usize>,
+    /// Hidden widths of the top MLP (its output is one logit).
+    pub top_mlp: Vec<usize>,
+    /// Dropout after hidden layers of the FMB and top MLPs.
+    pub dropout: f64,
+    /// Standard deviation of the normal init of embedding rows.
+    pub embedding_init_std: f64,
+    /// Dense (numeric) input features; 0 when the data has none.
+    pub num_dense: usize,
+    /// Hidden widths of the dense-feature MLP.
+    pub dense_mlp: Vec<usize>,
+    /// Embeddings the dense MLP produces.
+    pub num_dense_embeddings: usize,
+}
+
+impl Default for WukongConfig {
+    fn default() -> Self {
+        Self {
+            embedding_dim: 16,
+            num_layers: 2,
+            num_fmb: 16,
+            num_lcb: 16,
+            fm_rank: 8,
+            fm_kind: FmKind::Static,
+            attention_compress: 8,
+            attention_hidden: vec![64],
+            fmb_mlp: vec![256, 256],
+            top_mlp: vec![256, 128],
+            dropout: 0.0,
+            embedding_init_std: 0.01,
+            num_dense: 0,
+            dense_mlp: vec![64],
+            num_dense_embeddings: 0,
+        }
+    }
+}
+
+impl WukongConfig {
+    /// Embeddings entering the stack: one per categorical field plus the dense embeddings.
+    pub fn n0(&self, num_fields: usize) -> usize {
+        num_fields + if self.num_dense > 0 { self.num_dense_embeddings } else { 0 }
+    }
+
+    /// Embedding count after layer `i` (0-based) and the spec of its FM block.
+    pub fn layer_specs(&self, num_fields: usize) -> Vec<FmBlockSpec> {
+        let mut n = self.n0(num_fields);
+        (0..self.num_layers)
+            .map(|_| {
+                let s = FmBlockSpec {
+                    kind: self.fm_kind,
+                    n_in: n,
+                    n_out: self.num_fmb,
+                    dim: self.embedding_dim,
+                    rank: self.fm_rank,
+                    attention_compress: self.attention_compress,
+                    attention_hidden: self.attention_hidden.clone(),
+                    mlp_hidden: self.fmb_mlp.clone(),
+                    dropout: self.dropout,
+                };
+                n = self.num_fmb + self.num_lcb;
+                s
+            })
+            .collect()
+    }
+
+    /// Embeddings leaving the stack.
+    pub fn n_last(&self, num_fields: usize) -> usize {
+        if self.num_layers == 0 { self.n0(num_fields) } else { self.num_fmb + self.num_lcb }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("embedding_dim", self.embedding_dim),
+            ("num_fmb", self.num_fmb),
+            ("num_lcb", self.num_lcb),
+            ("fm_rank", self.fm_rank),
+        ];
+        for (name, v) in positive {
+            anyhow::ensure!(v > 0, "model.{name} must be positive");
+        }
+        anyhow::ensure!((0.0..1.0).contains(&self.dropout), "model.dropout must be in [0, 1)");
+        anyhow::ensure!(
+            self.fm_kind != FmKind::Attentive || self.attention_compress > 0,
+            "model.attention_compress must be positive for the attentive FM"
+        );
+        anyhow::ensure!(
+            self.num_dense == 0 || self.num_dense_embeddings > 0,
+            "model.num_dense_embeddings must be positive when num_dense > 0"
+        );
+        Ok(())
+    }
+
+    pub fn init(&self, num_fields: usize, table_rows: usize, device: &Device) -> Wukong {
+        let d = self.embedding_dim;
+        let layers = self
+            .layer_specs(num_fields)
+            .iter()
+            .map(|s| WukongLayer::new(s, self.num_lcb, device))
+            .collect();
+        Wukong {
+            embedding: SparseEmbedding::new(table_rows, d, self.embedding_init_std, device),
+            dense: (self.num_dense > 0).then(|| {
+                Mlp::new(self.num_dense, &self.dense_mlp, self.num_dense_embeddings * d, 0.0, device)
+            }),
+            layers,
+            top: Mlp::new(self.n_last(num_fields) * d, &self.top_mlp, 1, self.dropout, device),
+        }
+    }
+
+    /// Multiply-adds ×2 of every matrix product in one forward pass for one example (the
+    /// usual FLOP convention); element-wise work (LayerNorm, activations) is not counted.
+    pub fn forward_flops(&self, num_fields: usize) -> u64 {
+        let d = self.embedding_dim as u64;
+        let mlp = |dims: Vec<(usize, usize)>| dims.iter().map(|&(a, b)| 2 * (a * b) as u64).sum::<u64>();
+        let mut total = 0u64;
+        if self.num_dense > 0 {
+            total += mlp(mlp_dims(self.num_dense, &self.dense_mlp, self.num_dense_embeddings * self.embedding_dim));
+        }
+        for s in self.layer_specs(num_fields) {
+            let (n, k) = (s.n_in as u64, s.rank as u64);
+            total += match s.kind {
+                FmKind::Static => 4 * n * k * d,
+                FmKind::Attentive => {
+                    let c = s.attention_compress as u64;
+                    2 * n * c * d
+                        + mlp(mlp_dims(s.attention_compress * s.dim, &s.attention_hidden, s.n_in * s.rank))
+                        + 4 * n * k * d
+                }
+                FmKind::Full => 2 * n * n * d,
+            };
+            total += mlp(mlp_dims(s.fm_width(), &s.mlp_hidden, s.n_out * s.dim));
+            let n_out = (self.num_fmb + self.num_lcb) as u64;
+            total += 2 * n * self.num_lcb as u64 * d; // LCB
+            if n != n_out {
+                total += 2 * n * n_out * d; // residual projection
+            }
+        }
+        total + mlp(mlp_dims(self.n_last(num_fields) * self.embedding_dim, &self.top_mlp, 1))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Wukong {
+    pub embedding: SparseEmbedding,
+    pub dense: Option<Mlp>,
+    pub layers: Vec<WukongLayer>,
+    pub top: Mlp,
+}
+
+impl Wukong {
+    /// Logits `[b]` from the embedded categorical input `[b, fields, d]` and optional dense
+    /// features `[b, num_dense]`.
+    pub fn forward(&self, sparse: Tensor<3>, dense: Option<Tensor<2>>) -> Tensor<1> {
+        let [b, _, d] = sparse.dims();
+        let mut x = match (&self.dense, dense) {
+            (Some(mlp), Some(values)) => {
+                let e = mlp.forward(values);
+                let n = e.dims()[1] / d;
+                Tensor::cat(vec![sparse, e.reshape([b, n, d])], 1)
+            }
+            _ => sparse,
+        };
+        for layer in &self.layers {
+            x = layer.forward(x);
+        }
+        let n = x.dims()[1];
+        self.top.forward(x.reshape([b, n * d])).reshape([b])
+    }
+}

@@ -1,0 +1,59 @@
+//! The edge: device selection, atomic file writes, environment facts for run directories.
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::Device;
+use std::path::Path;
+
+/// Parses `--device`: `cpu` (Flex, the default), `vulkan[:N]` and `cuda[:N]` when built with
+/// those features.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let (kind, index) = match spec.split_once(':') {
+        Some((k, i)) => (k, Some(i.parse::<usize>().with_context(|| format!("bad device index in {spec:?}"))?)),
+        None => (spec, None),
+    };
+    match kind {
+        "cpu" | "flex" => Ok(Device::flex()),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index.unwrap_or(0)))),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(index.unwrap_or(0))),
+        "vulkan" | "cuda" => {
+            let _ = index;
+            bail!("device {spec:?} needs a binary built with `--features {kind}`")
+        }
+        other => bail!("unknown device {other:?} (expected cpu, vulkan[:N] or cuda[:N])"),
+    }
+}
+
+/// Writes a file so that readers never see a partial one: temp file in the same directory, then
+/// rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
+    Ok(())
+}
+
+/// Worker threads of the CPU backend (rayon's global pool).
+pub fn cpu_threads() -> usize {
+    rayon_threads()
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+pub fn env_info(device: &str) -> serde_json::Value {
+    serde_json::json!({
+        "wukong_version": env!("CARGO_PKG_VERSION"),
+        "burn_version": "0.22.1",
+        "device": device,
+        "threads": cpu_threads(),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "hostname": std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim(),
+    })
+}

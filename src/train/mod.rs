@@ -1,0 +1,235 @@
+//! Training: the loop (Adam for dense parameters, row-wise Adagrad for embedding rows, linear
+//! warm-up, global-norm clipping, early stopping on validation AUC with best-weight restore),
+//! evaluation and prediction.
+
+pub mod checkpoint;
+pub mod optim;
+
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::ExperimentConfig;
+use crate::data::{BatchLoader, EncodedDataset, Encoder, LibfmOptions, RawDataset, read_libfm};
+use crate::metrics::{MetricAccumulator, Metrics};
+use crate::model::{Model, SparseInput};
+pub use optim::{RowWiseAdagrad, clip_global_norm, grad_norm};
+
+/// Mean binary cross-entropy from logits, stable for any logit:
+/// `max(z,0) − z·y + ln(1 + e^{−|z|})`.
+pub fn bce_with_logits(logits: Tensor<1>, labels: Tensor<1>) -> Tensor<1> {
+    let stable = logits.clone().abs().neg().exp().log1p();
+    (relu(logits.clone()) - logits * labels + stable).mean()
+}
+
+pub fn read_split(path: &Path, cfg: &ExperimentConfig) -> Result<RawDataset> {
+    let opts = LibfmOptions { num_fields: cfg.data.num_fields, bad_lines: cfg.data.bad_lines };
+    read_libfm(path, &opts)
+}
+
+pub fn encode(raw: &RawDataset, encoder: &Encoder) -> Result<(EncodedDataset, usize)> {
+    let (rows, oov) = encoder.encode(raw)?;
+    Ok((
+        EncodedDataset { num_fields: raw.num_fields, labels: raw.labels.clone(), rows, values: raw.values.clone() },
+        oov,
+    ))
+}
+
+/// Logits of every example, in file order.
+pub fn predict_logits(model: &Model, data: Arc<EncodedDataset>, total_rows: usize, batch_size: usize, device: &Device) -> Result<Vec<f32>> {
+    let nf = data.num_fields;
+    let loader = BatchLoader::new(data, total_rows, batch_size);
+    let mut out = Vec::new();
+    for batch in loader.epoch(None) {
+        let input = SparseInput::from_batch(&batch, nf, device);
+        let (logits, _) = model.forward(&input, false);
+        out.extend(logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+    }
+    Ok(out)
+}
+
+/// AUC and LogLoss of `model` (an inference copy: `model.valid()`) on a split.
+pub fn evaluate(model: &Model, data: Arc<EncodedDataset>, total_rows: usize, batch_size: usize, device: &Device) -> Result<Metrics> {
+    let labels = data.labels.clone();
+    let logits = predict_logits(model, data, total_rows, batch_size, device)?;
+    let mut acc = MetricAccumulator::new();
+    for (z, y) in logits.iter().zip(&labels) {
+        acc.push(*z, *y);
+    }
+    acc.finish()
+}
+
+/// Where and how a training run happens (the parts not in the experiment config).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub device: String,
+    pub out_dir: PathBuf,
+    /// Progress bars and per-epoch lines on stderr/stdout.
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub run_dir: PathBuf,
+    pub best_epoch: usize,
+    pub epochs_run: usize,
+    pub valid: Metrics,
+    pub test: Option<Metrics>,
+    pub seconds: f64,
+}
+
+fn log(verbose: bool, msg: impl AsRef<str>) {
+    if verbose {
+        println!("{}", msg.as_ref());
+    }
+}
+
+/// Trains the experiment end to end and writes its run directory.
+pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> {
+    let start = Instant::now();
+    let t = &cfg.train;
+    let v = opts.verbose;
+
+    // Data: read, fit the encoder on train only, encode every split.
+    let raw_train = read_split(&cfg.data.train, cfg)?;
+    let encoder = Encoder::fit(&raw_train, &cfg.data.field_names, cfg.data.min_count)?;
+    let mut splits = vec![("train", raw_train)];
+    splits.push(("valid", read_split(&cfg.data.valid, cfg)?));
+    if let Some(test) = &cfg.data.test {
+        splits.push(("test", read_split(test, cfg)?));
+    }
+    let mut encoded = Vec::new();
+    let mut data_log = serde_json::Map::new();
+    for (name, raw) in &splits {
+        let (enc, oov) = encode(raw, &encoder)?;
+        log(v, format!(
+            "{name}: {} rows, positive rate {:.4}, {} malformed lines skipped, {oov} values out of vocabulary",
+            raw.len(), raw.positive_rate(), raw.skipped
+        ));
+        data_log.insert(name.to_string(), serde_json::json!({"rows": raw.len(), "skipped": raw.skipped, "oov": oov, "positive_rate": raw.positive_rate()}));
+        encoded.push(Arc::new(enc));
+    }
+    drop(splits);
+    let (train_data, valid_data) = (Arc::clone(&encoded[0]), Arc::clone(&encoded[1]));
+    let test_data = encoded.get(2).cloned();
+    let nf = encoder.num_fields();
+    let total_rows = encoder.total_rows();
+
+    // Run directory.
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let run_dir = opts.out_dir.join(format!("{}-seed{}-{stamp}", cfg.name, t.seed));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    crate::runtime::write_atomic(&run_dir.join(checkpoint::CONFIG), cfg.to_toml().as_bytes())?;
+    encoder.save(&run_dir.join(checkpoint::ENCODER))?;
+    let mut env = crate::runtime::env_info(&opts.device);
+    env["data"] = serde_json::Value::Object(data_log);
+    crate::runtime::write_atomic(&run_dir.join(checkpoint::ENV), serde_json::to_string_pretty(&env)?.as_bytes())?;
+    let mut metrics_file = std::fs::File::create(run_dir.join(checkpoint::METRICS))?;
+
+    // Model and optimizers.
+    let device = crate::runtime::parse_device(&opts.device)?;
+    device.seed(t.seed);
+    let ad = device.clone().autodiff();
+    let mut model = cfg.model.init(nf, total_rows, &ad);
+    let (emb_params, dense_params) = model.param_counts();
+    log(v, format!(
+        "model {}: {dense_params} dense + {emb_params} embedding parameters ({total_rows} rows × {}), {:.4} MFLOP/example forward",
+        cfg.model.name(), cfg.model.embedding_dim(), cfg.model.forward_flops(nf) as f64 / 1e6
+    ));
+    let mut adam = AdamConfig::new()
+        .with_beta_1(t.adam_beta1 as f32)
+        .with_beta_2(t.adam_beta2 as f32)
+        .with_epsilon(t.adam_epsilon as f32)
+        .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
+        .init();
+    let mut adagrad = RowWiseAdagrad::new(total_rows, t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, &device);
+
+    let loader = BatchLoader::new(Arc::clone(&train_data), total_rows, t.batch_size);
+    let model_path = run_dir.join(checkpoint::MODEL);
+    let (mut best_auc, mut best_epoch, mut best_valid) = (f64::NEG_INFINITY, 0, None);
+    let (mut bad_epochs, mut lr_scale, mut step, mut epochs_run) = (0usize, 1.0f64, 0usize, 0usize);
+
+    for epoch in 1..=t.epochs {
+        epochs_run = epoch;
+        let epoch_start = Instant::now();
+        let bar = if v { ProgressBar::new(loader.num_batches() as u64) } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}").unwrap().progress_chars("=> "));
+        bar.set_message(format!("{epoch}/{}", t.epochs));
+        let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
+        for batch in loader.epoch(Some(t.seed.wrapping_add(epoch as u64))) {
+            step += 1;
+            let warm = if t.warmup_steps > 0 { (step as f64 / t.warmup_steps as f64).min(1.0) } else { 1.0 };
+            let (lr, emb_lr) = (t.lr * warm * lr_scale, t.emb_lr * warm * lr_scale);
+
+            let input = SparseInput::from_batch(&batch, nf, &ad);
+            let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), &ad);
+            let (logits, gathered) = model.forward(&input, true);
+            let loss = bce_with_logits(logits, labels);
+            let mut grads = loss.backward();
+            loss_sum += loss.into_scalar::<f32>() as f64 * batch.size as f64;
+            loss_n += batch.size;
+
+            let gathered = gathered.expect("tracked lookup returns the leaf");
+            let emb_grad = gathered.rows.grad_remove(&mut grads).context("embedding rows received no gradient")?;
+            let mut dense_grads = GradientsParams::from_grads(grads, &model);
+            clip_global_norm(&model, &mut dense_grads, t.grad_clip_norm);
+            model = adam.step(lr, model, dense_grads);
+            let (rows, idx) = (gathered.rows, gathered.unique_rows);
+            model = model.map_embedding(|e| adagrad.step(e, idx, rows, emb_grad, emb_lr));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let train_secs = epoch_start.elapsed().as_secs_f64();
+        let valid = evaluate(&model.valid(), Arc::clone(&valid_data), total_rows, t.eval_batch_size, &device)?;
+        let improved = valid.auc > best_auc;
+        if improved {
+            best_auc = valid.auc;
+            best_epoch = epoch;
+            best_valid = Some(valid);
+            bad_epochs = 0;
+            checkpoint::save_model(&model, &model_path)?;
+        } else {
+            bad_epochs += 1;
+            lr_scale *= t.plateau_lr_factor;
+        }
+        let line = serde_json::json!({
+            "epoch": epoch, "step": step, "train_logloss": loss_sum / loss_n.max(1) as f64,
+            "valid_auc": valid.auc, "valid_logloss": valid.logloss, "lr": t.lr * lr_scale,
+            "train_seconds": train_secs, "epoch_seconds": epoch_start.elapsed().as_secs_f64(), "best": improved,
+        });
+        writeln!(metrics_file, "{line}")?;
+        metrics_file.flush()?;
+        log(v, format!(
+            "epoch {epoch:>3}: train logloss {:.5}  valid AUC {:.6}  LogLoss {:.6}  ({train_secs:.1}s train, {:.1}s total){}",
+            loss_sum / loss_n.max(1) as f64, valid.auc, valid.logloss, epoch_start.elapsed().as_secs_f64(),
+            if improved { "  *best" } else { "" }
+        ));
+        if bad_epochs >= t.patience.max(1) {
+            log(v, format!("early stop: no validation AUC improvement for {bad_epochs} epoch(s); best epoch {best_epoch}"));
+            break;
+        }
+    }
+
+    // Restore the best weights and score the test split with them.
+    let best = checkpoint::load_model(cfg, &encoder, &model_path, &device)?;
+    let test = match &test_data {
+        Some(d) => Some(evaluate(&best, Arc::clone(d), total_rows, t.eval_batch_size, &device)?),
+        None => None,
+    };
+    let valid = best_valid.context("no epoch was evaluated")?;
+    let seconds = start.elapsed().as_secs_f64();
+    let result = serde_json::json!({
+        "best_epoch": best_epoch, "epochs_run": epochs_run, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
+        "test_auc": test.map(|m| m.auc), "test_logloss": test.map(|m| m.logloss), "seconds": seconds,
+        "dense_params": dense_params, "embedding_params": emb_params, "forward_flops_per_example": cfg.model.forward_flops(nf),
+    });
+    crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
+    Ok(TrainOutcome { run_dir, best_epoch, epochs_run, valid, test, seconds })
+}

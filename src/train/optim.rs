@@ -1,0 +1,97 @@
+//! Optimizers beyond burn's: row-wise Adagrad for embedding rows and global-norm clipping of
+//! the dense gradients.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor};
+
+use crate::model::SparseEmbedding;
+
+/// Row-wise Adagrad (one accumulator per row, as in DLRM/TorchRec): for each touched row r with
+/// gradient g_r ∈ R^d, `A_r += mean(g_r²)`, `w_r -= lr · g_r / (√A_r + ε)`. Only the rows a
+/// batch touched are read or written; the table is updated in place.
+pub struct RowWiseAdagrad {
+    accumulator: Option<Tensor<1>>,
+    pub epsilon: f64,
+    pub l2: f64,
+}
+
+impl RowWiseAdagrad {
+    pub fn new(rows: usize, initial_accumulator: f64, epsilon: f64, l2: f64, device: &Device) -> Self {
+        let acc = Tensor::<1>::full([rows], initial_accumulator, &device.clone().inner());
+        Self { accumulator: Some(acc), epsilon, l2 }
+    }
+
+    pub fn accumulator(&self) -> &Tensor<1> {
+        self.accumulator.as_ref().expect("accumulator present between steps")
+    }
+
+    /// Applies one update. `rows` are the current values of the touched rows (`[U, d]`, used by
+    /// L2), `grad` their gradient, `unique_rows` their (distinct) indices.
+    pub fn step(
+        &mut self,
+        table: SparseEmbedding,
+        unique_rows: Tensor<1, Int>,
+        rows: Tensor<2>,
+        grad: Tensor<2>,
+        lr: f64,
+    ) -> SparseEmbedding {
+        let [u, _] = grad.dims();
+        let grad = if self.l2 > 0.0 { grad + rows.inner().mul_scalar(self.l2) } else { grad };
+        let g2 = grad.clone().powi_scalar(2).mean_dim(1).reshape([u]);
+        let acc = self.accumulator.take().expect("accumulator present between steps");
+        let acc = acc.select_assign(0, unique_rows.clone(), g2, IndexingUpdateOp::Add);
+        let acc_rows = acc.clone().select(0, unique_rows.clone());
+        self.accumulator = Some(acc);
+        let scale = acc_rows.sqrt().add_scalar(self.epsilon).recip().mul_scalar(-lr).reshape([u, 1]);
+        table.add_rows(unique_rows, grad * scale)
+    }
+}
+
+/// Sums the squared dense gradients of a module.
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let s = g.powi_scalar(2).sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// Global L2 norm of the module's gradients.
+pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
+    let mut v = SquaredNorm { grads, total: None };
+    module.visit(&mut v);
+    v.total.map(|t| t.into_scalar::<f32>() as f64).unwrap_or(0.0).sqrt()
+}
+
+/// Scales all gradients so that their global norm is at most `max_norm`; returns the norm
+/// before clipping.
+pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let norm = grad_norm(module, grads);
+    if max_norm > 0.0 && norm > max_norm {
+        module.visit(&mut Scale { grads, factor: max_norm / (norm + 1e-6) });
+    }
+    norm
+}
