@@ -1,0 +1,200 @@
+//! Shape and semantics of every block, and finite-difference gradient checks.
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use wukong::model::layers::{FmBlock, FmBlockSpec, FmKind, LinearCompress, WukongLayer};
+use wukong::model::{ModelConfig, WukongConfig};
+
+fn dev() -> Device {
+    let d = Device::flex();
+    d.seed(7);
+    d
+}
+
+fn spec(kind: FmKind, n_in: usize, n_out: usize) -> FmBlockSpec {
+    FmBlockSpec {
+        kind,
+        n_in,
+        n_out,
+        dim: 4,
+        rank: 3,
+        attention_compress: 2,
+        attention_hidden: vec![8],
+        mlp_hidden: vec![16],
+        dropout: 0.0,
+    }
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn optimized_fm_equals_x_xt_y() {
+    let device = dev();
+    let block = FmBlock::new(&spec(FmKind::Static, 5, 2), &device);
+    let x = Tensor::<3>::random([3, 5, 4], Distribution::Normal(0.0, 1.0), &device);
+    let y = block.projection.as_ref().unwrap().val();
+    // reference: (X Xᵀ) Y, computed example by example on the host
+    let xs = to_vec(x.clone());
+    let ys = to_vec(y);
+    let got = to_vec(block.interactions(x));
+    let (b, n, d, k) = (3, 5, 4, 3);
+    let mut want = vec![0f32; b * n * k];
+    for e in 0..b {
+        for i in 0..n {
+            for c in 0..k {
+                let mut s = 0.0;
+                for j in 0..n {
+                    let dot: f32 = (0..d).map(|t| xs[e * n * d + i * d + t] * xs[e * n * d + j * d + t]).sum();
+                    s += dot * ys[j * k + c];
+                }
+                want[e * n * k + i * k + c] = s;
+            }
+        }
+    }
+    assert!(max_abs_diff(&got, &want) < 1e-4, "optimized FM differs from (X Xᵀ) Y");
+}
+
+#[test]
+fn full_fm_is_x_xt_and_attentive_fm_uses_a_per_example_projection() {
+    let device = dev();
+    let x = Tensor::<3>::random([2, 5, 4], Distribution::Normal(0.0, 1.0), &device);
+    let full = FmBlock::new(&spec(FmKind::Full, 5, 2), &device);
+    let got = to_vec(full.interactions(x.clone()));
+    let want = to_vec(x.clone().matmul(x.clone().swap_dims(1, 2)));
+    assert!(max_abs_diff(&got, &want) < 1e-5);
+
+    let att = FmBlock::new(&spec(FmKind::Attentive, 5, 2), &device);
+    let a = att.attentive.as_ref().unwrap();
+    // Y(X) from the compressed input, then X (Xᵀ Y(X)) = (X Xᵀ) Y(X)
+    let c = a.compress.forward(x.clone()).reshape([2, 2 * 4]);
+    let y = a.mlp.forward(c).reshape([2, 5, 3]);
+    let want = to_vec(x.clone().matmul(x.clone().swap_dims(1, 2)).matmul(y));
+    assert!(max_abs_diff(&to_vec(att.interactions(x)), &want) < 1e-4);
+}
+
+#[test]
+fn block_shapes() {
+    let device = dev();
+    let x = Tensor::<3>::random([3, 7, 4], Distribution::Normal(0.0, 1.0), &device);
+    for kind in [FmKind::Static, FmKind::Attentive, FmKind::Full] {
+        let block = FmBlock::new(&spec(kind, 7, 6), &device);
+        let k = if kind == FmKind::Full { 7 } else { 3 };
+        assert_eq!(block.interactions(x.clone()).dims(), [3, 7, k]);
+        assert_eq!(block.forward(x.clone()).dims(), [3, 6, 4], "{kind:?}");
+    }
+    assert_eq!(LinearCompress::new(7, 2, &device).forward(x.clone()).dims(), [3, 2, 4]);
+    let layer = WukongLayer::new(&spec(FmKind::Static, 7, 6), 5, &device);
+    assert_eq!(layer.forward(x).dims(), [3, 11, 4]);
+}
+
+#[test]
+fn residual_projection_exactly_when_counts_differ() {
+    let device = dev();
+    let same = WukongLayer::new(&spec(FmKind::Static, 8, 5), 3, &device);
+    assert!(same.residual.is_none(), "8 in, 5+3 out: identity residual");
+    let differ = WukongLayer::new(&spec(FmKind::Static, 8, 5), 4, &device);
+    let proj = differ.residual.as_ref().expect("8 in, 5+4 out: projected residual");
+    assert_eq!(proj.weight.dims(), [8, 9]);
+
+    // and the identity residual really is X: with FMB and LCB zeroed, output = LN(X)
+    let x = Tensor::<3>::random([2, 8, 4], Distribution::Normal(0.0, 1.0), &device);
+    let zero_lcb = LinearCompress { weight: burn::module::Param::from_tensor(Tensor::zeros([8, 3], &device)) };
+    let mut layer = same;
+    layer.lcb = zero_lcb;
+    layer.fmb.mlp.output.weight = burn::module::Param::from_tensor(Tensor::zeros([16, 5 * 4], &device));
+    layer.fmb.mlp.output.bias = Some(burn::module::Param::from_tensor(Tensor::zeros([5 * 4], &device)));
+    let got = to_vec(layer.forward(x.clone()));
+    // LN over d of [0 (fmb) ; 0 (lcb)] + X = LN(X)
+    let want = to_vec(layer.norm.forward(x));
+    assert!(max_abs_diff(&got, &want) < 1e-5);
+}
+
+#[test]
+fn lcb_is_linear_so_it_keeps_the_interaction_order() {
+    // LCB(a·X1 + X2) = a·LCB(X1) + LCB(X2): a linear map adds no product of embeddings.
+    let device = dev();
+    let lcb = LinearCompress::new(6, 4, &device);
+    let x1 = Tensor::<3>::random([2, 6, 4], Distribution::Normal(0.0, 1.0), &device);
+    let x2 = Tensor::<3>::random([2, 6, 4], Distribution::Normal(0.0, 1.0), &device);
+    let lhs = to_vec(lcb.forward(x1.clone().mul_scalar(2.5) + x2.clone()));
+    let rhs = to_vec(lcb.forward(x1).mul_scalar(2.5) + lcb.forward(x2));
+    assert!(max_abs_diff(&lhs, &rhs) < 1e-5);
+    // whereas the FM block's interactions are quadratic: FM(2X) = 4 FM(X)
+    let fm = FmBlock::new(&spec(FmKind::Static, 6, 2), &device);
+    let x = Tensor::<3>::random([2, 6, 4], Distribution::Normal(0.0, 1.0), &device);
+    let a = to_vec(fm.interactions(x.clone().mul_scalar(2.0)));
+    let b = to_vec(fm.interactions(x).mul_scalar(4.0));
+    assert!(max_abs_diff(&a, &b) < 1e-4);
+}
+
+/// Central finite differences of `f` at `x` (host vectors), compared with `grad`.
+fn check_gradient(x: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> f64, entries: &[usize]) {
+    let h = 1e-2f32;
+    for &i in entries {
+        let mut xp = x.to_vec();
+        let mut xm = x.to_vec();
+        xp[i] += h;
+        xm[i] -= h;
+        let numeric = (f(&xp) - f(&xm)) / (2.0 * h as f64);
+        let analytic = grad[i] as f64;
+        let tol = 2e-2 * numeric.abs().max(analytic.abs()) + 2e-3;
+        assert!((numeric - analytic).abs() < tol, "entry {i}: finite difference {numeric} vs autodiff {analytic}");
+    }
+}
+
+#[test]
+fn interaction_layer_gradient_matches_finite_differences() {
+    let device = dev();
+    let ad = device.clone().autodiff();
+    let layer = WukongLayer::new(&spec(FmKind::Static, 5, 3), 4, &ad);
+    let shape = [2, 5, 4];
+    let x0 = to_vec(Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &device));
+    let w = to_vec(Tensor::<3>::random([2, 7, 4], Distribution::Normal(0.0, 1.0), &device));
+    let weights = Tensor::<3>::from_data(TensorData::new(w.clone(), [2, 7, 4]), &ad);
+
+    let x = Tensor::<3>::from_data(TensorData::new(x0.clone(), shape), &ad).require_grad();
+    let loss = (layer.forward(x.clone()) * weights.clone()).sum();
+    let grads = loss.backward();
+    let g = to_vec(x.grad(&grads).unwrap());
+
+    let plain = layer.valid();
+    let wt = Tensor::<3>::from_data(TensorData::new(w, [2, 7, 4]), &device);
+    let f = |xs: &[f32]| {
+        let x = Tensor::<3>::from_data(TensorData::new(xs.to_vec(), shape), &device);
+        (plain.forward(x) * wt.clone()).sum().into_scalar::<f32>() as f64
+    };
+    check_gradient(&x0, &g, f, &[0, 3, 7, 12, 19, 22, 31, 39]);
+}
+
+#[test]
+fn whole_model_forward_shape_and_flops_are_consistent() {
+    let device = dev();
+    let cfg = WukongConfig { embedding_dim: 4, num_layers: 3, num_fmb: 3, num_lcb: 2, fm_rank: 2, fmb_mlp: vec![8], top_mlp: vec![8], ..Default::default() };
+    let m = cfg.init(6, 20, &device);
+    let x = Tensor::<3>::random([5, 6, 4], Distribution::Normal(0.0, 1.0), &device);
+    assert_eq!(m.forward(x, None).dims(), [5]);
+    // 3 layers: the first projects 6 → 5 embeddings, the next two keep 5 → identity residual
+    assert!(m.layers[0].residual.is_some() && m.layers[1].residual.is_none() && m.layers[2].residual.is_none());
+    // hand count for layer 1 (n=6, k=2, d=4): FM 4·6·2·4=192; MLP 2·(12·8 + 8·12)=384; LCB 2·6·2·4=96; residual 2·6·5·4=240
+    // layers 2,3 (n=5): FM 160; MLP 2·(10·8+8·12)=352; LCB 80 → 592 each; top: 2·(20·8 + 8·1) = 336
+    assert_eq!(ModelConfig::Wukong(cfg).forward_flops(6), 192 + 384 + 96 + 240 + 2 * 592 + 336);
+}
+
+#[test]
+fn dense_features_become_extra_embeddings() {
+    let device = dev();
+    let cfg = WukongConfig { embedding_dim: 4, num_layers: 1, num_fmb: 3, num_lcb: 2, fm_rank: 2, num_dense: 3, num_dense_embeddings: 2, dense_mlp: vec![8], fmb_mlp: vec![8], top_mlp: vec![8], ..Default::default() };
+    assert_eq!(cfg.n0(6), 8);
+    let m = cfg.init(6, 20, &device);
+    let x = Tensor::<3>::random([5, 6, 4], Distribution::Normal(0.0, 1.0), &device);
+    let dense = Tensor::<2>::random([5, 3], Distribution::Normal(0.0, 1.0), &device);
+    assert_eq!(m.forward(x, Some(dense)).dims(), [5]);
+    assert_eq!(m.layers[0].fmb.projection.as_ref().unwrap().dims(), [8, 2]);
+}

@@ -1,0 +1,138 @@
+//! The sparse embedding path: gathered-row gradients and the in-place row-wise Adagrad update
+//! against the dense computation.
+
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use wukong::data::Batch;
+use wukong::model::{SparseEmbedding, SparseInput};
+use wukong::train::RowWiseAdagrad;
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// 3 examples × 2 fields over a 10-row table; rows 0, 2, 5, 9 are touched (5 twice).
+fn batch() -> Batch {
+    let slots: Vec<i64> = vec![2, 5, 0, 5, 9, 2];
+    let mut unique = Vec::new();
+    let inverse = slots
+        .iter()
+        .map(|r| match unique.iter().position(|u| u == r) {
+            Some(p) => p as i64,
+            None => {
+                unique.push(*r);
+                unique.len() as i64 - 1
+            }
+        })
+        .collect();
+    Batch { size: 3, labels: vec![1.0, 0.0, 1.0], unique_rows: unique, inverse, values: None }
+}
+
+const D: usize = 3;
+const ROWS: usize = 10;
+
+/// A smooth non-linear loss of the looked-up embeddings.
+fn loss_of(x: Tensor<3>, w: &Tensor<3>) -> Tensor<1> {
+    (x.clone() * w.clone()).sum() + x.powi_scalar(2).sum().mul_scalar(0.5) + (w.clone().sum_dim(2) * 0.0).sum()
+}
+
+#[test]
+fn gathered_row_gradient_matches_dense_and_finite_differences() {
+    let device = Device::flex();
+    device.seed(3);
+    let ad = device.clone().autodiff();
+    let emb = SparseEmbedding::new(ROWS, D, 0.5, &ad);
+    let table = to_vec(emb.weight.val().inner());
+    let w = Tensor::<3>::random([3, 2, D], Distribution::Normal(0.0, 1.0), &ad);
+    let b = batch();
+    let input = SparseInput::from_batch(&b, 2, &ad);
+
+    // sparse path: gradient of the [U, d] leaf
+    let (x, gathered) = emb.lookup(&input, true);
+    let mut grads = loss_of(x, &w).backward();
+    let g = gathered.unwrap();
+    let sparse_grad = to_vec(g.rows.grad_remove(&mut grads).unwrap());
+
+    // dense path: the whole table as a leaf, gathered slot by slot
+    let full = Tensor::<2>::from_data(TensorData::new(table.clone(), [ROWS, D]), &ad).require_grad();
+    let slots = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(vec![2i64, 5, 0, 5, 9, 2], [6]), &ad);
+    let x = full.clone().select(0, slots).reshape([3, 2, D]);
+    let grads = loss_of(x, &w).backward();
+    let dense_grad = to_vec(full.grad(&grads).unwrap());
+    for (u, &r) in b.unique_rows.iter().enumerate() {
+        for j in 0..D {
+            let (s, d) = (sparse_grad[u * D + j], dense_grad[r as usize * D + j]);
+            assert!((s - d).abs() < 1e-5, "row {r} dim {j}: sparse {s} vs dense {d}");
+        }
+    }
+    for r in [1, 3, 4, 6, 7, 8] {
+        assert!(dense_grad[r * D..(r + 1) * D].iter().all(|&v| v == 0.0), "untouched row {r} has a gradient");
+    }
+
+    // finite differences on the table entries of touched rows
+    let w_plain = w.inner();
+    let f = |t: &[f32]| {
+        let e = SparseEmbedding { weight: burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(t.to_vec(), [ROWS, D]), &device)) };
+        let (x, _) = e.lookup(&SparseInput::from_batch(&b, 2, &device), false);
+        loss_of(x, &w_plain).into_scalar::<f32>() as f64
+    };
+    let h = 1e-2f32;
+    for (u, &r) in b.unique_rows.iter().enumerate() {
+        for j in 0..D {
+            let i = r as usize * D + j;
+            let (mut p, mut m) = (table.clone(), table.clone());
+            p[i] += h;
+            m[i] -= h;
+            let numeric = (f(&p) - f(&m)) / (2.0 * h as f64);
+            assert!((numeric - sparse_grad[u * D + j] as f64).abs() < 1e-2, "row {r}: fd {numeric} vs {}", sparse_grad[u * D + j]);
+        }
+    }
+}
+
+#[test]
+fn row_wise_adagrad_updates_touched_rows_only_and_matches_the_formula() {
+    let device = Device::flex();
+    device.seed(5);
+    let emb = SparseEmbedding::new(ROWS, D, 0.5, &device);
+    let before = to_vec(emb.weight.val());
+    let b = batch();
+    let u = b.unique_rows.len();
+    let grad_host: Vec<f32> = (0..u * D).map(|i| (i as f32 * 0.37).sin()).collect();
+    let (lr, eps, l2, init_acc) = (0.1f64, 1e-8f64, 0.01f64, 0.1f64);
+
+    let mut opt = RowWiseAdagrad::new(ROWS, init_acc, eps, l2, &device);
+    let idx = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(b.unique_rows.clone(), [u]), &device);
+    let rows = emb.weight.val().select(0, idx.clone());
+    let grad = Tensor::<2>::from_data(TensorData::new(grad_host.clone(), [u, D]), &device);
+    // two steps with the same gradient: the accumulator must carry over
+    let emb = opt.step(emb, idx.clone(), rows, grad.clone(), lr);
+    let rows = emb.weight.val().select(0, idx.clone());
+    let emb = opt.step(emb, idx, rows, grad, lr);
+    let after = to_vec(emb.weight.val());
+    let acc = to_vec(opt.accumulator().clone());
+
+    // the dense computation, on the host
+    let mut w = before.clone();
+    let mut a = vec![init_acc as f32; ROWS];
+    for _ in 0..2 {
+        for (k, &r) in b.unique_rows.iter().enumerate() {
+            let r = r as usize;
+            let g: Vec<f32> = (0..D).map(|j| grad_host[k * D + j] + l2 as f32 * w[r * D + j]).collect();
+            a[r] += g.iter().map(|v| v * v).sum::<f32>() / D as f32;
+            for j in 0..D {
+                w[r * D + j] -= lr as f32 * g[j] / (a[r].sqrt() + eps as f32);
+            }
+        }
+    }
+    for r in 0..ROWS {
+        let touched = b.unique_rows.contains(&(r as i64));
+        for j in 0..D {
+            let i = r * D + j;
+            if touched {
+                assert!((after[i] - w[i]).abs() < 1e-5, "row {r}: {} vs {}", after[i], w[i]);
+            } else {
+                assert_eq!(after[i].to_bits(), before[i].to_bits(), "untouched row {r} changed");
+            }
+        }
+        assert!((acc[r] - a[r]).abs() < 1e-6);
+    }
+}
