@@ -22,6 +22,7 @@ fn spec(kind: FmKind, n_in: usize, n_out: usize) -> FmBlockSpec {
         attention_hidden: vec![8],
         mlp_hidden: vec![16],
         dropout: 0.0,
+        batch_norm: false,
     }
 }
 

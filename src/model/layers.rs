@@ -2,37 +2,51 @@
 //! the factorization-machine block (FMB) and the Wukong interaction layer.
 
 use burn::module::{Module, Param, ParamId};
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
-/// `d_in → hidden… → d_out`, ReLU and dropout after every hidden layer, linear output.
+/// `d_in → hidden… → d_out`: each hidden layer is Linear → (BatchNorm) → ReLU → dropout; the
+/// output layer is linear.
 #[derive(Module, Debug)]
 pub struct Mlp {
     pub hidden: Vec<Linear>,
+    /// One per hidden layer when batch norm is on, else empty.
+    pub norms: Vec<BatchNorm>,
     pub output: Linear,
     pub dropout: Dropout,
 }
 
 impl Mlp {
     pub fn new(d_in: usize, hidden: &[usize], d_out: usize, dropout: f64, device: &Device) -> Self {
+        Self::with_batch_norm(d_in, hidden, d_out, dropout, false, device)
+    }
+
+    pub fn with_batch_norm(d_in: usize, hidden: &[usize], d_out: usize, dropout: f64, batch_norm: bool, device: &Device) -> Self {
         let mut layers = Vec::with_capacity(hidden.len());
         let mut d = d_in;
         for &h in hidden {
             layers.push(LinearConfig::new(d, h).init(device));
             d = h;
         }
+        let norms = if batch_norm { hidden.iter().map(|&h| BatchNormConfig::new(h).init(device)).collect() } else { Vec::new() };
         Self {
             hidden: layers,
+            norms,
             output: LinearConfig::new(d, d_out).init(device),
             dropout: DropoutConfig::new(dropout).init(),
         }
     }
 
-    pub fn forward<const D: usize>(&self, mut x: Tensor<D>) -> Tensor<D> {
-        for layer in &self.hidden {
-            x = self.dropout.forward(relu(layer.forward(x)));
+    /// Input `[b, d_in]` (batch norm normalizes over the batch axis).
+    pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+        for (i, layer) in self.hidden.iter().enumerate() {
+            x = layer.forward(x);
+            if let Some(bn) = self.norms.get(i) {
+                x = bn.forward(x);
+            }
+            x = self.dropout.forward(relu(x));
         }
         self.output.forward(x)
     }
@@ -119,6 +133,7 @@ pub struct FmBlockSpec {
     pub attention_hidden: Vec<usize>,
     pub mlp_hidden: Vec<usize>,
     pub dropout: f64,
+    pub batch_norm: bool,
 }
 
 impl FmBlockSpec {
@@ -147,7 +162,7 @@ impl FmBlock {
             projection,
             attentive,
             norm: LayerNormConfig::new(width).init(device),
-            mlp: Mlp::new(width, &s.mlp_hidden, s.n_out * s.dim, s.dropout, device),
+            mlp: Mlp::with_batch_norm(width, &s.mlp_hidden, s.n_out * s.dim, s.dropout, s.batch_norm, device),
             n_in: s.n_in,
             n_out: s.n_out,
             dim: s.dim,

@@ -37,6 +37,8 @@ pub struct WukongConfig {
     pub top_mlp: Vec<usize>,
     /// Dropout after hidden layers of the FMB and top MLPs.
     pub dropout: f64,
+    /// Batch norm in the hidden layers of the FMB and top MLPs.
+    pub batch_norm: bool,
     /// Standard deviation of the normal init of embedding rows.
     pub embedding_init_std: f64,
     /// Dense (numeric) input features; 0 when the data has none.
@@ -61,6 +63,7 @@ impl Default for WukongConfig {
             fmb_mlp: vec![256, 256],
             top_mlp: vec![256, 128],
             dropout: 0.0,
+            batch_norm: false,
             embedding_init_std: 0.01,
             num_dense: 0,
             dense_mlp: vec![64],
@@ -90,6 +93,7 @@ impl WukongConfig {
                     attention_hidden: self.attention_hidden.clone(),
                     mlp_hidden: self.fmb_mlp.clone(),
                     dropout: self.dropout,
+                    batch_norm: self.batch_norm,
                 };
                 n = self.num_fmb + self.num_lcb;
                 s
@@ -137,7 +141,7 @@ impl WukongConfig {
                 Mlp::new(self.num_dense, &self.dense_mlp, self.num_dense_embeddings * d, 0.0, device)
             }),
             layers,
-            top: Mlp::new(self.n_last(num_fields) * d, &self.top_mlp, 1, self.dropout, device),
+            top: Mlp::with_batch_norm(self.n_last(num_fields) * d, &self.top_mlp, 1, self.dropout, self.batch_norm, device),
         }
     }
 
