@@ -9,6 +9,14 @@ use burn::tensor::Device;
 use wukong::config::ExperimentConfig;
 use wukong::train::{self, RunOptions, checkpoint};
 
+/// burn's Flex backend seeds one process-wide generator, so trainings in this test binary take
+/// turns; otherwise concurrent tests would interleave their random draws.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn workdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("wukong-e2e-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -70,6 +78,7 @@ seed = 1
 
 #[test]
 fn tiny_training_learns_and_the_checkpoint_round_trips() {
+    let _turn = serial();
     let dir = workdir("train");
     generate(&dir);
     let cfg = config(&dir);
@@ -99,6 +108,7 @@ fn tiny_training_learns_and_the_checkpoint_round_trips() {
 
 #[test]
 fn checkpoint_round_trip_gives_identical_predictions() {
+    let _turn = serial();
     let dir = workdir("ckpt");
     generate(&dir);
     let cfg = config(&dir);
@@ -128,6 +138,7 @@ fn checkpoint_round_trip_gives_identical_predictions() {
 
 #[test]
 fn same_seed_same_run_and_another_seed_differs() {
+    let _turn = serial();
     let dir = workdir("seed");
     generate(&dir);
     let mut cfg = config(&dir);

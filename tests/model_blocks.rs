@@ -199,3 +199,29 @@ fn dense_features_become_extra_embeddings() {
     assert_eq!(m.forward(x, Some(dense)).dims(), [5]);
     assert_eq!(m.layers[0].fmb.projection.as_ref().unwrap().dims(), [8, 2]);
 }
+
+#[test]
+fn dropout_keeps_the_expected_fraction_scaled_and_is_off_in_inference() {
+    use wukong::model::layers::{Dropout, seed_dropout};
+    let device = dev();
+    let ad = device.clone().autodiff();
+    seed_dropout(1);
+    let d = Dropout::new(0.25);
+    let x = Tensor::<2>::ones([200, 500], &ad);
+    let y = to_vec(d.forward(x).inner());
+    let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / y.len() as f64;
+    assert!((kept - 0.75).abs() < 0.01, "kept fraction {kept}");
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    // inference tensors pass through untouched
+    let x = Tensor::<2>::ones([4, 4], &device);
+    assert_eq!(to_vec(d.forward(x)), vec![1.0; 16]);
+    // a fresh seed gives a fresh mask, the same seed the same one
+    seed_dropout(1);
+    let a = to_vec(d.forward(Tensor::<2>::ones([20, 20], &ad)).inner());
+    seed_dropout(1);
+    let b = to_vec(d.forward(Tensor::<2>::ones([20, 20], &ad)).inner());
+    seed_dropout(2);
+    let c = to_vec(d.forward(Tensor::<2>::ones([20, 20], &ad)).inner());
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}

@@ -136,6 +136,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     // Model and optimizers.
     let device = crate::runtime::parse_device(&opts.device)?;
     device.seed(t.seed);
+    crate::model::layers::seed_dropout(t.seed);
     let ad = device.clone().autodiff();
     let mut model = cfg.model.init(nf, total_rows, &ad);
     let (emb_params, dense_params) = model.param_counts();
