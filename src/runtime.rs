@@ -57,3 +57,30 @@ pub fn env_info(device: &str) -> serde_json::Value {
         "hostname": std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs() {
+        assert!(parse_device("cpu").is_ok());
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("unknown device"), "{err}");
+        assert!(parse_device("cuda:x").is_err());
+        #[cfg(not(feature = "vulkan"))]
+        {
+            let err = parse_device("vulkan:0").unwrap_err().to_string();
+            assert!(err.contains("--features vulkan"), "{err}");
+        }
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_files() {
+        let p = std::env::temp_dir().join(format!("wukong-atomic-{}", std::process::id()));
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        assert!(!p.with_extension("tmp-write").exists());
+    }
+}

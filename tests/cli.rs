@@ -1,0 +1,90 @@
+//! The `wukong` binary as a user runs it: train → eval → predict, flops, and error messages.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wukong"))
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wukong-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Labels follow the parity of user + item ids, learnable from their embeddings' interaction.
+fn write_data(dir: &Path) {
+    for (name, n, shift) in [("train", 3000, 0), ("valid", 600, 7), ("test", 600, 13)] {
+        let text: String = (0..n)
+            .map(|i| {
+                let (u, it) = ((i * 7 + shift) % 20, (i * 11 + shift * 3) % 15);
+                let y = if (u + it) % 2 == 0 { 1 } else { 0 };
+                format!("{y} {u}:1 {}:1\n", 100 + it)
+            })
+            .collect();
+        std::fs::write(dir.join(format!("{name}.libsvm")), text).unwrap();
+    }
+    let cfg = format!(
+        "name = \"cli\"\n[data]\ntrain = \"{0}/train.libsvm\"\nvalid = \"{0}/valid.libsvm\"\ntest = \"{0}/test.libsvm\"\n\
+         [model]\nname = \"wukong\"\nembedding_dim = 8\nnum_layers = 1\nnum_fmb = 4\nnum_lcb = 4\nfm_rank = 2\nfmb_mlp = [16]\ntop_mlp = [16]\n\
+         [train]\nepochs = 1\nbatch_size = 128\nwarmup_steps = 5\n",
+        dir.display()
+    );
+    std::fs::write(dir.join("cfg.toml"), cfg).unwrap();
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    assert!(out.status.success(), "command failed\nstdout:\n{so}\nstderr:\n{se}");
+    so
+}
+
+#[test]
+fn train_eval_predict_flops() {
+    let dir = workdir("ok");
+    write_data(&dir);
+    let cfg = dir.join("cfg.toml");
+    let out = run_ok(bin().args(["--threads", "1", "train", "--config"]).arg(&cfg).args(["--epochs", "3", "--seed", "5", "--out"]).arg(dir.join("runs")));
+    assert!(out.contains("epoch   1: train logloss"), "{out}");
+    let last = out.lines().last().unwrap();
+    assert!(last.starts_with("test AUC "), "the final line reports test metrics: {last}");
+    let auc: f64 = last.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let run_dir = out.lines().find_map(|l| l.strip_prefix("run directory: ")).unwrap().to_string();
+
+    // eval on the test file reproduces the reported number
+    let eval = run_ok(bin().args(["eval", "--run", &run_dir, "--data"]).arg(dir.join("test.libsvm")));
+    let eval_auc: f64 = eval.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((eval_auc - auc).abs() < 1e-6, "eval {eval_auc} vs train {auc}");
+
+    // predict: one probability per input line
+    let pred = dir.join("pred.txt");
+    run_ok(bin().args(["predict", "--run", &run_dir, "--data"]).arg(dir.join("test.libsvm")).arg("--out").arg(&pred));
+    let probs: Vec<f64> = std::fs::read_to_string(&pred).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(probs.len(), 600);
+    assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
+
+    // flops on the same config
+    let flops = run_ok(bin().args(["flops", "--config"]).arg(&cfg));
+    assert!(flops.contains("forward FLOPs/example") && flops.contains("embedding rows             37"), "{flops}");
+}
+
+#[test]
+fn bad_input_is_reported_with_file_and_line() {
+    let dir = workdir("bad");
+    write_data(&dir);
+    let mut text = std::fs::read_to_string(dir.join("train.libsvm")).unwrap();
+    text.push_str("1 3:1 oops\n");
+    std::fs::write(dir.join("train.libsvm"), text).unwrap();
+    let out = bin().args(["train", "--config"]).arg(dir.join("cfg.toml")).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train.libsvm:3001: field 1: expected id:value"), "{err}");
+    // a typo in the config names the key
+    let cfg = std::fs::read_to_string(dir.join("cfg.toml")).unwrap().replace("fm_rank", "fm_rnak");
+    std::fs::write(dir.join("typo.toml"), cfg).unwrap();
+    let out = bin().args(["train", "--config"]).arg(dir.join("typo.toml")).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fm_rnak"));
+}
