@@ -146,12 +146,23 @@ fn same_seed_same_run_and_another_seed_differs() {
     cfg.train.patience = 5;
     let run = |cfg: &ExperimentConfig| {
         let out = train::train(cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false }).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct run directory names
-        out.test.unwrap()
+        (out.test.unwrap(), out.run_dir)
     };
-    let (a, b) = (run(&cfg), run(&cfg));
+    let ((a, dir_a), (b, dir_b)) = (run(&cfg), run(&cfg));
+    assert_ne!(dir_a, dir_b, "every run gets its own directory, even within one second");
     assert_eq!((a.auc, a.logloss), (b.auc, b.logloss), "same seed must reproduce the run");
     cfg.train.seed = 2;
-    let c = run(&cfg);
+    let (c, _) = run(&cfg);
     assert_ne!(a.logloss, c.logloss, "another seed should change the run");
+}
+
+#[test]
+fn run_directories_never_collide() {
+    let dir = workdir("dirs");
+    let made: Vec<PathBuf> = (0..5).map(|_| train::new_run_dir(&dir, "x-seed1").unwrap()).collect();
+    let mut unique = made.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 5, "{made:?}");
+    assert!(made.iter().all(|d| d.is_dir()));
 }

@@ -91,6 +91,23 @@ fn log(verbose: bool, msg: impl AsRef<str>) {
     }
 }
 
+/// Creates `<out>/<prefix>-<unix time>`, adding `-2`, `-3`, … when that exists: runs started in
+/// the same second (parallel sweeps) must never share a directory.
+pub fn new_run_dir(out: &Path, prefix: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    for n in 1.. {
+        let name = if n == 1 { format!("{prefix}-{stamp}") } else { format!("{prefix}-{stamp}-{n}") };
+        let dir = out.join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+    unreachable!()
+}
+
 /// Trains the experiment end to end and writes its run directory.
 pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> {
     let start = Instant::now();
@@ -123,9 +140,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     let total_rows = encoder.total_rows();
 
     // Run directory.
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let run_dir = opts.out_dir.join(format!("{}-seed{}-{stamp}", cfg.name, t.seed));
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let run_dir = new_run_dir(&opts.out_dir, &format!("{}-seed{}", cfg.name, t.seed))?;
     crate::runtime::write_atomic(&run_dir.join(checkpoint::CONFIG), cfg.to_toml().as_bytes())?;
     encoder.save(&run_dir.join(checkpoint::ENCODER))?;
     let mut env = crate::runtime::env_info(&opts.device);
