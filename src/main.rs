@@ -3,10 +3,12 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use burn::tensor::Device;
 use wukong::config::ExperimentConfig;
+use wukong::data::EncodedDataset;
 use wukong::train::{self, RunOptions, checkpoint};
 
 #[derive(Parser)]
@@ -85,6 +87,16 @@ fn main() {
     }
 }
 
+/// Loads a run directory and encodes `data` with its saved encoder (unseen values → OOV).
+fn load_run_and_data(run: &Path, data: &Path, device: &str) -> Result<(Device, checkpoint::LoadedRun, Arc<EncodedDataset>)> {
+    let dev = wukong::runtime::parse_device(device)?;
+    let loaded = checkpoint::load_run(run, &dev)?;
+    let raw = train::read_split(data, &loaded.config)?;
+    let (enc, oov) = train::encode(&raw, &loaded.encoder)?;
+    eprintln!("{}: {} rows, {} skipped, {oov} values out of vocabulary", data.display(), raw.len(), raw.skipped);
+    Ok((dev, loaded, Arc::new(enc)))
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
@@ -115,20 +127,13 @@ fn run() -> Result<()> {
             }
         }
         Command::Eval { run, data, device } => {
-            let dev = wukong::runtime::parse_device(&device)?;
-            let loaded = checkpoint::load_run(&run, &dev)?;
-            let raw = train::read_split(&data, &loaded.config)?;
-            let (enc, oov) = train::encode(&raw, &loaded.encoder)?;
-            let m = train::evaluate(&loaded.model, Arc::new(enc), loaded.encoder.total_rows(), loaded.config.train.eval_batch_size, &dev)?;
-            eprintln!("{}: {} rows, {} skipped, {oov} values out of vocabulary", data.display(), raw.len(), raw.skipped);
+            let (dev, loaded, enc) = load_run_and_data(&run, &data, &device)?;
+            let m = train::evaluate(&loaded.model, enc, loaded.encoder.total_rows(), loaded.config.train.eval_batch_size, &dev)?;
             println!("AUC {:.6} LogLoss {:.6} ({} examples)", m.auc, m.logloss, m.count);
         }
         Command::Predict { run, data, out, device } => {
-            let dev = wukong::runtime::parse_device(&device)?;
-            let loaded = checkpoint::load_run(&run, &dev)?;
-            let raw = train::read_split(&data, &loaded.config)?;
-            let (enc, _) = train::encode(&raw, &loaded.encoder)?;
-            let logits = train::predict_logits(&loaded.model, Arc::new(enc), loaded.encoder.total_rows(), loaded.config.train.eval_batch_size, &dev)?;
+            let (dev, loaded, enc) = load_run_and_data(&run, &data, &device)?;
+            let logits = train::predict_logits(&loaded.model, enc, loaded.encoder.total_rows(), loaded.config.train.eval_batch_size, &dev)?;
             let mut w: Box<dyn Write> = match &out {
                 Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
