@@ -71,7 +71,10 @@ pub struct TrainConfig {
     pub emb_initial_accumulator: f64,
     /// L2 on the embedding rows a batch touched (added to their gradient).
     pub emb_l2: f64,
-    /// Early stopping: epochs without validation-AUC improvement before stopping.
+    /// Validation metric that selects the best epoch and drives early stopping: `auc`
+    /// (default) or `logloss`.
+    pub monitor: Monitor,
+    /// Early stopping: epochs without improvement of the monitored metric before stopping.
     pub patience: usize,
     /// Multiply both learning rates by this when validation AUC does not improve (1 = off).
     pub plateau_lr_factor: f64,
@@ -95,9 +98,28 @@ impl Default for TrainConfig {
             emb_epsilon: 1e-8,
             emb_initial_accumulator: 0.0,
             emb_l2: 0.0,
+            monitor: Monitor::Auc,
             patience: 2,
             plateau_lr_factor: 0.1,
             seed: 2024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Monitor {
+    #[default]
+    Auc,
+    Logloss,
+}
+
+impl Monitor {
+    /// The metric as a score where larger is better.
+    pub fn score(self, m: &crate::metrics::Metrics) -> f64 {
+        match self {
+            Monitor::Auc => m.auc,
+            Monitor::Logloss => -m.logloss,
         }
     }
 }

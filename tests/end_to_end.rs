@@ -166,3 +166,24 @@ fn run_directories_never_collide() {
     assert_eq!(unique.len(), 5, "{made:?}");
     assert!(made.iter().all(|d| d.is_dir()));
 }
+
+#[test]
+fn logloss_monitor_keeps_the_epoch_with_the_lowest_validation_logloss() {
+    let _turn = serial();
+    let dir = workdir("monitor");
+    generate(&dir);
+    let mut cfg = config(&dir);
+    cfg.train.monitor = wukong::config::Monitor::Logloss;
+    cfg.train.epochs = 6;
+    cfg.train.patience = 6;
+    cfg.train.plateau_lr_factor = 1.0;
+    let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false }).unwrap();
+    let lines = std::fs::read_to_string(out.run_dir.join(checkpoint::METRICS)).unwrap();
+    let losses: Vec<f64> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_logloss"].as_f64().unwrap())
+        .collect();
+    let best = losses.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(out.valid.logloss, best);
+    assert_eq!(losses[out.best_epoch - 1], best);
+}

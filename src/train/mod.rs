@@ -169,7 +169,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
 
     let loader = BatchLoader::new(Arc::clone(&train_data), total_rows, t.batch_size);
     let model_path = run_dir.join(checkpoint::MODEL);
-    let (mut best_auc, mut best_epoch, mut best_valid) = (f64::NEG_INFINITY, 0, None);
+    let (mut best_score, mut best_epoch, mut best_valid) = (f64::NEG_INFINITY, 0, None);
     let (mut bad_epochs, mut lr_scale, mut step, mut epochs_run) = (0usize, 1.0f64, 0usize, 0usize);
 
     for epoch in 1..=t.epochs {
@@ -204,9 +204,9 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
         bar.finish_and_clear();
         let train_secs = epoch_start.elapsed().as_secs_f64();
         let valid = evaluate(&model.valid(), Arc::clone(&valid_data), total_rows, t.eval_batch_size, &device)?;
-        let improved = valid.auc > best_auc;
+        let improved = t.monitor.score(&valid) > best_score;
         if improved {
-            best_auc = valid.auc;
+            best_score = t.monitor.score(&valid);
             best_epoch = epoch;
             best_valid = Some(valid);
             bad_epochs = 0;
@@ -228,7 +228,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
             if improved { "  *best" } else { "" }
         ));
         if bad_epochs >= t.patience.max(1) {
-            log(v, format!("early stop: no validation AUC improvement for {bad_epochs} epoch(s); best epoch {best_epoch}"));
+            log(v, format!("early stop: no validation {:?} improvement for {bad_epochs} epoch(s); best epoch {best_epoch}", t.monitor));
             break;
         }
     }
