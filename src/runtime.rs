@@ -34,12 +34,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Worker threads of the CPU backend (rayon's global pool).
+/// Worker threads of the CPU backend (rayon's global pool: `RAYON_NUM_THREADS` or all cores).
 pub fn cpu_threads() -> usize {
-    rayon_threads()
-}
-
-fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -42,22 +42,22 @@ pub struct Batch {
 struct BatchBuilder {
     stamp: Vec<u32>,
     slot: Vec<u32>,
-    epoch_mark: u32,
+    batch_mark: u32,
 }
 
 impl BatchBuilder {
     fn new(total_rows: usize) -> Self {
-        Self { stamp: vec![0; total_rows], slot: vec![0; total_rows], epoch_mark: 0 }
+        Self { stamp: vec![0; total_rows], slot: vec![0; total_rows], batch_mark: 0 }
     }
 
     fn build(&mut self, data: &EncodedDataset, idx: &[usize]) -> Batch {
         let nf = data.num_fields;
-        self.epoch_mark = self.epoch_mark.wrapping_add(1);
-        if self.epoch_mark == 0 {
+        self.batch_mark = self.batch_mark.wrapping_add(1);
+        if self.batch_mark == 0 {
             self.stamp.iter_mut().for_each(|s| *s = 0);
-            self.epoch_mark = 1;
+            self.batch_mark = 1;
         }
-        let mark = self.epoch_mark;
+        let mark = self.batch_mark;
         let mut unique_rows = Vec::with_capacity(idx.len() * nf / 2);
         let mut inverse = Vec::with_capacity(idx.len() * nf);
         let mut labels = Vec::with_capacity(idx.len());
