@@ -76,7 +76,7 @@ pub struct TrainConfig {
     pub monitor: Monitor,
     /// Early stopping: epochs without improvement of the monitored metric before stopping.
     pub patience: usize,
-    /// Multiply both learning rates by this when validation AUC does not improve (1 = off).
+    /// Multiply both learning rates by this when the monitored metric does not improve (1 = off).
     pub plateau_lr_factor: f64,
     pub seed: u64,
 }

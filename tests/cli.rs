@@ -7,11 +7,10 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wukong"))
 }
 
+mod common;
+
 fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wukong-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::workdir(&format!("cli-{name}"))
 }
 
 /// Labels follow the parity of user + item ids, learnable from their embeddings' interaction.

@@ -17,11 +17,15 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+mod common;
+
 fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wukong-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::workdir(&format!("e2e-{name}"))
+}
+
+/// Trains without console output, run directories under `dir/runs`.
+fn train_quietly(cfg: &ExperimentConfig, dir: &Path) -> train::TrainOutcome {
+    train::train(cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false }).unwrap()
 }
 
 /// Users and items with hidden 2-d tastes; a click happens when taste agrees (plus noise), and a
@@ -82,7 +86,7 @@ fn tiny_training_learns_and_the_checkpoint_round_trips() {
     let dir = workdir("train");
     generate(&dir);
     let cfg = config(&dir);
-    let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false }).unwrap();
+    let out = train_quietly(&cfg, &dir);
     let test = out.test.expect("test split configured");
     // The generator's Bayes-optimal AUC is about 0.97; a model that learned the user×item
     // interaction clears 0.90, one that did not stays near 0.6 (context alone).
@@ -145,7 +149,7 @@ fn same_seed_same_run_and_another_seed_differs() {
     cfg.train.epochs = 2;
     cfg.train.patience = 5;
     let run = |cfg: &ExperimentConfig| {
-        let out = train::train(cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false }).unwrap();
+        let out = train_quietly(cfg, &dir);
         (out.test.unwrap(), out.run_dir)
     };
     let ((a, dir_a), (b, dir_b)) = (run(&cfg), run(&cfg));
@@ -177,7 +181,7 @@ fn logloss_monitor_keeps_the_epoch_with_the_lowest_validation_logloss() {
     cfg.train.epochs = 6;
     cfg.train.patience = 6;
     cfg.train.plateau_lr_factor = 1.0;
-    let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false }).unwrap();
+    let out = train_quietly(&cfg, &dir);
     let lines = std::fs::read_to_string(out.run_dir.join(checkpoint::METRICS)).unwrap();
     let losses: Vec<f64> = lines
         .lines()

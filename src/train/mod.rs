@@ -169,7 +169,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
 
     let loader = BatchLoader::new(Arc::clone(&train_data), total_rows, t.batch_size);
     let model_path = run_dir.join(checkpoint::MODEL);
-    let (mut best_score, mut best_epoch, mut best_valid) = (f64::NEG_INFINITY, 0, None);
+    let (mut best_epoch, mut best_valid) = (0, None::<Metrics>);
     let (mut bad_epochs, mut lr_scale, mut step, mut epochs_run) = (0usize, 1.0f64, 0usize, 0usize);
 
     for epoch in 1..=t.epochs {
@@ -204,9 +204,8 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
         bar.finish_and_clear();
         let train_secs = epoch_start.elapsed().as_secs_f64();
         let valid = evaluate(&model.valid(), Arc::clone(&valid_data), total_rows, t.eval_batch_size, &device)?;
-        let improved = t.monitor.score(&valid) > best_score;
+        let improved = best_valid.as_ref().is_none_or(|best| t.monitor.score(&valid) > t.monitor.score(best));
         if improved {
-            best_score = t.monitor.score(&valid);
             best_epoch = epoch;
             best_valid = Some(valid);
             bad_epochs = 0;
