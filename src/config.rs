@@ -3,9 +3,9 @@
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::data::BadLines;
+pub use crate::data::schema::DataConfig;
 use crate::model::ModelConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -17,35 +17,6 @@ pub struct ExperimentConfig {
     pub model: ModelConfig,
     #[serde(default)]
     pub train: TrainConfig,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    /// `libfm` (also reads libsvm: same syntax).
-    #[serde(default = "default_format")]
-    pub format: String,
-    pub train: PathBuf,
-    pub valid: PathBuf,
-    pub test: Option<PathBuf>,
-    /// id:value pairs per line, one per field in this order; omitted = taken from the first line.
-    pub num_fields: Option<usize>,
-    /// Field names, for logs and the saved encoder.
-    #[serde(default)]
-    pub field_names: Vec<String>,
-    /// Ids seen fewer times in training map to the field's OOV row.
-    #[serde(default = "one")]
-    pub min_count: u32,
-    /// `error` (default) or `skip` (count and report malformed lines).
-    #[serde(default)]
-    pub bad_lines: BadLines,
-}
-
-fn default_format() -> String {
-    "libfm".into()
-}
-fn one() -> u32 {
-    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -137,7 +108,7 @@ impl ExperimentConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(self.data.format == "libfm" || self.data.format == "libsvm", "data.format {:?} is not supported (libfm, libsvm)", self.data.format);
+        self.data.validate()?;
         anyhow::ensure!(self.train.batch_size > 0 && self.train.eval_batch_size > 0, "batch sizes must be positive");
         anyhow::ensure!(self.train.epochs > 0, "train.epochs must be positive");
         anyhow::ensure!(self.train.lr > 0.0 && self.train.emb_lr > 0.0, "learning rates must be positive");

@@ -1,4 +1,4 @@
-//! The `wukong` command line: train, eval, predict, flops.
+//! The `wukong` command line: train, eval, predict, flops, cache, gen-criteo.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use wukong::config::ExperimentConfig;
-use wukong::data::EncodedDataset;
+use wukong::data::SplitData;
+use wukong::data::pipeline::{self, SplitSource};
 use wukong::train::{self, RunOptions, checkpoint};
 
 #[derive(Parser)]
@@ -51,13 +52,16 @@ enum Command {
         /// cpu, vulkan[:N] or cuda[:N] (GPU ones need the matching cargo feature).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Rebuild data caches that no longer match the data or schema (instead of refusing them).
+        #[arg(long)]
+        rebuild_cache: bool,
     },
-    /// AUC and LogLoss of a trained run on a labelled file.
+    /// AUC and LogLoss of a trained run on a labelled file (default: the run's test split).
     Eval {
         #[arg(long)]
         run: PathBuf,
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -66,7 +70,7 @@ enum Command {
         #[arg(long)]
         run: PathBuf,
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// Output file (default: stdout).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -78,6 +82,37 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Encode a config's splits into its binary cache (`data.cache_dir`) and report throughput.
+    Cache {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        train: Option<PathBuf>,
+        #[arg(long)]
+        valid: Option<PathBuf>,
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// Overrides data.cache_dir.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        #[arg(long)]
+        rebuild_cache: bool,
+        /// Also time full passes over the cached training split (epoch read throughput).
+        #[arg(long, default_value_t = 0)]
+        read_passes: usize,
+    },
+    /// Write a synthetic Criteo-format TSV (label, I1–I13, C1–C26) with a learnable signal.
+    GenCriteo {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Largest categorical vocabulary.
+        #[arg(long, default_value_t = 100_000)]
+        max_vocab: u64,
+    },
 }
 
 fn main() {
@@ -87,14 +122,27 @@ fn main() {
     }
 }
 
-/// Loads a run directory and encodes `data` with its saved encoder (unseen values → OOV).
-fn load_run_and_data(run: &Path, data: &Path, device: &str) -> Result<(Device, checkpoint::LoadedRun, Arc<EncodedDataset>)> {
+/// Loads a run directory and encodes `data` (default: the run's test split) with its saved
+/// encoder (unseen values → OOV or their hash bucket).
+fn load_run_and_data(run: &Path, data: Option<PathBuf>, device: &str) -> Result<(Device, checkpoint::LoadedRun, SplitData)> {
     let dev = wukong::runtime::parse_device(device)?;
     let loaded = checkpoint::load_run(run, &dev)?;
-    let raw = train::read_split(data, &loaded.config)?;
-    let (enc, oov) = train::encode(&raw, &loaded.encoder)?;
-    eprintln!("{}: {} rows, {} skipped, {oov} values out of vocabulary", data.display(), raw.len(), raw.skipped);
-    Ok((dev, loaded, Arc::new(enc)))
+    let src = match data {
+        Some(path) => SplitSource { name: "data", path, part: None },
+        None => pipeline::split_sources(&loaded.config.data)
+            .into_iter()
+            .find(|s| s.name == "test")
+            .context("the run's config has no test split: give --data")?,
+    };
+    let (enc, log) = pipeline::encode_in_memory(&loaded.config.data, &src, &loaded.encoder)?;
+    eprintln!("{}: {} rows, {} skipped, {} values out of vocabulary", src.path.display(), log.rows, log.skipped, log.oov);
+    Ok((dev, loaded, SplitData::Memory(Arc::new(enc))))
+}
+
+fn apply_paths(cfg: &mut ExperimentConfig, train: Option<PathBuf>, valid: Option<PathBuf>, test: Option<PathBuf>) {
+    if let Some(p) = train { cfg.data.train = p }
+    if let Some(p) = valid { cfg.data.valid = Some(p) }
+    if let Some(p) = test { cfg.data.test = Some(p) }
 }
 
 fn run() -> Result<()> {
@@ -104,18 +152,16 @@ fn run() -> Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Train { config, train, valid, test, epochs, batch_size, lr, emb_lr, seed, out, device } => {
+        Command::Train { config, train, valid, test, epochs, batch_size, lr, emb_lr, seed, out, device, rebuild_cache } => {
             let mut cfg = ExperimentConfig::load(&config)?;
-            if let Some(p) = train { cfg.data.train = p }
-            if let Some(p) = valid { cfg.data.valid = p }
-            if let Some(p) = test { cfg.data.test = Some(p) }
+            apply_paths(&mut cfg, train, valid, test);
             if let Some(x) = epochs { cfg.train.epochs = x }
             if let Some(x) = batch_size { cfg.train.batch_size = x }
             if let Some(x) = lr { cfg.train.lr = x }
             if let Some(x) = emb_lr { cfg.train.emb_lr = x }
             if let Some(x) = seed { cfg.train.seed = x }
             cfg.validate()?;
-            let outcome = train::train(&cfg, &RunOptions { device, out_dir: out, verbose: true })?;
+            let outcome = train::train(&cfg, &RunOptions { device, out_dir: out, verbose: true, rebuild_cache })?;
             println!("run directory: {}", outcome.run_dir.display());
             println!(
                 "best epoch {} of {}: valid AUC {:.6} LogLoss {:.6} ({:.1}s)",
@@ -127,13 +173,13 @@ fn run() -> Result<()> {
             }
         }
         Command::Eval { run, data, device } => {
-            let (dev, loaded, enc) = load_run_and_data(&run, &data, &device)?;
-            let m = train::evaluate(&loaded.model, enc, loaded.encoder.total_rows(), loaded.config.train.eval_batch_size, &dev)?;
+            let (dev, loaded, enc) = load_run_and_data(&run, data, &device)?;
+            let m = train::evaluate(&loaded.model, &enc, &loaded.encoder, loaded.config.train.eval_batch_size, &dev)?;
             println!("AUC {:.6} LogLoss {:.6} ({} examples)", m.auc, m.logloss, m.count);
         }
         Command::Predict { run, data, out, device } => {
-            let (dev, loaded, enc) = load_run_and_data(&run, &data, &device)?;
-            let logits = train::predict_logits(&loaded.model, enc, loaded.encoder.total_rows(), loaded.config.train.eval_batch_size, &dev)?;
+            let (dev, loaded, enc) = load_run_and_data(&run, data, &device)?;
+            let logits = train::predict_logits(&loaded.model, &enc, &loaded.encoder, loaded.config.train.eval_batch_size, &dev)?;
             let mut w: Box<dyn Write> = match &out {
                 Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
@@ -145,17 +191,42 @@ fn run() -> Result<()> {
         }
         Command::Flops { config } => {
             let cfg = ExperimentConfig::load(&config)?;
-            let (fields, rows) = match train::read_split(&cfg.data.train, &cfg) {
-                Ok(raw) => {
-                    let enc = wukong::data::Encoder::fit(&raw, &cfg.data.field_names, cfg.data.min_count)?;
-                    (enc.num_fields(), Some(enc.total_rows()))
-                }
+            let train_src = &pipeline::split_sources(&cfg.data)[0];
+            let (fields, dense, rows) = match pipeline::fit_in_memory(&cfg.data, train_src) {
+                Ok((enc, _, _)) => (enc.num_fields(), enc.num_dense(), Some(enc.total_rows())),
                 Err(e) => {
                     eprintln!("note: {e:#}; counting without the vocabulary");
-                    (cfg.data.num_fields.context("data.num_fields is needed when the training file is not readable")?, None)
+                    (cfg.data.num_fields.context("data.num_fields is needed when the training file is not readable")?, 0, None)
                 }
             };
-            println!("{}", wukong::flops::report(&cfg.model, fields, rows));
+            println!("{}", wukong::flops::report(&cfg.model, fields, dense, rows));
+        }
+        Command::Cache { config, train, valid, test, cache_dir, rebuild_cache, read_passes } => {
+            let mut cfg = ExperimentConfig::load(&config)?;
+            apply_paths(&mut cfg, train, valid, test);
+            if let Some(d) = cache_dir { cfg.data.cache_dir = Some(d) }
+            cfg.data.stream = true; // build the caches; the timing below reads them back
+            cfg.validate()?;
+            let prepared = wukong::data::prepare(&cfg.data, rebuild_cache)?;
+            println!("{:<6} {:>10} {:>8} {:>10} {:>9} {:>10} {:>11} {:>9}", "split", "rows", "skipped", "oov", "MB", "seconds", "MB/s", "rows/s");
+            for (name, _, l) in &prepared.splits {
+                let mb = l.bytes as f64 / 1e6;
+                println!("{name:<6} {:>10} {:>8} {:>10} {:>9.1} {:>10.3} {:>11.1} {:>9.0}{}", l.rows, l.skipped, l.oov, mb, l.seconds, mb / l.seconds, l.rows as f64 / l.seconds, if l.from_cache { "  (already cached)" } else { "" });
+            }
+            if read_passes > 0 {
+                let (_, train_split, _) = &prepared.splits[0];
+                let loader = wukong::data::BatchLoader::from_split(train_split.clone(), prepared.encoder.total_rows(), cfg.train.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks);
+                for pass in 1..=read_passes {
+                    let t = std::time::Instant::now();
+                    let rows: usize = loader.epoch(Some(pass as u64)).iter().map(|b| b.size).sum();
+                    let secs = t.elapsed().as_secs_f64();
+                    println!("epoch read {pass}: {rows} rows in {secs:.3}s = {:.0} rows/s (shuffled batches of {} from the cache)", rows as f64 / secs, cfg.train.batch_size);
+                }
+            }
+        }
+        Command::GenCriteo { out, rows, seed, max_vocab } => {
+            wukong::data::synth::write_criteo(&out, rows, seed, max_vocab)?;
+            println!("wrote {rows} rows to {}", out.display());
         }
     }
     Ok(())

@@ -1,111 +1,453 @@
-//! Per-field vocabulary fit on the training split only.
+//! From records to model inputs: the schema bound to a file's columns ([`Extractor`]), and the
+//! encoding fit on the training split only ([`Encoder`]).
 //!
-//! Each field gets its own block of rows in one concatenated embedding table: row
-//! `offsets[f]` is the field's out-of-vocabulary (OOV) row, rows `offsets[f] + 1 ..` are the
-//! raw ids seen at least `min_count` times in training, in order of first appearance. A value
-//! never seen in training therefore maps to OOV, never to a crash or to another field's row.
+//! Table layout: all categorical fields share one concatenated embedding table. Field `f` owns
+//! rows `offsets[f] ..`: first its OOV row, then its vocabulary (values seen ≥ `min_count` times in
+//! training, in order of first appearance), then `hash_buckets` rows that unseen values hash into
+//! (when configured). A value never seen in training therefore maps to OOV or a bucket of its own
+//! field, never to a crash or another field's row.
+//!
+//! Slots: a categorical field is one slot; a multi-hot field is `max_len` slots whose embeddings
+//! the model pools (unused slots carry weight 0). `values` holds each slot's weight: 1, the libfm
+//! value, or 1/count for mean pooling.
 
-use super::RawDataset;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Encoder {
-    pub field_names: Vec<String>,
-    pub min_count: u32,
-    /// Raw ids per field, in index order (local index = position + 1).
-    pub vocab: Vec<Vec<u64>>,
-    #[serde(skip)]
-    lookup: Vec<HashMap<u64, u32>>,
+use super::schema::{DataConfig, FieldKind, Pooling, Transform};
+use super::source::{Cell, Record};
+
+/// The key of a missing categorical value (its own vocabulary entry when frequent).
+pub const MISSING: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// FNV-1a, 64 bit: a stable hash of a value's bytes (stable across runs and machines, unlike std's).
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
-impl Encoder {
-    /// Fits the vocabularies on `train`.
-    pub fn fit(train: &RawDataset, field_names: &[String], min_count: u32) -> Result<Self> {
-        let nf = train.num_fields;
-        if !field_names.is_empty() && field_names.len() != nf {
-            bail!("{} field names given but the data has {nf} fields", field_names.len());
-        }
-        let names = if field_names.is_empty() {
-            (0..nf).map(|f| format!("f{f}")).collect()
-        } else {
-            field_names.to_vec()
-        };
-        let mut counts: Vec<HashMap<u64, (u32, usize)>> = vec![HashMap::new(); nf];
-        for (i, &id) in train.ids.iter().enumerate() {
-            let c = counts[i % nf].entry(id).or_insert((0, i));
-            c.0 += 1;
-        }
-        let vocab = counts
-            .into_iter()
-            .map(|m| {
-                let mut kept: Vec<(u64, usize)> =
-                    m.into_iter().filter(|(_, (c, _))| *c >= min_count.max(1)).map(|(id, (_, first))| (id, first)).collect();
-                kept.sort_by_key(|&(_, first)| first);
-                kept.into_iter().map(|(id, _)| id).collect()
-            })
-            .collect();
-        Ok(Self::from_vocab(names, min_count, vocab))
+fn cell_hash(rec: &Record, c: Cell) -> u64 {
+    match c {
+        Cell::Null => MISSING,
+        Cell::Text(..) => hash_bytes(rec.text(c)),
+        Cell::Int(i) => hash_bytes(itoa(i, &mut [0u8; 24])),
+        Cell::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => hash_bytes(itoa(f as i64, &mut [0u8; 24])),
+        Cell::Float(f) => hash_bytes(f.to_string().as_bytes()),
     }
+}
 
-    fn from_vocab(field_names: Vec<String>, min_count: u32, vocab: Vec<Vec<u64>>) -> Self {
-        let lookup = vocab
-            .iter()
-            .map(|ids| ids.iter().enumerate().map(|(i, &id)| (id, i as u32 + 1)).collect())
-            .collect();
-        Self { field_names, min_count, vocab, lookup }
+/// Decimal text of `i` without allocating.
+fn itoa(i: i64, buf: &mut [u8; 24]) -> &[u8] {
+    let mut n = i.unsigned_abs();
+    let mut p = buf.len();
+    loop {
+        p -= 1;
+        buf[p] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if i < 0 {
+        p -= 1;
+        buf[p] = b'-';
+    }
+    &buf[p..]
+}
+
+fn cell_number(rec: &Record, c: Cell) -> std::result::Result<Option<f64>, String> {
+    let v = match c {
+        Cell::Null => return Ok(None),
+        Cell::Int(i) => i as f64,
+        Cell::Float(f) => f,
+        Cell::Text(..) => {
+            let t = rec.text(c);
+            let s = std::str::from_utf8(t).map_err(|_| "value is not UTF-8 text".to_string())?.trim();
+            if s.is_empty() {
+                return Ok(None);
+            }
+            s.parse::<f64>().map_err(|_| format!("value {s:?} is not a number"))?
+        }
+    };
+    if !v.is_finite() {
+        return Err(format!("value {v} is not finite"));
+    }
+    Ok(Some(v))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schema bound to column positions.
+
+#[derive(Debug, Clone)]
+enum Extract {
+    Cat(usize),
+    Multi { col: usize, sep: u8 },
+    Flags(Vec<(usize, u64)>),
+    Bucket { col: usize, transform: Transform, boundaries: Vec<f64> },
+}
+
+#[derive(Debug, Clone)]
+struct BoundField {
+    name: String,
+    col_name: String,
+    extract: Extract,
+    width: usize,
+    pooling: Pooling,
+    min_count: u32,
+    hash_buckets: u32,
+}
+
+#[derive(Debug, Clone)]
+struct BoundDense {
+    name: String,
+    col: usize,
+    missing: f64,
+    transform: Transform,
+}
+
+/// One row after extraction: per field its value keys (and weights), plus dense numbers.
+#[derive(Debug, Default, Clone)]
+pub struct ParsedRow {
+    pub label: f32,
+    pub ids: Vec<u64>,
+    pub weights: Vec<f32>,
+    /// Values per field (ids/weights are the fields' values back to back).
+    pub lens: Vec<u32>,
+    pub dense: Vec<f64>,
+}
+
+/// Pulls label, field values and dense numbers out of a [`Record`], per the schema.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    label: usize,
+    label_name: String,
+    threshold: Option<f64>,
+    fields: Vec<BoundField>,
+    dense: Vec<BoundDense>,
+}
+
+impl Extractor {
+    /// Binds `cfg`'s schema to `columns` (the file's column names, joins included).
+    pub fn bind(cfg: &DataConfig, columns: &[String]) -> Result<Self> {
+        let col = |name: &str| {
+            columns.iter().position(|c| c == name).with_context(|| format!("no column {name:?} in the data (columns: {})", columns.join(", ")))
+        };
+        let label = col(&cfg.label).context("data.label")?;
+        for c in &cfg.ignore {
+            col(c).context("data.ignore")?;
+        }
+        let (mut fields, mut dense) = (Vec::new(), Vec::new());
+        if cfg.format.is_libfm() {
+            for (i, name) in columns.iter().enumerate().skip(1) {
+                fields.push(BoundField { name: name.clone(), col_name: name.clone(), extract: Extract::Cat(i), width: 1, pooling: Pooling::Sum, min_count: cfg.min_count, hash_buckets: cfg.hash_buckets });
+            }
+        }
+        for spec in &cfg.fields {
+            for name in spec.name.iter().chain(&spec.names) {
+                let col_name = spec.column.clone().filter(|_| spec.name.is_some()).unwrap_or_else(|| name.clone());
+                let field = |extract, width| BoundField {
+                    name: name.clone(),
+                    col_name: col_name.clone(),
+                    extract,
+                    width,
+                    pooling: spec.pooling,
+                    min_count: spec.min_count.unwrap_or(cfg.min_count),
+                    hash_buckets: spec.hash_buckets.unwrap_or(cfg.hash_buckets),
+                };
+                let at = || col(&col_name).with_context(|| format!("field {name:?}"));
+                match spec.kind.expect("validated") {
+                    FieldKind::Categorical => fields.push(field(Extract::Cat(at()?), 1)),
+                    FieldKind::MultiHot => {
+                        let sep = spec.separator.as_deref().expect("validated").as_bytes()[0];
+                        fields.push(field(Extract::Multi { col: at()?, sep }, spec.max_len.expect("validated")));
+                    }
+                    FieldKind::Flags => {
+                        let cols = spec.columns.iter().map(|c| Ok((col(c).with_context(|| format!("field {name:?}"))?, hash_bytes(c.as_bytes())))).collect::<Result<Vec<_>>>()?;
+                        let width = spec.max_len.unwrap_or(cols.len());
+                        fields.push(field(Extract::Flags(cols), width));
+                    }
+                    FieldKind::Numeric if spec.transform.is_bucket() => {
+                        fields.push(field(Extract::Bucket { col: at()?, transform: spec.transform, boundaries: spec.boundaries.clone() }, 1));
+                    }
+                    FieldKind::Numeric => dense.push(BoundDense { name: name.clone(), col: at()?, missing: spec.missing.unwrap_or(0.0), transform: spec.transform }),
+                }
+            }
+        }
+        ensure!(!fields.is_empty(), "the schema has no categorical field (every model needs at least one embedding field)");
+        Ok(Self { label, label_name: cfg.label.clone(), threshold: cfg.label_threshold, fields, dense })
     }
 
     pub fn num_fields(&self) -> usize {
-        self.vocab.len()
+        self.fields.len()
     }
 
-    /// Rows per field, OOV row included.
+    /// Fills `out` from `rec`; the error names the column at fault.
+    pub fn extract(&self, rec: &Record, out: &mut ParsedRow) -> std::result::Result<(), String> {
+        out.ids.clear();
+        out.weights.clear();
+        out.lens.clear();
+        out.dense.clear();
+        let y = cell_number(rec, rec.cells[self.label]).map_err(|m| format!("column {}: {m}", self.label_name))?;
+        out.label = match (y, self.threshold) {
+            (None, _) => return Err(format!("column {}: the label is empty", self.label_name)),
+            (Some(v), Some(t)) => (v >= t) as u8 as f32,
+            (Some(v), None) if v == 1.0 => 1.0,
+            (Some(v), None) if v == 0.0 || v == -1.0 => 0.0,
+            (Some(v), None) => return Err(format!("column {}: label {v} is not 0/1 or -1/1 (set data.label_threshold to binarize)", self.label_name)),
+        };
+        for f in &self.fields {
+            let before = out.ids.len();
+            let err = |m: String| format!("column {}: {m}", f.col_name);
+            match &f.extract {
+                Extract::Cat(c) => {
+                    out.ids.push(cell_hash(rec, rec.cells[*c]));
+                    out.weights.push(rec.weights.get(*c).copied().unwrap_or(1.0));
+                }
+                Extract::Multi { col, sep } => match rec.cells[*col] {
+                    c @ Cell::Text(..) => {
+                        for part in rec.text(c).split(|b| b == sep) {
+                            let part = part.trim_ascii();
+                            if !part.is_empty() {
+                                out.ids.push(hash_bytes(part));
+                                out.weights.push(1.0);
+                            }
+                        }
+                    }
+                    Cell::Null => {}
+                    c => {
+                        out.ids.push(cell_hash(rec, c));
+                        out.weights.push(1.0);
+                    }
+                },
+                Extract::Flags(cols) => {
+                    for &(c, key) in cols {
+                        if cell_number(rec, rec.cells[c]).map_err(err)?.unwrap_or(0.0) != 0.0 {
+                            out.ids.push(key);
+                            out.weights.push(1.0);
+                        }
+                    }
+                }
+                Extract::Bucket { col, transform, boundaries } => {
+                    let id = match cell_number(rec, rec.cells[*col]).map_err(err)? {
+                        None => MISSING,
+                        Some(x) => bucket(x, *transform, boundaries) as u64,
+                    };
+                    out.ids.push(id);
+                    out.weights.push(1.0);
+                }
+            }
+            if out.ids.len() == before {
+                out.ids.push(MISSING); // an empty list is "missing", like an empty categorical
+                out.weights.push(1.0);
+            }
+            out.lens.push((out.ids.len() - before) as u32);
+        }
+        for d in &self.dense {
+            let x = cell_number(rec, rec.cells[d.col]).map_err(|m| format!("column {}: {m}", d.name))?.unwrap_or(d.missing);
+            out.dense.push(match d.transform {
+                Transform::Log1p => x.signum() * x.abs().ln_1p(),
+                _ => x,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The bucket of a numeric value (see the schema docs for each convention).
+pub fn bucket(x: f64, transform: Transform, boundaries: &[f64]) -> i64 {
+    match transform {
+        Transform::Bucketize => boundaries.partition_point(|&b| b <= x) as i64,
+        Transform::Log2Bucket if x >= 1.0 => 1 + x.log2().floor() as i64,
+        Transform::LogSquareBucket if x > 2.0 => x.ln().powi(2).floor() as i64,
+        _ => x.floor() as i64,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fitted encoder.
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FieldVocab {
+    pub name: String,
+    /// Embedding slots (1, or max_len for multi-hot fields).
+    pub width: usize,
+    pub pooling: Pooling,
+    pub min_count: u32,
+    pub hash_buckets: u32,
+    /// Value keys in row order (local row = position + 1).
+    pub vocab: Vec<u64>,
+    #[serde(skip)]
+    lookup: HashMap<u64, u32>,
+}
+
+impl FieldVocab {
+    pub fn rows(&self) -> usize {
+        1 + self.vocab.len() + self.hash_buckets as usize
+    }
+
+    /// Local row of a value key, and whether it was out of vocabulary.
+    fn local(&self, id: u64) -> (u32, bool) {
+        match self.lookup.get(&id) {
+            Some(&i) => (i, false),
+            None if self.hash_buckets > 0 => (1 + self.vocab.len() as u32 + (id % self.hash_buckets as u64) as u32, true),
+            None => (0, true),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DenseColumn {
+    pub name: String,
+    /// `x ↦ (x − shift) / scale` (identity unless standardized).
+    pub shift: f64,
+    pub scale: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Encoder {
+    pub fields: Vec<FieldVocab>,
+    pub dense: Vec<DenseColumn>,
+    /// Per field: (slots, pooling, first table row); derived, kept for the per-row hot path.
+    #[serde(skip)]
+    layout: Vec<(usize, Pooling, u32)>,
+}
+
+/// Encoded rows (row-major): `rows[i * num_slots + s]` is the table row of slot `s` of example
+/// `i`, `values` its weight; `dense[i * num_dense + j]` the dense features.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedDataset {
+    pub num_slots: usize,
+    pub num_dense: usize,
+    pub labels: Vec<f32>,
+    pub rows: Vec<u32>,
+    pub values: Vec<f32>,
+    pub dense: Vec<f32>,
+}
+
+impl EncodedDataset {
+    pub fn new(num_slots: usize, num_dense: usize) -> Self {
+        Self { num_slots, num_dense, ..Default::default() }
+    }
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+    pub fn clear(&mut self) {
+        self.labels.clear();
+        self.rows.clear();
+        self.values.clear();
+        self.dense.clear();
+    }
+    pub fn positive_rate(&self) -> f64 {
+        self.labels.iter().map(|&y| y as f64).sum::<f64>() / self.len().max(1) as f64
+    }
+    /// Appends example `i` of `other`.
+    pub fn push_from(&mut self, other: &EncodedDataset, i: usize) {
+        let (s, d) = (self.num_slots, self.num_dense);
+        self.labels.push(other.labels[i]);
+        self.rows.extend_from_slice(&other.rows[i * s..(i + 1) * s]);
+        self.values.extend_from_slice(&other.values[i * s..(i + 1) * s]);
+        self.dense.extend_from_slice(&other.dense[i * d..(i + 1) * d]);
+    }
+}
+
+/// Counters of what encoding did to the values.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct EncodeStats {
+    /// Values not in the vocabulary (mapped to OOV or a hash bucket).
+    pub oov: u64,
+    /// Multi-hot values beyond `max_len`, dropped.
+    pub truncated: u64,
+}
+
+/// Writes one parsed row's slots: `local(f, id)` gives the table row of a value of field `f`.
+fn push_row(widths: &[(usize, Pooling, u32)], row: &ParsedRow, dense: &[f32], out: &mut EncodedDataset, stats: &mut EncodeStats, mut local: impl FnMut(usize, u64) -> u32) {
+    out.labels.push(row.label);
+    let mut at = 0usize;
+    for (f, (&(width, pooling, pad_row), &len)) in widths.iter().zip(&row.lens).enumerate() {
+        let len = len as usize;
+        let kept = len.min(width);
+        stats.truncated += (len - kept) as u64;
+        let scale = if pooling == Pooling::Mean { 1.0 / kept as f32 } else { 1.0 };
+        for j in 0..kept {
+            out.rows.push(local(f, row.ids[at + j]));
+            out.values.push(row.weights[at + j] * scale);
+        }
+        for _ in kept..width {
+            out.rows.push(pad_row);
+            out.values.push(0.0);
+        }
+        at += len;
+    }
+    out.dense.extend_from_slice(dense);
+}
+
+impl Encoder {
+    pub fn num_fields(&self) -> usize {
+        self.fields.len()
+    }
+    pub fn num_dense(&self) -> usize {
+        self.dense.len()
+    }
+    pub fn field_names(&self) -> Vec<String> {
+        self.fields.iter().map(|f| f.name.clone()).collect()
+    }
+    /// The field of every slot.
+    pub fn slot_fields(&self) -> Vec<usize> {
+        self.fields.iter().enumerate().flat_map(|(f, v)| std::iter::repeat_n(f, v.width)).collect()
+    }
+    pub fn num_slots(&self) -> usize {
+        self.fields.iter().map(|f| f.width).sum()
+    }
+    /// Rows per field (OOV row and hash buckets included).
     pub fn field_sizes(&self) -> Vec<usize> {
-        self.vocab.iter().map(|v| v.len() + 1).collect()
+        self.fields.iter().map(FieldVocab::rows).collect()
     }
-
     /// First table row of each field.
     pub fn offsets(&self) -> Vec<u32> {
         let mut acc = 0u32;
-        self.field_sizes()
-            .iter()
-            .map(|&s| {
-                let o = acc;
-                acc += s as u32;
-                o
-            })
-            .collect()
+        self.field_sizes().iter().map(|&s| {
+            let o = acc;
+            acc += s as u32;
+            o
+        }).collect()
     }
-
     pub fn total_rows(&self) -> usize {
         self.field_sizes().iter().sum()
     }
 
-    /// Table row of every (row, field) slot; also returns how many slots fell to OOV.
-    pub fn encode(&self, data: &RawDataset) -> Result<(Vec<u32>, usize)> {
-        let nf = self.num_fields();
-        if data.num_fields != nf {
-            bail!("data has {} fields, the encoder was fit on {nf}", data.num_fields);
-        }
-        let offsets = self.offsets();
+    /// A stable fingerprint of the fitted encoding (caches record it).
+    pub fn fingerprint(&self) -> String {
+        format!("{:016x}", hash_bytes(serde_json::to_string(self).expect("encoder serializes").as_bytes()))
+    }
+
+    /// Appends the encoding of `row` to `out`.
+    pub fn encode_row(&self, row: &ParsedRow, out: &mut EncodedDataset, stats: &mut EncodeStats, scratch: &mut Vec<f32>) {
+        scratch.clear();
+        scratch.extend(row.dense.iter().zip(&self.dense).map(|(&x, c)| ((x - c.shift) / c.scale) as f32));
         let mut oov = 0;
-        let rows = data
-            .ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let f = i % nf;
-                let local = self.lookup[f].get(id).copied().unwrap_or_else(|| {
-                    oov += 1;
-                    0
-                });
-                offsets[f] + local
-            })
-            .collect();
-        Ok((rows, oov))
+        push_row(&self.layout, row, scratch, out, stats, |f, id| {
+            let (l, miss) = self.fields[f].local(id);
+            oov += miss as u64;
+            self.layout[f].2 + l
+        });
+        stats.oov += oov;
+    }
+
+    fn with_lookup(mut self) -> Self {
+        for f in &mut self.fields {
+            f.lookup = f.vocab.iter().enumerate().map(|(i, &id)| (id, i as u32 + 1)).collect();
+        }
+        self.layout = self.fields.iter().zip(self.offsets()).map(|(f, o)| (f.width, f.pooling, o)).collect();
+        self
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -113,10 +455,137 @@ impl Encoder {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read encoder {}", path.display()))?;
-        let e: Encoder = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a valid encoder file", path.display()))?;
-        Ok(Self::from_vocab(e.field_names, e.min_count, e.vocab))
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read encoder {}", path.display()))?;
+        let e: Encoder = serde_json::from_str(&text).with_context(|| format!("{}: not a valid encoder file", path.display()))?;
+        Ok(e.with_lookup())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fitting, in the same pass that encodes the training split.
+
+/// Encodes the training split while fitting: values get provisional local ids in order of first
+/// appearance; [`Fitter::finish`] then drops rare values and returns the encoder plus the
+/// remapping that [`Remap::apply`] applies to the provisionally encoded rows.
+pub struct Fitter {
+    fields: Vec<FieldVocab>,
+    /// (slots, pooling, padding row) per field; provisional row 0 is OOV/padding.
+    layout: Vec<(usize, Pooling, u32)>,
+    counts: Vec<Vec<u32>>,
+    dense_names: Vec<String>,
+    standardize: Vec<bool>,
+    /// Welford running mean / M2 per dense column.
+    moments: Vec<(u64, f64, f64)>,
+}
+
+/// Turns provisional rows into final table rows, and raw dense values into transformed ones.
+#[derive(Debug, Clone)]
+pub struct Remap {
+    slot_fields: Vec<usize>,
+    rows: Vec<Vec<u32>>,
+    dense: Vec<(f64, f64)>,
+}
+
+impl Fitter {
+    pub fn new(ex: &Extractor) -> Self {
+        let fields = ex.fields.iter().map(|f| FieldVocab { name: f.name.clone(), width: f.width, pooling: f.pooling, min_count: f.min_count.max(1), hash_buckets: f.hash_buckets, vocab: Vec::new(), lookup: HashMap::new() }).collect::<Vec<_>>();
+        Self {
+            layout: fields.iter().map(|f| (f.width, f.pooling, 0)).collect(),
+            counts: vec![vec![0]; fields.len()],
+            fields,
+            dense_names: ex.dense.iter().map(|d| d.name.clone()).collect(),
+            standardize: ex.dense.iter().map(|d| d.transform == Transform::Standardize).collect(),
+            moments: vec![(0, 0.0, 0.0); ex.dense.len()],
+        }
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.layout.iter().map(|l| l.0).sum()
+    }
+    pub fn num_dense(&self) -> usize {
+        self.moments.len()
+    }
+
+    pub fn encode_row(&mut self, row: &ParsedRow, out: &mut EncodedDataset, stats: &mut EncodeStats, scratch: &mut Vec<f32>) {
+        scratch.clear();
+        for (j, &x) in row.dense.iter().enumerate() {
+            let m = &mut self.moments[j];
+            m.0 += 1;
+            let delta = x - m.1;
+            m.1 += delta / m.0 as f64;
+            m.2 += delta * (x - m.1);
+            scratch.push(x as f32);
+        }
+        let (fields, counts) = (&mut self.fields, &mut self.counts);
+        push_row(&self.layout, row, scratch, out, stats, |f, id| {
+            let v = &mut fields[f];
+            let next = v.vocab.len() as u32 + 1;
+            let l = *v.lookup.entry(id).or_insert(next);
+            if l == next {
+                v.vocab.push(id);
+                counts[f].push(0);
+            }
+            counts[f][l as usize] += 1;
+            l
+        });
+    }
+
+    pub fn finish(self) -> (Encoder, Remap) {
+        let mut fields = Vec::new();
+        let mut remaps = Vec::new();
+        let mut offset = 0u32;
+        for (mut v, counts) in self.fields.into_iter().zip(self.counts) {
+            let kept: Vec<u64> = v.vocab.iter().zip(&counts[1..]).filter(|(_, c)| **c >= v.min_count).map(|(&id, _)| id).collect();
+            let mut remap = vec![offset; v.vocab.len() + 1];
+            let (buckets, n_kept) = (v.hash_buckets as u64, kept.len() as u32);
+            let mut k = 0u32;
+            for (p, &id) in v.vocab.iter().enumerate() {
+                remap[p + 1] = offset + if counts[p + 1] >= v.min_count {
+                    k += 1;
+                    k
+                } else if buckets > 0 {
+                    1 + n_kept + (id % buckets) as u32
+                } else {
+                    0
+                };
+            }
+            v.vocab = kept;
+            offset += v.rows() as u32;
+            fields.push(v);
+            remaps.push(remap);
+        }
+        let dense_cols: Vec<DenseColumn> = self.dense_names.iter().zip(&self.standardize).zip(&self.moments).map(|((name, &st), &(n, mean, m2))| {
+            let std = if n > 1 { (m2 / (n - 1) as f64).sqrt() } else { 0.0 };
+            let (shift, scale) = if st { (mean, if std > 0.0 { std } else { 1.0 }) } else { (0.0, 1.0) };
+            DenseColumn { name: name.clone(), shift, scale }
+        }).collect();
+        let enc = Encoder { fields, dense: dense_cols, layout: Vec::new() }.with_lookup();
+        let remap = Remap { slot_fields: enc.slot_fields(), rows: remaps, dense: enc.dense.iter().map(|c| (c.shift, c.scale)).collect() };
+        (enc, remap)
+    }
+}
+
+impl Remap {
+    /// Rewrites provisionally encoded rows (and raw dense values) in place.
+    pub fn apply(&self, rows: &mut [u32], dense: &mut [f32]) {
+        let s = self.slot_fields.len();
+        for (i, r) in rows.iter_mut().enumerate() {
+            *r = self.rows[self.slot_fields[i % s]][*r as usize];
+        }
+        let d = self.dense.len();
+        if d > 0 {
+            for (i, x) in dense.iter_mut().enumerate() {
+                let (shift, scale) = self.dense[i % d];
+                *x = ((*x as f64 - shift) / scale) as f32;
+            }
+        }
+    }
+}
+
+/// Checks that an encoder fits the schema it is used with (a run's saved encoder vs its config).
+pub fn check_compatible(enc: &Encoder, ex: &Extractor) -> Result<()> {
+    if enc.num_fields() != ex.num_fields() || enc.num_dense() != ex.dense.len() {
+        bail!("the saved encoder has {} fields and {} dense columns, the schema gives {} and {}", enc.num_fields(), enc.num_dense(), ex.num_fields(), ex.dense.len());
+    }
+    Ok(())
 }

@@ -5,25 +5,11 @@
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
-/// Encoded rows: `rows[i * num_fields + f]` is the table row of field `f` of example `i`.
-#[derive(Debug, Clone, Default)]
-pub struct EncodedDataset {
-    pub num_fields: usize,
-    pub labels: Vec<f32>,
-    pub rows: Vec<u32>,
-    pub values: Vec<f32>,
-}
-
-impl EncodedDataset {
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-}
+use super::cache::CacheReader;
+use super::encoder::EncodedDataset;
+use super::pipeline::SplitData;
 
 /// One batch, ready to become tensors.
 #[derive(Debug, Clone)]
@@ -32,10 +18,12 @@ pub struct Batch {
     pub labels: Vec<f32>,
     /// Distinct table rows touched by the batch.
     pub unique_rows: Vec<i64>,
-    /// For every (example, field) slot, its position in `unique_rows`.
+    /// For every (example, slot), its position in `unique_rows`.
     pub inverse: Vec<i64>,
-    /// Feature values per slot; `None` when all are 1 (one-hot data), which skips a multiply.
+    /// Weight per slot; `None` when all are 1 (one-hot data), which skips a multiply.
     pub values: Option<Vec<f32>>,
+    /// Dense features `[size, num_dense]`; `None` when the data has none.
+    pub dense: Option<Vec<f32>>,
 }
 
 /// Builds batches from an index order; `stamp` is a scratch array for O(batch) de-duplication.
@@ -51,7 +39,7 @@ impl BatchBuilder {
     }
 
     fn build(&mut self, data: &EncodedDataset, idx: &[usize]) -> Batch {
-        let nf = data.num_fields;
+        let nf = data.num_slots;
         self.batch_mark = self.batch_mark.wrapping_add(1);
         if self.batch_mark == 0 {
             self.stamp.iter_mut().for_each(|s| *s = 0);
@@ -62,8 +50,11 @@ impl BatchBuilder {
         let mut inverse = Vec::with_capacity(idx.len() * nf);
         let mut labels = Vec::with_capacity(idx.len());
         let mut values = Vec::with_capacity(idx.len() * nf);
+        let nd = data.num_dense;
+        let mut dense = Vec::with_capacity(idx.len() * nd);
         for &i in idx {
             labels.push(data.labels[i]);
+            dense.extend_from_slice(&data.dense[i * nd..(i + 1) * nd]);
             for f in 0..nf {
                 let r = data.rows[i * nf + f] as usize;
                 if self.stamp[r] != mark {
@@ -76,21 +67,29 @@ impl BatchBuilder {
             }
         }
         let values = if values.iter().all(|&v| v == 1.0) { None } else { Some(values) };
-        Batch { size: idx.len(), labels, unique_rows, inverse, values }
+        let dense = (nd > 0).then_some(dense);
+        Batch { size: idx.len(), labels, unique_rows, inverse, values, dense }
     }
 }
 
-/// Iterates over a dataset in batches, preparing them on a background thread.
+/// Iterates over a split in batches, preparing them on a background thread: from memory, or
+/// streamed from its cache in chunks (memory bounded by `shuffle_chunks × chunk_rows` rows).
 pub struct BatchLoader {
-    data: Arc<EncodedDataset>,
+    data: SplitData,
     total_rows: usize,
     batch_size: usize,
+    chunk_rows: usize,
+    shuffle_chunks: usize,
 }
 
 impl BatchLoader {
     pub fn new(data: Arc<EncodedDataset>, total_rows: usize, batch_size: usize) -> Self {
-        assert!(batch_size > 0, "batch size must be positive");
-        Self { data, total_rows, batch_size }
+        Self::from_split(SplitData::Memory(data), total_rows, batch_size, 65_536, 4)
+    }
+
+    pub fn from_split(data: SplitData, total_rows: usize, batch_size: usize, chunk_rows: usize, shuffle_chunks: usize) -> Self {
+        assert!(batch_size > 0 && chunk_rows > 0 && shuffle_chunks > 0, "batch and chunk sizes must be positive");
+        Self { data, total_rows, batch_size, chunk_rows, shuffle_chunks }
     }
 
     pub fn num_batches(&self) -> usize {
@@ -98,25 +97,77 @@ impl BatchLoader {
     }
 
     /// Batches of one epoch. `shuffle_seed = Some(s)` shuffles with a generator seeded by `s`
-    /// (the trainer passes seed + epoch, so every epoch differs and every run repeats).
+    /// (the trainer passes seed + epoch, so every epoch differs and every run repeats). Read
+    /// errors of a streamed cache end the epoch early with a message; the caller sees fewer batches.
     pub fn epoch(&self, shuffle_seed: Option<u64>) -> Receiver<Batch> {
         let (tx, rx) = sync_channel(4);
-        let data = Arc::clone(&self.data);
         let (total_rows, batch_size) = (self.total_rows, self.batch_size);
-        std::thread::spawn(move || {
-            let mut order: Vec<usize> = (0..data.len()).collect();
-            if let Some(seed) = shuffle_seed {
-                order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        match &self.data {
+            SplitData::Memory(data) => {
+                let data = Arc::clone(data);
+                std::thread::spawn(move || {
+                    let mut order: Vec<usize> = (0..data.len()).collect();
+                    if let Some(seed) = shuffle_seed {
+                        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+                    }
+                    send_batches(&data, &order, batch_size, &mut BatchBuilder::new(total_rows), &tx);
+                });
             }
-            let mut builder = BatchBuilder::new(total_rows);
-            for chunk in order.chunks(batch_size) {
-                if tx.send(builder.build(&data, chunk)).is_err() {
-                    break; // the consumer stopped early
-                }
+            SplitData::Stream(cache) => {
+                let cache = cache.clone();
+                let (chunk_rows, group) = (self.chunk_rows, self.shuffle_chunks);
+                std::thread::spawn(move || {
+                    if let Err(e) = stream_epoch(&cache, shuffle_seed, chunk_rows, group, batch_size, total_rows, &tx) {
+                        eprintln!("error: streaming {}: {e:#}", cache.dir.display());
+                    }
+                });
             }
-        });
+        }
         rx
     }
+}
+
+/// Sends the batches of `order`; false when the consumer stopped early.
+fn send_batches(data: &EncodedDataset, order: &[usize], batch_size: usize, builder: &mut BatchBuilder, tx: &SyncSender<Batch>) -> bool {
+    order.chunks(batch_size).all(|chunk| tx.send(builder.build(data, chunk)).is_ok())
+}
+
+/// One streamed epoch: chunks in a seeded random order, `group` chunks at a time shuffled
+/// together; rows that do not fill a batch carry over to the next group.
+fn stream_epoch(cache: &CacheReader, seed: Option<u64>, chunk_rows: usize, group: usize, batch_size: usize, total_rows: usize, tx: &SyncSender<Batch>) -> anyhow::Result<()> {
+    let mut chunks: Vec<usize> = (0..cache.len().div_ceil(chunk_rows)).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.unwrap_or(0));
+    if seed.is_some() {
+        chunks.shuffle(&mut rng);
+    }
+    let (slots, dense) = (cache.header.num_slots, cache.header.num_dense);
+    let mut builder = BatchBuilder::new(total_rows);
+    let mut buf = Vec::new();
+    let mut pool = EncodedDataset::new(slots, dense);
+    let groups: Vec<&[usize]> = chunks.chunks(group).collect();
+    for (g, ids) in groups.iter().enumerate() {
+        for &c in *ids {
+            let part = cache.read(c * chunk_rows, chunk_rows, &mut buf)?;
+            for i in 0..part.len() {
+                pool.push_from(&part, i);
+            }
+        }
+        let mut order: Vec<usize> = (0..pool.len()).collect();
+        if seed.is_some() {
+            order.shuffle(&mut rng);
+        }
+        let last = g + 1 == groups.len();
+        let full = if last { order.len() } else { order.len() / batch_size * batch_size };
+        if !send_batches(&pool, &order[..full], batch_size, &mut builder, tx) {
+            return Ok(());
+        }
+        let mut rest = EncodedDataset::new(slots, dense);
+        for &i in &order[full..] {
+            rest.push_from(&pool, i);
+        }
+        pool = rest;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -125,10 +176,12 @@ mod tests {
 
     fn toy() -> EncodedDataset {
         EncodedDataset {
-            num_fields: 2,
+            num_slots: 2,
+            num_dense: 0,
             labels: vec![1.0, 0.0, 1.0],
             rows: vec![0, 3, 1, 3, 0, 4],
             values: vec![1.0; 6],
+            dense: vec![],
         }
     }
 
@@ -145,10 +198,12 @@ mod tests {
     #[test]
     fn shuffling_is_seeded_and_covers_every_example() {
         let data = Arc::new(EncodedDataset {
-            num_fields: 1,
+            num_slots: 1,
+            num_dense: 0,
             labels: (0..100).map(|i| i as f32).collect(),
             rows: (0..100).collect(),
             values: vec![1.0; 100],
+            dense: vec![],
         });
         let loader = BatchLoader::new(data, 100, 7);
         let collect = |s| loader.epoch(Some(s)).iter().flat_map(|b| b.labels).collect::<Vec<_>>();

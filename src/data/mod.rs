@@ -1,10 +1,17 @@
-//! Data: the libfm/libsvm reader, the per-field encoder fit on the training split, and the
-//! batch loader (seeded shuffling, unique-row extraction, background prefetch).
+//! Data: file formats ([`source`]: libfm/libsvm, Criteo TSV, CSV/TSV, Parquet, joins), the schema
+//! ([`schema`]), the encoding fit on the training split ([`encoder`]), the binary cache
+//! ([`cache`]), the read-and-encode pipeline ([`pipeline`]) and the batch loader ([`loader`]).
 
+pub mod cache;
 pub mod encoder;
-pub mod libfm;
 pub mod loader;
+pub mod pipeline;
+pub mod schema;
+pub mod source;
+pub mod synth;
 
-pub use encoder::Encoder;
-pub use libfm::{BadLines, LibfmOptions, RawDataset, read_libfm};
-pub use loader::{Batch, BatchLoader, EncodedDataset};
+pub use encoder::{EncodedDataset, Encoder};
+pub use source::{BadLines, open_maybe_gz};
+pub use loader::{Batch, BatchLoader};
+pub use pipeline::{Prepared, SplitData, prepare};
+pub use schema::DataConfig;

@@ -16,27 +16,72 @@ pub struct SparseEmbedding {
     pub weight: Param<Tensor<2>>,
 }
 
-/// A batch's index tensors on the device.
+/// Which field each embedding slot belongs to: a multi-hot field has several slots that are
+/// pooled (summed; mean pooling is in the slot weights) into the field's one embedding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotLayout {
+    pub slot_fields: Vec<usize>,
+    pub fields: usize,
+}
+
+impl SlotLayout {
+    /// One slot per field.
+    pub fn one_hot(fields: usize) -> Self {
+        Self { slot_fields: (0..fields).collect(), fields }
+    }
+    pub fn of(encoder: &crate::data::Encoder) -> Self {
+        Self { slot_fields: encoder.slot_fields(), fields: encoder.num_fields() }
+    }
+    pub fn slots(&self) -> usize {
+        self.slot_fields.len()
+    }
+    /// The `[fields, slots]` 0/1 matrix that sums each field's slots (None when every field has one).
+    fn pooling(&self) -> Option<Vec<f32>> {
+        (self.slots() != self.fields).then(|| {
+            let mut m = vec![0.0; self.fields * self.slots()];
+            for (s, &f) in self.slot_fields.iter().enumerate() {
+                m[f * self.slots() + s] = 1.0;
+            }
+            m
+        })
+    }
+}
+
+/// A batch's tensors on the device.
 #[derive(Debug, Clone)]
 pub struct SparseInput {
     pub batch: usize,
+    pub slots: usize,
     pub fields: usize,
     pub unique_rows: Tensor<1, Int>,
     pub inverse: Tensor<1, Int>,
     pub values: Option<Tensor<3>>,
+    /// `[batch, fields, slots]` pooling of multi-hot slots.
+    pub pool: Option<Tensor<3>>,
+    /// Dense features `[batch, num_dense]`.
+    pub dense: Option<Tensor<2>>,
 }
 
 impl SparseInput {
-    pub fn from_batch(b: &Batch, fields: usize, device: &Device) -> Self {
+    pub fn from_batch(b: &Batch, layout: &SlotLayout, device: &Device) -> Self {
         let u = b.unique_rows.len();
         let ints = |v: &[i64], n: usize| Tensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [n]), device);
+        let (slots, fields) = (layout.slots(), layout.fields);
         Self {
             batch: b.size,
+            slots,
             fields,
             unique_rows: ints(&b.unique_rows, u),
             inverse: ints(&b.inverse, b.inverse.len()),
             values: b.values.as_ref().map(|v| {
-                Tensor::<3>::from_data(TensorData::new(v.clone(), [b.size, fields, 1]), device)
+                Tensor::<3>::from_data(TensorData::new(v.clone(), [b.size, slots, 1]), device)
+            }),
+            pool: layout.pooling().map(|m| {
+                Tensor::<2>::from_data(TensorData::new(m, [fields, slots]), device).unsqueeze::<3>().expand([b.size, fields, slots])
+            }),
+            dense: b.dense.as_ref().map(|v| {
+                let nd = v.len() / b.size.max(1);
+                Tensor::<2>::from_data(TensorData::new(v.clone(), [b.size, nd]), device)
             }),
         }
     }
@@ -62,7 +107,7 @@ impl SparseEmbedding {
         self.weight.dims()[1]
     }
 
-    /// Looks up `[batch, fields, d]`. With `track = true` the unique rows become an autodiff
+    /// Looks up `[batch, fields, d]` (multi-hot slots weighted and pooled). With `track = true` the unique rows become an autodiff
     /// leaf (returned) so their gradient can be read after `backward`.
     pub fn lookup(&self, input: &SparseInput, track: bool) -> (Tensor<3>, Option<Gathered>) {
         let table = self.weight.val().inner();
@@ -71,9 +116,13 @@ impl SparseEmbedding {
         let x = rows
             .clone()
             .select(0, input.inverse.clone())
-            .reshape([input.batch, input.fields, self.dim()]);
+            .reshape([input.batch, input.slots, self.dim()]);
         let x = match &input.values {
             Some(v) => x * v.clone(),
+            None => x,
+        };
+        let x = match &input.pool {
+            Some(p) => p.clone().matmul(x),
             None => x,
         };
         let gathered = track.then(|| Gathered { rows, unique_rows: input.unique_rows.clone() });

@@ -9,8 +9,23 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use embedding::{Gathered, SparseEmbedding, SparseInput};
+pub use embedding::{Gathered, SlotLayout, SparseEmbedding, SparseInput};
 pub use wukong::{Wukong, WukongConfig};
+
+/// What a model needs to know about the data: categorical fields (after multi-hot pooling),
+/// dense features, and embedding-table rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataShape {
+    pub fields: usize,
+    pub dense: usize,
+    pub table_rows: usize,
+}
+
+impl DataShape {
+    pub fn of(encoder: &crate::data::Encoder) -> Self {
+        Self { fields: encoder.num_fields(), dense: encoder.num_dense(), table_rows: encoder.total_rows() }
+    }
+}
 
 /// The model registry: `[model] name = "wukong"` selects the variant, the other keys are that
 /// model's config.
@@ -36,15 +51,15 @@ impl ModelConfig {
             ModelConfig::Wukong(c) => c.validate(),
         }
     }
-    pub fn init(&self, num_fields: usize, table_rows: usize, device: &Device) -> Model {
+    pub fn init(&self, shape: &DataShape, device: &Device) -> Model {
         match self {
-            ModelConfig::Wukong(c) => Model::Wukong(c.init(num_fields, table_rows, device)),
+            ModelConfig::Wukong(c) => Model::Wukong(c.init(shape, device)),
         }
     }
     /// Analytic forward FLOPs per example (matrix products only).
-    pub fn forward_flops(&self, num_fields: usize) -> u64 {
+    pub fn forward_flops(&self, shape: &DataShape) -> u64 {
         match self {
-            ModelConfig::Wukong(c) => c.forward_flops(num_fields),
+            ModelConfig::Wukong(c) => c.forward_flops(shape),
         }
     }
 }
@@ -75,7 +90,7 @@ impl Model {
     pub fn forward(&self, input: &SparseInput, track: bool) -> (Tensor<1>, Option<Gathered>) {
         let (x0, gathered) = self.embedding().lookup(input, track);
         let logits = match self {
-            Model::Wukong(m) => m.forward(x0, None),
+            Model::Wukong(m) => m.forward(x0, input.dense.clone()),
         };
         (logits, gathered)
     }

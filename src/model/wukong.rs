@@ -6,6 +6,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
+use super::DataShape;
 use super::layers::{FmBlockSpec, FmKind, Mlp, WukongLayer, mlp_dims};
 
 /// Every hyperparameter of the paper, plus regularization. TOML keys are these field names.
@@ -41,11 +42,9 @@ pub struct WukongConfig {
     pub batch_norm: bool,
     /// Standard deviation of the normal init of embedding rows.
     pub embedding_init_std: f64,
-    /// Dense (numeric) input features; 0 when the data has none.
-    pub num_dense: usize,
-    /// Hidden widths of the dense-feature MLP.
+    /// Hidden widths of the dense-feature MLP (used when the data has dense features).
     pub dense_mlp: Vec<usize>,
-    /// Embeddings the dense MLP produces.
+    /// Embeddings the dense MLP produces (when the data has dense features).
     pub num_dense_embeddings: usize,
 }
 
@@ -65,22 +64,21 @@ impl Default for WukongConfig {
             dropout: 0.0,
             batch_norm: false,
             embedding_init_std: 0.01,
-            num_dense: 0,
             dense_mlp: vec![64],
-            num_dense_embeddings: 0,
+            num_dense_embeddings: 1,
         }
     }
 }
 
 impl WukongConfig {
     /// Embeddings entering the stack: one per categorical field plus the dense embeddings.
-    pub fn n0(&self, num_fields: usize) -> usize {
-        num_fields + if self.num_dense > 0 { self.num_dense_embeddings } else { 0 }
+    pub fn n0(&self, shape: &DataShape) -> usize {
+        shape.fields + if shape.dense > 0 { self.num_dense_embeddings } else { 0 }
     }
 
     /// Embedding count after layer `i` (0-based) and the spec of its FM block.
-    pub fn layer_specs(&self, num_fields: usize) -> Vec<FmBlockSpec> {
-        let mut n = self.n0(num_fields);
+    pub fn layer_specs(&self, shape: &DataShape) -> Vec<FmBlockSpec> {
+        let mut n = self.n0(shape);
         (0..self.num_layers)
             .map(|_| {
                 let s = FmBlockSpec {
@@ -102,8 +100,8 @@ impl WukongConfig {
     }
 
     /// Embeddings leaving the stack.
-    pub fn n_last(&self, num_fields: usize) -> usize {
-        if self.num_layers == 0 { self.n0(num_fields) } else { self.num_fmb + self.num_lcb }
+    pub fn n_last(&self, shape: &DataShape) -> usize {
+        if self.num_layers == 0 { self.n0(shape) } else { self.num_fmb + self.num_lcb }
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -112,6 +110,7 @@ impl WukongConfig {
             ("num_fmb", self.num_fmb),
             ("num_lcb", self.num_lcb),
             ("fm_rank", self.fm_rank),
+            ("num_dense_embeddings", self.num_dense_embeddings),
         ];
         for (name, v) in positive {
             anyhow::ensure!(v > 0, "model.{name} must be positive");
@@ -121,40 +120,36 @@ impl WukongConfig {
             self.fm_kind != FmKind::Attentive || self.attention_compress > 0,
             "model.attention_compress must be positive for the attentive FM"
         );
-        anyhow::ensure!(
-            self.num_dense == 0 || self.num_dense_embeddings > 0,
-            "model.num_dense_embeddings must be positive when num_dense > 0"
-        );
         Ok(())
     }
 
-    pub fn init(&self, num_fields: usize, table_rows: usize, device: &Device) -> Wukong {
+    pub fn init(&self, shape: &DataShape, device: &Device) -> Wukong {
         let d = self.embedding_dim;
         let layers = self
-            .layer_specs(num_fields)
+            .layer_specs(shape)
             .iter()
             .map(|s| WukongLayer::new(s, self.num_lcb, device))
             .collect();
         Wukong {
-            embedding: SparseEmbedding::new(table_rows, d, self.embedding_init_std, device),
-            dense: (self.num_dense > 0).then(|| {
-                Mlp::new(self.num_dense, &self.dense_mlp, self.num_dense_embeddings * d, 0.0, device)
+            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            dense: (shape.dense > 0).then(|| {
+                Mlp::new(shape.dense, &self.dense_mlp, self.num_dense_embeddings * d, 0.0, device)
             }),
             layers,
-            top: Mlp::with_batch_norm(self.n_last(num_fields) * d, &self.top_mlp, 1, self.dropout, self.batch_norm, device),
+            top: Mlp::with_batch_norm(self.n_last(shape) * d, &self.top_mlp, 1, self.dropout, self.batch_norm, device),
         }
     }
 
     /// Multiply-adds ×2 of every matrix product in one forward pass for one example (the
     /// usual FLOP convention); element-wise work (LayerNorm, activations) is not counted.
-    pub fn forward_flops(&self, num_fields: usize) -> u64 {
+    pub fn forward_flops(&self, shape: &DataShape) -> u64 {
         let d = self.embedding_dim as u64;
         let mlp = |dims: Vec<(usize, usize)>| dims.iter().map(|&(a, b)| 2 * (a * b) as u64).sum::<u64>();
         let mut total = 0u64;
-        if self.num_dense > 0 {
-            total += mlp(mlp_dims(self.num_dense, &self.dense_mlp, self.num_dense_embeddings * self.embedding_dim));
+        if shape.dense > 0 {
+            total += mlp(mlp_dims(shape.dense, &self.dense_mlp, self.num_dense_embeddings * self.embedding_dim));
         }
-        for s in self.layer_specs(num_fields) {
+        for s in self.layer_specs(shape) {
             let (n, k) = (s.n_in as u64, s.rank as u64);
             total += match s.kind {
                 FmKind::Static => 4 * n * k * d,
@@ -173,7 +168,7 @@ impl WukongConfig {
                 total += 2 * n * n_out * d; // residual projection
             }
         }
-        total + mlp(mlp_dims(self.n_last(num_fields) * self.embedding_dim, &self.top_mlp, 1))
+        total + mlp(mlp_dims(self.n_last(shape) * self.embedding_dim, &self.top_mlp, 1))
     }
 }
 

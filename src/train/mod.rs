@@ -13,13 +13,12 @@ use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::ExperimentConfig;
-use crate::data::{BatchLoader, EncodedDataset, Encoder, LibfmOptions, RawDataset, read_libfm};
+use crate::data::{BatchLoader, Encoder, SplitData};
 use crate::metrics::{MetricAccumulator, Metrics};
-use crate::model::{Model, SparseInput};
+use crate::model::{DataShape, Model, SlotLayout, SparseInput};
 pub use optim::{RowWiseAdagrad, clip_global_norm, grad_norm};
 
 /// Mean binary cross-entropy from logits, stable for any logit:
@@ -29,38 +28,26 @@ pub fn bce_with_logits(logits: Tensor<1>, labels: Tensor<1>) -> Tensor<1> {
     (relu(logits.clone()) - logits * labels + stable).mean()
 }
 
-pub fn read_split(path: &Path, cfg: &ExperimentConfig) -> Result<RawDataset> {
-    let opts = LibfmOptions { num_fields: cfg.data.num_fields, bad_lines: cfg.data.bad_lines };
-    read_libfm(path, &opts)
-}
-
-pub fn encode(raw: &RawDataset, encoder: &Encoder) -> Result<(EncodedDataset, usize)> {
-    let (rows, oov) = encoder.encode(raw)?;
-    Ok((
-        EncodedDataset { num_fields: raw.num_fields, labels: raw.labels.clone(), rows, values: raw.values.clone() },
-        oov,
-    ))
-}
-
 /// Logits of every example, in file order.
-pub fn predict_logits(model: &Model, data: Arc<EncodedDataset>, total_rows: usize, batch_size: usize, device: &Device) -> Result<Vec<f32>> {
-    let nf = data.num_fields;
-    let loader = BatchLoader::new(data, total_rows, batch_size);
-    let mut out = Vec::new();
+pub fn predict_logits(model: &Model, data: &SplitData, encoder: &Encoder, batch_size: usize, device: &Device) -> Result<Vec<f32>> {
+    let layout = SlotLayout::of(encoder);
+    let loader = BatchLoader::from_split(data.clone(), encoder.total_rows(), batch_size, 65_536, 1);
+    let mut out = Vec::with_capacity(data.len());
     for batch in loader.epoch(None) {
-        let input = SparseInput::from_batch(&batch, nf, device);
+        let input = SparseInput::from_batch(&batch, &layout, device);
         let (logits, _) = model.forward(&input, false);
         out.extend(logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
     }
+    anyhow::ensure!(out.len() == data.len(), "scored {} of {} examples (a read error ended the pass; see above)", out.len(), data.len());
     Ok(out)
 }
 
-/// AUC and LogLoss of `model` (an inference copy: `model.valid()`) on a split.
-pub fn evaluate(model: &Model, data: Arc<EncodedDataset>, total_rows: usize, batch_size: usize, device: &Device) -> Result<Metrics> {
-    let labels = data.labels.clone();
-    let logits = predict_logits(model, data, total_rows, batch_size, device)?;
+/// AUC and LogLoss of `model` (an inference copy: `model.valid()`) on an in-memory split.
+pub fn evaluate(model: &Model, data: &SplitData, encoder: &Encoder, batch_size: usize, device: &Device) -> Result<Metrics> {
+    let SplitData::Memory(d) = data else { anyhow::bail!("evaluation needs the split in memory") };
+    let logits = predict_logits(model, data, encoder, batch_size, device)?;
     let mut acc = MetricAccumulator::new();
-    for (z, y) in logits.iter().zip(&labels) {
+    for (z, y) in logits.iter().zip(&d.labels) {
         acc.push(*z, *y);
     }
     acc.finish()
@@ -73,6 +60,8 @@ pub struct RunOptions {
     pub out_dir: PathBuf,
     /// Progress bars and per-epoch lines on stderr/stdout.
     pub verbose: bool,
+    /// Rebuild stale data caches instead of refusing them.
+    pub rebuild_cache: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -114,30 +103,26 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     let t = &cfg.train;
     let v = opts.verbose;
 
-    // Data: read, fit the encoder on train only, encode every split.
-    let raw_train = read_split(&cfg.data.train, cfg)?;
-    let encoder = Encoder::fit(&raw_train, &cfg.data.field_names, cfg.data.min_count)?;
-    let mut splits = vec![("train", raw_train)];
-    splits.push(("valid", read_split(&cfg.data.valid, cfg)?));
-    if let Some(test) = &cfg.data.test {
-        splits.push(("test", read_split(test, cfg)?));
-    }
-    let mut encoded = Vec::new();
+    // Data: fit the encoder on train only (or take it from the cache), encode every split.
+    let prepared = crate::data::prepare(&cfg.data, opts.rebuild_cache)?;
+    let encoder = prepared.encoder;
     let mut data_log = serde_json::Map::new();
-    for (name, raw) in &splits {
-        let (enc, oov) = encode(raw, &encoder)?;
+    let mut splits = std::collections::HashMap::new();
+    for (name, data, l) in prepared.splits {
         log(v, format!(
-            "{name}: {} rows, positive rate {:.4}, {} malformed lines skipped, {oov} values out of vocabulary",
-            raw.len(), raw.positive_rate(), raw.skipped
+            "{name}: {} rows{}, positive rate {:.4}, {} malformed rows skipped, {} values out of vocabulary, {} multi-hot values truncated ({:.1}s{})",
+            l.rows, if matches!(data, SplitData::Stream(_)) { " (streamed)" } else { "" }, l.positive_rate, l.skipped, l.oov, l.truncated, l.seconds,
+            if l.from_cache { ", from cache" } else { "" }
         ));
-        data_log.insert(name.to_string(), serde_json::json!({"rows": raw.len(), "skipped": raw.skipped, "oov": oov, "positive_rate": raw.positive_rate()}));
-        encoded.push(Arc::new(enc));
+        data_log.insert(name.to_string(), serde_json::to_value(&l)?);
+        splits.insert(name, data);
     }
-    drop(splits);
-    let (train_data, valid_data) = (Arc::clone(&encoded[0]), Arc::clone(&encoded[1]));
-    let test_data = encoded.get(2).cloned();
-    let nf = encoder.num_fields();
-    let total_rows = encoder.total_rows();
+    let train_data = splits.remove("train").context("no training split")?;
+    let valid_data = splits.remove("valid").context("no validation split")?;
+    let test_data = splits.remove("test");
+    let shape = DataShape::of(&encoder);
+    let layout = SlotLayout::of(&encoder);
+    let total_rows = shape.table_rows;
 
     // Run directory.
     let run_dir = new_run_dir(&opts.out_dir, &format!("{}-seed{}", cfg.name, t.seed))?;
@@ -153,11 +138,11 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     device.seed(t.seed);
     crate::model::layers::seed_dropout(t.seed);
     let ad = device.clone().autodiff();
-    let mut model = cfg.model.init(nf, total_rows, &ad);
+    let mut model = cfg.model.init(&shape, &ad);
     let (emb_params, dense_params) = model.param_counts();
     log(v, format!(
         "model {}: {dense_params} dense + {emb_params} embedding parameters ({total_rows} rows × {}), {:.4} MFLOP/example forward",
-        cfg.model.name(), cfg.model.embedding_dim(), cfg.model.forward_flops(nf) as f64 / 1e6
+        cfg.model.name(), cfg.model.embedding_dim(), cfg.model.forward_flops(&shape) as f64 / 1e6
     ));
     let mut adam = AdamConfig::new()
         .with_beta_1(t.adam_beta1 as f32)
@@ -167,7 +152,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
         .init();
     let mut adagrad = RowWiseAdagrad::new(total_rows, t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, &device);
 
-    let loader = BatchLoader::new(Arc::clone(&train_data), total_rows, t.batch_size);
+    let loader = BatchLoader::from_split(train_data, total_rows, t.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks);
     let model_path = run_dir.join(checkpoint::MODEL);
     let (mut best_epoch, mut best_valid) = (0, None::<Metrics>);
     let (mut bad_epochs, mut lr_scale, mut step, mut epochs_run) = (0usize, 1.0f64, 0usize, 0usize);
@@ -184,7 +169,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
             let warm = if t.warmup_steps > 0 { (step as f64 / t.warmup_steps as f64).min(1.0) } else { 1.0 };
             let (lr, emb_lr) = (t.lr * warm * lr_scale, t.emb_lr * warm * lr_scale);
 
-            let input = SparseInput::from_batch(&batch, nf, &ad);
+            let input = SparseInput::from_batch(&batch, &layout, &ad);
             let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), &ad);
             let (logits, gathered) = model.forward(&input, true);
             let loss = bce_with_logits(logits, labels);
@@ -203,7 +188,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
         }
         bar.finish_and_clear();
         let train_secs = epoch_start.elapsed().as_secs_f64();
-        let valid = evaluate(&model.valid(), Arc::clone(&valid_data), total_rows, t.eval_batch_size, &device)?;
+        let valid = evaluate(&model.valid(), &valid_data, &encoder, t.eval_batch_size, &device)?;
         let improved = best_valid.as_ref().is_none_or(|best| t.monitor.score(&valid) > t.monitor.score(best));
         if improved {
             best_epoch = epoch;
@@ -235,7 +220,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     // Restore the best weights and score the test split with them.
     let best = checkpoint::load_model(cfg, &encoder, &model_path, &device)?;
     let test = match &test_data {
-        Some(d) => Some(evaluate(&best, Arc::clone(d), total_rows, t.eval_batch_size, &device)?),
+        Some(d) => Some(evaluate(&best, d, &encoder, t.eval_batch_size, &device)?),
         None => None,
     };
     let valid = best_valid.context("no epoch was evaluated")?;
@@ -243,7 +228,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     let result = serde_json::json!({
         "best_epoch": best_epoch, "epochs_run": epochs_run, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
         "test_auc": test.map(|m| m.auc), "test_logloss": test.map(|m| m.logloss), "seconds": seconds,
-        "dense_params": dense_params, "embedding_params": emb_params, "forward_flops_per_example": cfg.model.forward_flops(nf),
+        "dense_params": dense_params, "embedding_params": emb_params, "forward_flops_per_example": cfg.model.forward_flops(&shape),
     });
     crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
     Ok(TrainOutcome { run_dir, best_epoch, epochs_run, valid, test, seconds })

@@ -1,0 +1,225 @@
+//! The binary cache: an encoded split as a directory of columns, read back at memory speed or
+//! streamed in chunks.
+//!
+//! `<dir>/labels.f32`, `rows.u32`, `values.f32`, `dense.f32` hold the [`EncodedDataset`] columns
+//! (little-endian, row-major within a column); `header.json` records the format version, the
+//! source file (path, size, modification time), a hash of the schema, the encoder fingerprint and
+//! the row count. The header is written last, so a directory without one is an interrupted build.
+//! A cache whose header does not match the current source, schema or encoder is refused.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::encoder::EncodedDataset;
+
+pub const VERSION: u32 = 1;
+const COLUMNS: [&str; 4] = ["labels.f32", "rows.u32", "values.f32", "dense.f32"];
+pub const HEADER: &str = "header.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceId {
+    pub path: String,
+    pub size: u64,
+    pub modified: u64,
+}
+
+impl SourceId {
+    pub fn of(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        Ok(Self { path: path.display().to_string(), size: meta.len(), modified })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheHeader {
+    pub version: u32,
+    pub source: SourceId,
+    /// `train`/`valid`/`test` when the split is carved out of one file by `data.split`.
+    pub split: Option<String>,
+    pub schema_hash: String,
+    pub encoder_hash: String,
+    pub rows: u64,
+    pub num_slots: usize,
+    pub num_dense: usize,
+    pub skipped: u64,
+    pub oov: u64,
+    pub truncated: u64,
+}
+
+impl CacheHeader {
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let p = dir.join(HEADER);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: not a cache header", p.display()))?))
+    }
+
+    /// Why this cache cannot serve `want` (None when it can).
+    pub fn mismatch(&self, want: &CacheHeader) -> Option<String> {
+        if self.version != want.version {
+            return Some(format!("format version {} (this build writes {})", self.version, want.version));
+        }
+        if self.source != want.source {
+            return Some(format!("source changed: built from {:?} ({} bytes, mtime {}), now {:?} ({} bytes, mtime {})", self.source.path, self.source.size, self.source.modified, want.source.path, want.source.size, want.source.modified));
+        }
+        if self.split != want.split {
+            return Some(format!("built for split {:?}, wanted {:?}", self.split, want.split));
+        }
+        if self.schema_hash != want.schema_hash {
+            return Some(format!("the data schema changed (schema hash {} → {})", self.schema_hash, want.schema_hash));
+        }
+        if !want.encoder_hash.is_empty() && self.encoder_hash != want.encoder_hash {
+            return Some(format!("encoded with another encoder ({} → {})", self.encoder_hash, want.encoder_hash));
+        }
+        None
+    }
+}
+
+/// Appends encoded chunks to a cache directory.
+pub struct CacheWriter {
+    dir: PathBuf,
+    files: Vec<BufWriter<File>>,
+    pub rows: u64,
+}
+
+fn write_f32(w: &mut impl Write, xs: &[f32]) -> std::io::Result<()> {
+    for x in xs {
+        w.write_all(&x.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+impl CacheWriter {
+    /// Starts a fresh cache in `dir` (anything there is removed).
+    pub fn create(dir: &Path) -> Result<Self> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let files = COLUMNS
+            .iter()
+            .map(|c| Ok(BufWriter::with_capacity(1 << 20, File::create(dir.join(c)).with_context(|| format!("cannot create {}", dir.join(c).display()))?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { dir: dir.to_path_buf(), files, rows: 0 })
+    }
+
+    pub fn push(&mut self, chunk: &EncodedDataset) -> Result<()> {
+        let ctx = || format!("cannot write the cache in {}", self.dir.display());
+        write_f32(&mut self.files[0], &chunk.labels).with_context(ctx)?;
+        for r in &chunk.rows {
+            self.files[1].write_all(&r.to_le_bytes()).with_context(ctx)?;
+        }
+        write_f32(&mut self.files[2], &chunk.values).with_context(ctx)?;
+        write_f32(&mut self.files[3], &chunk.dense).with_context(ctx)?;
+        self.rows += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Flushes the columns (the header is written separately, last).
+    pub fn finish(self) -> Result<PathBuf> {
+        for mut f in self.files {
+            f.flush().with_context(|| format!("cannot write the cache in {}", self.dir.display()))?;
+        }
+        Ok(self.dir)
+    }
+}
+
+pub fn write_header(dir: &Path, h: &CacheHeader) -> Result<()> {
+    crate::runtime::write_atomic(&dir.join(HEADER), serde_json::to_string_pretty(h)?.as_bytes())
+}
+
+/// Random access to a finished cache's rows.
+#[derive(Debug, Clone)]
+pub struct CacheReader {
+    pub dir: PathBuf,
+    pub header: CacheHeader,
+}
+
+fn read_at(dir: &Path, col: usize, offset: u64, bytes: usize, out: &mut Vec<u8>) -> Result<()> {
+    let path = dir.join(COLUMNS[col]);
+    let mut f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    f.seek(SeekFrom::Start(offset))?;
+    out.resize(bytes, 0);
+    f.read_exact(out).with_context(|| format!("{}: shorter than its header says (damaged cache?)", path.display()))
+}
+
+fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+impl CacheReader {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let header = CacheHeader::read(dir)?.with_context(|| format!("{} has no {HEADER}: not a finished cache", dir.display()))?;
+        if header.version != VERSION {
+            bail!("{}: cache format version {} (this build reads {VERSION}); rebuild it", dir.display(), header.version);
+        }
+        Ok(Self { dir: dir.to_path_buf(), header })
+    }
+
+    pub fn len(&self) -> usize {
+        self.header.rows as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.header.rows == 0
+    }
+
+    /// Rows `start .. start + n` (clamped to the end).
+    pub fn read(&self, start: usize, n: usize, buf: &mut Vec<u8>) -> Result<EncodedDataset> {
+        let n = n.min(self.len().saturating_sub(start));
+        let (s, d) = (self.header.num_slots, self.header.num_dense);
+        let mut out = EncodedDataset::new(s, d);
+        read_at(&self.dir, 0, 4 * start as u64, 4 * n, buf)?;
+        out.labels = f32s(buf).collect();
+        read_at(&self.dir, 1, 4 * (start * s) as u64, 4 * n * s, buf)?;
+        out.rows = buf.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        read_at(&self.dir, 2, 4 * (start * s) as u64, 4 * n * s, buf)?;
+        out.values = f32s(buf).collect();
+        read_at(&self.dir, 3, 4 * (start * d) as u64, 4 * n * d, buf)?;
+        out.dense = f32s(buf).collect();
+        Ok(out)
+    }
+
+    pub fn read_all(&self) -> Result<EncodedDataset> {
+        self.read(0, self.len(), &mut Vec::new())
+    }
+
+    /// Rewrites the row and dense columns chunk by chunk (used once, to remap provisional ids).
+    pub fn rewrite(dir: &Path, slots: usize, dense: usize, rows: u64, f: impl Fn(&mut [u32], &mut [f32])) -> Result<()> {
+        let chunk = 1 << 16;
+        let mut buf = Vec::new();
+        let open = |c: usize| {
+            let p = dir.join(COLUMNS[c]);
+            std::fs::OpenOptions::new().read(true).write(true).open(&p).with_context(|| format!("cannot open {}", p.display()))
+        };
+        let (mut rf, mut df) = (open(1)?, open(3)?);
+        let mut start = 0u64;
+        while start < rows {
+            let n = chunk.min(rows - start) as usize;
+            rf.seek(SeekFrom::Start(4 * start * slots as u64))?;
+            buf.resize(4 * n * slots, 0);
+            rf.read_exact(&mut buf)?;
+            let mut r: Vec<u32> = buf.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            df.seek(SeekFrom::Start(4 * start * dense as u64))?;
+            buf.resize(4 * n * dense, 0);
+            df.read_exact(&mut buf)?;
+            let mut d: Vec<f32> = f32s(&buf).collect();
+            f(&mut r, &mut d);
+            rf.seek(SeekFrom::Start(4 * start * slots as u64))?;
+            let bytes: Vec<u8> = r.iter().flat_map(|x| x.to_le_bytes()).collect();
+            rf.write_all(&bytes)?;
+            df.seek(SeekFrom::Start(4 * start * dense as u64))?;
+            let bytes: Vec<u8> = d.iter().flat_map(|x| x.to_le_bytes()).collect();
+            df.write_all(&bytes)?;
+            start += n as u64;
+        }
+        rf.sync_all()?;
+        df.sync_all()?;
+        Ok(())
+    }
+}

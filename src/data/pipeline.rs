@@ -1,0 +1,344 @@
+//! Text/Parquet → encoded splits: one pass over the training file fits the encoder while encoding
+//! it, the other splits are encoded with the fitted encoder; with `data.cache_dir` each encoded
+//! split (and the encoder) is kept on disk and later runs start from there.
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::cache::{CacheHeader, CacheReader, CacheWriter, SourceId, VERSION, write_header};
+use super::encoder::{EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, ParsedRow, Remap, hash_bytes};
+use super::source::BadLines;
+use super::schema::{DataConfig, SplitSpec};
+use super::source::{Next, Record, open_source};
+
+pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
+
+/// What reading one split did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SplitLog {
+    pub rows: u64,
+    pub skipped: u64,
+    pub oov: u64,
+    pub truncated: u64,
+    pub positive_rate: f64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub from_cache: bool,
+}
+
+/// Which file and which part of it a split is.
+#[derive(Debug, Clone)]
+pub struct SplitSource {
+    pub name: &'static str,
+    pub path: PathBuf,
+    /// Index into `data.split.ratios` when the split is carved out of `path`.
+    pub part: Option<usize>,
+}
+
+pub fn split_sources(cfg: &DataConfig) -> Vec<SplitSource> {
+    match &cfg.split {
+        Some(s) => (0..3).filter(|&i| i < 2 || s.ratios[2] > 0.0).map(|i| SplitSource { name: SPLITS[i], path: cfg.train.clone(), part: Some(i) }).collect(),
+        None => [Some(&cfg.train), cfg.valid.as_ref(), cfg.test.as_ref()]
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.map(|p| SplitSource { name: SPLITS[i], path: p.clone(), part: None }))
+            .collect(),
+    }
+}
+
+/// The part (0 train, 1 valid, 2 test) of data row `i` (0-based, skipped rows included) under a
+/// seeded random split: a hash of (seed, i), so it never depends on reading order or memory.
+pub fn split_part(spec: &SplitSpec, i: u64) -> usize {
+    let mut z = spec.seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let u = (z >> 11) as f64 / (1u64 << 53) as f64 * spec.ratios.iter().sum::<f64>();
+    if u < spec.ratios[0] {
+        0
+    } else if u < spec.ratios[0] + spec.ratios[1] {
+        1
+    } else {
+        2
+    }
+}
+
+/// How a split is encoded: fitting (train) or with a fitted encoder.
+pub enum Encoding<'a> {
+    Fit(&'a mut Fitter),
+    Apply(&'a Encoder),
+}
+
+/// Reads `src`, extracts and encodes every row, handing chunks of `chunk` rows to `sink`.
+pub fn read_encode(cfg: &DataConfig, src: &SplitSource, mut enc: Encoding, slots: usize, dense: usize, mut sink: impl FnMut(&EncodedDataset) -> Result<()>) -> Result<SplitLog> {
+    let start = Instant::now();
+    let mut source = open_source(&src.path, cfg)?;
+    let ex = Extractor::bind(cfg, source.columns()).with_context(|| format!("{}: the schema does not fit the file", src.path.display()))?;
+    let (mut rec, mut row, mut scratch) = (Record::default(), ParsedRow::default(), Vec::new());
+    let mut chunk = EncodedDataset::new(slots, dense);
+    let (mut stats, mut log, mut index, mut positives) = (EncodeStats::default(), SplitLog::default(), 0u64, 0.0f64);
+    loop {
+        let outcome = match source.next(&mut rec)? {
+            Next::End => break,
+            Next::Bad(msg) => Err(msg),
+            Next::Row => Ok(()),
+        };
+        let i = index;
+        index += 1;
+        if let (Some(spec), Some(part)) = (&cfg.split, src.part) {
+            if split_part(spec, i) != part {
+                continue;
+            }
+        }
+        match outcome.and_then(|()| ex.extract(&rec, &mut row)) {
+            Ok(()) => {
+                match &mut enc {
+                    Encoding::Fit(f) => f.encode_row(&row, &mut chunk, &mut stats, &mut scratch),
+                    Encoding::Apply(e) => e.encode_row(&row, &mut chunk, &mut stats, &mut scratch),
+                }
+                positives += row.label as f64;
+                log.rows += 1;
+                if chunk.len() == 65_536 {
+                    sink(&chunk)?;
+                    chunk.clear();
+                }
+            }
+            Err(msg) if cfg.bad_lines == BadLines::Skip => {
+                if log.skipped < 5 {
+                    eprintln!("warning: {}: {msg} (skipped)", source.location());
+                }
+                log.skipped += 1;
+            }
+            Err(msg) => bail!("{}: {msg}", source.location()),
+        }
+    }
+    if !chunk.is_empty() {
+        sink(&chunk)?;
+    }
+    if log.rows == 0 {
+        bail!("{}: no data rows{}", src.path.display(), if log.skipped > 0 { format!(" ({} malformed rows skipped)", log.skipped) } else { String::new() });
+    }
+    log.oov = stats.oov;
+    log.truncated = stats.truncated;
+    log.positive_rate = positives / log.rows as f64;
+    log.bytes = source.bytes_read();
+    log.seconds = start.elapsed().as_secs_f64();
+    Ok(log)
+}
+
+/// Layout of the fitted encoding before it exists: slots and dense columns of the schema.
+fn fitter_for(cfg: &DataConfig, src: &SplitSource) -> Result<(Fitter, usize, usize)> {
+    let source = open_source(&src.path, cfg)?;
+    let ex = Extractor::bind(cfg, source.columns()).with_context(|| format!("{}: the schema does not fit the file", src.path.display()))?;
+    let fitter = Fitter::new(&ex);
+    let (slots, dense) = (fitter.num_slots(), fitter.num_dense());
+    Ok((fitter, slots, dense))
+}
+
+/// Fits the encoder on the training split and encodes it, in memory.
+pub fn fit_in_memory(cfg: &DataConfig, src: &SplitSource) -> Result<(Encoder, EncodedDataset, SplitLog)> {
+    let (mut fitter, slots, dense) = fitter_for(cfg, src)?;
+    let mut data = EncodedDataset::new(slots, dense);
+    let log = read_encode(cfg, src, Encoding::Fit(&mut fitter), slots, dense, |c| {
+        data.labels.extend_from_slice(&c.labels);
+        data.rows.extend_from_slice(&c.rows);
+        data.values.extend_from_slice(&c.values);
+        data.dense.extend_from_slice(&c.dense);
+        Ok(())
+    })?;
+    let (encoder, remap) = fitter.finish();
+    remap.apply(&mut data.rows, &mut data.dense);
+    Ok((encoder, data, log))
+}
+
+/// Encodes a split with a fitted encoder, in memory (eval/predict, and runs without a cache).
+pub fn encode_in_memory(cfg: &DataConfig, src: &SplitSource, encoder: &Encoder) -> Result<(EncodedDataset, SplitLog)> {
+    let mut data = EncodedDataset::new(encoder.num_slots(), encoder.num_dense());
+    let log = read_encode(cfg, src, Encoding::Apply(encoder), encoder.num_slots(), encoder.num_dense(), |c| {
+        data.labels.extend_from_slice(&c.labels);
+        data.rows.extend_from_slice(&c.rows);
+        data.values.extend_from_slice(&c.values);
+        data.dense.extend_from_slice(&c.dense);
+        Ok(())
+    })?;
+    Ok((data, log))
+}
+
+/// A hash of everything in the data config that changes the encoding (not where the files are).
+pub fn schema_hash(cfg: &DataConfig) -> Result<String> {
+    let mut c = cfg.clone();
+    c.train = PathBuf::new();
+    c.valid = None;
+    c.test = None;
+    c.cache_dir = None;
+    c.stream = false;
+    c.chunk_rows = 0;
+    c.shuffle_chunks = 0;
+    let mut text = serde_json::to_string(&c)?;
+    for j in &cfg.join {
+        text.push_str(&serde_json::to_string(&SourceId::of(&j.path)?)?);
+    }
+    Ok(format!("{:016x}", hash_bytes(text.as_bytes())))
+}
+
+/// An encoded split, in memory or streamed from its cache.
+#[derive(Debug, Clone)]
+pub enum SplitData {
+    Memory(Arc<EncodedDataset>),
+    Stream(CacheReader),
+}
+
+impl SplitData {
+    pub fn len(&self) -> usize {
+        match self {
+            SplitData::Memory(d) => d.len(),
+            SplitData::Stream(c) => c.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Prepared {
+    pub encoder: Encoder,
+    /// In `train`, `valid`, `test` order (test when configured).
+    pub splits: Vec<(&'static str, SplitData, SplitLog)>,
+}
+
+/// The cache directory of a split: `<cache_dir>/<file name>[.<split>]`.
+pub fn cache_dir_of(cache: &Path, src: &SplitSource) -> PathBuf {
+    let file = src.path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| "data".into());
+    match src.part {
+        Some(_) => cache.join(format!("{file}.{}", src.name)),
+        None => cache.join(file),
+    }
+}
+
+fn want_header(cfg: &DataConfig, src: &SplitSource, encoder_hash: String) -> Result<CacheHeader> {
+    Ok(CacheHeader {
+        version: VERSION,
+        source: SourceId::of(&src.path)?,
+        split: src.part.map(|_| src.name.to_string()),
+        schema_hash: schema_hash(cfg)?,
+        encoder_hash,
+        rows: 0,
+        num_slots: 0,
+        num_dense: 0,
+        skipped: 0,
+        oov: 0,
+        truncated: 0,
+    })
+}
+
+/// Opens the cache of `src` when it is present and current; Ok(None) when it must be built.
+fn usable_cache(dir: &Path, want: &CacheHeader, rebuild: bool) -> Result<Option<CacheReader>> {
+    let Some(have) = CacheHeader::read(dir)? else { return Ok(None) };
+    match have.mismatch(want) {
+        None => Ok(Some(CacheReader::open(dir)?)),
+        Some(_) if rebuild => Ok(None),
+        Some(why) => bail!(
+            "cache {} is stale: {why}. Rebuild it with --rebuild-cache (or delete the directory)",
+            dir.display()
+        ),
+    }
+}
+
+fn header_log(h: &CacheHeader, secs: f64, positive_rate: f64) -> SplitLog {
+    SplitLog { rows: h.rows, skipped: h.skipped, oov: h.oov, truncated: h.truncated, positive_rate, bytes: 0, seconds: secs, from_cache: true }
+}
+
+fn finish_cache(dir: &Path, mut want: CacheHeader, log: &SplitLog, slots: usize, dense: usize) -> Result<CacheReader> {
+    want.rows = log.rows;
+    want.num_slots = slots;
+    want.num_dense = dense;
+    want.skipped = log.skipped;
+    want.oov = log.oov;
+    want.truncated = log.truncated;
+    write_header(dir, &want)?;
+    CacheReader::open(dir)
+}
+
+/// Reads (or takes from the cache) every split: fits the encoder on train, encodes the rest.
+pub fn prepare(cfg: &DataConfig, rebuild_cache: bool) -> Result<Prepared> {
+    let sources = split_sources(cfg);
+    let Some(cache) = &cfg.cache_dir else {
+        let mut it = sources.iter();
+        let train_src = it.next().expect("train is always a split");
+        let (encoder, train, log) = fit_in_memory(cfg, train_src)?;
+        let mut splits = vec![("train", SplitData::Memory(Arc::new(train)), log)];
+        for src in it {
+            let (d, log) = encode_in_memory(cfg, src, &encoder)?;
+            splits.push((src.name, SplitData::Memory(Arc::new(d)), log));
+        }
+        return Ok(Prepared { encoder, splits });
+    };
+
+    // Train: the cache holds the encoder too.
+    let train_src = &sources[0];
+    let dir = cache_dir_of(cache, train_src);
+    let want = want_header(cfg, train_src, String::new())?;
+    let start = Instant::now();
+    let (encoder, train_cache, train_log) = match usable_cache(&dir, &want, rebuild_cache)? {
+        Some(c) => {
+            let enc = Encoder::load(&dir.join("encoder.json"))?;
+            if enc.fingerprint() != c.header.encoder_hash {
+                bail!("cache {} is stale: its encoder.json does not match its header. Rebuild it with --rebuild-cache", dir.display());
+            }
+            let log = header_log(&c.header, start.elapsed().as_secs_f64(), f64::NAN);
+            (enc, c, log)
+        }
+        None => {
+            let (mut fitter, slots, dense) = fitter_for(cfg, train_src)?;
+            let mut w = CacheWriter::create(&dir)?;
+            let log = read_encode(cfg, train_src, Encoding::Fit(&mut fitter), slots, dense, |c| w.push(c))?;
+            w.finish()?;
+            let (encoder, remap): (Encoder, Remap) = fitter.finish();
+            CacheReader::rewrite(&dir, slots, dense, log.rows, |r, d| remap.apply(r, d))?;
+            encoder.save(&dir.join("encoder.json"))?;
+            let mut want = want;
+            want.encoder_hash = encoder.fingerprint();
+            let mut log = log;
+            log.seconds = start.elapsed().as_secs_f64();
+            (encoder, finish_cache(&dir, want, &log, slots, dense)?, log)
+        }
+    };
+    let mut caches = vec![(train_src.name, train_cache, train_log)];
+    for src in &sources[1..] {
+        let dir = cache_dir_of(cache, src);
+        let want = want_header(cfg, src, encoder.fingerprint())?;
+        let start = Instant::now();
+        let entry = match usable_cache(&dir, &want, rebuild_cache)? {
+            Some(c) => {
+                let log = header_log(&c.header, start.elapsed().as_secs_f64(), f64::NAN);
+                (src.name, c, log)
+            }
+            None => {
+                let mut w = CacheWriter::create(&dir)?;
+                let log = read_encode(cfg, src, Encoding::Apply(&encoder), encoder.num_slots(), encoder.num_dense(), |c| w.push(c))?;
+                w.finish()?;
+                (src.name, finish_cache(&dir, want, &log, encoder.num_slots(), encoder.num_dense())?, log)
+            }
+        };
+        caches.push(entry);
+    }
+    let mut splits = Vec::new();
+    for (name, c, mut log) in caches {
+        let data = if cfg.stream && name == "train" {
+            SplitData::Stream(c)
+        } else {
+            let start = Instant::now();
+            let d = c.read_all()?;
+            if log.from_cache {
+                log.seconds = start.elapsed().as_secs_f64();
+                log.positive_rate = d.positive_rate();
+            }
+            SplitData::Memory(Arc::new(d))
+        };
+        splits.push((name, data, log));
+    }
+    Ok(Prepared { encoder, splits })
+}

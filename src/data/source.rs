@@ -1,0 +1,566 @@
+//! Row sources: every file format yields [`Record`]s (typed cells by column position), so the
+//! schema, the encoder and the cache never depend on the format.
+//!
+//! Errors come in two kinds: a fatal one (I/O, a truncated gzip stream, an unreadable file) ends
+//! the read; a bad row (wrong column count, unparsable value) is reported with its location and
+//! either stops the run or is skipped and counted, as `data.bad_lines` says.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use super::schema::{DataConfig, Format, JoinSpec, criteo_columns};
+
+/// What to do with a malformed line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BadLines {
+    /// Stop with an error naming file, line and field (the default).
+    #[default]
+    Error,
+    /// Skip the line and count it; the count is reported in the run log.
+    Skip,
+}
+
+/// Opens a file, transparently decompressing gzip (detected by its magic bytes, not its name).
+pub fn open_maybe_gz(path: &Path) -> Result<Box<dyn BufRead + Send>> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if n == 2 && magic == [0x1f, 0x8b] {
+        Ok(Box::new(BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(file))))
+    } else {
+        Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cell {
+    Null,
+    Int(i64),
+    Float(f64),
+    /// Byte range into [`Record::buf`].
+    Text(u32, u32),
+}
+
+/// One row: cells by column position; text cells point into `buf`. `weights` is set only by
+/// libfm (the `value` of each `id:value` pair).
+#[derive(Debug, Default, Clone)]
+pub struct Record {
+    pub cells: Vec<Cell>,
+    pub buf: Vec<u8>,
+    pub weights: Vec<f32>,
+}
+
+impl Record {
+    pub fn text(&self, c: Cell) -> &[u8] {
+        match c {
+            Cell::Text(a, b) => &self.buf[a as usize..b as usize],
+            _ => &[],
+        }
+    }
+
+    fn push_text(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            self.cells.push(Cell::Null);
+        } else {
+            let a = self.buf.len() as u32;
+            self.buf.extend_from_slice(bytes);
+            self.cells.push(Cell::Text(a, self.buf.len() as u32));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.cells.clear();
+        self.buf.clear();
+        self.weights.clear();
+    }
+}
+
+/// The outcome of reading one row.
+pub enum Next {
+    Row,
+    /// A malformed row: the message says which column and why.
+    Bad(String),
+    End,
+}
+
+pub trait RecordSource: Send {
+    fn columns(&self) -> &[String];
+    /// Reads the next row into `rec` (cleared first).
+    fn next(&mut self, rec: &mut Record) -> Result<Next>;
+    /// Where the last row came from, e.g. `data.tsv:17`.
+    fn location(&self) -> String;
+    /// Bytes consumed so far (compressed bytes for gzip are not tracked: the decoded count).
+    fn bytes_read(&self) -> u64;
+}
+
+/// Opens `path` as configured: the format, header and column names of `cfg`, plus its joins.
+pub fn open_source(path: &Path, cfg: &DataConfig) -> Result<Box<dyn RecordSource>> {
+    let base = open_format(path, cfg.format, cfg)?;
+    if cfg.join.is_empty() {
+        return Ok(base);
+    }
+    let mut joined = Joined { base, sides: Vec::new(), columns: Vec::new() };
+    joined.columns = joined.base.columns().to_vec();
+    for j in &cfg.join {
+        let side = SideTable::load(j, cfg)?;
+        let on = joined.columns.iter().position(|c| c == &j.on).with_context(|| {
+            format!("join {}: the main table has no column {:?} (columns: {})", j.path.display(), j.on, joined.columns.join(", "))
+        })?;
+        for c in &side.columns {
+            if joined.columns.contains(c) {
+                bail!("join {}: column {c:?} exists in both tables", j.path.display());
+            }
+            joined.columns.push(c.clone());
+        }
+        joined.sides.push((on, side));
+    }
+    Ok(Box::new(joined))
+}
+
+fn open_format(path: &Path, format: Format, cfg: &DataConfig) -> Result<Box<dyn RecordSource>> {
+    Ok(match format {
+        Format::Libfm | Format::Libsvm => Box::new(LibfmSource::open(path, cfg)?),
+        Format::Criteo => {
+            let names = if cfg.columns.is_empty() { criteo_columns() } else { cfg.columns.clone() };
+            Box::new(DelimitedSource::open(path, b'\t', cfg.header.unwrap_or(false), names)?)
+        }
+        Format::Csv => Box::new(DelimitedSource::open(path, b',', cfg.header.unwrap_or(true), cfg.columns.clone())?),
+        Format::Tsv => Box::new(DelimitedSource::open(path, b'\t', cfg.header.unwrap_or(true), cfg.columns.clone())?),
+        Format::Parquet => Box::new(ParquetSource::open(path)?),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delimited text (Criteo TSV, CSV/TSV with header), plain or gzip.
+
+pub struct DelimitedSource {
+    path: PathBuf,
+    reader: Box<dyn BufRead + Send>,
+    delim: u8,
+    columns: Vec<String>,
+    line: Vec<u8>,
+    unquoted: Vec<u8>,
+    lineno: usize,
+    bytes: u64,
+}
+
+impl DelimitedSource {
+    pub fn open(path: &Path, delim: u8, header: bool, names: Vec<String>) -> Result<Self> {
+        let reader = open_maybe_gz(path)?;
+        let mut s = Self { path: path.to_path_buf(), reader, delim, columns: names, line: Vec::new(), unquoted: Vec::new(), lineno: 0, bytes: 0 };
+        if header {
+            if !s.read_line()? {
+                bail!("{}: empty file (no header line)", path.display());
+            }
+            let mut rec = Record::default();
+            if let Err(msg) = s.split(&mut rec) {
+                bail!("{}:1: header: {msg}", path.display());
+            }
+            let from_file: Vec<String> = rec.cells.iter().map(|&c| String::from_utf8_lossy(rec.text(c)).trim().to_string()).collect();
+            if s.columns.is_empty() {
+                s.columns = from_file;
+            } else if s.columns.len() != from_file.len() {
+                bail!("{}:1: header has {} columns, data.columns names {}", path.display(), from_file.len(), s.columns.len());
+            }
+        }
+        if s.columns.is_empty() {
+            bail!("{}: no header line and no data.columns: column names are unknown", path.display());
+        }
+        Ok(s)
+    }
+
+    /// Reads one line (without its line ending) into `self.line`; false at the end.
+    fn read_line(&mut self) -> Result<bool> {
+        self.line.clear();
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.line)
+            .with_context(|| format!("{}:{}: read error (truncated or corrupt file?)", self.path.display(), self.lineno + 1))?;
+        if n == 0 {
+            return Ok(false);
+        }
+        self.bytes += n as u64;
+        self.lineno += 1;
+        while matches!(self.line.last(), Some(b'\n' | b'\r')) {
+            self.line.pop();
+        }
+        Ok(true)
+    }
+
+    /// Splits `self.line` into cells; quoted fields (`"a,b"`, `""` for a quote) are unquoted.
+    fn split(&mut self, rec: &mut Record) -> std::result::Result<(), String> {
+        rec.clear();
+        let line = &self.line;
+        if !line.contains(&b'"') {
+            for part in line.split(|&b| b == self.delim) {
+                rec.push_text(part);
+            }
+            return Ok(());
+        }
+        let mut i = 0;
+        loop {
+            self.unquoted.clear();
+            if line.get(i) == Some(&b'"') {
+                i += 1;
+                loop {
+                    match line.get(i) {
+                        None => return Err(format!("column {}: unterminated quoted field", rec.cells.len() + 1)),
+                        Some(b'"') if line.get(i + 1) == Some(&b'"') => {
+                            self.unquoted.push(b'"');
+                            i += 2;
+                        }
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(&b) => {
+                            self.unquoted.push(b);
+                            i += 1;
+                        }
+                    }
+                }
+                if i < line.len() && line[i] != self.delim {
+                    return Err(format!("column {}: text after a closing quote", rec.cells.len() + 1));
+                }
+            } else {
+                let end = line[i..].iter().position(|&b| b == self.delim).map_or(line.len(), |p| i + p);
+                self.unquoted.extend_from_slice(&line[i..end]);
+                i = end;
+            }
+            rec.push_text(&self.unquoted);
+            if i >= line.len() {
+                return Ok(());
+            }
+            i += 1; // the delimiter
+            if i == line.len() {
+                rec.push_text(b"");
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl RecordSource for DelimitedSource {
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    fn next(&mut self, rec: &mut Record) -> Result<Next> {
+        loop {
+            if !self.read_line()? {
+                return Ok(Next::End);
+            }
+            if !self.line.iter().all(|b| b.is_ascii_whitespace()) {
+                break;
+            }
+        }
+        if let Err(msg) = self.split(rec) {
+            return Ok(Next::Bad(msg));
+        }
+        if rec.cells.len() != self.columns.len() {
+            return Ok(Next::Bad(format!("expected {} columns, found {}", self.columns.len(), rec.cells.len())));
+        }
+        Ok(Next::Row)
+    }
+
+    fn location(&self) -> String {
+        format!("{}:{}", self.path.display(), self.lineno)
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// libfm / libsvm: the label, then one categorical cell (the id) per field with its value as weight.
+
+pub struct LibfmSource {
+    path: PathBuf,
+    reader: Box<dyn BufRead + Send>,
+    columns: Vec<String>,
+    num_fields: Option<usize>,
+    line: String,
+    lineno: usize,
+    bytes: u64,
+}
+
+impl LibfmSource {
+    pub fn open(path: &Path, cfg: &DataConfig) -> Result<Self> {
+        let num_fields = cfg.num_fields.or((!cfg.field_names.is_empty()).then_some(cfg.field_names.len()));
+        if let (Some(n), false) = (num_fields, cfg.field_names.is_empty()) {
+            if n != cfg.field_names.len() {
+                bail!("data.num_fields = {n} but {} field_names are given", cfg.field_names.len());
+            }
+        }
+        let mut s = Self { path: path.to_path_buf(), reader: open_maybe_gz(path)?, columns: Vec::new(), num_fields, line: String::new(), lineno: 0, bytes: 0 };
+        if s.num_fields.is_none() {
+            // Peek at the first data line for the field count.
+            let mut peek = Self { path: path.to_path_buf(), reader: open_maybe_gz(path)?, columns: vec![], num_fields: Some(usize::MAX), line: String::new(), lineno: 0, bytes: 0 };
+            let mut rec = Record::default();
+            let n = loop {
+                match peek.next(&mut rec)? {
+                    Next::End => bail!("{}: no data rows", path.display()),
+                    Next::Bad(_) => continue,
+                    Next::Row => break rec.cells.len() - 1,
+                }
+            };
+            s.num_fields = Some(n);
+        }
+        let n = s.num_fields.unwrap();
+        s.columns = std::iter::once("label".to_string())
+            .chain((0..n).map(|k| cfg.field_names.get(k).cloned().unwrap_or_else(|| format!("f{k}"))))
+            .collect();
+        Ok(s)
+    }
+}
+
+impl RecordSource for LibfmSource {
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    fn next(&mut self, rec: &mut Record) -> Result<Next> {
+        rec.clear();
+        loop {
+            self.line.clear();
+            let n = self
+                .reader
+                .read_line(&mut self.line)
+                .with_context(|| format!("{}:{}: read error (truncated or corrupt file?)", self.path.display(), self.lineno + 1))?;
+            if n == 0 {
+                return Ok(Next::End);
+            }
+            self.bytes += n as u64;
+            self.lineno += 1;
+            if !self.line.trim().is_empty() {
+                break;
+            }
+        }
+        let mut tokens = self.line.split_ascii_whitespace();
+        let label = match tokens.next().unwrap_or("") {
+            "1" | "+1" | "1.0" => 1.0,
+            "0" | "-1" | "0.0" | "-1.0" => 0.0,
+            other => return Ok(Next::Bad(format!("label: expected -1/0/1, got {other:?}"))),
+        };
+        rec.cells.push(Cell::Float(label));
+        rec.weights.push(1.0);
+        for (k, tok) in tokens.enumerate() {
+            let Some((id, value)) = tok.split_once(':') else {
+                return Ok(Next::Bad(format!("field {k}: expected id:value, got {tok:?}")));
+            };
+            let Ok(id) = id.parse::<u64>() else {
+                return Ok(Next::Bad(format!("field {k}: feature id {id:?} is not a non-negative integer")));
+            };
+            let value: f32 = match value.parse() {
+                Ok(v) if f32::is_finite(v) => v,
+                Ok(v) => return Ok(Next::Bad(format!("field {k}: value {v} is not finite"))),
+                Err(_) => return Ok(Next::Bad(format!("field {k}: value {value:?} is not a number"))),
+            };
+            rec.cells.push(Cell::Int(id as i64));
+            rec.weights.push(value);
+        }
+        let nf = self.num_fields.unwrap_or(0);
+        if nf != usize::MAX && rec.cells.len() - 1 != nf {
+            return Ok(Next::Bad(format!("expected {nf} id:value pairs (one per field), found {}", rec.cells.len() - 1)));
+        }
+        if rec.cells.len() == 1 {
+            return Ok(Next::Bad("no features".into()));
+        }
+        Ok(Next::Row)
+    }
+
+    fn location(&self) -> String {
+        format!("{}:{}", self.path.display(), self.lineno)
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parquet, through the parquet crate's row API (any codec compiled in: brotli, snappy, gzip, lz4, zstd).
+
+pub struct ParquetSource {
+    path: PathBuf,
+    columns: Vec<String>,
+    rows: parquet::record::reader::RowIter<'static>,
+    row: usize,
+    bytes_per_row: f64,
+}
+
+impl ParquetSource {
+    pub fn open(path: &Path) -> Result<Self> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+        let meta = reader.metadata().file_metadata();
+        let columns = meta.schema_descr().root_schema().get_fields().iter().map(|f| f.name().to_string()).collect();
+        let n = meta.num_rows().max(1) as f64;
+        let rows = parquet::record::reader::RowIter::from_file_into(Box::new(reader));
+        Ok(Self { path: path.to_path_buf(), columns, rows, row: 0, bytes_per_row: size as f64 / n })
+    }
+}
+
+impl RecordSource for ParquetSource {
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    fn next(&mut self, rec: &mut Record) -> Result<Next> {
+        use parquet::record::Field;
+        rec.clear();
+        let Some(row) = self.rows.next() else { return Ok(Next::End) };
+        self.row += 1;
+        let row = row.with_context(|| format!("{}: row {}: cannot decode", self.path.display(), self.row))?;
+        for (_, field) in row.get_column_iter() {
+            match field {
+                Field::Null => rec.cells.push(Cell::Null),
+                Field::Bool(b) => rec.cells.push(Cell::Int(*b as i64)),
+                Field::Byte(v) => rec.cells.push(Cell::Int(*v as i64)),
+                Field::Short(v) => rec.cells.push(Cell::Int(*v as i64)),
+                Field::Int(v) => rec.cells.push(Cell::Int(*v as i64)),
+                Field::Long(v) => rec.cells.push(Cell::Int(*v)),
+                Field::UByte(v) => rec.cells.push(Cell::Int(*v as i64)),
+                Field::UShort(v) => rec.cells.push(Cell::Int(*v as i64)),
+                Field::UInt(v) => rec.cells.push(Cell::Int(*v as i64)),
+                Field::ULong(v) => rec.cells.push(Cell::Int(*v as i64)),
+                Field::Float(v) => rec.cells.push(Cell::Float(*v as f64)),
+                Field::Double(v) => rec.cells.push(Cell::Float(*v)),
+                Field::Str(s) => rec.push_text(s.as_bytes()),
+                Field::Bytes(b) => rec.push_text(b.data()),
+                other => rec.push_text(other.to_string().as_bytes()),
+            }
+        }
+        Ok(Next::Row)
+    }
+
+    fn location(&self) -> String {
+        format!("{}: row {}", self.path.display(), self.row)
+    }
+
+    fn bytes_read(&self) -> u64 {
+        (self.row as f64 * self.bytes_per_row) as u64
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Joins: side tables held in memory by key; every main row gets the side row's other columns.
+
+struct SideTable {
+    path: PathBuf,
+    /// Columns appended to the main row (the side table's key column left out).
+    columns: Vec<String>,
+    rows: HashMap<Vec<u8>, Record>,
+}
+
+impl SideTable {
+    fn load(j: &JoinSpec, cfg: &DataConfig) -> Result<Self> {
+        let format = j.format.unwrap_or_else(|| {
+            let name = j.path.to_string_lossy().to_lowercase();
+            if name.contains(".parquet") {
+                Format::Parquet
+            } else if name.contains(".tsv") {
+                Format::Tsv
+            } else {
+                Format::Csv
+            }
+        });
+        let side_cfg = DataConfig { columns: Vec::new(), header: None, ..cfg.clone() };
+        let mut src = open_format(&j.path, format, &side_cfg)?;
+        let key_name = j.key.as_deref().unwrap_or(&j.on);
+        let key = src.columns().iter().position(|c| c == key_name).with_context(|| {
+            format!("join {}: no key column {key_name:?} (columns: {})", j.path.display(), src.columns().join(", "))
+        })?;
+        let columns = src.columns().iter().enumerate().filter(|(i, _)| *i != key).map(|(_, c)| c.clone()).collect();
+        let mut rows = HashMap::new();
+        let mut rec = Record::default();
+        loop {
+            match src.next(&mut rec)? {
+                Next::End => break,
+                Next::Bad(msg) => bail!("{}: {msg}", src.location()),
+                Next::Row => {
+                    let k = cell_key(&rec, rec.cells[key]);
+                    let mut kept = Record::default();
+                    for (i, &c) in rec.cells.iter().enumerate() {
+                        if i != key {
+                            push_cell(&mut kept, &rec, c);
+                        }
+                    }
+                    if rows.insert(k, kept).is_some() {
+                        bail!("{}: key {key_name} is not unique (a join needs one side row per key)", src.location());
+                    }
+                }
+            }
+        }
+        Ok(Self { path: j.path.clone(), columns, rows })
+    }
+}
+
+/// The canonical bytes of a cell as a key: integers and floats as their decimal text, so that
+/// `5` from parquet and `"5"` from CSV are the same value.
+pub fn cell_key(rec: &Record, c: Cell) -> Vec<u8> {
+    match c {
+        Cell::Null => Vec::new(),
+        Cell::Int(i) => i.to_string().into_bytes(),
+        Cell::Float(f) => f.to_string().into_bytes(),
+        Cell::Text(..) => rec.text(c).to_vec(),
+    }
+}
+
+fn push_cell(dst: &mut Record, src: &Record, c: Cell) {
+    match c {
+        Cell::Text(..) => dst.push_text(src.text(c)),
+        other => dst.cells.push(other),
+    }
+}
+
+struct Joined {
+    base: Box<dyn RecordSource>,
+    sides: Vec<(usize, SideTable)>,
+    columns: Vec<String>,
+}
+
+impl RecordSource for Joined {
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    fn next(&mut self, rec: &mut Record) -> Result<Next> {
+        match self.base.next(rec)? {
+            Next::Row => {}
+            other => return Ok(other),
+        }
+        for (on, side) in &self.sides {
+            let k = cell_key(rec, rec.cells[*on]);
+            let Some(row) = side.rows.get(&k) else {
+                return Ok(Next::Bad(format!(
+                    "column {}: key {:?} not found in {}",
+                    self.columns[*on],
+                    String::from_utf8_lossy(&k),
+                    side.path.display()
+                )));
+            };
+            for &c in &row.cells {
+                push_cell(rec, row, c);
+            }
+        }
+        Ok(Next::Row)
+    }
+
+    fn location(&self) -> String {
+        self.base.location()
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.base.bytes_read()
+    }
+}
