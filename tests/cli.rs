@@ -87,3 +87,45 @@ fn bad_input_is_reported_with_file_and_line() {
     let out = bin().args(["train", "--config"]).arg(dir.join("typo.toml")).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("fm_rnak"));
 }
+
+#[test]
+fn criteo_tsv_generate_cache_train_stream_eval() {
+    let dir = workdir("criteo");
+    for (name, rows, seed) in [("criteo_train.tsv", 30_000, 1), ("criteo_valid.tsv", 4_000, 2), ("criteo_test.tsv", 4_000, 3)] {
+        run_ok(bin().args(["gen-criteo", "--rows", &rows.to_string(), "--seed", &seed.to_string(), "--max-vocab", "2000", "--out"]).arg(dir.join(name)));
+    }
+    // the shipped config, run from the data directory (its file names and cache_dir are relative)
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/criteo_wukong.toml");
+    let cache = run_ok(bin().current_dir(&dir).args(["cache", "--config"]).arg(&cfg).args(["--read-passes", "1"]));
+    assert!(cache.contains("train       30000") && cache.contains("epoch read 1: 30000 rows"), "{cache}");
+    let train = |extra: &[&str]| {
+        run_ok(bin().current_dir(&dir).args(["--threads", "1", "train", "--config"]).arg(&cfg).args(["--epochs", "2", "--batch-size", "512", "--out", "runs"]).args(extra))
+    };
+    let out = train(&[]);
+    assert!(out.contains("train: 30000 rows") && out.contains("from cache"), "{out}");
+    let auc: f64 = out.lines().last().unwrap().split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(auc > 0.65, "test AUC {auc} on the generated Criteo data\n{out}");
+    // eval without --data scores the config's test split
+    let run_dir = out.lines().find_map(|l| l.strip_prefix("run directory: ")).unwrap().to_string();
+    let eval = run_ok(bin().current_dir(&dir).args(["eval", "--run", &run_dir]));
+    let eval_auc: f64 = eval.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((eval_auc - auc).abs() < 1e-6, "eval {eval_auc} vs train {auc}");
+
+    // streamed from the cache in chunks: trains to a comparable AUC
+    let streamed_cfg = std::fs::read_to_string(&cfg).unwrap().replace("cache_dir = \"cache/criteo\"", "cache_dir = \"cache/criteo\"\nstream = true\nchunk_rows = 5000\nshuffle_chunks = 2");
+    std::fs::write(dir.join("stream.toml"), streamed_cfg).unwrap();
+    let out = run_ok(bin().current_dir(&dir).args(["--threads", "1", "train", "--config", "stream.toml", "--epochs", "2", "--batch-size", "512", "--out", "runs"]));
+    assert!(out.contains("(streamed)"), "{out}");
+    let streamed_auc: f64 = out.lines().last().unwrap().split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(streamed_auc > 0.65, "streamed test AUC {streamed_auc}\n{out}");
+
+    // a changed training file makes the cache stale: refused, then rebuilt on request
+    let mut text = std::fs::read_to_string(dir.join("criteo_train.tsv")).unwrap();
+    text.push_str("not a row\n");
+    std::fs::write(dir.join("criteo_train.tsv"), text).unwrap();
+    let out = bin().current_dir(&dir).args(["cache", "--config"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is stale") && err.contains("--rebuild-cache"), "{err}");
+    let rebuilt = run_ok(bin().current_dir(&dir).args(["cache", "--rebuild-cache", "--config"]).arg(&cfg));
+    assert!(rebuilt.contains("train       30000        1"), "the bad line is skipped and counted (bad_lines = skip):\n{rebuilt}");
+}

@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use wukong::config::ExperimentConfig;
+use wukong::data::SplitData;
+use wukong::data::pipeline::{self, SplitSource};
+use wukong::model::DataShape;
 use wukong::train::{self, RunOptions, checkpoint};
 
 /// burn's Flex backend seeds one process-wide generator, so trainings in this test binary take
@@ -25,7 +28,7 @@ fn workdir(name: &str) -> PathBuf {
 
 /// Trains without console output, run directories under `dir/runs`.
 fn train_quietly(cfg: &ExperimentConfig, dir: &Path) -> train::TrainOutcome {
-    train::train(cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false }).unwrap()
+    train::train(cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, rebuild_cache: false }).unwrap()
 }
 
 /// Users and items with hidden 2-d tastes; a click happens when taste agrees (plus noise), and a
@@ -103,9 +106,9 @@ fn tiny_training_learns_and_the_checkpoint_round_trips() {
     // Reloading the run reproduces the reported test metrics exactly (same best weights).
     let device = Device::flex();
     let run = checkpoint::load_run(&out.run_dir, &device).unwrap();
-    let raw = train::read_split(&dir.join("test.libfm"), &run.config).unwrap();
-    let (enc, _) = train::encode(&raw, &run.encoder).unwrap();
-    let m = train::evaluate(&run.model, Arc::new(enc), run.encoder.total_rows(), 1000, &device).unwrap();
+    let src = SplitSource { name: "test", path: dir.join("test.libfm"), part: None };
+    let (enc, _) = pipeline::encode_in_memory(&run.config.data, &src, &run.encoder).unwrap();
+    let m = train::evaluate(&run.model, &SplitData::Memory(Arc::new(enc)), &run.encoder, 1000, &device).unwrap();
     assert_eq!(m.auc, test.auc);
     assert_eq!(m.logloss, test.logloss);
 }
@@ -116,19 +119,18 @@ fn checkpoint_round_trip_gives_identical_predictions() {
     let dir = workdir("ckpt");
     generate(&dir);
     let cfg = config(&dir);
-    let raw = train::read_split(&cfg.data.train, &cfg).unwrap();
-    let encoder = wukong::data::Encoder::fit(&raw, &[], 1).unwrap();
-    let (data, _) = train::encode(&raw, &encoder).unwrap();
-    let data = Arc::new(data);
+    let src = SplitSource { name: "train", path: cfg.data.train.clone(), part: None };
+    let (encoder, data, _) = pipeline::fit_in_memory(&cfg.data, &src).unwrap();
+    let data = SplitData::Memory(Arc::new(data));
     let device = Device::flex();
     device.seed(99);
-    let model = cfg.model.init(3, encoder.total_rows(), &device);
+    let model = cfg.model.init(&DataShape::of(&encoder), &device);
     let path = dir.join("m.bpk");
     checkpoint::save_model(&model, &path).unwrap();
     device.seed(100); // a fresh instance starts from different random weights
     let loaded = checkpoint::load_model(&cfg, &encoder, &path, &device).unwrap();
-    let a = train::predict_logits(&model, Arc::clone(&data), encoder.total_rows(), 512, &device).unwrap();
-    let b = train::predict_logits(&loaded, data, encoder.total_rows(), 512, &device).unwrap();
+    let a = train::predict_logits(&model, &data, &encoder, 512, &device).unwrap();
+    let b = train::predict_logits(&loaded, &data, &encoder, 512, &device).unwrap();
     assert_eq!(a.len(), 8000);
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "predictions differ after reload");
 

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use wukong::model::layers::{FmBlock, FmBlockSpec, FmKind, LinearCompress, WukongLayer};
-use wukong::model::{ModelConfig, WukongConfig};
+use wukong::model::{DataShape, ModelConfig, WukongConfig};
 
 fn dev() -> Device {
     let d = Device::flex();
@@ -178,26 +178,34 @@ fn interaction_layer_gradient_matches_finite_differences() {
 fn whole_model_forward_shape_and_flops_are_consistent() {
     let device = dev();
     let cfg = WukongConfig { embedding_dim: 4, num_layers: 3, num_fmb: 3, num_lcb: 2, fm_rank: 2, fmb_mlp: vec![8], top_mlp: vec![8], ..Default::default() };
-    let m = cfg.init(6, 20, &device);
+    let shape = DataShape { fields: 6, dense: 0, table_rows: 20 };
+    let m = cfg.init(&shape, &device);
     let x = Tensor::<3>::random([5, 6, 4], Distribution::Normal(0.0, 1.0), &device);
-    assert_eq!(m.forward(x, None).dims(), [5]);
+    assert_eq!(m.forward(Some(x), None).dims(), [5]);
     // 3 layers: the first projects 6 → 5 embeddings, the next two keep 5 → identity residual
     assert!(m.layers[0].residual.is_some() && m.layers[1].residual.is_none() && m.layers[2].residual.is_none());
     // hand count for layer 1 (n=6, k=2, d=4): FM 4·6·2·4=192; MLP 2·(12·8 + 8·12)=384; LCB 2·6·2·4=96; residual 2·6·5·4=240
     // layers 2,3 (n=5): FM 160; MLP 2·(10·8+8·12)=352; LCB 80 → 592 each; top: 2·(20·8 + 8·1) = 336
-    assert_eq!(ModelConfig::Wukong(cfg).forward_flops(6), 192 + 384 + 96 + 240 + 2 * 592 + 336);
+    assert_eq!(ModelConfig::Wukong(cfg).forward_flops(&shape), 192 + 384 + 96 + 240 + 2 * 592 + 336);
 }
 
 #[test]
 fn dense_features_become_extra_embeddings() {
     let device = dev();
-    let cfg = WukongConfig { embedding_dim: 4, num_layers: 1, num_fmb: 3, num_lcb: 2, fm_rank: 2, num_dense: 3, num_dense_embeddings: 2, dense_mlp: vec![8], fmb_mlp: vec![8], top_mlp: vec![8], ..Default::default() };
-    assert_eq!(cfg.n0(6), 8);
-    let m = cfg.init(6, 20, &device);
+    let cfg = WukongConfig { embedding_dim: 4, num_layers: 1, num_fmb: 3, num_lcb: 2, fm_rank: 2, num_dense_embeddings: 2, dense_mlp: vec![8], fmb_mlp: vec![8], top_mlp: vec![8], ..Default::default() };
+    let shape = DataShape { fields: 6, dense: 3, table_rows: 20 };
+    assert_eq!(cfg.n0(&shape), 8);
+    let m = cfg.init(&shape, &device);
     let x = Tensor::<3>::random([5, 6, 4], Distribution::Normal(0.0, 1.0), &device);
     let dense = Tensor::<2>::random([5, 3], Distribution::Normal(0.0, 1.0), &device);
-    assert_eq!(m.forward(x, Some(dense)).dims(), [5]);
+    assert_eq!(m.forward(Some(x), Some(dense.clone())).dims(), [5]);
     assert_eq!(m.layers[0].fmb.projection.as_ref().unwrap().dims(), [8, 2]);
+    // all-dense data (no categorical field): the dense embeddings alone enter the stack
+    let only = DataShape { fields: 0, dense: 3, table_rows: 1 };
+    assert_eq!(cfg.n0(&only), 2);
+    let m = cfg.init(&only, &device);
+    assert_eq!(m.forward(None, Some(dense)).dims(), [5]);
+    assert_eq!(m.layers[0].fmb.projection.as_ref().unwrap().dims(), [2, 2]);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use wukong::data::Batch;
-use wukong::model::{SparseEmbedding, SparseInput};
+use wukong::model::{SlotLayout, SparseEmbedding, SparseInput};
 use wukong::train::RowWiseAdagrad;
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -24,7 +24,7 @@ fn batch() -> Batch {
             }
         })
         .collect();
-    Batch { size: 3, labels: vec![1.0, 0.0, 1.0], unique_rows: unique, inverse, values: None }
+    Batch { size: 3, labels: vec![1.0, 0.0, 1.0], unique_rows: unique, inverse, values: None, dense: None }
 }
 
 const D: usize = 3;
@@ -44,7 +44,7 @@ fn gathered_row_gradient_matches_dense_and_finite_differences() {
     let table = to_vec(emb.weight.val().inner());
     let w = Tensor::<3>::random([3, 2, D], Distribution::Normal(0.0, 1.0), &ad);
     let b = batch();
-    let input = SparseInput::from_batch(&b, 2, &ad);
+    let input = SparseInput::from_batch(&b, &SlotLayout::one_hot(2), &ad);
 
     // sparse path: gradient of the [U, d] leaf
     let (x, gathered) = emb.lookup(&input, true);
@@ -72,7 +72,7 @@ fn gathered_row_gradient_matches_dense_and_finite_differences() {
     let w_plain = w.inner();
     let f = |t: &[f32]| {
         let e = SparseEmbedding { weight: burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(t.to_vec(), [ROWS, D]), &device)) };
-        let (x, _) = e.lookup(&SparseInput::from_batch(&b, 2, &device), false);
+        let (x, _) = e.lookup(&SparseInput::from_batch(&b, &SlotLayout::one_hot(2), &device), false);
         loss_of(x, &w_plain).into_scalar::<f32>() as f64
     };
     let h = 1e-2f32;
@@ -134,5 +134,33 @@ fn row_wise_adagrad_updates_touched_rows_only_and_matches_the_formula() {
             }
         }
         assert!((acc[r] - a[r]).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn multi_hot_slots_are_weighted_and_pooled_per_field() {
+    let device = Device::flex();
+    device.seed(5);
+    let emb = SparseEmbedding::new(ROWS, D, 0.5, &device);
+    let table = to_vec(emb.weight.val().inner());
+    // two examples, layout: field 0 = slot 0, field 1 = slots 1..3 (a multi-hot of width 2)
+    let layout = SlotLayout { slot_fields: vec![0, 1, 1], fields: 2 };
+    let b = Batch {
+        size: 2,
+        labels: vec![1.0, 0.0],
+        unique_rows: vec![1, 4, 6, 0],
+        inverse: vec![0, 1, 2, 3, 1, 0],
+        values: Some(vec![1.0, 0.5, 0.5, 1.0, 2.0, 0.0]),
+        dense: None,
+    };
+    let (x, _) = emb.lookup(&SparseInput::from_batch(&b, &layout, &device), false);
+    assert_eq!(x.dims(), [2, 2, D]);
+    let x = to_vec(x);
+    let row = |r: usize, j: usize| table[r * D + j];
+    for j in 0..D {
+        assert!((x[j] - row(1, j)).abs() < 1e-6);
+        assert!((x[D + j] - (0.5 * row(4, j) + 0.5 * row(6, j))).abs() < 1e-6, "mean of rows 4 and 6");
+        assert!((x[2 * D + j] - row(0, j)).abs() < 1e-6);
+        assert!((x[3 * D + j] - 2.0 * row(4, j)).abs() < 1e-6, "weight 2 on row 4, padding slot weight 0");
     }
 }

@@ -179,7 +179,7 @@ impl Extractor {
                 }
             }
         }
-        ensure!(!fields.is_empty(), "the schema has no categorical field (every model needs at least one embedding field)");
+        ensure!(!fields.is_empty() || !dense.is_empty(), "the schema declares no input field");
         Ok(Self { label, label_name: cfg.label.clone(), threshold: cfg.label_threshold, fields, dense })
     }
 
@@ -481,6 +481,8 @@ pub struct Fitter {
 /// Turns provisional rows into final table rows, and raw dense values into transformed ones.
 #[derive(Debug, Clone)]
 pub struct Remap {
+    /// Training occurrences of values below `min_count` (now OOV or hash buckets).
+    pub rare: u64,
     slot_fields: Vec<usize>,
     rows: Vec<Vec<u32>>,
     dense: Vec<(f64, f64)>,
@@ -534,7 +536,9 @@ impl Fitter {
         let mut fields = Vec::new();
         let mut remaps = Vec::new();
         let mut offset = 0u32;
+        let mut rare = 0u64;
         for (mut v, counts) in self.fields.into_iter().zip(self.counts) {
+            rare += counts[1..].iter().filter(|&&c| c < v.min_count).map(|&c| c as u64).sum::<u64>();
             let kept: Vec<u64> = v.vocab.iter().zip(&counts[1..]).filter(|(_, c)| **c >= v.min_count).map(|(&id, _)| id).collect();
             let mut remap = vec![offset; v.vocab.len() + 1];
             let (buckets, n_kept) = (v.hash_buckets as u64, kept.len() as u32);
@@ -560,7 +564,7 @@ impl Fitter {
             DenseColumn { name: name.clone(), shift, scale }
         }).collect();
         let enc = Encoder { fields, dense: dense_cols, layout: Vec::new() }.with_lookup();
-        let remap = Remap { slot_fields: enc.slot_fields(), rows: remaps, dense: enc.dense.iter().map(|c| (c.shift, c.scale)).collect() };
+        let remap = Remap { rare, slot_fields: enc.slot_fields(), rows: remaps, dense: enc.dense.iter().map(|c| (c.shift, c.scale)).collect() };
         (enc, remap)
     }
 }

@@ -142,7 +142,7 @@ fn fitter_for(cfg: &DataConfig, src: &SplitSource) -> Result<(Fitter, usize, usi
 pub fn fit_in_memory(cfg: &DataConfig, src: &SplitSource) -> Result<(Encoder, EncodedDataset, SplitLog)> {
     let (mut fitter, slots, dense) = fitter_for(cfg, src)?;
     let mut data = EncodedDataset::new(slots, dense);
-    let log = read_encode(cfg, src, Encoding::Fit(&mut fitter), slots, dense, |c| {
+    let mut log = read_encode(cfg, src, Encoding::Fit(&mut fitter), slots, dense, |c| {
         data.labels.extend_from_slice(&c.labels);
         data.rows.extend_from_slice(&c.rows);
         data.values.extend_from_slice(&c.values);
@@ -151,6 +151,7 @@ pub fn fit_in_memory(cfg: &DataConfig, src: &SplitSource) -> Result<(Encoder, En
     })?;
     let (encoder, remap) = fitter.finish();
     remap.apply(&mut data.rows, &mut data.dense);
+    log.oov += remap.rare;
     Ok((encoder, data, log))
 }
 
@@ -302,6 +303,7 @@ pub fn prepare(cfg: &DataConfig, rebuild_cache: bool) -> Result<Prepared> {
             let mut want = want;
             want.encoder_hash = encoder.fingerprint();
             let mut log = log;
+            log.oov += remap.rare;
             log.seconds = start.elapsed().as_secs_f64();
             (encoder, finish_cache(&dir, want, &log, slots, dense)?, log)
         }

@@ -301,17 +301,16 @@ impl LibfmSource {
         }
         let mut s = Self { path: path.to_path_buf(), reader: open_maybe_gz(path)?, columns: Vec::new(), num_fields, line: String::new(), lineno: 0, bytes: 0 };
         if s.num_fields.is_none() {
-            // Peek at the first data line for the field count.
-            let mut peek = Self { path: path.to_path_buf(), reader: open_maybe_gz(path)?, columns: vec![], num_fields: Some(usize::MAX), line: String::new(), lineno: 0, bytes: 0 };
-            let mut rec = Record::default();
-            let n = loop {
-                match peek.next(&mut rec)? {
-                    Next::End => bail!("{}: no data rows", path.display()),
-                    Next::Bad(_) => continue,
-                    Next::Row => break rec.cells.len() - 1,
+            // The first non-empty line's pair count (its errors are reported when it is read).
+            let mut first = String::new();
+            let mut peek = open_maybe_gz(path)?;
+            while first.trim().is_empty() {
+                first.clear();
+                if peek.read_line(&mut first).with_context(|| format!("{}:1: read error (truncated or corrupt file?)", path.display()))? == 0 {
+                    bail!("{}: no data rows", path.display());
                 }
-            };
-            s.num_fields = Some(n);
+            }
+            s.num_fields = Some(first.split_ascii_whitespace().count().saturating_sub(1).max(1));
         }
         let n = s.num_fields.unwrap();
         s.columns = std::iter::once("label".to_string())
@@ -367,7 +366,7 @@ impl RecordSource for LibfmSource {
             rec.weights.push(value);
         }
         let nf = self.num_fields.unwrap_or(0);
-        if nf != usize::MAX && rec.cells.len() - 1 != nf {
+        if rec.cells.len() - 1 != nf {
             return Ok(Next::Bad(format!("expected {nf} id:value pairs (one per field), found {}", rec.cells.len() - 1)));
         }
         if rec.cells.len() == 1 {

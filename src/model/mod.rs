@@ -23,7 +23,8 @@ pub struct DataShape {
 
 impl DataShape {
     pub fn of(encoder: &crate::data::Encoder) -> Self {
-        Self { fields: encoder.num_fields(), dense: encoder.num_dense(), table_rows: encoder.total_rows() }
+        // A table needs at least one row even when all features are dense.
+        Self { fields: encoder.num_fields(), dense: encoder.num_dense(), table_rows: encoder.total_rows().max(1) }
     }
 }
 
@@ -86,9 +87,16 @@ impl Model {
         }
     }
 
-    /// Logits `[b]`; with `track` the gathered embedding rows are returned as the autodiff leaf.
+    /// Logits `[b]`; with `track` the gathered embedding rows are returned as the autodiff leaf
+    /// (None when the data has no categorical field).
     pub fn forward(&self, input: &SparseInput, track: bool) -> (Tensor<1>, Option<Gathered>) {
-        let (x0, gathered) = self.embedding().lookup(input, track);
+        let (x0, gathered) = match input.slots {
+            0 => (None, None), // all-dense data: no embedding lookup
+            _ => {
+                let (x, g) = self.embedding().lookup(input, track);
+                (Some(x), g)
+            }
+        };
         let logits = match self {
             Model::Wukong(m) => m.forward(x0, input.dense.clone()),
         };

@@ -181,18 +181,24 @@ pub struct Wukong {
 }
 
 impl Wukong {
-    /// Logits `[b]` from the embedded categorical input `[b, fields, d]` and optional dense
-    /// features `[b, num_dense]`.
-    pub fn forward(&self, sparse: Tensor<3>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let [b, _, d] = sparse.dims();
-        let mut x = match (&self.dense, dense) {
+    /// Logits `[b]` from the embedded categorical input `[b, fields, d]` and the dense features
+    /// `[b, num_dense]`; either may be absent (all-dense or all-categorical data), not both.
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
+        let d = self.embedding.dim();
+        let dense = match (&self.dense, dense) {
             (Some(mlp), Some(values)) => {
                 let e = mlp.forward(values);
-                let n = e.dims()[1] / d;
-                Tensor::cat(vec![sparse, e.reshape([b, n, d])], 1)
+                let [b, w] = e.dims();
+                Some(e.reshape([b, w / d, d]))
             }
-            _ => sparse,
+            _ => None,
         };
+        let mut x = match (sparse, dense) {
+            (Some(s), Some(e)) => Tensor::cat(vec![s, e], 1),
+            (Some(x), None) | (None, Some(x)) => x,
+            (None, None) => panic!("Wukong::forward needs categorical or dense input"),
+        };
+        let b = x.dims()[0];
         for layer in &self.layers {
             x = layer.forward(x);
         }

@@ -177,13 +177,16 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
             loss_sum += loss.into_scalar::<f32>() as f64 * batch.size as f64;
             loss_n += batch.size;
 
-            let gathered = gathered.expect("tracked lookup returns the leaf");
-            let emb_grad = gathered.rows.grad_remove(&mut grads).context("embedding rows received no gradient")?;
+            let sparse = match gathered {
+                Some(g) => Some((g.rows.grad_remove(&mut grads).context("embedding rows received no gradient")?, g)),
+                None => None,
+            };
             let mut dense_grads = GradientsParams::from_grads(grads, &model);
             clip_global_norm(&model, &mut dense_grads, t.grad_clip_norm);
             model = adam.step(lr, model, dense_grads);
-            let (rows, idx) = (gathered.rows, gathered.unique_rows);
-            model = model.map_embedding(|e| adagrad.step(e, idx, rows, emb_grad, emb_lr));
+            if let Some((emb_grad, g)) = sparse {
+                model = model.map_embedding(|e| adagrad.step(e, g.unique_rows, g.rows, emb_grad, emb_lr));
+            }
             bar.inc(1);
         }
         bar.finish_and_clear();
