@@ -52,7 +52,7 @@ enum Command {
         /// cpu, vulkan[:N] or cuda[:N] (GPU ones need the matching cargo feature).
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Rebuild data caches that no longer match the data or schema (instead of refusing them).
+        /// Rebuild the data caches (needed when they no longer match the data or schema).
         #[arg(long)]
         rebuild_cache: bool,
     },

@@ -88,11 +88,16 @@ pub struct CacheWriter {
     pub rows: u64,
 }
 
-fn write_f32(w: &mut impl Write, xs: &[f32]) -> std::io::Result<()> {
-    for x in xs {
-        w.write_all(&x.to_le_bytes())?;
+/// Writes 4-byte values little-endian: one copy of the slice's bytes on little-endian machines.
+fn write_le<T: Copy>(w: &mut impl Write, xs: &[T], to_le: impl Fn(T) -> [u8; 4]) -> std::io::Result<()> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: T is a 4-byte plain number (f32/u32, asserted below); any byte pattern is valid to read.
+        assert_eq!(std::mem::size_of::<T>(), 4);
+        let bytes = unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const u8, std::mem::size_of_val(xs)) };
+        w.write_all(bytes)
+    } else {
+        xs.iter().try_for_each(|&x| w.write_all(&to_le(x)))
     }
-    Ok(())
 }
 
 impl CacheWriter {
@@ -111,12 +116,10 @@ impl CacheWriter {
 
     pub fn push(&mut self, chunk: &EncodedDataset) -> Result<()> {
         let ctx = || format!("cannot write the cache in {}", self.dir.display());
-        write_f32(&mut self.files[0], &chunk.labels).with_context(ctx)?;
-        for r in &chunk.rows {
-            self.files[1].write_all(&r.to_le_bytes()).with_context(ctx)?;
-        }
-        write_f32(&mut self.files[2], &chunk.values).with_context(ctx)?;
-        write_f32(&mut self.files[3], &chunk.dense).with_context(ctx)?;
+        write_le(&mut self.files[0], &chunk.labels, f32::to_le_bytes).with_context(ctx)?;
+        write_le(&mut self.files[1], &chunk.rows, u32::to_le_bytes).with_context(ctx)?;
+        write_le(&mut self.files[2], &chunk.values, f32::to_le_bytes).with_context(ctx)?;
+        write_le(&mut self.files[3], &chunk.dense, f32::to_le_bytes).with_context(ctx)?;
         self.rows += chunk.len() as u64;
         Ok(())
     }
@@ -211,11 +214,9 @@ impl CacheReader {
             let mut d: Vec<f32> = f32s(&buf).collect();
             f(&mut r, &mut d);
             rf.seek(SeekFrom::Start(4 * start * slots as u64))?;
-            let bytes: Vec<u8> = r.iter().flat_map(|x| x.to_le_bytes()).collect();
-            rf.write_all(&bytes)?;
+            write_le(&mut rf, &r, u32::to_le_bytes)?;
             df.seek(SeekFrom::Start(4 * start * dense as u64))?;
-            let bytes: Vec<u8> = d.iter().flat_map(|x| x.to_le_bytes()).collect();
-            df.write_all(&bytes)?;
+            write_le(&mut df, &d, f32::to_le_bytes)?;
             start += n as u64;
         }
         rf.sync_all()?;

@@ -6,13 +6,14 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Instant;
 
 use super::cache::{CacheHeader, CacheReader, CacheWriter, SourceId, VERSION, write_header};
-use super::encoder::{EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, ParsedRow, Remap, hash_bytes};
+use super::encoder::{EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, ParsedChunk, Remap, hash_bytes};
 use super::source::BadLines;
 use super::schema::{DataConfig, SplitSpec};
-use super::source::{Next, Record, open_source};
+use super::source::{Next, Record, RecordSource, open_source};
 
 pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
 
@@ -72,14 +73,15 @@ pub enum Encoding<'a> {
     Apply(&'a Encoder),
 }
 
-/// Reads `src`, extracts and encodes every row, handing chunks of `chunk` rows to `sink`.
-pub fn read_encode(cfg: &DataConfig, src: &SplitSource, mut enc: Encoding, slots: usize, dense: usize, mut sink: impl FnMut(&EncodedDataset) -> Result<()>) -> Result<SplitLog> {
-    let start = Instant::now();
-    let mut source = open_source(&src.path, cfg)?;
-    let ex = Extractor::bind(cfg, source.columns()).with_context(|| format!("{}: the schema does not fit the file", src.path.display()))?;
-    let (mut rec, mut row, mut scratch) = (Record::default(), ParsedRow::default(), Vec::new());
-    let mut chunk = EncodedDataset::new(slots, dense);
-    let (mut stats, mut log, mut index, mut positives) = (EncodeStats::default(), SplitLog::default(), 0u64, 0.0f64);
+/// Rows per parsed chunk handed from the parsing thread to the encoder.
+const CHUNK: usize = 16_384;
+
+/// Parses `source` on the calling thread into chunks of extracted rows sent to `tx`; returns the
+/// bytes read. Bad rows are skipped and counted or end the read, as `data.bad_lines` says.
+fn parse_chunks(cfg: &DataConfig, part: Option<usize>, mut source: Box<dyn RecordSource>, ex: &Extractor, tx: &SyncSender<Result<ParsedChunk>>) -> Result<u64> {
+    let mut rec = Record::default();
+    let mut chunk = ParsedChunk::new(ex.num_fields(), ex.num_dense());
+    let (mut index, mut reported) = (0u64, 0u64);
     loop {
         let outcome = match source.next(&mut rec)? {
             Next::End => break,
@@ -88,43 +90,88 @@ pub fn read_encode(cfg: &DataConfig, src: &SplitSource, mut enc: Encoding, slots
         };
         let i = index;
         index += 1;
-        if let (Some(spec), Some(part)) = (&cfg.split, src.part) {
+        if let (Some(spec), Some(part)) = (&cfg.split, part) {
             if split_part(spec, i) != part {
                 continue;
             }
         }
-        match outcome.and_then(|()| ex.extract(&rec, &mut row)) {
-            Ok(()) => {
-                match &mut enc {
-                    Encoding::Fit(f) => f.encode_row(&row, &mut chunk, &mut stats, &mut scratch),
-                    Encoding::Apply(e) => e.encode_row(&row, &mut chunk, &mut stats, &mut scratch),
-                }
-                positives += row.label as f64;
-                log.rows += 1;
-                if chunk.len() == 65_536 {
-                    sink(&chunk)?;
-                    chunk.clear();
-                }
-            }
+        match outcome.and_then(|()| ex.extract(&rec, &mut chunk)) {
+            Ok(()) => {}
             Err(msg) if cfg.bad_lines == BadLines::Skip => {
-                if log.skipped < 5 {
+                if reported < 5 {
                     eprintln!("warning: {}: {msg} (skipped)", source.location());
+                    reported += 1;
                 }
-                log.skipped += 1;
+                chunk.skipped += 1;
             }
             Err(msg) => bail!("{}: {msg}", source.location()),
         }
+        if chunk.len() == CHUNK {
+            let full = std::mem::replace(&mut chunk, ParsedChunk::new(ex.num_fields(), ex.num_dense()));
+            if tx.send(Ok(full)).is_err() {
+                return Ok(source.bytes_read()); // the encoder stopped (its own error)
+            }
+        }
     }
-    if !chunk.is_empty() {
-        sink(&chunk)?;
+    if !chunk.is_empty() || chunk.skipped > 0 {
+        let _ = tx.send(Ok(chunk));
     }
+    Ok(source.bytes_read())
+}
+
+/// Reads `src`, extracts and encodes every row, handing encoded chunks to `sink`. Parsing runs
+/// on a second thread while this one encodes (the vocabulary is fit in file order either way).
+pub fn read_encode(cfg: &DataConfig, src: &SplitSource, mut enc: Encoding, slots: usize, dense: usize, mut sink: impl FnMut(&EncodedDataset) -> Result<()>) -> Result<SplitLog> {
+    let start = Instant::now();
+    let source = open_source(&src.path, cfg)?;
+    let ex = Extractor::bind(cfg, source.columns()).with_context(|| format!("{}: the schema does not fit the file", src.path.display()))?;
+    let (tx, rx) = sync_channel::<Result<ParsedChunk>>(2);
+    let (thread_cfg, part) = (cfg.clone(), src.part);
+    let parser = std::thread::spawn(move || {
+        let r = parse_chunks(&thread_cfg, part, source, &ex, &tx);
+        if let Err(e) = &r {
+            let _ = tx.send(Err(anyhow::anyhow!("{e:#}")));
+        }
+        r
+    });
+    let mut out = EncodedDataset::new(slots, dense);
+    let (mut stats, mut log, mut positives) = (EncodeStats::default(), SplitLog::default(), 0.0f64);
+    let mut failed = None;
+    for chunk in rx.iter() {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        };
+        log.skipped += chunk.skipped;
+        log.rows += chunk.len() as u64;
+        positives += chunk.labels.iter().map(|&y| y as f64).sum::<f64>();
+        out.clear();
+        match &mut enc {
+            Encoding::Fit(f) => f.encode_chunk(&chunk, &mut out, &mut stats),
+            Encoding::Apply(e) => e.encode_chunk(&chunk, &mut out, &mut stats),
+        }
+        if !out.is_empty() {
+            if let Err(e) = sink(&out) {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let parsed = parser.join().map_err(|_| anyhow::anyhow!("the parsing thread panicked"))?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    log.bytes = parsed?;
     if log.rows == 0 {
         bail!("{}: no data rows{}", src.path.display(), if log.skipped > 0 { format!(" ({} malformed rows skipped)", log.skipped) } else { String::new() });
     }
     log.oov = stats.oov;
     log.truncated = stats.truncated;
     log.positive_rate = positives / log.rows as f64;
-    log.bytes = source.bytes_read();
     log.seconds = start.elapsed().as_secs_f64();
     Ok(log)
 }
@@ -236,11 +283,14 @@ fn want_header(cfg: &DataConfig, src: &SplitSource, encoder_hash: String) -> Res
 }
 
 /// Opens the cache of `src` when it is present and current; Ok(None) when it must be built.
+/// With `rebuild` it is always rebuilt.
 fn usable_cache(dir: &Path, want: &CacheHeader, rebuild: bool) -> Result<Option<CacheReader>> {
     let Some(have) = CacheHeader::read(dir)? else { return Ok(None) };
+    if rebuild {
+        return Ok(None);
+    }
     match have.mismatch(want) {
         None => Ok(Some(CacheReader::open(dir)?)),
-        Some(_) if rebuild => Ok(None),
         Some(why) => bail!(
             "cache {} is stale: {why}. Rebuild it with --rebuild-cache (or delete the directory)",
             dir.display()
@@ -309,11 +359,16 @@ pub fn prepare(cfg: &DataConfig, rebuild_cache: bool) -> Result<Prepared> {
         }
     };
     let mut caches = vec![(train_src.name, train_cache, train_log)];
+    let fingerprint = encoder.fingerprint();
+    let mut built = Vec::new();
     for src in &sources[1..] {
         let dir = cache_dir_of(cache, src);
-        let want = want_header(cfg, src, encoder.fingerprint())?;
+        let want = want_header(cfg, src, fingerprint.clone())?;
+        // valid and test may be the same file: build its cache once
+        let rebuild = rebuild_cache && !built.contains(&dir);
+        built.push(dir.clone());
         let start = Instant::now();
-        let entry = match usable_cache(&dir, &want, rebuild_cache)? {
+        let entry = match usable_cache(&dir, &want, rebuild)? {
             Some(c) => {
                 let log = header_log(&c.header, start.elapsed().as_secs_f64(), f64::NAN);
                 (src.name, c, log)
