@@ -30,6 +30,7 @@ impl SourceId {
     pub fn of(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
         let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         Ok(Self { path: path.display().to_string(), size: meta.len(), modified })
     }
 }
