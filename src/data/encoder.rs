@@ -487,6 +487,22 @@ impl Encoder {
         self.field_sizes().iter().sum()
     }
 
+    /// One line naming every field with its vocabulary size (and slots), and the dense columns.
+    pub fn describe(&self) -> String {
+        let fields: Vec<String> = self.fields.iter().map(|f| {
+            let mut d = format!("{} ({}", f.name, f.vocab.len());
+            if f.hash_buckets > 0 {
+                d += &format!(" + {} buckets", f.hash_buckets);
+            }
+            if f.width > 1 {
+                d += &format!(", {} slots {:?}", f.width, f.pooling).to_lowercase();
+            }
+            d + ")"
+        }).collect();
+        let dense: Vec<&str> = self.dense.iter().map(|c| c.name.as_str()).collect();
+        format!("{} categorical fields: {}; {} dense: {}", fields.len(), fields.join(", "), dense.len(), if dense.is_empty() { "-".into() } else { dense.join(", ") })
+    }
+
     /// A stable fingerprint of the fitted encoding (caches record it).
     pub fn fingerprint(&self) -> String {
         format!("{:016x}", hash_bytes(serde_json::to_string(self).expect("encoder serializes").as_bytes()))

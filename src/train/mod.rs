@@ -120,6 +120,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     let train_data = splits.remove("train").context("no training split")?;
     let valid_data = splits.remove("valid").context("no validation split")?;
     let test_data = splits.remove("test");
+    log(v, format!("schema: {}", encoder.describe()));
     let shape = DataShape::of(&encoder);
     let layout = SlotLayout::of(&encoder);
     let total_rows = shape.table_rows;
