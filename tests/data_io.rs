@@ -487,3 +487,55 @@ fn every_shipped_config_parses_and_unknown_keys_are_refused() {
     let err = format!("{:#}", ExperimentConfig::parse(&text.replace("transform = \"log1p\"", "transform = \"log3\"")).unwrap_err());
     assert!(err.contains("log3"), "{err}");
 }
+
+/// Writes a small parquet file (snappy) with a required int label, a nullable string and a
+/// nullable double, through the parquet crate's column writers.
+fn write_parquet(path: &Path, labels: &[i64], cities: &[Option<&str>], prices: &[Option<f64>]) {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let schema = Arc::new(parquet::schema::parser::parse_message_type("message t { REQUIRED INT64 label; OPTIONAL BYTE_ARRAY city (UTF8); OPTIONAL DOUBLE price; }").unwrap());
+    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let mut w = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    let levels = |present: Vec<bool>| present.into_iter().map(i16::from).collect::<Vec<_>>();
+    let mut col = rg.next_column().unwrap().unwrap();
+    col.typed::<Int64Type>().write_batch(labels, None, None).unwrap();
+    col.close().unwrap();
+    let mut col = rg.next_column().unwrap().unwrap();
+    let vals: Vec<ByteArray> = cities.iter().flatten().map(|c| ByteArray::from(*c)).collect();
+    col.typed::<ByteArrayType>().write_batch(&vals, Some(&levels(cities.iter().map(Option::is_some).collect())), None).unwrap();
+    col.close().unwrap();
+    let mut col = rg.next_column().unwrap().unwrap();
+    let vals: Vec<f64> = prices.iter().flatten().copied().collect();
+    col.typed::<DoubleType>().write_batch(&vals, Some(&levels(prices.iter().map(Option::is_some).collect())), None).unwrap();
+    col.close().unwrap();
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn parquet_reader_types_nulls_and_the_same_keys_as_text() {
+    let d = dir("parquet");
+    let p = d.join("t.parquet");
+    write_parquet(&p, &[1, 0, 1, -1], &[Some("Oslo"), None, Some("5"), Some("Oslo")], &[Some(2.0), None, Some(4.0), Some(f64::NAN)]);
+    let schema = "format = \"parquet\"\n[[fields]]\nname = \"city\"\nkind = \"categorical\"\n[[fields]]\nname = \"price\"\nkind = \"numeric\"\nmissing = -1.0\n";
+    // the NaN in row 4 is bad input: an error naming the row and column, or a counted skip
+    let err = fit_err(&cfg(schema, &p));
+    assert!(err.contains("t.parquet: row 4: column price: value NaN is not finite"), "{err}");
+    let c = cfg(&format!("bad_lines = \"skip\"\n{schema}"), &p);
+    let (e, data, log) = fit_in_memory(&c, &src(&p)).unwrap();
+    assert_eq!((data.len(), log.skipped), (3, 1));
+    assert_eq!(data.labels, vec![1.0, 0.0, 1.0]);
+    assert_eq!(data.dense, vec![2.0, -1.0, 4.0], "a null number takes the `missing` value");
+    assert_eq!(data.rows, vec![local_row(&e, 0, hash_bytes(b"Oslo")), local_row(&e, 0, MISSING), local_row(&e, 0, hash_bytes(b"5"))]);
+    // the text "5" in a CSV maps to the same row as in parquet (keys are the value's text)
+    let csv = write(&d.join("t.csv"), "label,city,price\n1,5,1\n");
+    let (v, _) = encode_in_memory(&cfg("format = \"csv\"\n[[fields]]\nname = \"city\"\nkind = \"categorical\"\n[[fields]]\nname = \"price\"\nkind = \"numeric\"\n", &csv), &src(&csv), &e).unwrap();
+    assert_eq!(v.rows[0], data.rows[2]);
+    // not a parquet file
+    let bad = write(&d.join("bad.parquet"), "label,city\n1,a\n");
+    assert!(fit_err(&cfg(schema, &bad)).contains("bad.parquet: not a readable parquet file"));
+}
