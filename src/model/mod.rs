@@ -1,9 +1,22 @@
 //! Models. Each lives in its own file with its config; [`ModelConfig`] is the registry that maps
 //! the `name` key of a TOML `[model]` table to a model.
+//!
+//! Every model owns a [`SparseEmbedding`] (`embedding`, one table for all fields) and sees the
+//! looked-up field embeddings `[b, fields, table_dim]` plus the dense features `[b, num_dense]`.
+//! Most models use `table_dim = embedding_dim`; LR uses 1, FM and xDeepFM `d + 1` (the extra
+//! column is the first-order weight), AFN+ `2d` (separate halves for the AFN and its DNN).
 
+pub mod afn;
+pub mod autoint;
+pub mod dcnv2;
+pub mod dlrm;
 pub mod embedding;
+pub mod finalmlp;
 pub mod layers;
+pub mod masknet;
+pub mod simple;
 pub mod wukong;
+pub mod xdeepfm;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
@@ -28,63 +41,128 @@ impl DataShape {
     }
 }
 
+/// Applies `$body` to whichever variant `$value` holds (the variants share field and method names).
+macro_rules! each {
+    ($enum:ident, $value:expr, $m:ident => $body:expr) => {
+        match $value {
+            $enum::Wukong($m) => $body,
+            $enum::Lr($m) => $body,
+            $enum::Fm($m) => $body,
+            $enum::Dnn($m) => $body,
+            $enum::Dlrm($m) => $body,
+            $enum::Dcnv2($m) => $body,
+            $enum::AutoInt($m) => $body,
+            $enum::Afn($m) => $body,
+            $enum::FinalMlp($m) => $body,
+            $enum::MaskNet($m) => $body,
+            $enum::XDeepFm($m) => $body,
+        }
+    };
+}
+
 /// The model registry: `[model] name = "wukong"` selects the variant, the other keys are that
-/// model's config.
+/// model's config (unknown keys are refused).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "name", rename_all = "lowercase")]
 pub enum ModelConfig {
     Wukong(WukongConfig),
+    Lr(simple::LrConfig),
+    Fm(simple::FmConfig),
+    Dnn(simple::DnnConfig),
+    Dlrm(dlrm::DlrmConfig),
+    Dcnv2(dcnv2::Dcnv2Config),
+    #[serde(rename = "autoint+", alias = "autoint")]
+    AutoInt(autoint::AutoIntConfig),
+    #[serde(rename = "afn+", alias = "afn")]
+    Afn(afn::AfnConfig),
+    FinalMlp(finalmlp::FinalMlpConfig),
+    MaskNet(masknet::MaskNetConfig),
+    XDeepFm(xdeepfm::XDeepFmConfig),
+}
+
+/// What the registry needs from each model's config.
+pub trait ModelSpec {
+    /// Width of the embedding table's rows.
+    fn table_dim(&self) -> usize;
+    /// Parts of a row with their own row-wise Adagrad accumulator (default: the whole row).
+    fn table_segments(&self) -> Vec<usize> {
+        vec![self.table_dim()]
+    }
+    fn validate(&self) -> anyhow::Result<()>;
+    fn build(&self, shape: &DataShape, device: &Device) -> Model;
+    /// Analytic forward FLOPs per example (2 × multiply-adds of the matrix products).
+    fn forward_flops(&self, shape: &DataShape) -> u64;
 }
 
 impl ModelConfig {
+    pub const NAMES: [&'static str; 11] = ["wukong", "lr", "fm", "dnn", "dlrm", "dcnv2", "autoint+", "afn+", "finalmlp", "masknet", "xdeepfm"];
+
     pub fn name(&self) -> &'static str {
-        match self {
-            ModelConfig::Wukong(_) => "wukong",
-        }
+        let i = match self {
+            ModelConfig::Wukong(_) => 0,
+            ModelConfig::Lr(_) => 1,
+            ModelConfig::Fm(_) => 2,
+            ModelConfig::Dnn(_) => 3,
+            ModelConfig::Dlrm(_) => 4,
+            ModelConfig::Dcnv2(_) => 5,
+            ModelConfig::AutoInt(_) => 6,
+            ModelConfig::Afn(_) => 7,
+            ModelConfig::FinalMlp(_) => 8,
+            ModelConfig::MaskNet(_) => 9,
+            ModelConfig::XDeepFm(_) => 10,
+        };
+        Self::NAMES[i]
     }
+    fn spec(&self) -> &dyn ModelSpec {
+        each!(ModelConfig, self, c => c as &dyn ModelSpec)
+    }
+    /// Width of the embedding table's rows.
     pub fn embedding_dim(&self) -> usize {
-        match self {
-            ModelConfig::Wukong(c) => c.embedding_dim,
-        }
+        self.spec().table_dim()
+    }
+    /// Parts of a table row that the row-wise optimizer treats separately.
+    pub fn table_segments(&self) -> Vec<usize> {
+        self.spec().table_segments()
     }
     pub fn validate(&self) -> anyhow::Result<()> {
-        match self {
-            ModelConfig::Wukong(c) => c.validate(),
-        }
+        self.spec().validate()
     }
     pub fn init(&self, shape: &DataShape, device: &Device) -> Model {
-        match self {
-            ModelConfig::Wukong(c) => Model::Wukong(c.init(shape, device)),
-        }
+        self.spec().build(shape, device)
     }
     /// Analytic forward FLOPs per example (matrix products only).
     pub fn forward_flops(&self, shape: &DataShape) -> u64 {
-        match self {
-            ModelConfig::Wukong(c) => c.forward_flops(shape),
-        }
+        self.spec().forward_flops(shape)
     }
 }
 
 #[derive(Module, Debug)]
 pub enum Model {
     Wukong(Wukong),
+    Lr(simple::Lr),
+    Fm(simple::Fm),
+    Dnn(simple::Dnn),
+    Dlrm(dlrm::Dlrm),
+    Dcnv2(dcnv2::Dcnv2),
+    AutoInt(autoint::AutoInt),
+    Afn(afn::Afn),
+    FinalMlp(finalmlp::FinalMlp),
+    MaskNet(masknet::MaskNet),
+    XDeepFm(xdeepfm::XDeepFm),
 }
 
 impl Model {
     pub fn embedding(&self) -> &SparseEmbedding {
-        match self {
-            Model::Wukong(m) => &m.embedding,
-        }
+        each!(Model, self, m => &m.embedding)
     }
 
     /// Applies `f` to the embedding table, taking it by value so updates can happen in place.
     pub fn map_embedding(self, f: impl FnOnce(SparseEmbedding) -> SparseEmbedding) -> Self {
-        match self {
-            Model::Wukong(mut m) => {
-                m.embedding = f(m.embedding);
-                Model::Wukong(m)
-            }
-        }
+        each!(Model, self, m => {
+            let mut m = m;
+            m.embedding = f(m.embedding);
+            m.into()
+        })
     }
 
     /// Logits `[b]`; with `track` the gathered embedding rows are returned as the autodiff leaf
@@ -97,9 +175,7 @@ impl Model {
                 (Some(x), g)
             }
         };
-        let logits = match self {
-            Model::Wukong(m) => m.forward(x0, input.dense.clone()),
-        };
+        let logits = each!(Model, self, m => m.forward(x0, input.dense.clone()));
         (logits, gathered)
     }
 
@@ -108,4 +184,56 @@ impl Model {
         let emb = self.embedding().rows() * self.embedding().dim();
         (emb, self.num_params() - emb)
     }
+}
+
+macro_rules! impl_from {
+    ($($variant:ident($ty:ty)),*) => {
+        $(impl From<$ty> for Model {
+            fn from(m: $ty) -> Self {
+                Model::$variant(m)
+            }
+        })*
+    };
+}
+impl_from!(Wukong(Wukong), Lr(simple::Lr), Fm(simple::Fm), Dnn(simple::Dnn), Dlrm(dlrm::Dlrm), Dcnv2(dcnv2::Dcnv2), AutoInt(autoint::AutoInt), Afn(afn::Afn), FinalMlp(finalmlp::FinalMlp), MaskNet(masknet::MaskNet), XDeepFm(xdeepfm::XDeepFm));
+
+/// Dense features → an MLP → `n` extra embeddings of width `d` (`[b, n, d]`).
+pub fn dense_embeddings(mlp: &Option<layers::Mlp>, dense: Option<Tensor<2>>, d: usize) -> Option<Tensor<3>> {
+    match (mlp, dense) {
+        (Some(mlp), Some(values)) => {
+            let e = mlp.forward(values);
+            let [b, w] = e.dims();
+            Some(e.reshape([b, w / d, d]))
+        }
+        _ => None,
+    }
+}
+
+/// Field embeddings and dense embeddings side by side: `[b, fields + n, d]`.
+pub fn cat_fields(sparse: Option<Tensor<3>>, dense: Option<Tensor<3>>) -> Tensor<3> {
+    match (sparse, dense) {
+        (Some(s), Some(e)) => Tensor::cat(vec![s, e], 1),
+        (Some(x), None) | (None, Some(x)) => x,
+        (None, None) => panic!("a model needs categorical or dense input"),
+    }
+}
+
+/// The dense-feature MLP every model shares (None when the data has no dense features).
+pub fn dense_mlp(shape: &DataShape, hidden: &[usize], n: usize, d: usize, device: &Device) -> Option<layers::Mlp> {
+    (shape.dense > 0).then(|| layers::Mlp::new(shape.dense, hidden, n * d, 0.0, device))
+}
+
+/// FLOPs of that MLP.
+pub fn dense_mlp_flops(shape: &DataShape, hidden: &[usize], n: usize, d: usize) -> u64 {
+    if shape.dense == 0 { 0 } else { mlp_flops(shape.dense, hidden, n * d) }
+}
+
+/// 2 × multiply-adds of an MLP's layers.
+pub fn mlp_flops(d_in: usize, hidden: &[usize], d_out: usize) -> u64 {
+    layers::mlp_dims(d_in, hidden, d_out).iter().map(|&(a, b)| 2 * (a * b) as u64).sum()
+}
+
+/// Embeddings entering a model's interaction part: fields plus dense embeddings (when present).
+pub fn num_inputs(shape: &DataShape, dense_embeddings: usize) -> usize {
+    shape.fields + if shape.dense > 0 { dense_embeddings } else { 0 }
 }

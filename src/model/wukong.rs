@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
-use super::DataShape;
+use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp};
 use super::layers::{FmBlockSpec, FmKind, Mlp, WukongLayer, mlp_dims};
 
 /// Every hyperparameter of the paper, plus regularization. TOML keys are these field names.
@@ -132,9 +132,7 @@ impl WukongConfig {
             .collect();
         Wukong {
             embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
-            dense: (shape.dense > 0).then(|| {
-                Mlp::new(shape.dense, &self.dense_mlp, self.num_dense_embeddings * d, 0.0, device)
-            }),
+            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             layers,
             top: Mlp::with_batch_norm(self.n_last(shape) * d, &self.top_mlp, 1, self.dropout, self.batch_norm, device),
         }
@@ -172,6 +170,21 @@ impl WukongConfig {
     }
 }
 
+impl ModelSpec for WukongConfig {
+    fn table_dim(&self) -> usize {
+        self.embedding_dim
+    }
+    fn validate(&self) -> anyhow::Result<()> {
+        WukongConfig::validate(self)
+    }
+    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+        Model::Wukong(self.init(shape, device))
+    }
+    fn forward_flops(&self, shape: &DataShape) -> u64 {
+        WukongConfig::forward_flops(self, shape)
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Wukong {
     pub embedding: SparseEmbedding,
@@ -185,19 +198,7 @@ impl Wukong {
     /// `[b, num_dense]`; either may be absent (all-dense or all-categorical data), not both.
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
         let d = self.embedding.dim();
-        let dense = match (&self.dense, dense) {
-            (Some(mlp), Some(values)) => {
-                let e = mlp.forward(values);
-                let [b, w] = e.dims();
-                Some(e.reshape([b, w / d, d]))
-            }
-            _ => None,
-        };
-        let mut x = match (sparse, dense) {
-            (Some(s), Some(e)) => Tensor::cat(vec![s, e], 1),
-            (Some(x), None) | (None, Some(x)) => x,
-            (None, None) => panic!("Wukong::forward needs categorical or dense input"),
-        };
+        let mut x = cat_fields(sparse, dense_embeddings(&self.dense, dense, d));
         let b = x.dims()[0];
         for layer in &self.layers {
             x = layer.forward(x);

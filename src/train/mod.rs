@@ -151,7 +151,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
         .with_epsilon(t.adam_epsilon as f32)
         .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
         .init();
-    let mut adagrad = RowWiseAdagrad::new(total_rows, t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, &device);
+    let mut adagrad = RowWiseAdagrad::with_segments(total_rows, &cfg.model.table_segments(), t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, &device);
 
     let loader = BatchLoader::from_split(train_data, total_rows, t.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks);
     let model_path = run_dir.join(checkpoint::MODEL);

@@ -10,19 +10,51 @@ use crate::model::SparseEmbedding;
 /// Row-wise Adagrad (one accumulator per row, as in DLRM/TorchRec): for each touched row r with
 /// gradient g_r ∈ R^d, `A_r += mean(g_r²)`, `w_r -= lr · g_r / (√A_r + ε)`. Only the rows a
 /// batch touched are read or written; the table is updated in place.
+///
+/// A row may pack several embeddings (FM's vector and first-order weight, AFN+'s two halves):
+/// then each segment of the row has its own accumulator, so a large gradient in one part does
+/// not shrink the steps of the other.
 pub struct RowWiseAdagrad {
-    accumulator: Option<Tensor<1>>,
+    accumulator: Option<Tensor<2>>,
+    /// `[d, S]`: column j → 1/width of its segment (averages g² per segment); None for one segment.
+    to_segments: Option<Tensor<2>>,
+    /// `[S, d]`: segment → its columns (spreads the per-segment scale back).
+    from_segments: Option<Tensor<2>>,
     pub epsilon: f64,
     pub l2: f64,
 }
 
 impl RowWiseAdagrad {
     pub fn new(rows: usize, initial_accumulator: f64, epsilon: f64, l2: f64, device: &Device) -> Self {
-        let acc = Tensor::<1>::full([rows], initial_accumulator, &device.clone().inner());
-        Self { accumulator: Some(acc), epsilon, l2 }
+        Self::with_segments(rows, &[1], initial_accumulator, epsilon, l2, device)
     }
 
-    pub fn accumulator(&self) -> &Tensor<1> {
+    /// `segments`: the widths of the parts of a row that get their own accumulator.
+    pub fn with_segments(rows: usize, segments: &[usize], initial_accumulator: f64, epsilon: f64, l2: f64, device: &Device) -> Self {
+        let dev = device.clone().inner();
+        let acc = Tensor::<2>::full([rows, segments.len()], initial_accumulator, &dev);
+        let (to, from) = if segments.len() > 1 {
+            let d: usize = segments.iter().sum();
+            let s = segments.len();
+            let (mut to, mut from) = (vec![0.0f32; d * s], vec![0.0f32; s * d]);
+            let mut j0 = 0;
+            for (k, &w) in segments.iter().enumerate() {
+                for j in j0..j0 + w {
+                    to[j * s + k] = 1.0 / w as f32;
+                    from[k * d + j] = 1.0;
+                }
+                j0 += w;
+            }
+            let t = |v: Vec<f32>, shape: [usize; 2]| Tensor::<2>::from_data(burn::tensor::TensorData::new(v, shape), &dev);
+            (Some(t(to, [d, s])), Some(t(from, [s, d])))
+        } else {
+            (None, None)
+        };
+        Self { accumulator: Some(acc), to_segments: to, from_segments: from, epsilon, l2 }
+    }
+
+    /// `[rows, segments]`.
+    pub fn accumulator(&self) -> &Tensor<2> {
         self.accumulator.as_ref().expect("accumulator present between steps")
     }
 
@@ -36,14 +68,20 @@ impl RowWiseAdagrad {
         grad: Tensor<2>,
         lr: f64,
     ) -> SparseEmbedding {
-        let [u, _] = grad.dims();
         let grad = if self.l2 > 0.0 { grad + rows.inner().mul_scalar(self.l2) } else { grad };
-        let g2 = grad.clone().powi_scalar(2).mean_dim(1).reshape([u]);
+        let g2 = match &self.to_segments {
+            Some(m) => grad.clone().powi_scalar(2).matmul(m.clone()),
+            None => grad.clone().powi_scalar(2).mean_dim(1),
+        };
         let acc = self.accumulator.take().expect("accumulator present between steps");
         let acc = acc.select_assign(0, unique_rows.clone(), g2, IndexingUpdateOp::Add);
         let acc_rows = acc.clone().select(0, unique_rows.clone());
         self.accumulator = Some(acc);
-        let scale = acc_rows.sqrt().add_scalar(self.epsilon).recip().mul_scalar(-lr).reshape([u, 1]);
+        let scale = acc_rows.sqrt().add_scalar(self.epsilon).recip().mul_scalar(-lr); // [U, S]
+        let scale = match &self.from_segments {
+            Some(m) => scale.matmul(m.clone()),
+            None => scale,
+        };
         table.add_rows(unique_rows, grad * scale)
     }
 }

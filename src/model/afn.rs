@@ -1,0 +1,122 @@
+//! AFN+ (Cheng et al., AAAI 2020): a logarithmic transformation layer learns arbitrary-order
+//! feature interactions: each log neuron is `exp(Σᵢ wᵢ ln eᵢ)` (element-wise over the embedding
+//! dimension), i.e. `Πᵢ eᵢ^wᵢ`. Embeddings can be zero or negative, so, as the paper does, their
+//! absolute values are clamped to a small positive number before the log. Batch norm follows
+//! the log and the exp. The log neurons feed an MLP; AFN+ adds a DNN on a *separate* set of
+//! embeddings (here the second half of each table row) and combines both logits linearly.
+
+use burn::module::Module;
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::embedding::SparseEmbedding;
+use super::layers::{LinearCompress, Mlp};
+use super::simple::flatten;
+use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AfnConfig {
+    pub embedding_dim: usize,
+    pub embedding_init_std: f64,
+    pub logarithmic_neurons: usize,
+    pub afn_hidden_units: Vec<usize>,
+    pub afn_dropout: f64,
+    /// AFN+ (true) or plain AFN.
+    pub ensemble_dnn: bool,
+    pub dnn_hidden_units: Vec<usize>,
+    pub dnn_dropout: f64,
+    pub batch_norm: bool,
+    pub dense_mlp: Vec<usize>,
+    pub num_dense_embeddings: usize,
+}
+
+impl Default for AfnConfig {
+    fn default() -> Self {
+        Self {
+            embedding_dim: 10,
+            embedding_init_std: 0.0001,
+            logarithmic_neurons: 800,
+            afn_hidden_units: vec![400, 400, 400],
+            afn_dropout: 0.0,
+            ensemble_dnn: true,
+            dnn_hidden_units: vec![400, 400, 400],
+            dnn_dropout: 0.0,
+            batch_norm: true,
+            dense_mlp: vec![64],
+            num_dense_embeddings: 1,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Afn {
+    pub embedding: SparseEmbedding,
+    pub dense: Option<Mlp>,
+    pub log_norm: BatchNorm,
+    pub log_neurons: LinearCompress,
+    pub exp_norm: BatchNorm,
+    pub afn_mlp: Mlp,
+    pub dnn: Option<Mlp>,
+    /// Combines the AFN and DNN logits (AFN+ only).
+    pub combine: Option<Linear>,
+    pub embedding_dim: usize,
+}
+
+impl ModelSpec for AfnConfig {
+    fn table_dim(&self) -> usize {
+        self.embedding_dim * if self.ensemble_dnn { 2 } else { 1 }
+    }
+    fn table_segments(&self) -> Vec<usize> {
+        vec![self.embedding_dim; if self.ensemble_dnn { 2 } else { 1 }]
+    }
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.embedding_dim > 0 && self.logarithmic_neurons > 0 && self.num_dense_embeddings > 0, "model.embedding_dim, logarithmic_neurons and num_dense_embeddings must be positive");
+        anyhow::ensure!((0.0..1.0).contains(&self.afn_dropout) && (0.0..1.0).contains(&self.dnn_dropout), "dropout must be in [0, 1)");
+        Ok(())
+    }
+    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+        let (d, n, l) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings), self.logarithmic_neurons);
+        Model::Afn(Afn {
+            embedding: SparseEmbedding::new(shape.table_rows, self.table_dim(), self.embedding_init_std, device),
+            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, self.table_dim(), device),
+            log_norm: BatchNormConfig::new(n).init(device),
+            log_neurons: LinearCompress::new(n, l, device),
+            exp_norm: BatchNormConfig::new(l).init(device),
+            afn_mlp: Mlp::with_batch_norm(l * d, &self.afn_hidden_units, 1, self.afn_dropout, self.batch_norm, device),
+            dnn: self.ensemble_dnn.then(|| Mlp::with_batch_norm(n * d, &self.dnn_hidden_units, 1, self.dnn_dropout, self.batch_norm, device)),
+            combine: self.ensemble_dnn.then(|| LinearConfig::new(2, 1).init(device)),
+            embedding_dim: d,
+        })
+    }
+    fn forward_flops(&self, shape: &DataShape) -> u64 {
+        let (d, n, l) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings), self.logarithmic_neurons);
+        let mut total = dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.table_dim());
+        total += 2 * (n * l * d) as u64 + mlp_flops(l * d, &self.afn_hidden_units, 1);
+        if self.ensemble_dnn {
+            total += mlp_flops(n * d, &self.dnn_hidden_units, 1);
+        }
+        total
+    }
+}
+
+impl Afn {
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+        let [b, _, _] = x.dims();
+        let d = self.embedding_dim;
+        let e = x.clone().narrow(2, 0, d);
+        let log = self.log_norm.forward(e.abs().clamp_min(1e-7).log()); // [b, n, d]
+        let y = self.exp_norm.forward(self.log_neurons.forward(log).exp()); // [b, L, d]
+        let afn = self.afn_mlp.forward(flatten(y));
+        let logit = match (&self.dnn, &self.combine) {
+            (Some(dnn), Some(combine)) => {
+                let second = dnn.forward(flatten(x.narrow(2, d, d)));
+                combine.forward(Tensor::cat(vec![afn, second], 1))
+            }
+            _ => afn,
+        };
+        logit.reshape([b])
+    }
+}

@@ -1,0 +1,170 @@
+//! AutoInt+ (Song et al., CIKM 2019): stacked multi-head self-attention over the field
+//! embeddings (each layer: heads of softmax(Q Kᵀ) V, concatenated, plus a residual projection,
+//! ReLU), flattened into a logit, plus a DNN over the embeddings whose logit is added ("+").
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{relu, softmax};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::embedding::SparseEmbedding;
+use super::layers::Mlp;
+use super::simple::flatten;
+use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoIntConfig {
+    pub embedding_dim: usize,
+    pub embedding_init_std: f64,
+    pub attention_layers: usize,
+    pub num_heads: usize,
+    /// Width of each layer's output per field (all heads together).
+    pub attention_dim: usize,
+    pub use_residual: bool,
+    /// Divide scores by √(head width).
+    pub use_scale: bool,
+    pub layer_norm: bool,
+    /// The "+" DNN (empty = plain AutoInt).
+    pub dnn_hidden_units: Vec<usize>,
+    pub dropout: f64,
+    pub batch_norm: bool,
+    pub dense_mlp: Vec<usize>,
+    pub num_dense_embeddings: usize,
+}
+
+impl Default for AutoIntConfig {
+    fn default() -> Self {
+        Self {
+            embedding_dim: 10,
+            embedding_init_std: 0.0001,
+            attention_layers: 2,
+            num_heads: 2,
+            attention_dim: 40,
+            use_residual: true,
+            use_scale: false,
+            layer_norm: false,
+            dnn_hidden_units: vec![400, 400, 400],
+            dropout: 0.0,
+            batch_norm: false,
+            dense_mlp: vec![64],
+            num_dense_embeddings: 1,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub residual: Option<Linear>,
+    pub norm: Option<LayerNorm>,
+    pub heads: usize,
+    pub scale: bool,
+}
+
+impl SelfAttention {
+    fn new(d_in: usize, c: &AutoIntConfig, device: &Device) -> Self {
+        let lin = || LinearConfig::new(d_in, c.attention_dim).with_bias(false).init(device);
+        Self {
+            query: lin(),
+            key: lin(),
+            value: lin(),
+            residual: c.use_residual.then(lin),
+            norm: c.layer_norm.then(|| LayerNormConfig::new(c.attention_dim).init(device)),
+            heads: c.num_heads,
+            scale: c.use_scale,
+        }
+    }
+
+    /// `[b, n, d_in] → [b, n, attention_dim]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, _] = x.dims();
+        let split = |t: Tensor<3>| {
+            let a = t.dims()[2];
+            t.reshape([b, n, self.heads, a / self.heads]).swap_dims(1, 2) // [b, h, n, a/h]
+        };
+        let (q, k, v) = (split(self.query.forward(x.clone())), split(self.key.forward(x.clone())), split(self.value.forward(x.clone())));
+        let dk = q.dims()[3];
+        let mut scores = q.matmul(k.swap_dims(2, 3));
+        if self.scale {
+            scores = scores.div_scalar((dk as f64).sqrt());
+        }
+        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, n, self.heads * dk]);
+        let out = match &self.residual {
+            Some(r) => out + r.forward(x),
+            None => out,
+        };
+        let out = relu(out);
+        match &self.norm {
+            Some(ln) => ln.forward(out),
+            None => out,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct AutoInt {
+    pub embedding: SparseEmbedding,
+    pub dense: Option<Mlp>,
+    pub attention: Vec<SelfAttention>,
+    pub attention_out: Linear,
+    pub dnn: Option<Mlp>,
+}
+
+impl ModelSpec for AutoIntConfig {
+    fn table_dim(&self) -> usize {
+        self.embedding_dim
+    }
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
+        anyhow::ensure!(self.num_heads > 0 && self.attention_dim % self.num_heads == 0, "model.attention_dim must be a positive multiple of num_heads");
+        anyhow::ensure!((0.0..1.0).contains(&self.dropout), "model.dropout must be in [0, 1)");
+        Ok(())
+    }
+    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+        let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
+        let attention = (0..self.attention_layers).map(|i| SelfAttention::new(if i == 0 { d } else { self.attention_dim }, self, device)).collect();
+        let width = if self.attention_layers == 0 { d } else { self.attention_dim };
+        Model::AutoInt(AutoInt {
+            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            attention,
+            attention_out: LinearConfig::new(n * width, 1).init(device),
+            dnn: (!self.dnn_hidden_units.is_empty()).then(|| Mlp::with_batch_norm(n * d, &self.dnn_hidden_units, 1, self.dropout, self.batch_norm, device)),
+        })
+    }
+    fn forward_flops(&self, shape: &DataShape) -> u64 {
+        let (d, n, a) = (self.embedding_dim as u64, num_inputs(shape, self.num_dense_embeddings) as u64, self.attention_dim as u64);
+        let mut total = dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim);
+        let mut d_in = d;
+        for _ in 0..self.attention_layers {
+            let projections = if self.use_residual { 4 } else { 3 };
+            total += projections * 2 * n * d_in * a + 2 * 2 * n * n * a; // Q,K,V(,res); QKᵀ and ·V
+            d_in = a;
+        }
+        total += 2 * n * d_in;
+        if !self.dnn_hidden_units.is_empty() {
+            total += mlp_flops((n * d) as usize, &self.dnn_hidden_units, 1);
+        }
+        total
+    }
+}
+
+impl AutoInt {
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
+        let x0 = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+        let b = x0.dims()[0];
+        let mut x = x0.clone();
+        for layer in &self.attention {
+            x = layer.forward(x);
+        }
+        let mut logit = self.attention_out.forward(flatten(x));
+        if let Some(dnn) = &self.dnn {
+            logit = logit + dnn.forward(flatten(x0));
+        }
+        logit.reshape([b])
+    }
+}

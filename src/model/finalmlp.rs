@@ -1,0 +1,149 @@
+//! FinalMLP (Mao et al., AAAI 2023): two MLP streams over the flattened embeddings, each behind
+//! its own feature-selection gate `2·σ(MLP(context))` (context: a learned vector, the paper's
+//! default without context features), fused by multi-head bilinear aggregation:
+//! `w₁ᵀh₁ + w₂ᵀh₂ + Σ_heads h₁ₕᵀ W_h h₂ₕ + b`.
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::embedding::SparseEmbedding;
+use super::layers::Mlp;
+use super::simple::flatten;
+use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinalMlpConfig {
+    pub embedding_dim: usize,
+    pub embedding_init_std: f64,
+    pub mlp1_hidden_units: Vec<usize>,
+    pub mlp2_hidden_units: Vec<usize>,
+    pub mlp1_dropout: f64,
+    pub mlp2_dropout: f64,
+    pub mlp1_batch_norm: bool,
+    pub mlp2_batch_norm: bool,
+    /// Feature selection gates in front of the two streams.
+    pub use_fs: bool,
+    pub fs_hidden_units: Vec<usize>,
+    pub num_heads: usize,
+    pub dense_mlp: Vec<usize>,
+    pub num_dense_embeddings: usize,
+}
+
+impl Default for FinalMlpConfig {
+    fn default() -> Self {
+        Self {
+            embedding_dim: 10,
+            embedding_init_std: 0.0001,
+            mlp1_hidden_units: vec![400, 400, 400],
+            mlp2_hidden_units: vec![400, 400, 400],
+            mlp1_dropout: 0.0,
+            mlp2_dropout: 0.0,
+            mlp1_batch_norm: false,
+            mlp2_batch_norm: false,
+            use_fs: true,
+            fs_hidden_units: vec![64],
+            num_heads: 1,
+            dense_mlp: vec![64],
+            num_dense_embeddings: 1,
+        }
+    }
+}
+
+/// `2·σ(MLP(c))` with a learned context vector `c`: one gate value per input element.
+#[derive(Module, Debug)]
+pub struct Gate {
+    pub context: Param<Tensor<2>>,
+    pub mlp: Mlp,
+}
+
+impl Gate {
+    fn new(d: usize, hidden: &[usize], width: usize, device: &Device) -> Self {
+        let c = Tensor::<2>::random([1, d], Distribution::Normal(0.0, 0.01), device);
+        Self { context: Param::initialized(ParamId::new(), c), mlp: Mlp::new(d, hidden, width, 0.0, device) }
+    }
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        x * sigmoid(self.mlp.forward(self.context.val())).mul_scalar(2.0)
+    }
+}
+
+/// Hidden layers whose last width is the stream's output (ReLU on every layer).
+fn stream(d_in: usize, hidden: &[usize], dropout: f64, bn: bool, device: &Device) -> Mlp {
+    let (last, rest) = hidden.split_last().expect("validated: streams have layers");
+    Mlp::with_batch_norm(d_in, rest, *last, dropout, bn, device)
+}
+
+#[derive(Module, Debug)]
+pub struct FinalMlp {
+    pub embedding: SparseEmbedding,
+    pub dense: Option<Mlp>,
+    pub gate1: Option<Gate>,
+    pub gate2: Option<Gate>,
+    pub mlp1: Mlp,
+    pub mlp2: Mlp,
+    pub w1: Linear,
+    pub w2: Linear,
+    /// `[heads, h₁/heads, h₂/heads]`.
+    pub bilinear: Param<Tensor<3>>,
+}
+
+impl ModelSpec for FinalMlpConfig {
+    fn table_dim(&self) -> usize {
+        self.embedding_dim
+    }
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
+        let (o1, o2) = (self.mlp1_hidden_units.last().copied().unwrap_or(0), self.mlp2_hidden_units.last().copied().unwrap_or(0));
+        anyhow::ensure!(o1 > 0 && o2 > 0, "model.mlp1_hidden_units and mlp2_hidden_units need at least one layer");
+        anyhow::ensure!(self.num_heads > 0 && o1 % self.num_heads == 0 && o2 % self.num_heads == 0, "the streams' output widths must be multiples of num_heads");
+        anyhow::ensure!((0.0..1.0).contains(&self.mlp1_dropout) && (0.0..1.0).contains(&self.mlp2_dropout), "dropout must be in [0, 1)");
+        Ok(())
+    }
+    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+        let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
+        let (o1, o2, h) = (*self.mlp1_hidden_units.last().unwrap(), *self.mlp2_hidden_units.last().unwrap(), self.num_heads);
+        let bound = 1.0 / ((o1 / h) as f64).sqrt();
+        Model::FinalMlp(FinalMlp {
+            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            gate1: self.use_fs.then(|| Gate::new(d, &self.fs_hidden_units, n * d, device)),
+            gate2: self.use_fs.then(|| Gate::new(d, &self.fs_hidden_units, n * d, device)),
+            mlp1: stream(n * d, &self.mlp1_hidden_units, self.mlp1_dropout, self.mlp1_batch_norm, device),
+            mlp2: stream(n * d, &self.mlp2_hidden_units, self.mlp2_dropout, self.mlp2_batch_norm, device),
+            w1: LinearConfig::new(o1, 1).init(device),
+            w2: LinearConfig::new(o2, 1).with_bias(false).init(device),
+            bilinear: Param::initialized(ParamId::new(), Tensor::<3>::random([h, o1 / h, o2 / h], Distribution::Uniform(-bound, bound), device)),
+        })
+    }
+    fn forward_flops(&self, shape: &DataShape) -> u64 {
+        let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
+        let (o1, o2) = (*self.mlp1_hidden_units.last().unwrap() as u64, *self.mlp2_hidden_units.last().unwrap() as u64);
+        let split = |h: &[usize]| (h[..h.len() - 1].to_vec(), h[h.len() - 1]);
+        let ((h1, l1), (h2, l2)) = (split(&self.mlp1_hidden_units), split(&self.mlp2_hidden_units));
+        // The gates read no input: computed once per batch, not per example (gating itself is element-wise).
+        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, d) + mlp_flops(n * d, &h1, l1) + mlp_flops(n * d, &h2, l2)
+            + 2 * (o1 + o2) + 2 * o1 * o2 / self.num_heads as u64
+    }
+}
+
+impl FinalMlp {
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
+        let x = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim())));
+        let b = x.dims()[0];
+        let gated = |g: &Option<Gate>, x: Tensor<2>| match g {
+            Some(g) => g.forward(x),
+            None => x,
+        };
+        let h1 = relu(self.mlp1.forward(gated(&self.gate1, x.clone())));
+        let h2 = relu(self.mlp2.forward(gated(&self.gate2, x)));
+        let [h, a, c] = self.bilinear.dims();
+        let x1 = h1.clone().reshape([b, h, 1, a]).swap_dims(0, 1); // [h, b, 1, a]
+        let w = self.bilinear.val().unsqueeze_dim::<4>(1); // [h, 1, a, c]
+        let x1w = x1.matmul(w).reshape([h, b, c]).swap_dims(0, 1); // [b, h, c]
+        let pair = (x1w * h2.clone().reshape([b, h, c])).sum_dim(2).sum_dim(1).reshape([b]);
+        (self.w1.forward(h1) + self.w2.forward(h2)).reshape([b]) + pair
+    }
+}

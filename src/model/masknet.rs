@@ -1,0 +1,194 @@
+//! MaskNet (Wang et al., DLP-KDD 2021): MaskBlocks multiply a hidden representation element-wise
+//! by an instance-guided mask computed from the (layer-normed) flattened embeddings
+//! (`Linear → ReLU → Linear`, width × `reduction_ratio` inside), then apply
+//! `Linear → LayerNorm → ReLU`. Serial: blocks in a chain, each masking the previous output;
+//! parallel: blocks side by side on the embeddings, concatenated into an MLP.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::embedding::SparseEmbedding;
+use super::layers::Mlp;
+use super::simple::flatten;
+use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskNetType {
+    Serial,
+    #[default]
+    Parallel,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskNetConfig {
+    pub embedding_dim: usize,
+    pub embedding_init_std: f64,
+    pub model_type: MaskNetType,
+    /// Serial: the output width of each block in the chain.
+    pub block_hidden_units: Vec<usize>,
+    /// Parallel: number of blocks and their output width.
+    pub parallel_num_blocks: usize,
+    pub parallel_block_dim: usize,
+    /// Parallel: the MLP over the concatenated block outputs.
+    pub dnn_hidden_units: Vec<usize>,
+    pub reduction_ratio: f64,
+    pub emb_layernorm: bool,
+    pub net_layernorm: bool,
+    pub dropout: f64,
+    pub dense_mlp: Vec<usize>,
+    pub num_dense_embeddings: usize,
+}
+
+impl Default for MaskNetConfig {
+    fn default() -> Self {
+        Self {
+            embedding_dim: 10,
+            embedding_init_std: 0.0001,
+            model_type: MaskNetType::Parallel,
+            block_hidden_units: vec![64, 64, 64],
+            parallel_num_blocks: 1,
+            parallel_block_dim: 64,
+            dnn_hidden_units: vec![400, 400, 400],
+            reduction_ratio: 1.0,
+            emb_layernorm: true,
+            net_layernorm: true,
+            dropout: 0.0,
+            dense_mlp: vec![64],
+            num_dense_embeddings: 1,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct MaskBlock {
+    pub mask_hidden: Linear,
+    pub mask_out: Linear,
+    pub hidden: Linear,
+    pub norm: Option<LayerNorm>,
+}
+
+impl MaskBlock {
+    fn new(emb: usize, d_in: usize, d_out: usize, c: &MaskNetConfig, device: &Device) -> Self {
+        let mid = ((emb as f64 * c.reduction_ratio).round() as usize).max(1);
+        Self {
+            mask_hidden: LinearConfig::new(emb, mid).init(device),
+            mask_out: LinearConfig::new(mid, d_in).init(device),
+            hidden: LinearConfig::new(d_in, d_out).with_bias(!c.net_layernorm).init(device),
+            norm: c.net_layernorm.then(|| LayerNormConfig::new(d_out).init(device)),
+        }
+    }
+
+    fn flops(emb: usize, d_in: usize, d_out: usize, ratio: f64) -> u64 {
+        let mid = ((emb as f64 * ratio).round() as usize).max(1);
+        2 * (emb * mid + mid * d_in + d_in * d_out) as u64
+    }
+
+    /// `emb` guides the mask; `h` is what gets masked.
+    fn forward(&self, emb: Tensor<2>, h: Tensor<2>) -> Tensor<2> {
+        let mask = self.mask_out.forward(relu(self.mask_hidden.forward(emb)));
+        let out = self.hidden.forward(mask * h);
+        relu(match &self.norm {
+            Some(ln) => ln.forward(out),
+            None => out,
+        })
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct MaskNet {
+    pub embedding: SparseEmbedding,
+    pub dense: Option<Mlp>,
+    pub emb_norm: Option<LayerNorm>,
+    pub blocks: Vec<MaskBlock>,
+    pub serial: bool,
+    /// Serial: a linear layer to the logit; parallel: the MLP over the block outputs.
+    pub head: Mlp,
+}
+
+impl ModelSpec for MaskNetConfig {
+    fn table_dim(&self) -> usize {
+        self.embedding_dim
+    }
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
+        anyhow::ensure!(self.reduction_ratio > 0.0, "model.reduction_ratio must be positive");
+        match self.model_type {
+            MaskNetType::Serial => anyhow::ensure!(!self.block_hidden_units.is_empty(), "serial MaskNet needs block_hidden_units"),
+            MaskNetType::Parallel => anyhow::ensure!(self.parallel_num_blocks > 0 && self.parallel_block_dim > 0, "parallel MaskNet needs blocks"),
+        }
+        anyhow::ensure!((0.0..1.0).contains(&self.dropout), "model.dropout must be in [0, 1)");
+        Ok(())
+    }
+    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+        let d = self.embedding_dim;
+        let emb = num_inputs(shape, self.num_dense_embeddings) * d;
+        let (blocks, head) = match self.model_type {
+            MaskNetType::Serial => {
+                let mut d_in = emb;
+                let blocks = self.block_hidden_units.iter().map(|&h| {
+                    let b = MaskBlock::new(emb, d_in, h, self, device);
+                    d_in = h;
+                    b
+                }).collect();
+                (blocks, Mlp::new(d_in, &[], 1, 0.0, device))
+            }
+            MaskNetType::Parallel => {
+                let blocks = (0..self.parallel_num_blocks).map(|_| MaskBlock::new(emb, emb, self.parallel_block_dim, self, device)).collect();
+                (blocks, Mlp::new(self.parallel_num_blocks * self.parallel_block_dim, &self.dnn_hidden_units, 1, self.dropout, device))
+            }
+        };
+        Model::MaskNet(MaskNet {
+            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            emb_norm: self.emb_layernorm.then(|| LayerNormConfig::new(emb).init(device)),
+            blocks,
+            serial: self.model_type == MaskNetType::Serial,
+            head,
+        })
+    }
+    fn forward_flops(&self, shape: &DataShape) -> u64 {
+        let emb = num_inputs(shape, self.num_dense_embeddings) * self.embedding_dim;
+        let r = self.reduction_ratio;
+        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim) + match self.model_type {
+            MaskNetType::Serial => {
+                let mut d_in = emb;
+                let mut t = 0;
+                for &h in &self.block_hidden_units {
+                    t += MaskBlock::flops(emb, d_in, h, r);
+                    d_in = h;
+                }
+                t + 2 * d_in as u64
+            }
+            MaskNetType::Parallel => {
+                self.parallel_num_blocks as u64 * MaskBlock::flops(emb, emb, self.parallel_block_dim, r)
+                    + mlp_flops(self.parallel_num_blocks * self.parallel_block_dim, &self.dnn_hidden_units, 1)
+            }
+        }
+    }
+}
+
+impl MaskNet {
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
+        let emb = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim())));
+        let b = emb.dims()[0];
+        let normed = match &self.emb_norm {
+            Some(ln) => ln.forward(emb.clone()),
+            None => emb.clone(),
+        };
+        let out = if self.serial {
+            let mut h = normed;
+            for block in &self.blocks {
+                h = block.forward(emb.clone(), h);
+            }
+            h
+        } else {
+            Tensor::cat(self.blocks.iter().map(|block| block.forward(emb.clone(), normed.clone())).collect(), 1)
+        };
+        self.head.forward(out).reshape([b])
+    }
+}
