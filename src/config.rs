@@ -17,6 +17,16 @@ pub struct ExperimentConfig {
     pub model: ModelConfig,
     #[serde(default)]
     pub train: TrainConfig,
+    /// A published result to compare with (shown by `wukong compare`).
+    pub reference: Option<Reference>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    pub test_auc: f64,
+    /// Where the number comes from, e.g. "BARS Frappe_x1".
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -4,6 +4,7 @@
 //! embedding, interaction layers, one file per model) → [`train`] (loop, optimizers, metrics,
 //! checkpoints) → the `wukong` binary at the edge, which picks the backend.
 
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod flops;

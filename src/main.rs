@@ -101,6 +101,23 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         read_passes: usize,
     },
+    /// Train several configs (and/or read finished runs) and write a Table-2-style comparison.
+    Compare {
+        /// Experiment configs to train, in table order.
+        #[arg(long)]
+        config: Vec<PathBuf>,
+        /// Finished run directories to include (after the trained ones).
+        #[arg(long)]
+        run: Vec<PathBuf>,
+        /// Also write the table to this markdown file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where new run directories are created.
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Write a synthetic Criteo-format TSV (label, I1–I13, C1–C26) with a learnable signal.
     GenCriteo {
         #[arg(long)]
@@ -222,6 +239,24 @@ fn run() -> Result<()> {
                     let secs = t.elapsed().as_secs_f64();
                     println!("epoch read {pass}: {rows} rows in {secs:.3}s = {:.0} rows/s (shuffled batches of {} from the cache)", rows as f64 / secs, cfg.train.batch_size);
                 }
+            }
+        }
+        Command::Compare { config, run, out, runs_dir, device } => {
+            let mut dirs = Vec::new();
+            for path in &config {
+                let cfg = ExperimentConfig::load(path)?;
+                println!("== training {} ({})", cfg.name, path.display());
+                let outcome = train::train(&cfg, &RunOptions { device: device.clone(), out_dir: runs_dir.clone(), verbose: true, rebuild_cache: false })?;
+                dirs.push(outcome.run_dir);
+            }
+            dirs.extend(run);
+            anyhow::ensure!(!dirs.is_empty(), "give --config and/or --run");
+            let rows = dirs.iter().map(|d| wukong::compare::read_run(d)).collect::<Result<Vec<_>>>()?;
+            let table = wukong::compare::table(&rows);
+            print!("{table}");
+            if let Some(p) = out {
+                wukong::runtime::write_atomic(&p, table.as_bytes())?;
+                println!("table written to {}", p.display());
             }
         }
         Command::GenCriteo { out, rows, seed, max_vocab } => {

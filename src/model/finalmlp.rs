@@ -1,6 +1,7 @@
 //! FinalMLP (Mao et al., AAAI 2023): two MLP streams over the flattened embeddings, each behind
-//! its own feature-selection gate `2·σ(MLP(context))` (context: a learned vector, the paper's
-//! default without context features), fused by multi-head bilinear aggregation:
+//! its own feature-selection gate `2·σ(MLP(context))` (context: the embeddings of the fields
+//! listed in `fs1_context`/`fs2_context`, by position; a learned vector when the list is empty),
+//! fused by multi-head bilinear aggregation:
 //! `w₁ᵀh₁ + w₂ᵀh₂ + Σ_heads h₁ₕᵀ W_h h₂ₕ + b`.
 
 use burn::module::{Module, Param, ParamId};
@@ -28,6 +29,9 @@ pub struct FinalMlpConfig {
     /// Feature selection gates in front of the two streams.
     pub use_fs: bool,
     pub fs_hidden_units: Vec<usize>,
+    /// Fields (0-based positions in the schema) whose embeddings drive each gate.
+    pub fs1_context: Vec<usize>,
+    pub fs2_context: Vec<usize>,
     pub num_heads: usize,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
@@ -46,6 +50,8 @@ impl Default for FinalMlpConfig {
             mlp2_batch_norm: false,
             use_fs: true,
             fs_hidden_units: vec![64],
+            fs1_context: vec![],
+            fs2_context: vec![],
             num_heads: 1,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
@@ -53,20 +59,32 @@ impl Default for FinalMlpConfig {
     }
 }
 
-/// `2·σ(MLP(c))` with a learned context vector `c`: one gate value per input element.
+/// `2·σ(MLP(c))`: one gate value per input element; `c` is the concatenated embeddings of the
+/// context fields, or a learned vector when there are none.
 #[derive(Module, Debug)]
 pub struct Gate {
-    pub context: Param<Tensor<2>>,
+    pub context: Option<Param<Tensor<2>>>,
+    pub fields: Vec<usize>,
     pub mlp: Mlp,
 }
 
 impl Gate {
-    fn new(d: usize, hidden: &[usize], width: usize, device: &Device) -> Self {
-        let c = Tensor::<2>::random([1, d], Distribution::Normal(0.0, 0.01), device);
-        Self { context: Param::initialized(ParamId::new(), c), mlp: Mlp::new(d, hidden, width, 0.0, device) }
+    fn new(d: usize, fields: &[usize], hidden: &[usize], width: usize, device: &Device) -> Self {
+        let context = fields.is_empty().then(|| Param::initialized(ParamId::new(), Tensor::<2>::random([1, d], Distribution::Normal(0.0, 0.01), device)));
+        let d_in = if fields.is_empty() { d } else { fields.len() * d };
+        Self { context, fields: fields.to_vec(), mlp: Mlp::new(d_in, hidden, width, 0.0, device) }
     }
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        x * sigmoid(self.mlp.forward(self.context.val())).mul_scalar(2.0)
+    /// `x`: the flattened inputs `[b, n·d]`; `emb`: the same as `[b, n, d]`.
+    fn forward(&self, x: Tensor<2>, emb: &Tensor<3>) -> Tensor<2> {
+        let c = match &self.context {
+            Some(c) => c.val(),
+            None => {
+                let [b, _, d] = emb.dims();
+                let parts = self.fields.iter().map(|&f| emb.clone().narrow(1, f, 1).reshape([b, d])).collect();
+                Tensor::cat(parts, 1)
+            }
+        };
+        x * sigmoid(self.mlp.forward(c)).mul_scalar(2.0)
     }
 }
 
@@ -102,6 +120,11 @@ impl ModelSpec for FinalMlpConfig {
         anyhow::ensure!((0.0..1.0).contains(&self.mlp1_dropout) && (0.0..1.0).contains(&self.mlp2_dropout), "dropout must be in [0, 1)");
         Ok(())
     }
+    fn check_shape(&self, shape: &DataShape) -> anyhow::Result<()> {
+        let bad: Vec<usize> = self.fs1_context.iter().chain(&self.fs2_context).copied().filter(|&f| f >= shape.fields).collect();
+        anyhow::ensure!(bad.is_empty(), "model.fs1_context/fs2_context name field positions {bad:?}, but the data has {} categorical fields", shape.fields);
+        Ok(())
+    }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         let (o1, o2, h) = (*self.mlp1_hidden_units.last().unwrap(), *self.mlp2_hidden_units.last().unwrap(), self.num_heads);
@@ -109,8 +132,8 @@ impl ModelSpec for FinalMlpConfig {
         Model::FinalMlp(FinalMlp {
             embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
-            gate1: self.use_fs.then(|| Gate::new(d, &self.fs_hidden_units, n * d, device)),
-            gate2: self.use_fs.then(|| Gate::new(d, &self.fs_hidden_units, n * d, device)),
+            gate1: self.use_fs.then(|| Gate::new(d, &self.fs1_context, &self.fs_hidden_units, n * d, device)),
+            gate2: self.use_fs.then(|| Gate::new(d, &self.fs2_context, &self.fs_hidden_units, n * d, device)),
             mlp1: stream(n * d, &self.mlp1_hidden_units, self.mlp1_dropout, self.mlp1_batch_norm, device),
             mlp2: stream(n * d, &self.mlp2_hidden_units, self.mlp2_dropout, self.mlp2_batch_norm, device),
             w1: LinearConfig::new(o1, 1).init(device),
@@ -123,18 +146,20 @@ impl ModelSpec for FinalMlpConfig {
         let (o1, o2) = (*self.mlp1_hidden_units.last().unwrap() as u64, *self.mlp2_hidden_units.last().unwrap() as u64);
         let split = |h: &[usize]| (h[..h.len() - 1].to_vec(), h[h.len() - 1]);
         let ((h1, l1), (h2, l2)) = (split(&self.mlp1_hidden_units), split(&self.mlp2_hidden_units));
-        // The gates read no input: computed once per batch, not per example (gating itself is element-wise).
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, d) + mlp_flops(n * d, &h1, l1) + mlp_flops(n * d, &h2, l2)
+        // A gate without context fields reads no input: computed once per batch, not per example.
+        let gate = |fields: &[usize]| if self.use_fs && !fields.is_empty() { mlp_flops(fields.len() * d, &self.fs_hidden_units, n * d) } else { 0 };
+        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, d) + gate(&self.fs1_context) + gate(&self.fs2_context) + mlp_flops(n * d, &h1, l1) + mlp_flops(n * d, &h2, l2)
             + 2 * (o1 + o2) + 2 * o1 * o2 / self.num_heads as u64
     }
 }
 
 impl FinalMlp {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let x = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim())));
+        let emb = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+        let x = flatten(emb.clone());
         let b = x.dims()[0];
         let gated = |g: &Option<Gate>, x: Tensor<2>| match g {
-            Some(g) => g.forward(x),
+            Some(g) => g.forward(x, &emb),
             None => x,
         };
         let h1 = relu(self.mlp1.forward(gated(&self.gate1, x.clone())));

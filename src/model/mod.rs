@@ -89,6 +89,10 @@ pub trait ModelSpec {
         vec![self.table_dim()]
     }
     fn validate(&self) -> anyhow::Result<()>;
+    /// Checks against the data (e.g. field positions named in the config).
+    fn check_shape(&self, _shape: &DataShape) -> anyhow::Result<()> {
+        Ok(())
+    }
     fn build(&self, shape: &DataShape, device: &Device) -> Model;
     /// Analytic forward FLOPs per example (2 × multiply-adds of the matrix products).
     fn forward_flops(&self, shape: &DataShape) -> u64;
@@ -126,6 +130,9 @@ impl ModelConfig {
     }
     pub fn validate(&self) -> anyhow::Result<()> {
         self.spec().validate()
+    }
+    pub fn check_shape(&self, shape: &DataShape) -> anyhow::Result<()> {
+        self.spec().check_shape(shape)
     }
     pub fn init(&self, shape: &DataShape, device: &Device) -> Model {
         self.spec().build(shape, device)

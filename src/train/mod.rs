@@ -122,6 +122,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     let test_data = splits.remove("test");
     log(v, format!("schema: {}", encoder.describe()));
     let shape = DataShape::of(&encoder);
+    cfg.model.check_shape(&shape)?;
     let layout = SlotLayout::of(&encoder);
     let total_rows = shape.table_rows;
 

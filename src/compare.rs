@@ -1,0 +1,95 @@
+//! `wukong compare`: trains several configs on one dataset (or reads finished run directories)
+//! and writes a table in the shape of the paper's Table 2, each row naming its run directory.
+
+use anyhow::{Context, Result};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::config::ExperimentConfig;
+use crate::train::checkpoint;
+
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub run_dir: PathBuf,
+    pub config: ExperimentConfig,
+    pub valid_auc: f64,
+    pub test_auc: Option<f64>,
+    pub test_logloss: Option<f64>,
+    pub dense_params: u64,
+    pub embedding_params: u64,
+    pub forward_flops: u64,
+    /// Mean training seconds per epoch (evaluation excluded).
+    pub seconds_per_epoch: f64,
+    pub best_epoch: u64,
+    pub epochs_run: u64,
+}
+
+fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, key: &str, file: &Path) -> Result<T> {
+    serde_json::from_value(v.get(key).cloned().unwrap_or(serde_json::Value::Null)).with_context(|| format!("{}: field {key:?} missing or malformed", file.display()))
+}
+
+/// Reads a finished run directory.
+pub fn read_run(dir: &Path) -> Result<Row> {
+    let config = ExperimentConfig::load(&dir.join(checkpoint::CONFIG)).with_context(|| format!("{} is not a run directory", dir.display()))?;
+    let rpath = dir.join(checkpoint::RESULT);
+    let text = std::fs::read_to_string(&rpath).with_context(|| format!("cannot read {} (did the run finish?)", rpath.display()))?;
+    let r: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", rpath.display()))?;
+    let mpath = dir.join(checkpoint::METRICS);
+    let lines = std::fs::read_to_string(&mpath).with_context(|| format!("cannot read {}", mpath.display()))?;
+    let secs: Vec<f64> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["train_seconds"].as_f64()).with_context(|| format!("{}: malformed line", mpath.display())))
+        .collect::<Result<_>>()?;
+    Ok(Row {
+        run_dir: dir.to_path_buf(),
+        config,
+        valid_auc: field(&r, "valid_auc", &rpath)?,
+        test_auc: field(&r, "test_auc", &rpath)?,
+        test_logloss: field(&r, "test_logloss", &rpath)?,
+        dense_params: field(&r, "dense_params", &rpath)?,
+        embedding_params: field(&r, "embedding_params", &rpath)?,
+        forward_flops: field(&r, "forward_flops_per_example", &rpath)?,
+        seconds_per_epoch: secs.iter().sum::<f64>() / secs.len().max(1) as f64,
+        best_epoch: field(&r, "best_epoch", &rpath)?,
+        epochs_run: field(&r, "epochs_run", &rpath)?,
+    })
+}
+
+fn opt(x: Option<f64>) -> String {
+    x.map_or("–".into(), |v| format!("{v:.6}"))
+}
+
+/// The markdown table (rows in the given order).
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| model | config | test AUC | reference AUC | Δ AUC | test LogLoss | valid AUC | #params (dense + embedding) | MFLOP/example | train s/epoch | best epoch / run | run directory |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let reference = r.config.reference.as_ref();
+        let delta = match (r.test_auc, reference) {
+            (Some(t), Some(rf)) => format!("{:+.4}", t - rf.test_auc),
+            _ => "–".into(),
+        };
+        writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {:.6} | {} ({} + {}) | {:.3} | {:.1} | {} / {} | `{}` |",
+            r.config.model.name(),
+            r.config.name,
+            opt(r.test_auc),
+            reference.map_or("–".into(), |rf| format!("{:.4} ({})", rf.test_auc, rf.source)),
+            delta,
+            opt(r.test_logloss),
+            r.valid_auc,
+            r.dense_params + r.embedding_params,
+            r.dense_params,
+            r.embedding_params,
+            r.forward_flops as f64 / 1e6,
+            r.seconds_per_epoch,
+            r.best_epoch,
+            r.epochs_run,
+            r.run_dir.display()
+        )
+        .unwrap();
+    }
+    s
+}
