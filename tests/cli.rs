@@ -65,6 +65,15 @@ fn train_eval_predict_flops() {
     assert_eq!(probs.len(), 600);
     assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
 
+    // compare: a Table-2-style row from the finished run, with its numbers and directory
+    let table_path = dir.join("table.md");
+    let table = run_ok(bin().args(["compare", "--run", &run_dir, "--out"]).arg(&table_path));
+    let row = table.lines().find(|l| l.starts_with("| wukong | cli |")).unwrap_or_else(|| panic!("no row in\n{table}"));
+    assert!(row.contains(&format!("{auc:.6}")) && row.contains(&run_dir), "{row}");
+    assert_eq!(std::fs::read_to_string(&table_path).unwrap().lines().count(), 3);
+    let bad = bin().args(["compare", "--run"]).arg(dir.join("nope")).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("is not a run directory"));
+
     // flops on the same config
     let flops = run_ok(bin().args(["flops", "--config"]).arg(&cfg));
     assert!(flops.contains("forward FLOPs/example") && flops.contains("embedding rows             37"), "{flops}");
