@@ -404,6 +404,13 @@ impl EncodedDataset {
     pub fn positive_rate(&self) -> f64 {
         self.labels.iter().map(|&y| y as f64).sum::<f64>() / self.len().max(1) as f64
     }
+    /// Appends all of `other`.
+    pub fn append(&mut self, other: &EncodedDataset) {
+        self.labels.extend_from_slice(&other.labels);
+        self.rows.extend_from_slice(&other.rows);
+        self.values.extend_from_slice(&other.values);
+        self.dense.extend_from_slice(&other.dense);
+    }
     /// Appends example `i` of `other`.
     pub fn push_from(&mut self, other: &EncodedDataset, i: usize) {
         let (s, d) = (self.num_slots, self.num_dense);

@@ -190,10 +190,7 @@ pub fn fit_in_memory(cfg: &DataConfig, src: &SplitSource) -> Result<(Encoder, En
     let (mut fitter, slots, dense) = fitter_for(cfg, src)?;
     let mut data = EncodedDataset::new(slots, dense);
     let mut log = read_encode(cfg, src, Encoding::Fit(&mut fitter), slots, dense, |c| {
-        data.labels.extend_from_slice(&c.labels);
-        data.rows.extend_from_slice(&c.rows);
-        data.values.extend_from_slice(&c.values);
-        data.dense.extend_from_slice(&c.dense);
+        data.append(c);
         Ok(())
     })?;
     let (encoder, remap) = fitter.finish();
@@ -206,10 +203,7 @@ pub fn fit_in_memory(cfg: &DataConfig, src: &SplitSource) -> Result<(Encoder, En
 pub fn encode_in_memory(cfg: &DataConfig, src: &SplitSource, encoder: &Encoder) -> Result<(EncodedDataset, SplitLog)> {
     let mut data = EncodedDataset::new(encoder.num_slots(), encoder.num_dense());
     let log = read_encode(cfg, src, Encoding::Apply(encoder), encoder.num_slots(), encoder.num_dense(), |c| {
-        data.labels.extend_from_slice(&c.labels);
-        data.rows.extend_from_slice(&c.rows);
-        data.values.extend_from_slice(&c.values);
-        data.dense.extend_from_slice(&c.dense);
+        data.append(c);
         Ok(())
     })?;
     Ok((data, log))
