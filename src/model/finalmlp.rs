@@ -6,12 +6,12 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
-use super::layers::Mlp;
+use super::layers::{HiddenLayers, Mlp};
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
@@ -88,11 +88,6 @@ impl Gate {
     }
 }
 
-/// Hidden layers whose last width is the stream's output (ReLU on every layer).
-fn stream(d_in: usize, hidden: &[usize], dropout: f64, bn: bool, device: &Device) -> Mlp {
-    let (last, rest) = hidden.split_last().expect("validated: streams have layers");
-    Mlp::with_batch_norm(d_in, rest, *last, dropout, bn, device)
-}
 
 #[derive(Module, Debug)]
 pub struct FinalMlp {
@@ -100,8 +95,8 @@ pub struct FinalMlp {
     pub dense: Option<Mlp>,
     pub gate1: Option<Gate>,
     pub gate2: Option<Gate>,
-    pub mlp1: Mlp,
-    pub mlp2: Mlp,
+    pub mlp1: HiddenLayers,
+    pub mlp2: HiddenLayers,
     pub w1: Linear,
     pub w2: Linear,
     /// `[heads, h₁/heads, h₂/heads]`.
@@ -134,8 +129,8 @@ impl ModelSpec for FinalMlpConfig {
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             gate1: self.use_fs.then(|| Gate::new(d, &self.fs1_context, &self.fs_hidden_units, n * d, device)),
             gate2: self.use_fs.then(|| Gate::new(d, &self.fs2_context, &self.fs_hidden_units, n * d, device)),
-            mlp1: stream(n * d, &self.mlp1_hidden_units, self.mlp1_dropout, self.mlp1_batch_norm, device),
-            mlp2: stream(n * d, &self.mlp2_hidden_units, self.mlp2_dropout, self.mlp2_batch_norm, device),
+            mlp1: HiddenLayers::new(n * d, &self.mlp1_hidden_units, self.mlp1_dropout, self.mlp1_batch_norm, device),
+            mlp2: HiddenLayers::new(n * d, &self.mlp2_hidden_units, self.mlp2_dropout, self.mlp2_batch_norm, device),
             w1: LinearConfig::new(o1, 1).init(device),
             w2: LinearConfig::new(o2, 1).with_bias(false).init(device),
             bilinear: Param::initialized(ParamId::new(), Tensor::<3>::random([h, o1 / h, o2 / h], Distribution::Uniform(-bound, bound), device)),
@@ -162,8 +157,8 @@ impl FinalMlp {
             Some(g) => g.forward(x, &emb),
             None => x,
         };
-        let h1 = relu(self.mlp1.forward(gated(&self.gate1, x.clone())));
-        let h2 = relu(self.mlp2.forward(gated(&self.gate2, x)));
+        let h1 = self.mlp1.forward(gated(&self.gate1, x.clone()));
+        let h2 = self.mlp2.forward(gated(&self.gate2, x));
         let [h, a, c] = self.bilinear.dims();
         let x1 = h1.clone().reshape([b, h, 1, a]).swap_dims(0, 1); // [h, b, 1, a]
         let w = self.bilinear.val().unsqueeze_dim::<4>(1); // [h, 1, a, c]

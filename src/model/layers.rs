@@ -104,6 +104,39 @@ impl Mlp {
     }
 }
 
+/// Hidden layers only (no output layer): each is Linear → (BatchNorm) → ReLU → dropout, so the
+/// output is the last hidden activation (FuxiCTR's `MLP_Block` with `output_dim=None`).
+#[derive(Module, Debug)]
+pub struct HiddenLayers {
+    pub layers: Vec<Linear>,
+    pub norms: Vec<BatchNorm>,
+    pub dropout: Dropout,
+}
+
+impl HiddenLayers {
+    pub fn new(d_in: usize, hidden: &[usize], dropout: f64, batch_norm: bool, device: &Device) -> Self {
+        let mut d = d_in;
+        let layers = hidden.iter().map(|&h| {
+            let l = LinearConfig::new(d, h).init(device);
+            d = h;
+            l
+        }).collect();
+        let norms = if batch_norm { hidden.iter().map(|&h| BatchNormConfig::new(h).init(device)).collect() } else { Vec::new() };
+        Self { layers, norms, dropout: Dropout::new(dropout) }
+    }
+
+    pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if let Some(bn) = self.norms.get(i) {
+                x = bn.forward(x);
+            }
+            x = self.dropout.forward(relu(x));
+        }
+        x
+    }
+}
+
 /// Dimensions of an MLP, for FLOP and parameter counts.
 pub fn mlp_dims(d_in: usize, hidden: &[usize], d_out: usize) -> Vec<(usize, usize)> {
     let mut dims = Vec::new();
