@@ -136,7 +136,7 @@ fn checkpoint_round_trip_gives_identical_predictions() {
 
     // a checkpoint of another shape is refused with a message, not a panic
     let mut other = cfg.clone();
-    let wukong::model::ModelConfig::Wukong(c) = &mut other.model;
+    let wukong::model::ModelConfig::Wukong(c) = &mut other.model else { panic!("the tiny config is a Wukong") };
     c.num_fmb = 5;
     let err = format!("{:#}", checkpoint::load_model(&other, &encoder, &path, &device).err().expect("shape mismatch must fail"));
     assert!(err.contains("does not fit"), "{err}");
