@@ -10,7 +10,7 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Instant;
 
 use super::cache::{CacheHeader, CacheReader, CacheWriter, SourceId, VERSION, write_header};
-use super::encoder::{EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, ParsedChunk, Remap, hash_bytes};
+use super::encoder::{EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, ParsedChunk, Remap, check_compatible, hash_bytes};
 use super::source::BadLines;
 use super::schema::{DataConfig, SplitSpec};
 use super::source::{Next, Record, RecordSource, open_source};
@@ -119,12 +119,38 @@ fn parse_chunks(cfg: &DataConfig, part: Option<usize>, mut source: Box<dyn Recor
     Ok(source.bytes_read())
 }
 
-/// Reads `src`, extracts and encodes every row, handing encoded chunks to `sink`. Parsing runs
-/// on a second thread while this one encodes (the vocabulary is fit in file order either way).
-pub fn read_encode(cfg: &DataConfig, src: &SplitSource, mut enc: Encoding, slots: usize, dense: usize, mut sink: impl FnMut(&EncodedDataset) -> Result<()>) -> Result<SplitLog> {
-    let start = Instant::now();
+/// A split's file opened (joins loaded) with the schema bound to its columns.
+pub struct Opened {
+    source: Box<dyn RecordSource>,
+    ex: Extractor,
+}
+
+pub fn open_bound(cfg: &DataConfig, src: &SplitSource) -> Result<Opened> {
     let source = open_source(&src.path, cfg)?;
     let ex = Extractor::bind(cfg, source.columns()).with_context(|| format!("{}: the schema does not fit the file", src.path.display()))?;
+    Ok(Opened { source, ex })
+}
+
+impl Encoding<'_> {
+    /// (slots, dense columns) of the encoded rows.
+    fn layout(&self) -> (usize, usize) {
+        match self {
+            Encoding::Fit(f) => (f.num_slots(), f.num_dense()),
+            Encoding::Apply(e) => (e.num_slots(), e.num_dense()),
+        }
+    }
+}
+
+/// Reads the opened split, extracts and encodes every row, handing encoded chunks to `sink`.
+/// Parsing runs on a second thread while this one encodes (the vocabulary is fit in file order
+/// either way).
+pub fn read_encode(cfg: &DataConfig, src: &SplitSource, opened: Opened, mut enc: Encoding, mut sink: impl FnMut(&EncodedDataset) -> Result<()>) -> Result<SplitLog> {
+    let start = Instant::now();
+    let Opened { source, ex } = opened;
+    if let Encoding::Apply(e) = &enc {
+        check_compatible(e, &ex).with_context(|| format!("{}: the encoder does not fit the schema", src.path.display()))?;
+    }
+    let (slots, dense) = enc.layout();
     let (tx, rx) = sync_channel::<Result<ParsedChunk>>(2);
     let (thread_cfg, part) = (cfg.clone(), src.part);
     let parser = std::thread::spawn(move || {
@@ -176,20 +202,12 @@ pub fn read_encode(cfg: &DataConfig, src: &SplitSource, mut enc: Encoding, slots
     Ok(log)
 }
 
-/// Layout of the fitted encoding before it exists: slots and dense columns of the schema.
-fn fitter_for(cfg: &DataConfig, src: &SplitSource) -> Result<(Fitter, usize, usize)> {
-    let source = open_source(&src.path, cfg)?;
-    let ex = Extractor::bind(cfg, source.columns()).with_context(|| format!("{}: the schema does not fit the file", src.path.display()))?;
-    let fitter = Fitter::new(&ex);
-    let (slots, dense) = (fitter.num_slots(), fitter.num_dense());
-    Ok((fitter, slots, dense))
-}
-
 /// Fits the encoder on the training split and encodes it, in memory.
 pub fn fit_in_memory(cfg: &DataConfig, src: &SplitSource) -> Result<(Encoder, EncodedDataset, SplitLog)> {
-    let (mut fitter, slots, dense) = fitter_for(cfg, src)?;
-    let mut data = EncodedDataset::new(slots, dense);
-    let mut log = read_encode(cfg, src, Encoding::Fit(&mut fitter), slots, dense, |c| {
+    let opened = open_bound(cfg, src)?;
+    let mut fitter = Fitter::new(&opened.ex);
+    let mut data = EncodedDataset::new(fitter.num_slots(), fitter.num_dense());
+    let mut log = read_encode(cfg, src, opened, Encoding::Fit(&mut fitter), |c| {
         data.append(c);
         Ok(())
     })?;
@@ -202,7 +220,7 @@ pub fn fit_in_memory(cfg: &DataConfig, src: &SplitSource) -> Result<(Encoder, En
 /// Encodes a split with a fitted encoder, in memory (eval/predict, and runs without a cache).
 pub fn encode_in_memory(cfg: &DataConfig, src: &SplitSource, encoder: &Encoder) -> Result<(EncodedDataset, SplitLog)> {
     let mut data = EncodedDataset::new(encoder.num_slots(), encoder.num_dense());
-    let log = read_encode(cfg, src, Encoding::Apply(encoder), encoder.num_slots(), encoder.num_dense(), |c| {
+    let log = read_encode(cfg, src, open_bound(cfg, src)?, Encoding::Apply(encoder), |c| {
         data.append(c);
         Ok(())
     })?;
@@ -337,9 +355,11 @@ pub fn prepare(cfg: &DataConfig, rebuild_cache: bool) -> Result<Prepared> {
             (enc, c, log)
         }
         None => {
-            let (mut fitter, slots, dense) = fitter_for(cfg, train_src)?;
+            let opened = open_bound(cfg, train_src)?;
+            let mut fitter = Fitter::new(&opened.ex);
+            let (slots, dense) = (fitter.num_slots(), fitter.num_dense());
             let mut w = CacheWriter::create(&dir)?;
-            let log = read_encode(cfg, train_src, Encoding::Fit(&mut fitter), slots, dense, |c| w.push(c))?;
+            let log = read_encode(cfg, train_src, opened, Encoding::Fit(&mut fitter), |c| w.push(c))?;
             w.finish()?;
             let (encoder, remap): (Encoder, Remap) = fitter.finish();
             CacheReader::rewrite(&dir, slots, dense, log.rows, |r, d| remap.apply(r, d))?;
@@ -369,7 +389,7 @@ pub fn prepare(cfg: &DataConfig, rebuild_cache: bool) -> Result<Prepared> {
             }
             None => {
                 let mut w = CacheWriter::create(&dir)?;
-                let log = read_encode(cfg, src, Encoding::Apply(&encoder), encoder.num_slots(), encoder.num_dense(), |c| w.push(c))?;
+                let log = read_encode(cfg, src, open_bound(cfg, src)?, Encoding::Apply(&encoder), |c| w.push(c))?;
                 w.finish()?;
                 (src.name, finish_cache(&dir, want, &log, encoder.num_slots(), encoder.num_dense())?, log)
             }
