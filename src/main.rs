@@ -22,18 +22,25 @@ struct Cli {
     command: Command,
 }
 
+/// Overrides of the config's data files.
+#[derive(clap::Args)]
+struct SplitPaths {
+    #[arg(long)]
+    train: Option<PathBuf>,
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    #[arg(long)]
+    test: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a model from an experiment config; prints per-epoch validation and final test metrics.
     Train {
         #[arg(long)]
         config: PathBuf,
-        #[arg(long)]
-        train: Option<PathBuf>,
-        #[arg(long)]
-        valid: Option<PathBuf>,
-        #[arg(long)]
-        test: Option<PathBuf>,
+        #[command(flatten)]
+        paths: SplitPaths,
         #[arg(long)]
         epochs: Option<usize>,
         #[arg(long)]
@@ -86,12 +93,8 @@ enum Command {
     Cache {
         #[arg(long)]
         config: PathBuf,
-        #[arg(long)]
-        train: Option<PathBuf>,
-        #[arg(long)]
-        valid: Option<PathBuf>,
-        #[arg(long)]
-        test: Option<PathBuf>,
+        #[command(flatten)]
+        paths: SplitPaths,
         /// Overrides data.cache_dir.
         #[arg(long)]
         cache_dir: Option<PathBuf>,
@@ -156,10 +159,10 @@ fn load_run_and_data(run: &Path, data: Option<PathBuf>, device: &str) -> Result<
     Ok((dev, loaded, SplitData::Memory(Arc::new(enc))))
 }
 
-fn apply_paths(cfg: &mut ExperimentConfig, train: Option<PathBuf>, valid: Option<PathBuf>, test: Option<PathBuf>) {
-    if let Some(p) = train { cfg.data.train = p }
-    if let Some(p) = valid { cfg.data.valid = Some(p) }
-    if let Some(p) = test { cfg.data.test = Some(p) }
+fn apply_paths(cfg: &mut ExperimentConfig, paths: SplitPaths) {
+    if let Some(p) = paths.train { cfg.data.train = p }
+    if let Some(p) = paths.valid { cfg.data.valid = Some(p) }
+    if let Some(p) = paths.test { cfg.data.test = Some(p) }
 }
 
 fn run() -> Result<()> {
@@ -169,9 +172,9 @@ fn run() -> Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Train { config, train, valid, test, epochs, batch_size, lr, emb_lr, seed, out, device, rebuild_cache } => {
+        Command::Train { config, paths, epochs, batch_size, lr, emb_lr, seed, out, device, rebuild_cache } => {
             let mut cfg = ExperimentConfig::load(&config)?;
-            apply_paths(&mut cfg, train, valid, test);
+            apply_paths(&mut cfg, paths);
             if let Some(x) = epochs { cfg.train.epochs = x }
             if let Some(x) = batch_size { cfg.train.batch_size = x }
             if let Some(x) = lr { cfg.train.lr = x }
@@ -218,9 +221,9 @@ fn run() -> Result<()> {
             };
             println!("{}", wukong::flops::report(&cfg.model, fields, dense, rows));
         }
-        Command::Cache { config, train, valid, test, cache_dir, rebuild_cache, read_passes } => {
+        Command::Cache { config, paths, cache_dir, rebuild_cache, read_passes } => {
             let mut cfg = ExperimentConfig::load(&config)?;
-            apply_paths(&mut cfg, train, valid, test);
+            apply_paths(&mut cfg, paths);
             if let Some(d) = cache_dir { cfg.data.cache_dir = Some(d) }
             cfg.data.stream = true; // build the caches; the timing below reads them back
             cfg.validate()?;

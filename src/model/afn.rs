@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -72,9 +72,8 @@ impl ModelSpec for AfnConfig {
         vec![self.embedding_dim; if self.ensemble_dnn { 2 } else { 1 }]
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.embedding_dim > 0 && self.logarithmic_neurons > 0 && self.num_dense_embeddings > 0, "model.embedding_dim, logarithmic_neurons and num_dense_embeddings must be positive");
-        anyhow::ensure!((0.0..1.0).contains(&self.afn_dropout) && (0.0..1.0).contains(&self.dnn_dropout), "dropout must be in [0, 1)");
-        Ok(())
+        anyhow::ensure!(self.logarithmic_neurons > 0, "model.logarithmic_neurons must be positive");
+        check_common(self.embedding_dim, self.num_dense_embeddings, &[("afn_dropout", self.afn_dropout), ("dnn_dropout", self.dnn_dropout)])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let (d, n, l) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings), self.logarithmic_neurons);

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -96,9 +96,7 @@ impl ModelSpec for Dcnv2Config {
         self.embedding_dim
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
-        anyhow::ensure!((0.0..1.0).contains(&self.dropout), "model.dropout must be in [0, 1)");
-        Ok(())
+        check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let d = self.embedding_dim;

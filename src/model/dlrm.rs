@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, mlp_flops};
+use super::{DataShape, Model, ModelSpec, check_common, mlp_flops};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -65,9 +65,7 @@ impl ModelSpec for DlrmConfig {
         self.embedding_dim
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.embedding_dim > 0, "model.embedding_dim must be positive");
-        anyhow::ensure!((0.0..1.0).contains(&self.dropout), "model.dropout must be in [0, 1)");
-        Ok(())
+        check_common(self.embedding_dim, 1, &[("dropout", self.dropout)]) // one bottom-MLP embedding
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let d = self.embedding_dim;

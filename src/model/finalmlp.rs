@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{HiddenLayers, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -108,12 +108,10 @@ impl ModelSpec for FinalMlpConfig {
         self.embedding_dim
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
         let (o1, o2) = (self.mlp1_hidden_units.last().copied().unwrap_or(0), self.mlp2_hidden_units.last().copied().unwrap_or(0));
         anyhow::ensure!(o1 > 0 && o2 > 0, "model.mlp1_hidden_units and mlp2_hidden_units need at least one layer");
         anyhow::ensure!(self.num_heads > 0 && o1 % self.num_heads == 0 && o2 % self.num_heads == 0, "the streams' output widths must be multiples of num_heads");
-        anyhow::ensure!((0.0..1.0).contains(&self.mlp1_dropout) && (0.0..1.0).contains(&self.mlp2_dropout), "dropout must be in [0, 1)");
-        Ok(())
+        check_common(self.embedding_dim, self.num_dense_embeddings, &[("mlp1_dropout", self.mlp1_dropout), ("mlp2_dropout", self.mlp2_dropout)])
     }
     fn check_shape(&self, shape: &DataShape) -> anyhow::Result<()> {
         let bad: Vec<usize> = self.fs1_context.iter().chain(&self.fs2_context).copied().filter(|&f| f >= shape.fields).collect();

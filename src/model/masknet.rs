@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -115,14 +115,12 @@ impl ModelSpec for MaskNetConfig {
         self.embedding_dim
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
         anyhow::ensure!(self.reduction_ratio > 0.0, "model.reduction_ratio must be positive");
         match self.model_type {
             MaskNetType::Serial => anyhow::ensure!(!self.block_hidden_units.is_empty(), "serial MaskNet needs block_hidden_units"),
             MaskNetType::Parallel => anyhow::ensure!(self.parallel_num_blocks > 0 && self.parallel_block_dim > 0, "parallel MaskNet needs blocks"),
         }
-        anyhow::ensure!((0.0..1.0).contains(&self.dropout), "model.dropout must be in [0, 1)");
-        Ok(())
+        check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let d = self.embedding_dim;

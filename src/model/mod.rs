@@ -204,6 +204,15 @@ macro_rules! impl_from {
 }
 impl_from!(Wukong(Wukong), Lr(simple::Lr), Fm(simple::Fm), Dnn(simple::Dnn), Dlrm(dlrm::Dlrm), Dcnv2(dcnv2::Dcnv2), AutoInt(autoint::AutoInt), Afn(afn::Afn), FinalMlp(finalmlp::FinalMlp), MaskNet(masknet::MaskNet), XDeepFm(xdeepfm::XDeepFm));
 
+/// The checks every baseline config shares: positive embedding widths, dropouts in [0, 1).
+pub fn check_common(embedding_dim: usize, num_dense_embeddings: usize, dropouts: &[(&str, f64)]) -> anyhow::Result<()> {
+    anyhow::ensure!(embedding_dim > 0 && num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
+    for (name, p) in dropouts {
+        anyhow::ensure!((0.0..1.0).contains(p), "model.{name} must be in [0, 1)");
+    }
+    Ok(())
+}
+
 /// Dense features → an MLP → `n` extra embeddings of width `d` (`[b, n, d]`).
 pub fn dense_embeddings(mlp: &Option<layers::Mlp>, dense: Option<Tensor<2>>, d: usize) -> Option<Tensor<3>> {
     match (mlp, dense) {

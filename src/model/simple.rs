@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
-use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 fn zero_bias(device: &Device) -> Param<Tensor<1>> {
     Param::initialized(ParamId::new(), Tensor::<1>::zeros([1], device))
@@ -93,8 +93,7 @@ impl ModelSpec for FmConfig {
         vec![self.embedding_dim, 1]
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
-        Ok(())
+        check_common(self.embedding_dim, self.num_dense_embeddings, &[])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let w = self.table_dim();
@@ -159,9 +158,7 @@ impl ModelSpec for DnnConfig {
         self.embedding_dim
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
-        anyhow::ensure!((0.0..1.0).contains(&self.dropout), "model.dropout must be in [0, 1)");
-        Ok(())
+        check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -60,10 +60,8 @@ impl ModelSpec for XDeepFmConfig {
         vec![self.embedding_dim, 1]
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.embedding_dim > 0 && self.num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
         anyhow::ensure!(!self.cin_hidden_units.is_empty() && self.cin_hidden_units.iter().all(|&h| h > 0), "model.cin_hidden_units needs positive widths");
-        anyhow::ensure!((0.0..1.0).contains(&self.dropout), "model.dropout must be in [0, 1)");
-        Ok(())
+        check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let (d, m) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
