@@ -4,11 +4,13 @@
 //! embedding, interaction layers, one file per model) → [`train`] (loop, optimizers, metrics,
 //! checkpoints) → the `wukong` binary at the edge, which picks the backend.
 
+pub mod bench;
 pub mod compare;
 pub mod config;
 pub mod data;
 pub mod flops;
 pub mod metrics;
 pub mod model;
+pub mod profile;
 pub mod runtime;
 pub mod train;

@@ -1,5 +1,10 @@
 //! The `wukong` command line: train, eval, predict, flops, cache, gen-criteo.
 
+/// A training step allocates and frees hundreds of large tensors; glibc's malloc unmapped them
+/// on free and page-faulted them back in on the next step (a fifth of a step in `perf`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::io::Write;
@@ -35,6 +40,56 @@ struct SplitPaths {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Training and scoring speed on generated data of each config's shape, ours beside the
+    /// PyTorch reference (eager and torch.compile) run in the same invocation; prints a table.
+    Bench {
+        /// Bench configs (benchmarks/configs/*.toml).
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+        /// Timed steps (default: the config's, at least 20 there).
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long)]
+        warmup: Option<usize>,
+        /// Device for our side: cpu, vulkan[:N], cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Python interpreter for the PyTorch reference.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// The reference script.
+        #[arg(long, default_value = "benchmarks/torch_ref.py")]
+        reference: PathBuf,
+        /// Skip the PyTorch reference entirely.
+        #[arg(long)]
+        no_reference: bool,
+        /// Skip the torch.compile column (compilation takes minutes on 2 cores).
+        #[arg(long)]
+        no_compile: bool,
+        /// Skip the matrix-multiply peak measurement.
+        #[arg(long)]
+        no_peak: bool,
+        /// Synchronize the device at every phase boundary (GPU phase shares; slows the step).
+        #[arg(long)]
+        sync_phases: bool,
+        /// Where generated data and spec.json files go.
+        #[arg(long, default_value = "target/bench-work")]
+        work_dir: PathBuf,
+        /// Also write the markdown report here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// (Used by `bench`.) Measures our side on one prepared work directory, or the matmul peak.
+    #[command(hide = true)]
+    BenchRun {
+        dir: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        sync_phases: bool,
+        #[arg(long)]
+        matmul: bool,
+    },
     /// Train a model from an experiment config; prints per-epoch validation and final test metrics.
     Train {
         #[arg(long)]
@@ -262,10 +317,124 @@ fn run() -> Result<()> {
                 println!("table written to {}", p.display());
             }
         }
+        Command::Bench { configs, steps, warmup, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
+            run_bench(BenchArgs { configs, steps, warmup, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
+        }
+        Command::BenchRun { dir, device, sync_phases, matmul } => {
+            let m = if matmul {
+                let g = wukong::bench::matmul_gflops(&device, 4096, 2048, 2048, 10)?;
+                serde_json::json!({ "gflops": g })
+            } else {
+                let dir = dir.context("bench-run needs a work directory")?;
+                let (spec, data) = wukong::bench::read_work_dir(&dir)?;
+                serde_json::to_value(wukong::bench::measure_ours(&spec, data, &device, sync_phases)?)?
+            };
+            println!("BENCH_RESULT {m}");
+        }
         Command::GenCriteo { out, rows, seed, max_vocab } => {
             wukong::data::synth::write_criteo(&out, rows, seed, max_vocab)?;
             println!("wrote {rows} rows to {}", out.display());
         }
+    }
+    Ok(())
+}
+
+struct BenchArgs {
+    configs: Vec<PathBuf>,
+    steps: Option<usize>,
+    warmup: Option<usize>,
+    device: String,
+    python: String,
+    reference: PathBuf,
+    no_reference: bool,
+    no_compile: bool,
+    no_peak: bool,
+    sync_phases: bool,
+    work_dir: PathBuf,
+    out: Option<PathBuf>,
+}
+
+/// Runs a measuring child process; its stderr streams through, stdout is searched for the result.
+fn bench_child(program: &Path, args: &[String]) -> std::result::Result<String, String> {
+    eprintln!("$ {} {}", program.display(), args.join(" "));
+    let out = std::process::Command::new(program)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+        return Err(format!("{} exited with {}: {last}", program.display(), out.status));
+    }
+    Ok(stdout)
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    use wukong::bench;
+    let exe = std::env::current_exe()?;
+    let threads = wukong::runtime::cpu_threads();
+    let python = PathBuf::from(&a.python);
+    let script = a.reference.display().to_string();
+    let torch_ok = !a.no_reference && a.reference.exists();
+    let mut results = Vec::new();
+    for path in &a.configs {
+        let spec = bench::Spec::load(path, a.steps, a.warmup)?;
+        let dir = a.work_dir.join(&spec.name);
+        eprintln!("== {}: generating {} examples ({} fields, {} table rows)", spec.name, spec.examples, spec.vocab.len(), spec.table_rows);
+        let data = bench::generate(&spec, spec.train.seed);
+        bench::write_work_dir(&dir, &spec, &data)?;
+        drop(data);
+        let d = dir.display().to_string();
+        let mut ours_args = vec!["--threads".to_string(), threads.to_string(), "bench-run".into(), d.clone(), "--device".into(), a.device.clone()];
+        if a.sync_phases {
+            ours_args.push("--sync-phases".into());
+        }
+        let ours = bench_child(&exe, &ours_args).and_then(|o| bench::parse_result(&o).map_err(|e| e.to_string()));
+        let torch = |mode: &str| -> std::result::Result<bench::Measurement, String> {
+            if !torch_ok {
+                return Err(if a.no_reference { "--no-reference".into() } else { format!("{} not found", a.reference.display()) });
+            }
+            let args = vec![script.clone(), d.clone(), "--threads".into(), threads.to_string(), "--mode".into(), mode.into(), "--device".into(), a.device.clone()];
+            bench_child(&python, &args).and_then(|o| bench::parse_result(&o).map_err(|e| e.to_string()))
+        };
+        let eager = torch("eager");
+        let compiled = if a.no_compile { Err("--no-compile".to_string()) } else { torch("compile") };
+        for (name, m) in [("ours", &ours), ("eager", &eager), ("compile", &compiled)] {
+            match m {
+                Ok(m) => eprintln!("   {name}: median {:.1} ms/step, loss {:.4} → {:.4}", m.median_ms(), m.first_loss, m.last_loss),
+                Err(e) => eprintln!("   {name}: {e}"),
+            }
+        }
+        results.push(bench::ConfigResult { spec, ours, eager, compiled });
+    }
+    let mut peaks = Vec::new();
+    if !a.no_peak {
+        let gflops = |o: std::result::Result<String, String>| {
+            o.and_then(|o| {
+                let line = o.lines().rev().find_map(|l| l.strip_prefix("BENCH_RESULT ")).ok_or("no result line")?.to_string();
+                let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+                v["gflops"].as_f64().ok_or_else(|| "no gflops".to_string())
+            })
+        };
+        let ours = gflops(bench_child(&exe, &["--threads".into(), threads.to_string(), "bench-run".into(), "--matmul".into(), "--device".into(), a.device.clone()]));
+        peaks.push(("burn 0.22.1 Flex (ours)".to_string(), ours));
+        if torch_ok {
+            let t = gflops(bench_child(&python, &[script.clone(), "--matmul".into(), "--threads".into(), threads.to_string(), "--device".into(), a.device.clone()]));
+            peaks.push(("PyTorch".to_string(), t));
+        }
+    }
+    let header = format!(
+        "Device {}, {threads} threads for both sides; {} timed steps after {} warm-up; ratio < 1 means ours is faster. Training GFLOP/s counts 3 × the analytic forward FLOPs.\n",
+        a.device,
+        results.first().map(|r| r.spec.steps).unwrap_or(0),
+        results.first().map(|r| r.spec.warmup).unwrap_or(0),
+    );
+    let table = bench::report(&results, &peaks, &header);
+    println!("{table}");
+    if let Some(p) = a.out {
+        wukong::runtime::write_atomic(&p, table.as_bytes())?;
+        eprintln!("report written to {}", p.display());
     }
     Ok(())
 }

@@ -182,7 +182,10 @@ impl Model {
                 (Some(x), g)
             }
         };
+        crate::profile::mark(crate::profile::Phase::Embedding);
         let logits = each!(Model, self, m => m.forward(x0, input.dense.clone()));
+        // Wukong marks its own phases; for the others the whole rest is "interaction".
+        crate::profile::mark(crate::profile::Phase::Interaction);
         (logits, gathered)
     }
 

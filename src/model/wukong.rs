@@ -6,6 +6,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
+use crate::profile::{Phase, mark};
 use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp};
 use super::layers::{FmBlockSpec, FmKind, Mlp, WukongLayer, mlp_dims};
 
@@ -199,11 +200,15 @@ impl Wukong {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
         let d = self.embedding.dim();
         let mut x = cat_fields(sparse, dense_embeddings(&self.dense, dense, d));
+        mark(Phase::Embedding);
         let b = x.dims()[0];
         for layer in &self.layers {
             x = layer.forward(x);
         }
+        mark(Phase::Interaction);
         let n = x.dims()[1];
-        self.top.forward(x.reshape([b, n * d])).reshape([b])
+        let logits = self.top.forward(x.reshape([b, n * d])).reshape([b]);
+        mark(Phase::Mlp);
+        logits
     }
 }

@@ -7,7 +7,7 @@ pub mod optim;
 
 use anyhow::{Context, Result};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, decay::WeightDecayConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -15,10 +15,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::config::ExperimentConfig;
+use crate::config::{ExperimentConfig, TrainConfig};
+use crate::profile::{self, Phase};
 use crate::data::{BatchLoader, Encoder, SplitData};
 use crate::metrics::{MetricAccumulator, Metrics};
-use crate::model::{DataShape, Model, SlotLayout, SparseInput};
+use crate::model::{DataShape, Model, ModelConfig, SlotLayout, SparseInput};
 pub use optim::{RowWiseAdagrad, clip_global_norm, grad_norm};
 
 /// Mean binary cross-entropy from logits, stable for any logit:
@@ -51,6 +52,72 @@ pub fn evaluate(model: &Model, data: &SplitData, encoder: &Encoder, batch_size: 
         acc.push(*z, *y);
     }
     acc.finish()
+}
+
+/// One training step's machinery: the model, Adam for its dense parameters, row-wise Adagrad
+/// for the embedding rows, gradient clipping. The trainer and the benchmark both step through
+/// this, so what the benchmark times is exactly what training runs.
+pub struct Stepper {
+    model: Option<Model>,
+    adam: ModuleOptimizer,
+    adagrad: RowWiseAdagrad,
+    layout: SlotLayout,
+    autodiff: Device,
+    grad_clip_norm: f64,
+}
+
+impl Stepper {
+    /// `model` must live on the autodiff version of `device`.
+    pub fn new(model: Model, cfg: &ModelConfig, t: &TrainConfig, layout: SlotLayout, device: &Device) -> Self {
+        let adam = AdamConfig::new()
+            .with_beta_1(t.adam_beta1 as f32)
+            .with_beta_2(t.adam_beta2 as f32)
+            .with_epsilon(t.adam_epsilon as f32)
+            .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
+            .init();
+        let rows = model.embedding().rows();
+        let adagrad = RowWiseAdagrad::with_segments(rows, &cfg.table_segments(), t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, device);
+        Self { model: Some(model), adam, adagrad, layout, autodiff: device.clone().autodiff(), grad_clip_norm: t.grad_clip_norm }
+    }
+
+    pub fn model(&self) -> &Model {
+        self.model.as_ref().expect("model present between steps")
+    }
+
+    pub fn into_model(self) -> Model {
+        self.model.expect("model present between steps")
+    }
+
+    /// One step on `batch` with the given learning rates; returns the batch's mean loss.
+    pub fn step(&mut self, batch: &crate::data::Batch, lr: f64, emb_lr: f64) -> Result<f32> {
+        let ad = &self.autodiff;
+        let input = SparseInput::from_batch(batch, &self.layout, ad);
+        let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), ad);
+        profile::mark(Phase::Data);
+        let model = self.model.take().expect("model present between steps");
+        let (logits, gathered) = model.forward(&input, true);
+        let loss = bce_with_logits(logits, labels);
+        profile::mark(Phase::Mlp);
+        let mut grads = loss.backward();
+        let loss = loss.into_scalar::<f32>();
+        profile::mark(Phase::Backward);
+
+        let sparse = match gathered {
+            Some(g) => Some((g.rows.grad_remove(&mut grads).context("embedding rows received no gradient")?, g)),
+            None => None,
+        };
+        let mut dense_grads = GradientsParams::from_grads(grads, &model);
+        clip_global_norm(&model, &mut dense_grads, self.grad_clip_norm);
+        let mut model = self.adam.step(lr, model, dense_grads);
+        profile::mark(Phase::DenseOptimizer);
+        if let Some((emb_grad, g)) = sparse {
+            let adagrad = &mut self.adagrad;
+            model = model.map_embedding(|e| adagrad.step(e, g.unique_rows, g.rows, emb_grad, emb_lr));
+            profile::mark(Phase::SparseOptimizer);
+        }
+        self.model = Some(model);
+        Ok(loss)
+    }
 }
 
 /// Where and how a training run happens (the parts not in the experiment config).
@@ -140,19 +207,13 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     device.seed(t.seed);
     crate::model::layers::seed_dropout(t.seed);
     let ad = device.clone().autodiff();
-    let mut model = cfg.model.init(&shape, &ad);
+    let model = cfg.model.init(&shape, &ad);
     let (emb_params, dense_params) = model.param_counts();
     log(v, format!(
         "model {}: {dense_params} dense + {emb_params} embedding parameters ({total_rows} rows × {}), {:.4} MFLOP/example forward",
         cfg.model.name(), cfg.model.embedding_dim(), cfg.model.forward_flops(&shape) as f64 / 1e6
     ));
-    let mut adam = AdamConfig::new()
-        .with_beta_1(t.adam_beta1 as f32)
-        .with_beta_2(t.adam_beta2 as f32)
-        .with_epsilon(t.adam_epsilon as f32)
-        .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
-        .init();
-    let mut adagrad = RowWiseAdagrad::with_segments(total_rows, &cfg.model.table_segments(), t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, &device);
+    let mut stepper = Stepper::new(model, &cfg.model, t, layout, &device);
 
     let loader = BatchLoader::from_split(train_data, total_rows, t.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks);
     let model_path = run_dir.join(checkpoint::MODEL);
@@ -171,35 +232,20 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
             let warm = if t.warmup_steps > 0 { (step as f64 / t.warmup_steps as f64).min(1.0) } else { 1.0 };
             let (lr, emb_lr) = (t.lr * warm * lr_scale, t.emb_lr * warm * lr_scale);
 
-            let input = SparseInput::from_batch(&batch, &layout, &ad);
-            let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), &ad);
-            let (logits, gathered) = model.forward(&input, true);
-            let loss = bce_with_logits(logits, labels);
-            let mut grads = loss.backward();
-            loss_sum += loss.into_scalar::<f32>() as f64 * batch.size as f64;
+            let loss = stepper.step(&batch, lr, emb_lr)?;
+            loss_sum += loss as f64 * batch.size as f64;
             loss_n += batch.size;
-
-            let sparse = match gathered {
-                Some(g) => Some((g.rows.grad_remove(&mut grads).context("embedding rows received no gradient")?, g)),
-                None => None,
-            };
-            let mut dense_grads = GradientsParams::from_grads(grads, &model);
-            clip_global_norm(&model, &mut dense_grads, t.grad_clip_norm);
-            model = adam.step(lr, model, dense_grads);
-            if let Some((emb_grad, g)) = sparse {
-                model = model.map_embedding(|e| adagrad.step(e, g.unique_rows, g.rows, emb_grad, emb_lr));
-            }
             bar.inc(1);
         }
         bar.finish_and_clear();
         let train_secs = epoch_start.elapsed().as_secs_f64();
-        let valid = evaluate(&model.valid(), &valid_data, &encoder, t.eval_batch_size, &device)?;
+        let valid = evaluate(&stepper.model().valid(), &valid_data, &encoder, t.eval_batch_size, &device)?;
         let improved = best_valid.as_ref().is_none_or(|best| t.monitor.score(&valid) > t.monitor.score(best));
         if improved {
             best_epoch = epoch;
             best_valid = Some(valid);
             bad_epochs = 0;
-            checkpoint::save_model(&model, &model_path)?;
+            checkpoint::save_model(stepper.model(), &model_path)?;
         } else {
             bad_epochs += 1;
             lr_scale *= t.plateau_lr_factor;

@@ -1,0 +1,513 @@
+//! `wukong bench`: training and scoring speed of a model on generated data of a dataset's shape,
+//! side by side with the PyTorch reference (`benchmarks/torch_ref.py`) in the same invocation.
+//!
+//! The parent process generates each config's data once into a work directory (`spec.json` plus
+//! little-endian column files), then runs every measurement in its own child process: ours
+//! (`wukong bench-run`), PyTorch eager and PyTorch with `torch.compile`. Separate processes give
+//! each its own peak RSS and keep one's allocations from slowing the next. Children print one
+//! `BENCH_RESULT {json}` line.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use crate::config::{ExperimentConfig, TrainConfig};
+use crate::data::{BatchLoader, EncodedDataset};
+use crate::model::{DataShape, ModelConfig, SlotLayout, SparseInput};
+use crate::profile::{self, Phase};
+use crate::train::Stepper;
+
+/// A benchmark config file (`benchmarks/configs/*.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BenchFile {
+    name: String,
+    #[serde(default)]
+    description: String,
+    /// An experiment config whose `[model]` and `[train]` are used (a `[model]`/`[train]` here
+    /// replaces the base's).
+    base: Option<PathBuf>,
+    model: Option<ModelConfig>,
+    train: Option<TrainConfig>,
+    shape: ShapeSpec,
+}
+
+/// The generated data and the measurement protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShapeSpec {
+    /// Table rows per categorical field (a field's block in the shared table). Alternatively
+    /// `fields` + `rows`: that many fields sharing `rows` rows evenly.
+    pub vocab: Vec<usize>,
+    pub fields: usize,
+    pub rows: usize,
+    /// Dense (numeric) features, drawn from N(0, 1).
+    pub dense: usize,
+    /// Training batch size (0: the train config's).
+    pub batch_size: usize,
+    /// Exponent of the power law that picks rows within a field (0: uniform). Real click logs
+    /// are heavy-tailed; the exponent sets how many distinct rows a batch touches.
+    pub zipf: f64,
+    pub positive_rate: f64,
+    /// Untimed steps first (allocator and cache warm-up), then timed steps.
+    pub warmup: usize,
+    pub steps: usize,
+    /// Scoring: batches of this size (0: the training batch size), timed over this many.
+    pub infer_batch_size: usize,
+    pub infer_batches: usize,
+}
+
+impl Default for ShapeSpec {
+    fn default() -> Self {
+        Self {
+            vocab: Vec::new(),
+            fields: 0,
+            rows: 0,
+            dense: 0,
+            batch_size: 0,
+            zipf: 1.1,
+            positive_rate: 0.25,
+            warmup: 3,
+            steps: 20,
+            infer_batch_size: 0,
+            infer_batches: 10,
+        }
+    }
+}
+
+/// Everything a measurement needs, written as `spec.json` for both sides.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    pub name: String,
+    pub description: String,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub vocab: Vec<usize>,
+    pub dense: usize,
+    pub batch_size: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    pub infer_batch_size: usize,
+    pub infer_batches: usize,
+    /// Rows of generated data (enough for warm-up + timed steps and for scoring).
+    pub examples: usize,
+    pub table_rows: usize,
+    pub table_dim: usize,
+    pub table_segments: Vec<usize>,
+    /// Analytic forward FLOPs per example (matrix products only); training counts 3×.
+    pub forward_flops: u64,
+    pub zipf: f64,
+    pub positive_rate: f64,
+}
+
+impl Spec {
+    pub fn shape(&self) -> DataShape {
+        DataShape { fields: self.vocab.len(), dense: self.dense, table_rows: self.table_rows }
+    }
+
+    /// Reads and resolves a bench config; `steps`/`warmup` override the file's when given.
+    pub fn load(path: &Path, steps: Option<usize>, warmup: Option<usize>) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read bench config {}", path.display()))?;
+        let file: BenchFile = toml::from_str(&text).with_context(|| format!("invalid bench config {}", path.display()))?;
+        Self::resolve(file, path).with_context(|| format!("invalid bench config {}", path.display()))
+            .map(|mut s| {
+                if let Some(n) = steps { s.steps = n }
+                if let Some(n) = warmup { s.warmup = n }
+                s
+            })
+    }
+
+    fn resolve(file: BenchFile, path: &Path) -> Result<Self> {
+        let base = match &file.base {
+            Some(b) => {
+                // Relative to the working directory (the repository root), else to this file.
+                let p = if b.exists() { b.clone() } else { path.parent().unwrap_or(Path::new(".")).join(b) };
+                Some(ExperimentConfig::load(&p)?)
+            }
+            None => None,
+        };
+        let model = file.model.or_else(|| base.as_ref().map(|b| b.model.clone())).context("needs [model] or base")?;
+        let train = file.train.or_else(|| base.as_ref().map(|b| b.train.clone())).unwrap_or_default();
+        model.validate()?;
+        let s = file.shape;
+        let vocab = if !s.vocab.is_empty() {
+            s.vocab.clone()
+        } else {
+            anyhow::ensure!(s.fields > 0 && s.rows >= s.fields, "shape needs vocab = [...] or fields and rows (rows ≥ fields)");
+            (0..s.fields).map(|f| s.rows / s.fields + usize::from(f < s.rows % s.fields)).collect()
+        };
+        anyhow::ensure!(vocab.iter().all(|&v| v > 0), "every field needs at least one row");
+        anyhow::ensure!(s.steps > 0, "shape.steps must be positive");
+        anyhow::ensure!(s.zipf >= 0.0 && (0.0..=1.0).contains(&s.positive_rate), "shape.zipf ≥ 0 and positive_rate in [0, 1]");
+        let batch_size = if s.batch_size > 0 { s.batch_size } else { train.batch_size };
+        let infer_batch_size = if s.infer_batch_size > 0 { s.infer_batch_size } else { batch_size };
+        let table_rows: usize = vocab.iter().sum();
+        let shape = DataShape { fields: vocab.len(), dense: s.dense, table_rows };
+        model.check_shape(&shape)?;
+        let examples = ((s.warmup + s.steps) * batch_size).max((s.infer_batches + 1) * infer_batch_size);
+        Ok(Self {
+            name: file.name,
+            description: file.description,
+            forward_flops: model.forward_flops(&shape),
+            table_dim: model.embedding_dim(),
+            table_segments: model.table_segments(),
+            model,
+            train,
+            vocab,
+            dense: s.dense,
+            batch_size,
+            warmup: s.warmup,
+            steps: s.steps,
+            infer_batch_size,
+            infer_batches: s.infer_batches,
+            examples,
+            table_rows,
+            zipf: s.zipf,
+            positive_rate: s.positive_rate,
+        })
+    }
+}
+
+/// Deterministic generator (SplitMix64) so both sides and every run see the same data.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE5_E4B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.unit().max(1e-300), self.unit());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Rank `r` of a bounded power law over `v` rows (rank 0 the most frequent), by inverse CDF.
+fn power_law_rank(u: f64, v: usize, s: f64) -> usize {
+    let top = (v + 1) as f64;
+    let x = if s == 0.0 {
+        1.0 + u * v as f64
+    } else if (s - 1.0).abs() < 1e-9 {
+        top.powf(u)
+    } else {
+        (1.0 + u * (top.powf(1.0 - s) - 1.0)).powf(1.0 / (1.0 - s))
+    };
+    (x as usize).saturating_sub(1).min(v - 1)
+}
+
+/// Generates the spec's data: global table rows `[examples, fields]` (each field's hot rows
+/// scattered over its block by a fixed stride, as hashing would), labels, dense features.
+pub fn generate(spec: &Spec, seed: u64) -> EncodedDataset {
+    let fields = spec.vocab.len();
+    let mut offsets = Vec::with_capacity(fields);
+    let mut acc = 0usize;
+    for &v in &spec.vocab {
+        offsets.push(acc);
+        acc += v;
+    }
+    // A stride coprime with the block size permutes ranks over the block.
+    let strides: Vec<usize> = spec
+        .vocab
+        .iter()
+        .map(|&v| (0..).map(|i| 2_654_435_761usize + 2 * i).find(|&p| gcd(p % v.max(1), v) == 1 || v == 1).unwrap())
+        .collect();
+    let mut rng = Rng(seed);
+    let n = spec.examples;
+    let mut data = EncodedDataset::new(fields, spec.dense);
+    data.labels.reserve(n);
+    data.rows.reserve(n * fields);
+    for _ in 0..n {
+        data.labels.push(if rng.unit() < spec.positive_rate { 1.0 } else { 0.0 });
+        for f in 0..fields {
+            let v = spec.vocab[f];
+            let r = power_law_rank(rng.unit(), v, spec.zipf);
+            data.rows.push((offsets[f] + (r * strides[f]) % v) as u32);
+        }
+        for _ in 0..spec.dense {
+            data.dense.push(rng.normal() as f32);
+        }
+    }
+    data.values = vec![1.0; n * fields];
+    data
+}
+
+/// Writes `spec.json`, `rows.u32`, `labels.f32`, `dense.f32` into `dir`.
+pub fn write_work_dir(dir: &Path, spec: &Spec, data: &EncodedDataset) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("spec.json"), serde_json::to_string_pretty(spec)?)?;
+    std::fs::write(dir.join("rows.u32"), data.rows.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())?;
+    std::fs::write(dir.join("labels.f32"), data.labels.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())?;
+    std::fs::write(dir.join("dense.f32"), data.dense.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())?;
+    Ok(())
+}
+
+/// Reads what [`write_work_dir`] wrote.
+pub fn read_work_dir(dir: &Path) -> Result<(Spec, EncodedDataset)> {
+    let spec: Spec = serde_json::from_slice(&std::fs::read(dir.join("spec.json")).with_context(|| format!("cannot read {}/spec.json", dir.display()))?)?;
+    let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("cannot read {}/{name}", dir.display()));
+    let words = |b: Vec<u8>| b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect::<Vec<_>>();
+    let fields = spec.vocab.len();
+    let mut data = EncodedDataset::new(fields, spec.dense);
+    data.rows = words(read("rows.u32")?).into_iter().map(u32::from_le_bytes).collect();
+    data.labels = words(read("labels.f32")?).into_iter().map(f32::from_le_bytes).collect();
+    data.dense = words(read("dense.f32")?).into_iter().map(f32::from_le_bytes).collect();
+    data.values = vec![1.0; data.rows.len()];
+    anyhow::ensure!(
+        data.labels.len() == spec.examples && data.rows.len() == spec.examples * fields && data.dense.len() == spec.examples * spec.dense,
+        "{}: data files do not match spec.json",
+        dir.display()
+    );
+    Ok((spec, data))
+}
+
+/// One side's measurement (ours or a PyTorch mode), as printed on the `BENCH_RESULT` line.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Measurement {
+    pub framework: String,
+    pub version: String,
+    pub device: String,
+    pub threads: usize,
+    pub step_ms: Vec<f64>,
+    /// Seconds per phase summed over the timed steps (phase name → seconds); empty when the
+    /// side cannot split its step (compiled graphs).
+    #[serde(default)]
+    pub phases: Vec<(String, f64)>,
+    pub infer_examples_per_s: f64,
+    pub peak_rss_mb: f64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    /// Seconds spent before the first step (model build, compilation).
+    #[serde(default)]
+    pub setup_s: f64,
+}
+
+impl Measurement {
+    pub fn median_ms(&self) -> f64 {
+        let mut v = self.step_ms.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 { f64::NAN } else if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    }
+    pub fn min_ms(&self) -> f64 {
+        self.step_ms.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+    pub fn max_ms(&self) -> f64 {
+        self.step_ms.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+/// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Our side, in this process: warm-up steps, timed steps with the phase clock, then scoring.
+pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_phases: bool) -> Result<Measurement> {
+    let setup = Instant::now();
+    let device = crate::runtime::parse_device(device_spec)?;
+    device.seed(spec.train.seed);
+    crate::model::layers::seed_dropout(spec.train.seed);
+    let shape = spec.shape();
+    let layout = SlotLayout::one_hot(shape.fields);
+    let model = spec.model.init(&shape, &device.clone().autodiff());
+    let mut stepper = Stepper::new(model, &spec.model, &spec.train, layout.clone(), &device);
+    let data = Arc::new(data);
+    let loader = BatchLoader::new(Arc::clone(&data), spec.table_rows, spec.batch_size);
+    let setup_s = setup.elapsed().as_secs_f64();
+
+    let (lr, emb_lr) = (spec.train.lr, spec.train.emb_lr);
+    let mut step_ms = Vec::with_capacity(spec.steps);
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    let batches = loader.epoch(None);
+    for i in 0..spec.warmup + spec.steps {
+        if i == spec.warmup {
+            profile::enable(sync_phases.then(|| device.clone()));
+        }
+        let t = Instant::now();
+        profile::restart();
+        let batch = batches.recv().context("generated data ran out")?;
+        let loss = stepper.step(&batch, lr, emb_lr)? as f64;
+        if i >= spec.warmup {
+            step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if i == 0 {
+            first_loss = loss;
+        }
+        last_loss = loss;
+    }
+    drop(batches);
+    let phases = profile::disable();
+
+    // Scoring: the inference copy of the model, batches of `infer_batch_size`.
+    let model = stepper.into_model().valid();
+    let loader = BatchLoader::new(data, spec.table_rows, spec.infer_batch_size);
+    let mut scored = 0usize;
+    let mut start = Instant::now();
+    for (i, batch) in loader.epoch(None).iter().enumerate().take(spec.infer_batches + 1) {
+        if i == 1 {
+            start = Instant::now(); // the first batch warms up
+        }
+        let input = SparseInput::from_batch(&batch, &layout, &device);
+        let (logits, _) = model.forward(&input, false);
+        let v = logits.into_data();
+        if i >= 1 {
+            scored += v.num_elements();
+        }
+    }
+    let infer_examples_per_s = scored as f64 / start.elapsed().as_secs_f64();
+
+    Ok(Measurement {
+        framework: "wukong-rs".into(),
+        version: format!("wukong {} / burn 0.22.1", env!("CARGO_PKG_VERSION")),
+        device: device_spec.into(),
+        threads: crate::runtime::cpu_threads(),
+        step_ms,
+        phases: Phase::ALL.iter().map(|p| (p.name().to_string(), phases[*p as usize])).collect(),
+        infer_examples_per_s,
+        peak_rss_mb: peak_rss_mb(),
+        first_loss,
+        last_loss,
+        setup_s,
+    })
+}
+
+/// Matrix-multiply throughput of the backend: `[m, k] × [k, n]` f32, median GFLOP/s.
+pub fn matmul_gflops(device_spec: &str, m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
+    use burn::tensor::{Distribution, Tensor};
+    let device = crate::runtime::parse_device(device_spec)?;
+    let a = Tensor::<2>::random([m, k], Distribution::Default, &device);
+    let b = Tensor::<2>::random([k, n], Distribution::Default, &device);
+    let mut times = Vec::new();
+    for i in 0..reps + 2 {
+        let t = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        let _ = c.slice([0..1, 0..1]).into_data(); // waits for the product
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (m * k * n) as f64 / times[times.len() / 2] / 1e9)
+}
+
+/// Finds and parses the `BENCH_RESULT {json}` line of a child's output.
+pub fn parse_result(stdout: &str) -> Result<Measurement> {
+    let line = stdout.lines().rev().find_map(|l| l.strip_prefix("BENCH_RESULT ")).context("no BENCH_RESULT line in the output")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// One config's row group in the report.
+pub struct ConfigResult {
+    pub spec: Spec,
+    pub ours: std::result::Result<Measurement, String>,
+    pub eager: std::result::Result<Measurement, String>,
+    pub compiled: std::result::Result<Measurement, String>,
+}
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 1e6 { format!("{:.2} M", x / 1e6) } else if x >= 1e3 { format!("{:.1} k", x / 1e3) } else { format!("{x:.0}") }
+}
+
+/// The markdown report: one speed table (ratio ours/this per row) and the phase shares.
+pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f64, String>)], header: &str) -> String {
+    let mut s = String::new();
+    s.push_str(header);
+    s.push_str("\n| config | framework | ms/step median (min–max) | train ex/s | train GFLOP/s | score ex/s | peak RSS MiB | ours / this (time) |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        let train_flops = 3.0 * r.spec.forward_flops as f64 * r.spec.batch_size as f64;
+        let ours_ms = r.ours.as_ref().map(|m| m.median_ms()).ok();
+        let label = format!("{} (b={}, {:.2} MFLOP/ex)", r.spec.name, r.spec.batch_size, r.spec.forward_flops as f64 / 1e6);
+        for (name, m) in [("ours (burn Flex)", &r.ours), ("PyTorch eager", &r.eager), ("PyTorch compile", &r.compiled)] {
+            match m {
+                Ok(m) => {
+                    let med = m.median_ms();
+                    let ratio = ours_ms.map(|o| format!("{:.2}", o / med)).unwrap_or_else(|| "–".into());
+                    s.push_str(&format!(
+                        "| {label} | {name} | {med:.1} ({:.1}–{:.1}) | {} | {:.1} | {} | {:.0} | {ratio} |\n",
+                        m.min_ms(), m.max_ms(),
+                        fmt_rate(r.spec.batch_size as f64 / med * 1e3),
+                        train_flops / med / 1e6,
+                        fmt_rate(m.infer_examples_per_s),
+                        m.peak_rss_mb,
+                    ));
+                }
+                Err(e) => s.push_str(&format!("| {label} | {name} | not run: {} | | | | | |\n", e.replace('|', "/").lines().next().unwrap_or(""))),
+            }
+        }
+    }
+    s.push_str("\nShare of the timed steps per phase (forward phases, then the whole backward, then the optimizers):\n\n");
+    s.push_str("| config | framework | data | embedding | interaction | mlp+loss | backward | dense opt | sparse opt |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        for (name, m) in [("ours", &r.ours), ("PyTorch eager", &r.eager)] {
+            if let Ok(m) = m {
+                if m.phases.is_empty() {
+                    continue;
+                }
+                let total: f64 = m.phases.iter().map(|p| p.1).sum();
+                let get = |k: &str| m.phases.iter().find(|p| p.0 == k).map(|p| format!("{:.0}%", 100.0 * p.1 / total)).unwrap_or("–".into());
+                s.push_str(&format!(
+                    "| {} | {name} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    r.spec.name, get("data"), get("embedding"), get("interaction"), get("mlp"), get("backward"), get("dense_optimizer"), get("sparse_optimizer")
+                ));
+            }
+        }
+    }
+    if !peaks.is_empty() {
+        s.push_str("\nMatrix-multiply peak, f32 `[4096, 2048] × [2048, 2048]`, same threads:\n\n| backend | GFLOP/s |\n|---|---|\n");
+        for (name, p) in peaks {
+            match p {
+                Ok(g) => s.push_str(&format!("| {name} | {g:.1} |\n")),
+                Err(e) => s.push_str(&format!("| {name} | not run: {} |\n", e.lines().next().unwrap_or(""))),
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_law_ranks_stay_in_range_and_favour_the_head() {
+        let mut rng = Rng(7);
+        let v = 1000;
+        let mut head = 0;
+        for _ in 0..10_000 {
+            let r = power_law_rank(rng.unit(), v, 1.1);
+            assert!(r < v);
+            head += usize::from(r < 10);
+        }
+        // P(rank < 10) under a 1.1 power law over 1000 ranks is about 0.5; uniform would be 0.01.
+        assert!(head > 3000, "{head}");
+        assert_eq!(power_law_rank(0.0, 5, 0.0), 0);
+        assert_eq!(power_law_rank(0.999_999, 5, 0.0), 4);
+        assert_eq!(power_law_rank(0.5, 1, 2.0), 0);
+    }
+
+    #[test]
+    fn median_min_max() {
+        let m = Measurement { step_ms: vec![5.0, 1.0, 3.0, 10.0], ..Default::default() };
+        assert_eq!(m.median_ms(), 4.0);
+        assert_eq!(m.min_ms(), 1.0);
+        assert_eq!(m.max_ms(), 10.0);
+    }
+}
