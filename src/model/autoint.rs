@@ -99,7 +99,7 @@ impl SelfAttention {
         };
         let out = relu(out);
         match &self.norm {
-            Some(ln) => ln.forward(out),
+            Some(ln) => super::fused::layer_norm(ln, out),
             None => out,
         }
     }

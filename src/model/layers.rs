@@ -278,7 +278,7 @@ impl FmBlock {
         debug_assert_eq!(x.dims()[1], self.n_in);
         let fm = self.interactions(x);
         let width = fm.dims()[1] * fm.dims()[2];
-        let h = self.mlp.forward(self.norm.forward(fm.reshape([b, width])));
+        let h = self.mlp.forward(super::fused::layer_norm(&self.norm, fm.reshape([b, width])));
         h.reshape([b, self.n_out, self.dim])
     }
 }
@@ -310,6 +310,6 @@ impl WukongLayer {
             Some(proj) => proj.forward(x),
             None => x,
         };
-        self.norm.forward(out + res)
+        super::fused::layer_norm(&self.norm, out + res)
     }
 }

@@ -93,7 +93,7 @@ impl MaskBlock {
         let mask = self.mask_out.forward(relu(self.mask_hidden.forward(emb)));
         let out = self.hidden.forward(mask * h);
         relu(match &self.norm {
-            Some(ln) => ln.forward(out),
+            Some(ln) => super::fused::layer_norm(ln, out),
             None => out,
         })
     }
@@ -175,7 +175,7 @@ impl MaskNet {
         let emb = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim())));
         let b = emb.dims()[0];
         let normed = match &self.emb_norm {
-            Some(ln) => ln.forward(emb.clone()),
+            Some(ln) => super::fused::layer_norm(ln, emb.clone()),
             None => emb.clone(),
         };
         let out = if self.serial {

@@ -12,6 +12,7 @@ pub mod dcnv2;
 pub mod dlrm;
 pub mod embedding;
 pub mod finalmlp;
+pub mod fused;
 pub mod layers;
 pub mod masknet;
 pub mod simple;
