@@ -91,6 +91,24 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Trains a few steps of a bench config's model on two devices from the same parameters, batches
+    /// and dropout masks, and compares losses and final parameters (CPU vs GPU check).
+    Equivalence {
+        /// A bench config (benchmarks/configs/*.toml).
+        config: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        reference: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Largest allowed |loss difference| and relative parameter difference.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f64,
+        /// Training batch size (default: the config's).
+        #[arg(long)]
+        batch_size: Option<usize>,
+    },
     /// (Used by `bench`.) Measures our side on one prepared work directory, or the matmul peak.
     #[command(hide = true)]
     BenchRun {
@@ -332,6 +350,21 @@ fn run() -> Result<()> {
         }
         Command::Bench { configs, steps, warmup, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
             run_bench(BenchArgs { configs, steps, warmup, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
+        }
+        Command::Equivalence { config, reference, device, steps, tolerance, batch_size } => {
+            let mut spec = wukong::bench::Spec::load(&config, Some(steps), Some(0))?;
+            if let Some(b) = batch_size {
+                spec.batch_size = b;
+            }
+            spec.examples = spec.batch_size * steps;
+            let data = wukong::bench::generate(&spec, spec.train.seed);
+            let r = wukong::bench::equivalence(&spec, data, &reference, &device, steps, tolerance)?;
+            for (i, (a, b)) in r.losses_a.iter().zip(&r.losses_b).enumerate() {
+                println!("step {:>3}: loss {reference} {a:.7}  {device} {b:.7}  |diff| {:.2e}", i + 1, (a - b).abs());
+            }
+            println!("max |loss diff| {:.3e}, max relative parameter diff {:.3e} (tolerance {:.1e}): {}", r.max_loss_diff, r.max_param_rel_diff, r.tolerance, if r.passed { "PASS" } else { "FAIL" });
+            println!("BENCH_RESULT {}", serde_json::to_string(&r)?);
+            anyhow::ensure!(r.passed, "{device} does not match {reference} within {tolerance}");
         }
         Command::BenchRun { dir, device, sync_phases, matmul } => {
             let m = if matmul {
