@@ -104,6 +104,18 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// Overrides the training and scoring batch size (and the generated rows with it).
+    pub fn set_batch_size(&mut self, b: usize) {
+        self.batch_size = b;
+        self.infer_batch_size = b;
+        self.size_data();
+    }
+
+    /// Generated rows: enough for warm-up + timed steps, and for the scoring batches.
+    fn size_data(&mut self) {
+        self.examples = ((self.warmup + self.steps) * self.batch_size).max((self.infer_batches + 1) * self.infer_batch_size);
+    }
+
     pub fn shape(&self) -> DataShape {
         DataShape { fields: self.vocab.len(), dense: self.dense, table_rows: self.table_rows }
     }
@@ -116,8 +128,17 @@ impl Spec {
             .map(|mut s| {
                 if let Some(n) = steps { s.steps = n }
                 if let Some(n) = warmup { s.warmup = n }
+                s.size_data();
                 s
             })
+    }
+
+    /// Parses a bench config's text (`base` paths resolve against the working directory).
+    pub fn parse(text: &str) -> Result<Self> {
+        let file: BenchFile = toml::from_str(text)?;
+        let mut s = Self::resolve(file, Path::new("."))?;
+        s.size_data();
+        Ok(s)
     }
 
     fn resolve(file: BenchFile, path: &Path) -> Result<Self> {

@@ -63,6 +63,9 @@ enum Command {
         steps: Option<usize>,
         #[arg(long)]
         warmup: Option<usize>,
+        /// Training (and scoring) batch size for every config (default: each config's).
+        #[arg(long)]
+        batch_size: Option<usize>,
         /// Device for our side: cpu, vulkan[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -348,8 +351,8 @@ fn run() -> Result<()> {
                 println!("table written to {}", p.display());
             }
         }
-        Command::Bench { configs, steps, warmup, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
-            run_bench(BenchArgs { configs, steps, warmup, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
+        Command::Bench { configs, steps, warmup, batch_size, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
+            run_bench(BenchArgs { configs, steps, warmup, batch_size, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
         }
         Command::Equivalence { config, reference, device, steps, tolerance, batch_size } => {
             let mut spec = wukong::bench::Spec::load(&config, Some(steps), Some(0))?;
@@ -389,6 +392,7 @@ struct BenchArgs {
     configs: Vec<PathBuf>,
     steps: Option<usize>,
     warmup: Option<usize>,
+    batch_size: Option<usize>,
     device: String,
     python: String,
     reference: PathBuf,
@@ -425,8 +429,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let torch_ok = !a.no_reference && a.reference.exists();
     let mut results = Vec::new();
     for path in &a.configs {
-        let spec = bench::Spec::load(path, a.steps, a.warmup)?;
-        let dir = a.work_dir.join(&spec.name);
+        let mut spec = bench::Spec::load(path, a.steps, a.warmup)?;
+        if let Some(b) = a.batch_size {
+            spec.set_batch_size(b);
+        }
+        let dir = a.work_dir.join(format!("{}-b{}", spec.name, spec.batch_size));
         eprintln!("== {}: generating {} examples ({} fields, {} table rows)", spec.name, spec.examples, spec.vocab.len(), spec.table_rows);
         let data = bench::generate(&spec, spec.train.seed);
         bench::write_work_dir(&dir, &spec, &data)?;
