@@ -14,14 +14,42 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match kind {
         "cpu" | "flex" => Ok(Device::flex()),
         #[cfg(feature = "vulkan")]
-        "vulkan" => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index.unwrap_or(0)))),
+        "vulkan" => probe(spec, Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index.unwrap_or(0))),
+            "needs a Vulkan driver for the GPU and the Vulkan loader (libvulkan.so.1; scripts/gpu/prepare.sh bundles it, run.sh points LD_LIBRARY_PATH at it)"),
         #[cfg(feature = "cuda")]
-        "cuda" => Ok(Device::cuda(index.unwrap_or(0))),
-        "vulkan" | "cuda" => {
-            let _ = index;
-            bail!("device {spec:?} needs a binary built with `--features {kind}`")
-        }
+        "cuda" => probe(spec, Device::cuda(index.unwrap_or(0)), "needs an NVIDIA GPU with its CUDA driver"),
+        #[cfg(not(feature = "vulkan"))]
+        "vulkan" => bail!("device {spec:?} needs a binary built with `--features vulkan`"),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => bail!("device {spec:?} needs a binary built with `--features cuda` (index {index:?})"),
         other => bail!("unknown device {other:?} (expected cpu, vulkan[:N] or cuda[:N])"),
+    }
+}
+
+/// Runs one tiny computation on a GPU device, turning the backend's panics (no adapter, no
+/// driver; they happen on the backend's own threads) into an error that says what is missing.
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+fn probe(spec: &str, device: Device, needs: &str) -> Result<Device> {
+    use std::sync::{Arc, Mutex};
+    let messages = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = Arc::clone(&messages);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info.payload().downcast_ref::<String>().cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        sink.lock().map(|mut m| m.push(msg)).ok();
+    }));
+    let d = device.clone();
+    let result = std::panic::catch_unwind(move || burn::tensor::Tensor::<1>::ones([4], &d).sum().into_scalar::<f32>());
+    std::panic::set_hook(previous);
+    match result {
+        Ok(v) if v == 4.0 => Ok(device),
+        Ok(v) => bail!("device {spec:?} computed 1+1+1+1 = {v}"),
+        Err(_) => {
+            let cause = messages.lock().map(|m| m.iter().find(|s| !s.contains("RecvError")).or(m.first()).cloned().unwrap_or_default()).unwrap_or_default();
+            bail!("device {spec:?} is not usable: {cause}. It {needs}.")
+        }
     }
 }
 
@@ -68,6 +96,16 @@ mod tests {
         {
             let err = parse_device("vulkan:0").unwrap_err().to_string();
             assert!(err.contains("--features vulkan"), "{err}");
+        }
+    }
+
+    /// With the GPU feature, a missing GPU/driver is an error that names the device, not a panic.
+    #[cfg(feature = "vulkan")]
+    #[test]
+    fn vulkan_probe_errors_instead_of_panicking() {
+        match parse_device("vulkan") {
+            Ok(d) => assert_eq!(burn::tensor::Tensor::<1>::ones([2], &d).sum().into_scalar::<f32>(), 2.0),
+            Err(e) => assert!(e.to_string().contains("\"vulkan\" is not usable"), "{e}"),
         }
     }
 
