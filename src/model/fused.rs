@@ -17,11 +17,14 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
     /// LayerNorm over the last axis: `(x − mean) / √(var + ε) · γ + β`.
     fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
+    /// LayerNorm of `a + b` (a residual connection), the sum computed inside the kernel.
+    fn fused_add_layer_norm(a: FloatTensor<Self>, b: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
 }
 
 /// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
@@ -84,64 +87,128 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
-/// Forward: returns `(y, x̂, rstd)` with x̂ the normalized input and rstd `1/√(var+ε)` per row.
-fn ln_forward(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> (FlexTensor, FlexTensor, FlexTensor) {
-    assert_eq!(x.dtype(), DType::F32, "fused LayerNorm is f32-only");
-    let shape = x.layout().shape().clone();
-    let d = shape[shape.num_dims() - 1];
-    let (xs, gs, bs) = (f32_vec(x), f32_vec(gamma), f32_vec(beta));
-    let rows = xs.len() / d;
-    let mut y = vec![0.0f32; xs.len()];
-    let mut xhat = vec![0.0f32; xs.len()];
-    let mut rstd = vec![0.0f32; rows];
-    let inv_d = 1.0 / d as f32;
-    y.par_chunks_mut(d * ROWS_PER_TASK)
-        .zip(xhat.par_chunks_mut(d * ROWS_PER_TASK))
-        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
-        .zip(xs.par_chunks(d * ROWS_PER_TASK))
-        .for_each(|(((y, xh), rs), xs)| {
-            for (((y, xh), xs), r) in y.chunks_exact_mut(d).zip(xh.chunks_exact_mut(d)).zip(xs.chunks_exact(d)).zip(rs.iter_mut()) {
-                let mean = lane_sum(xs) * inv_d;
-                for (h, v) in xh.iter_mut().zip(xs) {
-                    *h = v - mean;
-                }
-                let s = 1.0 / (lane_dot(xh, xh) * inv_d + eps as f32).sqrt();
-                *r = s;
-                for (((y, h), g), b) in y.iter_mut().zip(xh.iter_mut()).zip(gs.iter()).zip(bs.iter()) {
-                    *h *= s;
-                    *y = *h * g + b;
-                }
-            }
-        });
-    (tensor(y, shape.clone()), tensor(xhat, shape), tensor(rstd, Shape::new([rows])))
+/// An output buffer the kernels fill completely (no zeroing pass: these kernels are memory-bound).
+fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit<f32> needs no initialization.
+    unsafe { v.set_len(n) };
+    v
 }
 
-/// Backward: `dx = rstd·(h − mean(h) − x̂·mean(h·x̂))` with `h = g·γ`; `dγ = Σ g·x̂`, `dβ = Σ g`.
-fn ln_backward(grad: &FlexTensor, xhat: &FlexTensor, rstd: &FlexTensor, gamma: &FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let shape = xhat.layout().shape().clone();
+/// # Safety
+/// Every element of `v` has been written.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
+}
+
+/// Per-row statistics and output of the forward pass.
+struct Normalized {
+    y: FlexTensor,
+    /// The normalized input `x` (the sum `a + b` for the residual form; else `None`: the caller
+    /// keeps its input).
+    sum: Option<FlexTensor>,
+    /// `[rows, 2]`: mean and 1/√(var+ε) of each row.
+    stats: FlexTensor,
+}
+
+/// LayerNorm of `a` (or of `a + b`) over the last axis: one read of the input(s), one write of
+/// the output (and of the sum, which the backward pass needs).
+fn ln_forward(a: &FlexTensor, b: Option<&FlexTensor>, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> Normalized {
+    assert_eq!(a.dtype(), DType::F32, "fused LayerNorm is f32-only");
+    let shape = a.layout().shape().clone();
     let d = shape[shape.num_dims() - 1];
-    let (gs, xh, rs, gm) = (f32_vec(grad), f32_vec(xhat), f32_vec(rstd), f32_vec(gamma));
+    let (xa, gs, bs) = (f32_vec(a), f32_vec(gamma), f32_vec(beta));
+    let xb = b.map(f32_vec);
+    let rows = xa.len() / d;
     let inv_d = 1.0 / d as f32;
-    let mut dx = vec![0.0f32; gs.len()];
+    let mut y = uninit(xa.len());
+    let mut sum = uninit(if xb.is_some() { xa.len() } else { 0 });
+    let mut stats = uninit(2 * rows);
+    let chunk = d * ROWS_PER_TASK;
+    let kernel = |y: &mut [MaybeUninit<f32>], sum: &mut [MaybeUninit<f32>], st: &mut [MaybeUninit<f32>], xa: &[f32], xb: Option<&[f32]>| {
+        for r in 0..y.len() / d {
+            let row = r * d..(r + 1) * d;
+            let x: &[f32] = match xb {
+                Some(xb) => {
+                    let out = &mut sum[row.clone()];
+                    for ((o, p), q) in out.iter_mut().zip(&xa[row.clone()]).zip(&xb[row.clone()]) {
+                        o.write(p + q);
+                    }
+                    // SAFETY: the row was just written in full.
+                    unsafe { std::slice::from_raw_parts(out.as_ptr() as *const f32, d) }
+                }
+                None => &xa[row.clone()],
+            };
+            let mean = lane_sum(x) * inv_d;
+            let mut acc = [0.0f32; 8];
+            let chunks = x.chunks_exact(8);
+            let rest: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+            for c in chunks {
+                for l in 0..8 {
+                    acc[l] += (c[l] - mean) * (c[l] - mean);
+                }
+            }
+            let s = 1.0 / ((acc.iter().sum::<f32>() + rest) * inv_d + eps as f32).sqrt();
+            st[2 * r].write(mean);
+            st[2 * r + 1].write(s);
+            for (((o, v), g), b) in y[row].iter_mut().zip(x).zip(gs.iter()).zip(bs.iter()) {
+                o.write((v - mean) * s * g + b);
+            }
+        }
+    };
+    match &xb {
+        Some(xb) => y
+            .par_chunks_mut(chunk)
+            .zip(sum.par_chunks_mut(chunk))
+            .zip(stats.par_chunks_mut(2 * ROWS_PER_TASK))
+            .zip(xa.par_chunks(chunk).zip(xb.par_chunks(chunk)))
+            .for_each(|(((y, sm), st), (xa, xb))| kernel(y, sm, st, xa, Some(xb))),
+        None => y
+            .par_chunks_mut(chunk)
+            .zip(stats.par_chunks_mut(2 * ROWS_PER_TASK))
+            .zip(xa.par_chunks(chunk))
+            .for_each(|((y, st), xa)| kernel(y, &mut [], st, xa, None)),
+    }
+    // SAFETY: the kernels write every element of y, sum (when used) and stats.
+    let (y, sum, stats) = unsafe { (assume_init(y), assume_init(sum), assume_init(stats)) };
+    Normalized {
+        y: tensor(y, shape.clone()),
+        sum: xb.is_some().then(|| tensor(sum, shape)),
+        stats: tensor(stats, Shape::new([rows, 2])),
+    }
+}
+
+/// Backward: with `x̂ = (x − mean)·rstd` and `h = g·γ`,
+/// `dx = rstd·(h − mean(h) − x̂·mean(h·x̂))`, `dγ = Σ g·x̂`, `dβ = Σ g`.
+fn ln_backward(grad: &FlexTensor, x: &FlexTensor, stats: &FlexTensor, gamma: &FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = x.layout().shape().clone();
+    let d = shape[shape.num_dims() - 1];
+    let (gs, xs, st, gm) = (f32_vec(grad), f32_vec(x), f32_vec(stats), f32_vec(gamma));
+    let inv_d = 1.0 / d as f32;
+    let mut dx = uninit(gs.len());
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(d * ROWS_PER_TASK)
         .zip(gs.par_chunks(d * ROWS_PER_TASK))
-        .zip(xh.par_chunks(d * ROWS_PER_TASK))
-        .zip(rs.par_chunks(ROWS_PER_TASK))
-        .map(|(((dx, g), xh), rs)| {
-            let (mut dgamma, mut dbeta, mut h) = (vec![0.0f32; d], vec![0.0f32; d], vec![0.0f32; d]);
-            for (((dx, g), xh), s) in dx.chunks_exact_mut(d).zip(g.chunks_exact(d)).zip(xh.chunks_exact(d)).zip(rs) {
-                for (((h, g), gm), db) in h.iter_mut().zip(g).zip(gm.iter()).zip(dbeta.iter_mut()) {
+        .zip(xs.par_chunks(d * ROWS_PER_TASK))
+        .zip(st.par_chunks(2 * ROWS_PER_TASK))
+        .map(|(((dx, g), xs), st)| {
+            let (mut dgamma, mut dbeta) = (vec![0.0f32; d], vec![0.0f32; d]);
+            let (mut h, mut xh) = (vec![0.0f32; d], vec![0.0f32; d]);
+            for (((dx, g), x), st) in dx.chunks_exact_mut(d).zip(g.chunks_exact(d)).zip(xs.chunks_exact(d)).zip(st.chunks_exact(2)) {
+                let (mean, s) = (st[0], st[1]);
+                for ((((h, xh), (g, gm)), x), (dg, db)) in
+                    h.iter_mut().zip(xh.iter_mut()).zip(g.iter().zip(gm.iter())).zip(x).zip(dgamma.iter_mut().zip(dbeta.iter_mut()))
+                {
+                    *xh = (x - mean) * s;
                     *h = g * gm;
+                    *dg += g * *xh;
                     *db += g;
                 }
-                for ((dg, g), x) in dgamma.iter_mut().zip(g).zip(xh) {
-                    *dg += g * x;
-                }
                 let mean_h = lane_sum(&h) * inv_d;
-                let mean_hx = lane_dot(&h, xh) * inv_d;
-                for ((dx, h), x) in dx.iter_mut().zip(&h).zip(xh) {
-                    *dx = s * (h - mean_h - x * mean_hx);
+                let mean_hx = lane_dot(&h, &xh) * inv_d;
+                for ((dx, h), xh) in dx.iter_mut().zip(&h).zip(&xh) {
+                    dx.write(s * (h - mean_h - xh * mean_hx));
                 }
             }
             (dgamma, dbeta)
@@ -152,46 +219,82 @@ fn ln_backward(grad: &FlexTensor, xhat: &FlexTensor, rstd: &FlexTensor, gamma: &
         dgamma.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
         dbeta.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
     }
+    // SAFETY: every row of dx was written.
+    let dx = unsafe { assume_init(dx) };
     (tensor(dx, shape), tensor(dgamma, Shape::new([d])), tensor(dbeta, Shape::new([d])))
 }
 
 impl FusedOps for Flex {
     fn fused_layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, epsilon: f64) -> FlexTensor {
-        ln_forward(&x, &gamma, &beta, epsilon).0
+        ln_forward(&x, None, &gamma, &beta, epsilon).y
+    }
+    fn fused_add_layer_norm(a: FlexTensor, b: FlexTensor, gamma: FlexTensor, beta: FlexTensor, epsilon: f64) -> FlexTensor {
+        ln_forward(&a, Some(&b), &gamma, &beta, epsilon).y
     }
 }
+
+/// State of both backward passes: the normalized input, its row statistics, γ.
+type LnState = (FlexTensor, FlexTensor, FlexTensor);
 
 #[derive(Debug)]
 struct LayerNormBackward;
 
 impl Backward<Flex, 3> for LayerNormBackward {
-    /// x̂, rstd, γ.
-    type State = (FlexTensor, FlexTensor, FlexTensor);
+    type State = LnState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let (xhat, rstd, gamma) = ops.state;
+        let (x, stats, gamma) = ops.state;
         let grad = grads.consume::<Flex>(&ops.node);
-        let (dx, dgamma, dbeta) = ln_backward(&grad, &xhat, &rstd, &gamma);
+        let (dx, dgamma, dbeta) = ln_backward(&grad, &x, &stats, &gamma);
         let [px, pg, pb] = ops.parents;
-        if let Some(n) = px {
-            grads.register::<Flex>(n.id, dx);
+        for (parent, g) in [(px, dx), (pg, dgamma), (pb, dbeta)] {
+            if let Some(n) = parent {
+                grads.register::<Flex>(n.id, g);
+            }
         }
-        if let Some(n) = pg {
-            grads.register::<Flex>(n.id, dgamma);
+    }
+}
+
+#[derive(Debug)]
+struct AddLayerNormBackward;
+
+impl Backward<Flex, 4> for AddLayerNormBackward {
+    type State = LnState;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (x, stats, gamma) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (dx, dgamma, dbeta) = ln_backward(&grad, &x, &stats, &gamma);
+        let [pa, pb, pg, pbeta] = ops.parents;
+        // Both summands receive dx (the sum's gradient).
+        if let Some(n) = pa {
+            grads.register::<Flex>(n.id, dx.clone());
         }
-        if let Some(n) = pb {
-            grads.register::<Flex>(n.id, dbeta);
+        for (parent, g) in [(pb, dx), (pg, dgamma), (pbeta, dbeta)] {
+            if let Some(n) = parent {
+                grads.register::<Flex>(n.id, g);
+            }
         }
     }
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
-        let (y, xhat, rstd) = ln_forward(x.primitive(), gamma.primitive(), beta.primitive(), epsilon);
-        let gamma_value = gamma.primitive().clone();
+        let n = ln_forward(x.primitive(), None, gamma.primitive(), beta.primitive(), epsilon);
+        let (input, gamma_value) = (x.primitive().clone(), gamma.primitive().clone());
         match LayerNormBackward.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((xhat, rstd, gamma_value), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+            OpsKind::Tracked(prep) => prep.finish((input, n.stats, gamma_value), n.y),
+            OpsKind::UnTracked(prep) => prep.finish(n.y),
+        }
+    }
+
+    fn fused_add_layer_norm(a: FloatTensor<Self>, b: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+        let n = ln_forward(a.primitive(), Some(b.primitive()), gamma.primitive(), beta.primitive(), epsilon);
+        let gamma_value = gamma.primitive().clone();
+        let sum = n.sum.expect("the residual form returns the sum");
+        match AddLayerNormBackward.prepare::<C>([a.node(), b.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((sum, n.stats, gamma_value), n.y),
+            OpsKind::UnTracked(prep) => prep.finish(n.y),
         }
     }
 }
@@ -212,8 +315,19 @@ pub fn layer_norm<const D: usize>(norm: &burn::nn::LayerNorm, x: Tensor<D>) -> T
         return norm.forward(x);
     }
     let gamma = norm.gamma.val();
-    let beta = norm.beta.as_ref().expect("checked above").val();
+    let beta = norm.beta.as_ref().expect("checked by fusable").val();
     let out = <burn::backend::Dispatch as FusedOps>::fused_layer_norm(x.into_dispatch(), gamma.into_dispatch(), beta.into_dispatch(), LAYER_NORM_EPSILON);
+    Tensor::from_dispatch(out)
+}
+
+/// `LayerNorm(a + b)` (a residual connection), the sum fused into the kernel on the CPU backend.
+pub fn add_layer_norm<const D: usize>(norm: &burn::nn::LayerNorm, a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    if !fusable(norm, &a) || a.dims() != b.dims() {
+        return layer_norm(norm, a + b);
+    }
+    let gamma = norm.gamma.val();
+    let beta = norm.beta.as_ref().expect("checked by fusable").val();
+    let out = <burn::backend::Dispatch as FusedOps>::fused_add_layer_norm(a.into_dispatch(), b.into_dispatch(), gamma.into_dispatch(), beta.into_dispatch(), LAYER_NORM_EPSILON);
     Tensor::from_dispatch(out)
 }
 
@@ -245,11 +359,23 @@ mod tests {
         assert!(max_diff(fused.clone().inner(), reference.clone().inner()) < 1e-5);
 
         let g1 = (fused * w.clone()).sum().backward();
-        let g2 = (reference * w).sum().backward();
+        let g2 = (reference * w.clone()).sum().backward();
         assert!(max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap()) < 1e-4);
         let gamma = norm.gamma.val();
         assert!(max_diff(gamma.grad(&g1).unwrap(), gamma.grad(&g2).unwrap()) < 1e-3);
         let beta = norm.beta.as_ref().unwrap().val();
+        assert!(max_diff(beta.grad(&g1).unwrap(), beta.grad(&g2).unwrap()) < 1e-3);
+
+        // The residual form: LayerNorm(a + b), gradients to both summands.
+        let a = Tensor::<3>::random([300, 5, 24], Distribution::Normal(0.5, 2.0), &dev).require_grad();
+        let fused = add_layer_norm(&norm, a.clone(), x.clone());
+        let reference = norm.forward(a.clone() + x.clone());
+        assert!(max_diff(fused.clone().inner(), reference.clone().inner()) < 1e-5);
+        let g1 = (fused * w.clone()).sum().backward();
+        let g2 = (reference * w.clone()).sum().backward();
+        assert!(max_diff(a.grad(&g1).unwrap(), a.grad(&g2).unwrap()) < 1e-4);
+        assert!(max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap()) < 1e-4);
+        assert!(max_diff(gamma.grad(&g1).unwrap(), gamma.grad(&g2).unwrap()) < 1e-3);
         assert!(max_diff(beta.grad(&g1).unwrap(), beta.grad(&g2).unwrap()) < 1e-3);
 
         // Inference (no autodiff) takes the plain Flex implementation.

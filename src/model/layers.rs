@@ -166,8 +166,9 @@ impl LinearCompress {
 
     /// `[b, n_in, d] → [b, n_out, d]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let w = self.weight.val().unsqueeze_dim::<3>(0); // [1, n_in, n_out]
-        x.swap_dims(1, 2).matmul(w).swap_dims(1, 2)
+        // Wᵀ X per example: the output comes out contiguous (X W on the transposed input
+        // left a strided view that made every later add and copy slower).
+        self.weight.val().transpose().unsqueeze_dim::<3>(0).matmul(x)
     }
 }
 
@@ -310,6 +311,6 @@ impl WukongLayer {
             Some(proj) => proj.forward(x),
             None => x,
         };
-        super::fused::layer_norm(&self.norm, out + res)
+        super::fused::add_layer_norm(&self.norm, out, res)
     }
 }
