@@ -276,6 +276,11 @@ def main():
             clock.seconds = {}
         t = time.perf_counter()
         clock.restart()
+        warm = min((i + 1) / tr["warmup_steps"], 1.0) if tr["warmup_steps"] > 0 else 1.0  # the trainer's warm-up
+        for g in adam.param_groups:
+            g["lr"] = tr["lr"] * warm
+        for g in adagrad.param_groups:
+            g["lr"] = tr["emb_lr"] * warm
         ids, y, dn = batch(i, bsz)
         clock("data")
         x = emb(ids)

@@ -339,6 +339,11 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The trainer's linear warm-up, which both sides of the benchmark apply (`step` from 0).
+pub fn warmup_factor(step: usize, warmup_steps: usize) -> f64 {
+    if warmup_steps == 0 { 1.0 } else { ((step + 1) as f64 / warmup_steps as f64).min(1.0) }
+}
+
 /// Our side, in this process: warm-up steps, timed steps with the phase clock, then scoring.
 pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_phases: bool) -> Result<Measurement> {
     let setup = Instant::now();
@@ -364,7 +369,8 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
         let t = Instant::now();
         profile::restart();
         let batch = batches.recv().context("generated data ran out")?;
-        let loss = stepper.step(&batch, lr, emb_lr)? as f64;
+        let warm = warmup_factor(i, spec.train.warmup_steps);
+        let loss = stepper.step(&batch, lr * warm, emb_lr * warm)? as f64;
         if i >= spec.warmup {
             step_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
