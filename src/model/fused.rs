@@ -299,9 +299,16 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 }
 
+/// `WUKONG_FUSED=0` turns the fused kernels off (burn's own ops everywhere), for A/B timing and
+/// for ruling them out when debugging.
+fn fused_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("WUKONG_FUSED").map(|v| v != "0").unwrap_or(true))
+}
+
 /// Whether [`layer_norm`] takes the fused kernel for this input.
 pub fn fusable<const D: usize>(norm: &burn::nn::LayerNorm, x: &Tensor<D>) -> bool {
-    x.device().inner() == burn::tensor::Device::flex() && x.dtype() == DType::F32 && norm.beta.is_some()
+    fused_enabled() && x.device().inner() == burn::tensor::Device::flex() && x.dtype() == DType::F32 && norm.beta.is_some()
 }
 
 /// The ε of every LayerNorm our models build (`LayerNormConfig`'s default; burn keeps the
