@@ -258,6 +258,9 @@ def main():
     adagrad = torch.optim.Adagrad(emb.parameters(), lr=tr["emb_lr"], eps=tr["emb_epsilon"],
                                   initial_accumulator_value=tr["emb_initial_accumulator"])
     clip = tr["grad_clip_norm"]
+    # Mixed precision like ours: bf16 products under autocast, f32 parameters and optimizer state.
+    bf16 = tr.get("precision", "f32") == "bf16"
+    autocast = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16)
     bsz, steps, warmup = spec["batch_size"], spec["steps"], spec["warmup"]
 
     def batch(i, size):
@@ -284,8 +287,9 @@ def main():
         ids, y, dn = batch(i, bsz)
         clock("data")
         x = emb(ids)
-        logits = step_body(x, dn)
-        loss = F.binary_cross_entropy_with_logits(logits, y)
+        with autocast():
+            logits = step_body(x, dn)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         clock("mlp")
         adam.zero_grad(set_to_none=True)
         adagrad.zero_grad(set_to_none=True)
@@ -316,7 +320,8 @@ def main():
             if i == 1:
                 start = time.perf_counter()
             ids, _, dn = batch(i, ib)
-            out = step_body(emb(ids), dn).float().cpu()
+            with autocast():
+                out = step_body(emb(ids), dn).float().cpu()
             if i >= 1:
                 scored += out.numel()
     infer = scored / (time.perf_counter() - start)

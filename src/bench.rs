@@ -350,6 +350,7 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     let device = crate::runtime::parse_device(device_spec)?;
     device.seed(spec.train.seed);
     crate::model::layers::seed_dropout(spec.train.seed);
+    crate::model::layers::set_matmul_precision(spec.train.precision);
     let shape = spec.shape();
     let layout = SlotLayout::one_hot(shape.fields);
     let model = spec.model.init(&shape, &device.clone().autodiff());
@@ -461,7 +462,8 @@ pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f6
     for r in results {
         let train_flops = 3.0 * r.spec.forward_flops as f64 * r.spec.batch_size as f64;
         let ours_ms = r.ours.as_ref().map(|m| m.median_ms()).ok();
-        let label = format!("{} (b={}, {:.2} MFLOP/ex)", r.spec.name, r.spec.batch_size, r.spec.forward_flops as f64 / 1e6);
+        let bf16 = if r.spec.train.precision == crate::model::layers::Precision::Bf16 { ", bf16" } else { "" };
+        let label = format!("{} (b={}, {:.2} MFLOP/ex{bf16})", r.spec.name, r.spec.batch_size, r.spec.forward_flops as f64 / 1e6);
         for (name, m) in [("ours (burn Flex)", &r.ours), ("PyTorch eager", &r.eager), ("PyTorch compile", &r.compiled)] {
             match m {
                 Ok(m) => {
@@ -571,6 +573,7 @@ pub fn equivalence(spec: &Spec, data: EncodedDataset, device_a: &str, device_b: 
     use burn::module::Module;
     let (da, db) = (crate::runtime::parse_device(device_a)?, crate::runtime::parse_device(device_b)?);
     da.seed(spec.train.seed);
+    crate::model::layers::set_matmul_precision(spec.train.precision);
     let shape = spec.shape();
     let layout = SlotLayout::one_hot(shape.fields);
     let model_a = spec.model.init(&shape, &da.clone().autodiff());

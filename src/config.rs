@@ -60,6 +60,9 @@ pub struct TrainConfig {
     /// Multiply both learning rates by this when the monitored metric does not improve (1 = off).
     pub plateau_lr_factor: f64,
     pub seed: u64,
+    /// Matrix products of the MLPs: `f32` (default) or `bf16` (mixed precision: bf16 inputs and
+    /// weights, f32 accumulation, f32 master weights, optimizer state, loss and metrics).
+    pub precision: crate::model::layers::Precision,
 }
 
 impl Default for TrainConfig {
@@ -83,6 +86,7 @@ impl Default for TrainConfig {
             patience: 2,
             plateau_lr_factor: 0.1,
             seed: 2024,
+            precision: Default::default(),
         }
     }
 }

@@ -66,6 +66,9 @@ enum Command {
         /// Training (and scoring) batch size for every config (default: each config's).
         #[arg(long)]
         batch_size: Option<usize>,
+        /// MLP matrix-product precision for both sides: f32 or bf16 (PyTorch: autocast).
+        #[arg(long, value_parser = parse_precision)]
+        precision: Option<wukong::model::layers::Precision>,
         /// Device for our side: cpu, vulkan[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -141,6 +144,9 @@ enum Command {
         emb_lr: Option<f64>,
         #[arg(long)]
         seed: Option<u64>,
+        /// MLP matrix-product precision: f32 or bf16 (mixed precision).
+        #[arg(long, value_parser = parse_precision)]
+        precision: Option<wukong::model::layers::Precision>,
         /// Where run directories are created.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
@@ -261,7 +267,7 @@ fn run() -> Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Train { config, paths, epochs, batch_size, lr, emb_lr, seed, out, device, rebuild_cache } => {
+        Command::Train { config, paths, epochs, batch_size, lr, emb_lr, seed, precision, out, device, rebuild_cache } => {
             let mut cfg = ExperimentConfig::load(&config)?;
             apply_paths(&mut cfg, paths);
             if let Some(x) = epochs { cfg.train.epochs = x }
@@ -269,6 +275,7 @@ fn run() -> Result<()> {
             if let Some(x) = lr { cfg.train.lr = x }
             if let Some(x) = emb_lr { cfg.train.emb_lr = x }
             if let Some(x) = seed { cfg.train.seed = x }
+            if let Some(x) = precision { cfg.train.precision = x }
             cfg.validate()?;
             let outcome = train::train(&cfg, &RunOptions { device, out_dir: out, verbose: true, rebuild_cache })?;
             println!("run directory: {}", outcome.run_dir.display());
@@ -351,8 +358,8 @@ fn run() -> Result<()> {
                 println!("table written to {}", p.display());
             }
         }
-        Command::Bench { configs, steps, warmup, batch_size, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
-            run_bench(BenchArgs { configs, steps, warmup, batch_size, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
+        Command::Bench { configs, steps, warmup, batch_size, precision, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
+            run_bench(BenchArgs { configs, steps, warmup, batch_size, precision, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
         }
         Command::Equivalence { config, reference, device, steps, tolerance, batch_size } => {
             let mut spec = wukong::bench::Spec::load(&config, Some(steps), Some(0))?;
@@ -388,11 +395,20 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+fn parse_precision(s: &str) -> std::result::Result<wukong::model::layers::Precision, String> {
+    match s {
+        "f32" => Ok(wukong::model::layers::Precision::F32),
+        "bf16" => Ok(wukong::model::layers::Precision::Bf16),
+        other => Err(format!("unknown precision {other:?} (expected f32 or bf16)")),
+    }
+}
+
 struct BenchArgs {
     configs: Vec<PathBuf>,
     steps: Option<usize>,
     warmup: Option<usize>,
     batch_size: Option<usize>,
+    precision: Option<wukong::model::layers::Precision>,
     device: String,
     python: String,
     reference: PathBuf,
@@ -433,7 +449,10 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         if let Some(b) = a.batch_size {
             spec.set_batch_size(b);
         }
-        let dir = a.work_dir.join(format!("{}-b{}", spec.name, spec.batch_size));
+        if let Some(p) = a.precision {
+            spec.train.precision = p;
+        }
+        let dir = a.work_dir.join(format!("{}-b{}-{:?}", spec.name, spec.batch_size, spec.train.precision).to_lowercase());
         eprintln!("== {}: generating {} examples ({} fields, {} table rows)", spec.name, spec.examples, spec.vocab.len(), spec.table_rows);
         let data = bench::generate(&spec, spec.train.seed);
         bench::write_work_dir(&dir, &spec, &data)?;

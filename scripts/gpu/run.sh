@@ -4,7 +4,8 @@
 #   2. the CPU-vs-GPU equivalence check (same parameters, batches, dropout masks; 5 steps);
 #   3. Frappe trained on the GPU (when the data is there), to compare its test AUC with the CPU's;
 #   4. the speed benchmark against the PyTorch installed there (eager and torch.compile, CUDA),
-#      Frappe and Criteo-shaped configs at batch 4096 and 65536.
+#      Frappe and Criteo-shaped configs at batch 4096 and 65536, f32 and bf16 (autocast there).
+# Frappe is trained in f32 and in bf16.
 # Everything is written under $OUT (default gpu-out/) and summarized in $OUT/gpu_report.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -52,15 +53,20 @@ if [ -e ../shared/data/frappe ] || [ -e shared/data/frappe ]; then
   [ -e ../shared/data/frappe ] || { sed 's#\.\./shared/#shared/#g' "$cfg" > "$out/frappe_gpu.toml"; cfg="$out/frappe_gpu.toml"; }
   "$bundle/wukong" train --config "$cfg" --device "$device" --out "$out/runs" 2>&1 | tee "$out/frappe-train.log" | grep -v '^epoch .*\[' 
   grep -E "test AUC|best epoch" "$out/frappe-train.log" >> "$report"
+  "$bundle/wukong" train --config "$cfg" --device "$device" --precision bf16 --out "$out/runs" 2>&1 | tee "$out/frappe-train-bf16.log" | grep -v '^epoch .*\['
+  echo "bf16:" >> "$report"; grep -E "test AUC|best epoch" "$out/frappe-train-bf16.log" >> "$report"
 else
   echo "skipped: no Frappe data (../shared/data/frappe or shared/data/frappe)" | tee -a "$report"
 fi
 
-for b in 4096 65536; do
-  step "Speed at batch $b: ours ($device) vs PyTorch (CUDA eager, torch.compile)"
-  "$bundle/wukong" bench benchmarks/configs/frappe.toml benchmarks/configs/criteo.toml \
-    --device "$device" --batch-size "$b" --work-dir "$out/bench-work" --out "$out/bench-$b.md" 2>"$out/bench-$b.log"
-  cat "$out/bench-$b.md" >> "$report" 2>/dev/null || echo "bench failed: see bench-$b.log" >> "$report"
+for p in f32 bf16; do
+  for b in 4096 65536; do
+    step "Speed at batch $b, $p: ours ($device) vs PyTorch (CUDA eager, torch.compile)"
+    "$bundle/wukong" bench benchmarks/configs/frappe.toml benchmarks/configs/criteo.toml \
+      --device "$device" --batch-size "$b" --precision "$p" --work-dir "$out/bench-work" \
+      --out "$out/bench-$b-$p.md" 2>"$out/bench-$b-$p.log"
+    cat "$out/bench-$b-$p.md" >> "$report" 2>/dev/null || echo "bench failed: see bench-$b-$p.log" >> "$report"
+  done
 done
 rm -rf "$out/bench-work"
 echo; echo "report: $report"

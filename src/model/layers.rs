@@ -59,6 +59,42 @@ impl Dropout {
     }
 }
 
+/// Precision of the MLP matrix products (the bulk of the FLOPs). Parameters, their gradients,
+/// the optimizer state, the loss and metrics stay f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Inputs and weights rounded to bf16 for the product, accumulated and returned as f32
+    /// (mixed precision with f32 master weights; pays on GPUs with bf16 units).
+    Bf16,
+}
+
+thread_local! {
+    static MATMUL_PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+}
+
+/// Sets the calling thread's MLP matrix-product precision (the trainer sets the run's).
+pub fn set_matmul_precision(p: Precision) {
+    MATMUL_PRECISION.set(p);
+}
+
+/// `x W + b` in the thread's matmul precision.
+pub fn linear(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
+    match MATMUL_PRECISION.get() {
+        Precision::F32 => layer.forward(x),
+        Precision::Bf16 => {
+            use burn::tensor::DType;
+            let y = x.cast(DType::BF16).matmul(layer.weight.val().cast(DType::BF16)).cast(DType::F32);
+            match &layer.bias {
+                Some(b) => y + b.val().unsqueeze::<2>(),
+                None => y,
+            }
+        }
+    }
+}
+
 /// `d_in → hidden… → d_out`: each hidden layer is Linear → (BatchNorm) → ReLU → dropout; the
 /// output layer is linear.
 #[derive(Module, Debug)]
@@ -94,13 +130,13 @@ impl Mlp {
     /// Input `[b, d_in]` (batch norm normalizes over the batch axis).
     pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
         for (i, layer) in self.hidden.iter().enumerate() {
-            x = layer.forward(x);
+            x = linear(layer, x);
             if let Some(bn) = self.norms.get(i) {
                 x = bn.forward(x);
             }
             x = self.dropout.forward(relu(x));
         }
-        self.output.forward(x)
+        linear(&self.output, x)
     }
 }
 
@@ -127,7 +163,7 @@ impl HiddenLayers {
 
     pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x);
+            x = linear(layer, x);
             if let Some(bn) = self.norms.get(i) {
                 x = bn.forward(x);
             }
@@ -312,5 +348,33 @@ impl WukongLayer {
             None => x,
         };
         super::fused::add_layer_norm(&self.norm, out, res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_products_stay_close_to_f32_and_keep_gradients() {
+        let dev = Device::flex().autodiff();
+        dev.seed(9);
+        let mlp = Mlp::new(64, &[128, 64], 8, 0.0, &dev);
+        let x = Tensor::<2>::random([256, 64], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+        set_matmul_precision(Precision::F32);
+        let full = mlp.forward(x.clone());
+        set_matmul_precision(Precision::Bf16);
+        let half = mlp.forward(x.clone());
+        set_matmul_precision(Precision::F32);
+        assert_eq!(half.dtype(), burn::tensor::DType::F32);
+        let scale = full.clone().abs().max().into_scalar::<f32>();
+        let diff = (full.clone() - half.clone()).abs().max().into_scalar::<f32>();
+        // bf16 keeps 8 mantissa bits: ~0.4% per rounding, a few roundings deep.
+        assert!(diff / scale < 0.03, "bf16 differs by {diff} at scale {scale}");
+        assert!(diff > 0.0, "the bf16 path must actually round");
+        let g = half.sum().backward();
+        let gw = mlp.hidden[0].weight.val().grad(&g).expect("weights get gradients through the casts");
+        assert_eq!(gw.dtype(), burn::tensor::DType::F32);
+        assert!(gw.abs().sum().into_scalar::<f32>() > 0.0);
     }
 }

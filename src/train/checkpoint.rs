@@ -52,6 +52,7 @@ pub struct LoadedRun {
 pub fn load_run(dir: &Path, device: &Device) -> Result<LoadedRun> {
     let config = ExperimentConfig::load(&dir.join(CONFIG)).with_context(|| format!("{} is not a run directory", dir.display()))?;
     let encoder = Encoder::load(&dir.join(ENCODER))?;
+    crate::model::layers::set_matmul_precision(config.train.precision);
     let model = load_model(&config, &encoder, &dir.join(MODEL), device)?;
     Ok(LoadedRun { dir: dir.to_path_buf(), config, encoder, model })
 }

@@ -206,6 +206,7 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     let device = crate::runtime::parse_device(&opts.device)?;
     device.seed(t.seed);
     crate::model::layers::seed_dropout(t.seed);
+    crate::model::layers::set_matmul_precision(t.precision);
     let ad = device.clone().autodiff();
     let model = cfg.model.init(&shape, &ad);
     let (emb_params, dense_params) = model.param_counts();
