@@ -128,7 +128,7 @@ impl Spec {
             .map(|mut s| {
                 if let Some(n) = steps { s.steps = n }
                 if let Some(n) = warmup { s.warmup = n }
-                s.size_data();
+                s.size_data(); // for the overridden step counts
                 s
             })
     }
@@ -136,9 +136,7 @@ impl Spec {
     /// Parses a bench config's text (`base` paths resolve against the working directory).
     pub fn parse(text: &str) -> Result<Self> {
         let file: BenchFile = toml::from_str(text)?;
-        let mut s = Self::resolve(file, Path::new("."))?;
-        s.size_data();
-        Ok(s)
+        Self::resolve(file, Path::new("."))
     }
 
     fn resolve(file: BenchFile, path: &Path) -> Result<Self> {
@@ -168,8 +166,7 @@ impl Spec {
         let table_rows: usize = vocab.iter().sum();
         let shape = DataShape { fields: vocab.len(), dense: s.dense, table_rows };
         model.check_shape(&shape)?;
-        let examples = ((s.warmup + s.steps) * batch_size).max((s.infer_batches + 1) * infer_batch_size);
-        Ok(Self {
+        let mut spec = Self {
             name: file.name,
             description: file.description,
             forward_flops: model.forward_flops(&shape),
@@ -184,11 +181,13 @@ impl Spec {
             steps: s.steps,
             infer_batch_size,
             infer_batches: s.infer_batches,
-            examples,
+            examples: 0, // set by size_data
             table_rows,
             zipf: s.zipf,
             positive_rate: s.positive_rate,
-        })
+        };
+        spec.size_data();
+        Ok(spec)
     }
 }
 
