@@ -434,8 +434,9 @@ pub fn matmul_gflops(device_spec: &str, m: usize, k: usize, n: usize, reps: usiz
     Ok(2.0 * (m * k * n) as f64 / times[times.len() / 2] / 1e9)
 }
 
-/// Finds and parses the `BENCH_RESULT {json}` line of a child's output.
-pub fn parse_result(stdout: &str) -> Result<Measurement> {
+/// Finds and parses the `BENCH_RESULT {json}` line of a child's output (a [`Measurement`], or
+/// another shape such as the matmul peak's `{"gflops": …}`).
+pub fn parse_result<T: serde::de::DeserializeOwned>(stdout: &str) -> Result<T> {
     let line = stdout.lines().rev().find_map(|l| l.strip_prefix("BENCH_RESULT ")).context("no BENCH_RESULT line in the output")?;
     Ok(serde_json::from_str(line)?)
 }

@@ -13,7 +13,7 @@ unsafe extern "C" {
 /// tensors fault it back in, zeroing 2 MiB huge pages (17% of a Frappe step in `perf`, gone
 /// with purging off; peak RSS 390 → 690 MiB on that config).
 fn keep_freed_memory() {
-    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15; // mimalloc v2's enum (mimalloc.h)
+    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15; // `mi_option_purge_delay` in mimalloc.h (v2 and v3; the crate builds v3)
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
@@ -484,8 +484,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     if !a.no_peak {
         let gflops = |o: std::result::Result<String, String>| {
             o.and_then(|o| {
-                let line = o.lines().rev().find_map(|l| l.strip_prefix("BENCH_RESULT ")).ok_or("no result line")?.to_string();
-                let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+                let v: serde_json::Value = bench::parse_result(&o).map_err(|e| e.to_string())?;
                 v["gflops"].as_f64().ok_or_else(|| "no gflops".to_string())
             })
         };
