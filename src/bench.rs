@@ -352,7 +352,7 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     crate::model::layers::set_matmul_precision(spec.train.precision);
     let shape = spec.shape();
     let layout = SlotLayout::one_hot(shape.fields);
-    let model = spec.model.init(&shape, &device.clone().autodiff());
+    let model = spec.model.init_with_storage(&shape, spec.train.emb_storage, &device.clone().autodiff());
     let mut stepper = Stepper::new(model, &spec.model, &spec.train, layout.clone(), &device);
     let data = Arc::new(data);
     let loader = BatchLoader::new(Arc::clone(&data), spec.table_rows, spec.batch_size);
@@ -576,7 +576,7 @@ pub fn equivalence(spec: &Spec, data: EncodedDataset, device_a: &str, device_b: 
     crate::model::layers::set_matmul_precision(spec.train.precision);
     let shape = spec.shape();
     let layout = SlotLayout::one_hot(shape.fields);
-    let model_a = spec.model.init(&shape, &da.clone().autodiff());
+    let model_a = spec.model.init_with_storage(&shape, spec.train.emb_storage, &da.clone().autodiff());
     let model_b = model_a.clone().fork(&db.clone().autodiff());
     let mut sa = Stepper::new(model_a, &spec.model, &spec.train, layout.clone(), &da);
     let mut sb = Stepper::new(model_b, &spec.model, &spec.train, layout, &db);

@@ -46,12 +46,18 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     /// Global L2-norm clipping of the dense gradients (0 = off).
     pub grad_clip_norm: f64,
-    /// Row-wise Adagrad learning rate for embedding rows.
+    /// Optimizer of the embedding rows: `rowwise_adagrad` (default) or `adam` (lazy Adam on the
+    /// touched rows, with `adam_beta1`/`adam_beta2`).
+    pub emb_optimizer: crate::train::EmbOptimizerKind,
+    /// Learning rate of the embedding optimizer.
     pub emb_lr: f64,
     pub emb_epsilon: f64,
     pub emb_initial_accumulator: f64,
     /// L2 on the embedding rows a batch touched (added to their gradient).
     pub emb_l2: f64,
+    /// How the table's values are stored: `f32` (default), `f16` or `bf16` (half the memory;
+    /// lookups and updates compute in f32 and write back with stochastic rounding).
+    pub emb_storage: crate::model::TableStorage,
     /// Validation metric that selects the best epoch and drives early stopping: `auc`
     /// (default) or `logloss`.
     pub monitor: Monitor,
@@ -78,10 +84,12 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             warmup_steps: 100,
             grad_clip_norm: 10.0,
+            emb_optimizer: Default::default(),
             emb_lr: 0.05,
             emb_epsilon: 1e-8,
             emb_initial_accumulator: 0.0,
             emb_l2: 0.0,
+            emb_storage: Default::default(),
             monitor: Monitor::Auc,
             patience: 2,
             plateau_lr_factor: 0.1,

@@ -139,7 +139,7 @@ enum Command {
         /// Adam learning rate (dense parameters).
         #[arg(long)]
         lr: Option<f64>,
-        /// Row-wise Adagrad learning rate (embedding rows).
+        /// Learning rate of the embedding-row optimizer.
         #[arg(long)]
         emb_lr: Option<f64>,
         #[arg(long)]
@@ -147,6 +147,9 @@ enum Command {
         /// MLP matrix-product precision: f32 or bf16 (mixed precision).
         #[arg(long, value_parser = parse_precision)]
         precision: Option<wukong::model::layers::Precision>,
+        /// Embedding-table storage: f32, f16 or bf16 (stochastic rounding on update).
+        #[arg(long, value_parser = parse_storage)]
+        emb_storage: Option<wukong::model::TableStorage>,
         /// Where run directories are created.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
@@ -267,7 +270,7 @@ fn run() -> Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Train { config, paths, epochs, batch_size, lr, emb_lr, seed, precision, out, device, rebuild_cache } => {
+        Command::Train { config, paths, epochs, batch_size, lr, emb_lr, seed, precision, emb_storage, out, device, rebuild_cache } => {
             let mut cfg = ExperimentConfig::load(&config)?;
             apply_paths(&mut cfg, paths);
             if let Some(x) = epochs { cfg.train.epochs = x }
@@ -276,6 +279,7 @@ fn run() -> Result<()> {
             if let Some(x) = emb_lr { cfg.train.emb_lr = x }
             if let Some(x) = seed { cfg.train.seed = x }
             if let Some(x) = precision { cfg.train.precision = x }
+            if let Some(x) = emb_storage { cfg.train.emb_storage = x }
             cfg.validate()?;
             let outcome = train::train(&cfg, &RunOptions { device, out_dir: out, verbose: true, rebuild_cache })?;
             println!("run directory: {}", outcome.run_dir.display());
@@ -400,6 +404,15 @@ fn parse_precision(s: &str) -> std::result::Result<wukong::model::layers::Precis
         "f32" => Ok(wukong::model::layers::Precision::F32),
         "bf16" => Ok(wukong::model::layers::Precision::Bf16),
         other => Err(format!("unknown precision {other:?} (expected f32 or bf16)")),
+    }
+}
+
+fn parse_storage(s: &str) -> std::result::Result<wukong::model::TableStorage, String> {
+    match s {
+        "f32" => Ok(wukong::model::TableStorage::F32),
+        "f16" => Ok(wukong::model::TableStorage::F16),
+        "bf16" => Ok(wukong::model::TableStorage::Bf16),
+        other => Err(format!("unknown table storage {other:?} (expected f32, f16 or bf16)")),
     }
 }
 

@@ -195,3 +195,36 @@ fn every_model_learns_a_tiny_task_with_the_shared_trainer() {
     eprintln!("{report}");
     assert!(failures.is_empty(), "{failures:?}\n{report}");
 }
+
+/// The embedding-table options against the default (f32 table, row-wise Adagrad) on the tiny
+/// task: half-precision storage (stochastic rounding) must stay within 0.01 test AUC of f32, and
+/// lazy Adam must learn it too. Test metrics come from the checkpoint, so this also reloads a
+/// half-precision table.
+#[test]
+fn half_precision_tables_and_lazy_adam_train_like_the_default() {
+    let _turn = serial();
+    let dir = common::workdir("models-table-options");
+    generate(&dir);
+    let run = |name: &str, extra: &str| {
+        let text = format!(
+            "name = \"tiny-{name}\"\n[data]\ntrain = \"{0}/train.libfm\"\nvalid = \"{0}/valid.libfm\"\ntest = \"{0}/test.libfm\"\n[model]\nname = \"wukong\"\n{1}\n\
+             [train]\nepochs = 10\nbatch_size = 256\nlr = 0.003\nwarmup_steps = 10\npatience = 10\nplateau_lr_factor = 1.0\nseed = 3\n{extra}\n",
+            dir.display(),
+            MODELS[0].1
+        );
+        let cfg = ExperimentConfig::parse(&text).unwrap();
+        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, rebuild_cache: false }).unwrap();
+        let reloaded = wukong::train::checkpoint::load_run(&out.run_dir, &Device::flex()).unwrap();
+        assert_eq!(reloaded.model.embedding().storage(), cfg.train.emb_storage, "{name}: storage survives the checkpoint");
+        out.test.unwrap().auc
+    };
+    let base = run("f32", "emb_lr = 0.05");
+    let f16 = run("f16", "emb_lr = 0.05\nemb_storage = \"f16\"");
+    let bf16 = run("bf16", "emb_lr = 0.05\nemb_storage = \"bf16\"");
+    let adam = run("adam", "emb_optimizer = \"adam\"\nemb_lr = 0.01");
+    eprintln!("test AUC: f32 {base:.4}, f16 table {f16:.4}, bf16 table {bf16:.4}, lazy Adam {adam:.4}");
+    assert!(base > 0.85, "f32 baseline {base}");
+    assert!((f16 - base).abs() < 0.01, "f16 table {f16} vs f32 {base}");
+    assert!((bf16 - base).abs() < 0.01, "bf16 table {bf16} vs f32 {base}");
+    assert!(adam > 0.85, "lazy Adam {adam}");
+}

@@ -164,3 +164,128 @@ fn multi_hot_slots_are_weighted_and_pooled_per_field() {
         assert!((x[3 * D + j] - 2.0 * row(4, j)).abs() < 1e-6, "weight 2 on row 4, padding slot weight 0");
     }
 }
+
+#[test]
+fn stochastic_rounding_is_unbiased_and_stays_on_the_format_grid() {
+    use burn::tensor::DType;
+    use wukong::model::TableStorage;
+    let device = Device::flex();
+    device.seed(11);
+    let n = 20_000;
+    // ordinary values, a value just below a power of two, and an f16 subnormal
+    for storage in [TableStorage::F16, TableStorage::Bf16] {
+        for v in [0.123_456_7f32, -3.300_001, 0.999_99, 3.0e-6] {
+            let x = Tensor::<2>::full([n, 1], v, &device);
+            let r = storage.round_stochastic(x.clone());
+            assert_eq!(r.dtype(), storage.dtype());
+            let r = to_vec(r.cast(DType::F32));
+            // the two neighbours on the grid, found by round-to-nearest of values nudged either way
+            let nearest = to_vec(x.cast(storage.dtype()).cast(DType::F32))[0];
+            let mut seen: Vec<f32> = r.clone();
+            seen.sort_by(f32::total_cmp);
+            seen.dedup();
+            assert!(seen.len() <= 2, "{storage:?} {v}: more than two rounded values {seen:?}");
+            assert!(seen.contains(&nearest) || v == 0.0, "{storage:?} {v}: nearest {nearest} never produced: {seen:?}");
+            let (lo, hi) = (seen[0], *seen.last().unwrap());
+            assert!(lo <= v && v <= hi, "{storage:?} {v}: {seen:?} do not bracket the value");
+            let mean = r.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+            // Bernoulli between the two neighbours: σ(mean) ≤ (hi − lo) / (2 √n)
+            let tol = 4.0 * (hi - lo) as f64 / (2.0 * (n as f64).sqrt()) + 1e-12;
+            assert!((mean - v as f64).abs() <= tol, "{storage:?} {v}: mean {mean} (tolerance {tol})");
+        }
+    }
+}
+
+#[test]
+fn half_precision_tables_keep_updates_smaller_than_their_spacing() {
+    use burn::tensor::DType;
+    use wukong::model::TableStorage;
+    let device = Device::flex();
+    device.seed(12);
+    for storage in [TableStorage::F16, TableStorage::Bf16] {
+        let start = 0.5f32;
+        let mut emb = SparseEmbedding {
+            weight: burn::module::Param::from_tensor(Tensor::<2>::full([4, 8], start, &device)),
+        }
+        .with_storage(storage);
+        assert_eq!(emb.weight.dtype(), storage.dtype());
+        assert_eq!(emb.table_bytes(), 4 * 8 * 2);
+        // a tenth of the grid spacing at 0.5: round-to-nearest would drop every one of them
+        let spacing = if storage == TableStorage::F16 { 2f32.powi(-11) } else { 2f32.powi(-8) };
+        let delta = spacing / 10.0;
+        let nearest = to_vec(Tensor::<2>::full([1, 1], start + delta, &device).cast(storage.dtype()).cast(DType::F32))[0];
+        assert_eq!(nearest, start, "the test needs updates that round-to-nearest loses");
+        let idx = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(vec![1i64, 3], [2]), &device);
+        let steps = 2000;
+        for _ in 0..steps {
+            let current = emb.weight.val().select(0, idx.clone()).cast(DType::F32);
+            emb = emb.add_rows(idx.clone(), current, Tensor::<2>::full([2, 8], delta, &device));
+        }
+        let table = to_vec(emb.weight.val().cast(DType::F32));
+        let expected = start + steps as f32 * delta;
+        for r in 0..4 {
+            let row = &table[r * 8..(r + 1) * 8];
+            let mean = row.iter().sum::<f32>() / 8.0;
+            if r == 1 || r == 3 {
+                assert!((mean - expected).abs() < 0.1 * (expected - start), "{storage:?} row {r}: {mean} vs {expected}");
+            } else {
+                assert!(row.iter().all(|&x| x == start), "{storage:?}: untouched row {r} changed");
+            }
+        }
+    }
+}
+
+#[test]
+fn sparse_adam_updates_touched_rows_only_and_matches_the_formula() {
+    use wukong::train::SparseAdam;
+    let device = Device::flex();
+    device.seed(6);
+    let emb = SparseEmbedding::new(ROWS, D, 0.5, &device);
+    let before = to_vec(emb.weight.val());
+    let b = batch();
+    let u = b.unique_rows.len();
+    let (lr, b1, b2, eps, l2) = (0.01f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
+    let mut opt = SparseAdam::new(ROWS, D, b1, b2, eps, l2, &device);
+    let idx = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(b.unique_rows.clone(), [u]), &device);
+    let grads: Vec<Vec<f32>> = (0..3).map(|s| (0..u * D).map(|i| ((i + 7 * s) as f32 * 0.37).sin()).collect()).collect();
+    let mut emb = emb;
+    for g in &grads {
+        let rows = emb.weight.val().select(0, idx.clone());
+        emb = opt.step(emb, idx.clone(), rows, Tensor::<2>::from_data(TensorData::new(g.clone(), [u, D]), &device), lr);
+    }
+    let after = to_vec(emb.weight.val());
+
+    // PyTorch SparseAdam's arithmetic, on the host
+    let mut w = before.clone();
+    let (mut m, mut v) = (vec![0f32; ROWS * D], vec![0f32; ROWS * D]);
+    for (s, g) in grads.iter().enumerate() {
+        let t = s as i32 + 1;
+        let step_size = (lr * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t))) as f32;
+        for (k, &r) in b.unique_rows.iter().enumerate() {
+            for j in 0..D {
+                let i = r as usize * D + j;
+                let gi = g[k * D + j] + l2 as f32 * w[i];
+                m[i] = b1 as f32 * m[i] + (1.0 - b1 as f32) * gi;
+                v[i] = b2 as f32 * v[i] + (1.0 - b2 as f32) * gi * gi;
+                w[i] -= step_size * m[i] / (v[i].sqrt() + eps as f32);
+            }
+        }
+    }
+    for r in 0..ROWS {
+        let touched = b.unique_rows.contains(&(r as i64));
+        for j in 0..D {
+            let i = r * D + j;
+            if touched {
+                assert!((after[i] - w[i]).abs() < 1e-5, "row {r}: {} vs {}", after[i], w[i]);
+                assert!((after[i] - before[i]).abs() > 1e-3, "row {r} did not move");
+            } else {
+                assert_eq!(after[i].to_bits(), before[i].to_bits(), "untouched row {r} changed");
+            }
+        }
+    }
+    let (m_t, v_t) = opt.moments();
+    let (m_t, v_t) = (to_vec(m_t.clone()), to_vec(v_t.clone()));
+    for i in 0..ROWS * D {
+        assert!((m_t[i] - m[i]).abs() < 1e-6 && (v_t[i] - v[i]).abs() < 1e-6, "moments at {i}");
+    }
+}

@@ -7,13 +7,72 @@
 //! into those rows in place. No full-table gradient or optimizer pass happens per step.
 
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 
 use crate::data::Batch;
 
 #[derive(Module, Debug)]
 pub struct SparseEmbedding {
     pub weight: Param<Tensor<2>>,
+}
+
+/// Number format of the stored table rows. Lookups and optimizer arithmetic are always f32; a
+/// half-precision table halves its memory (the paper trains its tables in FP16). Writes back to a
+/// half table round *stochastically* (unbiased), so updates smaller than half an ulp are not
+/// lost the way round-to-nearest loses them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TableStorage {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl TableStorage {
+    pub fn dtype(self) -> DType {
+        match self {
+            TableStorage::F32 => DType::F32,
+            TableStorage::F16 => DType::F16,
+            TableStorage::Bf16 => DType::BF16,
+        }
+    }
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            TableStorage::F32 => 4,
+            _ => 2,
+        }
+    }
+    /// Explicit mantissa bits and the smallest normal exponent of the format.
+    fn grid(self) -> (i32, i32) {
+        match self {
+            TableStorage::F32 => (23, -126),
+            TableStorage::F16 => (10, -14),
+            TableStorage::Bf16 => (7, -126),
+        }
+    }
+
+    /// Rounds f32 values to this format's grid, up or down at random with the probabilities that
+    /// make the result unbiased (E[round(v)] = v), and returns them in this format.
+    ///
+    /// The grid spacing at v is 2^(⌊log₂|v|⌋ − mantissa bits), floored at the format's subnormal
+    /// spacing. Where float error in log₂ picks the exponent one too high (just below a power of
+    /// two) the grid is coarser than the format's — still representable, still unbiased; one too
+    /// low only happens at exact powers of two, which every grid contains.
+    pub fn round_stochastic(self, v: Tensor<2>) -> Tensor<2> {
+        if self == TableStorage::F32 {
+            return v;
+        }
+        let (bits, min_exp) = self.grid();
+        let exponent = v.clone().abs().clamp_min(2f32.powi(min_exp)).log().div_scalar(std::f32::consts::LN_2).floor();
+        let spacing = exponent.sub_scalar(bits as f32).mul_scalar(std::f32::consts::LN_2).exp();
+        let down = (v.clone() / spacing.clone()).floor() * spacing.clone();
+        let p_up = (v - down.clone()) / spacing.clone();
+        let u = Tensor::<2>::random(p_up.dims(), Distribution::Default, &p_up.device());
+        let up = u.lower(p_up).float();
+        (down + up * spacing).cast(self.dtype())
+    }
 }
 
 /// Which field each embedding slot belongs to: a multi-hot field has several slots that are
@@ -100,6 +159,27 @@ impl SparseEmbedding {
         Self { weight: Param::initialized(ParamId::new(), w).set_require_grad(false) }
     }
 
+    /// The same table stored as `storage` (rounded to nearest once, at initialization).
+    pub fn with_storage(self, storage: TableStorage) -> Self {
+        if self.weight.dtype() == storage.dtype() {
+            return self;
+        }
+        Self { weight: self.weight.map(|t| t.cast(storage.dtype())) }
+    }
+
+    pub fn storage(&self) -> TableStorage {
+        match self.weight.dtype() {
+            DType::F16 => TableStorage::F16,
+            DType::BF16 => TableStorage::Bf16,
+            _ => TableStorage::F32,
+        }
+    }
+
+    /// Bytes the table's values occupy.
+    pub fn table_bytes(&self) -> usize {
+        self.rows() * self.dim() * self.storage().bytes_per_value()
+    }
+
     pub fn rows(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -112,6 +192,7 @@ impl SparseEmbedding {
     pub fn lookup(&self, input: &SparseInput, track: bool) -> (Tensor<3>, Option<Gathered>) {
         let table = self.weight.val().inner();
         let rows = table.select(0, input.unique_rows.clone());
+        let rows = if rows.dtype() != DType::F32 { rows.cast(DType::F32) } else { rows };
         let rows = if track { rows.autodiff().require_grad() } else { rows };
         let x = rows
             .clone()
@@ -130,9 +211,17 @@ impl SparseEmbedding {
     }
 
     /// Adds `delta` (`[U, d]`) to the given distinct rows, in place when the table is not shared.
-    pub fn add_rows(self, unique_rows: Tensor<1, Int>, delta: Tensor<2>) -> Self {
-        let weight = self.weight.map(|t| {
-            t.inner().select_assign(0, unique_rows, delta, burn::tensor::IndexingUpdateOp::Add)
+    /// `current` holds those rows' present values in f32 (the gathered rows): a half-precision
+    /// table gets `round_stochastic(current + delta)` written back.
+    pub fn add_rows(self, unique_rows: Tensor<1, Int>, current: Tensor<2>, delta: Tensor<2>) -> Self {
+        use burn::tensor::IndexingUpdateOp;
+        let storage = self.storage();
+        let weight = self.weight.map(|t| match storage {
+            TableStorage::F32 => t.inner().select_assign(0, unique_rows, delta, IndexingUpdateOp::Add),
+            half => {
+                let new = half.round_stochastic(current.inner() + delta);
+                t.inner().select_assign(0, unique_rows, new, IndexingUpdateOp::Assign)
+            }
         });
         Self { weight }
     }

@@ -23,7 +23,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use embedding::{Gathered, SlotLayout, SparseEmbedding, SparseInput};
+pub use embedding::{Gathered, SlotLayout, SparseEmbedding, SparseInput, TableStorage};
 pub use wukong::{Wukong, WukongConfig};
 
 /// What a model needs to know about the data: categorical fields (after multi-hot pooling),
@@ -137,6 +137,10 @@ impl ModelConfig {
     }
     pub fn init(&self, shape: &DataShape, device: &Device) -> Model {
         self.spec().build(shape, device)
+    }
+    /// [`Self::init`] with the embedding table stored as `storage` (`[train] emb_storage`).
+    pub fn init_with_storage(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+        self.init(shape, device).map_embedding(|e| e.with_storage(storage))
     }
     /// Analytic forward FLOPs per example (matrix products only).
     pub fn forward_flops(&self, shape: &DataShape) -> u64 {

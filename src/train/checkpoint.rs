@@ -34,7 +34,7 @@ pub fn save_model(model: &Model, path: &Path) -> Result<()> {
 
 /// Builds the model of `cfg` for `encoder` on `device` and loads the weights at `path`.
 pub fn load_model(cfg: &ExperimentConfig, encoder: &Encoder, path: &Path, device: &Device) -> Result<Model> {
-    let model = cfg.model.init(&crate::model::DataShape::of(encoder), device);
+    let model = cfg.model.init_with_storage(&crate::model::DataShape::of(encoder), cfg.train.emb_storage, device);
     let record = ModuleRecord::load(path).map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()))?;
     model
         .try_load_record(record)

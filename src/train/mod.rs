@@ -20,7 +20,7 @@ use crate::profile::{self, Phase};
 use crate::data::{BatchLoader, Encoder, SplitData};
 use crate::metrics::{MetricAccumulator, Metrics};
 use crate::model::{DataShape, Model, ModelConfig, SlotLayout, SparseInput};
-pub use optim::{RowWiseAdagrad, clip_global_norm, grad_norm};
+pub use optim::{EmbOptimizerKind, RowWiseAdagrad, SparseAdam, SparseOptimizer, clip_global_norm, grad_norm};
 
 /// Mean binary cross-entropy from logits, stable for any logit:
 /// `max(z,0) − z·y + ln(1 + e^{−|z|})`.
@@ -60,7 +60,7 @@ pub fn evaluate(model: &Model, data: &SplitData, encoder: &Encoder, batch_size: 
 pub struct Stepper {
     model: Option<Model>,
     adam: ModuleOptimizer,
-    adagrad: RowWiseAdagrad,
+    sparse_optimizer: SparseOptimizer,
     layout: SlotLayout,
     autodiff: Device,
     grad_clip_norm: f64,
@@ -76,8 +76,8 @@ impl Stepper {
             .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
             .init();
         let rows = model.embedding().rows();
-        let adagrad = RowWiseAdagrad::with_segments(rows, &cfg.table_segments(), t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, device);
-        Self { model: Some(model), adam, adagrad, layout, autodiff: device.clone().autodiff(), grad_clip_norm: t.grad_clip_norm }
+        let sparse_optimizer = SparseOptimizer::new(t, rows, &cfg.table_segments(), device);
+        Self { model: Some(model), adam, sparse_optimizer, layout, autodiff: device.clone().autodiff(), grad_clip_norm: t.grad_clip_norm }
     }
 
     pub fn model(&self) -> &Model {
@@ -111,8 +111,8 @@ impl Stepper {
         let mut model = self.adam.step(lr, model, dense_grads);
         profile::mark(Phase::DenseOptimizer);
         if let Some((emb_grad, g)) = sparse {
-            let adagrad = &mut self.adagrad;
-            model = model.map_embedding(|e| adagrad.step(e, g.unique_rows, g.rows, emb_grad, emb_lr));
+            let opt = &mut self.sparse_optimizer;
+            model = model.map_embedding(|e| opt.step(e, g.unique_rows, g.rows, emb_grad, emb_lr));
             profile::mark(Phase::SparseOptimizer);
         }
         self.model = Some(model);
@@ -208,11 +208,12 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     crate::model::layers::seed_dropout(t.seed);
     crate::model::layers::set_matmul_precision(t.precision);
     let ad = device.clone().autodiff();
-    let model = cfg.model.init(&shape, &ad);
+    let model = cfg.model.init_with_storage(&shape, t.emb_storage, &ad);
     let (emb_params, dense_params) = model.param_counts();
     log(v, format!(
-        "model {}: {dense_params} dense + {emb_params} embedding parameters ({total_rows} rows × {}), {:.4} MFLOP/example forward",
-        cfg.model.name(), cfg.model.embedding_dim(), cfg.model.forward_flops(&shape) as f64 / 1e6
+        "model {}: {dense_params} dense + {emb_params} embedding parameters ({total_rows} rows × {}, {:?} table: {:.1} MiB), {:.4} MFLOP/example forward",
+        cfg.model.name(), cfg.model.embedding_dim(), t.emb_storage, model.embedding().table_bytes() as f64 / (1 << 20) as f64,
+        cfg.model.forward_flops(&shape) as f64 / 1e6
     ));
     let mut stepper = Stepper::new(model, &cfg.model, t, layout, &device);
 

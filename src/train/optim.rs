@@ -68,7 +68,8 @@ impl RowWiseAdagrad {
         grad: Tensor<2>,
         lr: f64,
     ) -> SparseEmbedding {
-        let grad = if self.l2 > 0.0 { grad + rows.inner().mul_scalar(self.l2) } else { grad };
+        let rows = rows.inner();
+        let grad = if self.l2 > 0.0 { grad + rows.clone().mul_scalar(self.l2) } else { grad };
         let g2 = match &self.to_segments {
             Some(m) => grad.clone().powi_scalar(2).matmul(m.clone()),
             None => grad.clone().powi_scalar(2).mean_dim(1),
@@ -82,7 +83,82 @@ impl RowWiseAdagrad {
             Some(m) => scale.matmul(m.clone()),
             None => scale,
         };
-        table.add_rows(unique_rows, grad * scale)
+        table.add_rows(unique_rows, rows, grad * scale)
+    }
+}
+
+/// Lazy Adam over embedding rows (PyTorch's `SparseAdam`, TensorFlow's `LazyAdam`): per-value
+/// first and second moments, updated only for the rows a batch touched; bias correction uses
+/// the global step count. Its state is two table-sized f32 tensors (row-wise Adagrad's is one
+/// value per row), but unlike Adagrad it forgets old gradients: a model whose early embedding
+/// gradients are huge (AFN's logarithm of near-zero embeddings) is not frozen by them.
+pub struct SparseAdam {
+    moments: Option<(Tensor<2>, Tensor<2>)>,
+    step: i32,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+    pub l2: f64,
+}
+
+impl SparseAdam {
+    pub fn new(rows: usize, dim: usize, beta1: f64, beta2: f64, epsilon: f64, l2: f64, device: &Device) -> Self {
+        let dev = device.clone().inner();
+        let zeros = || Tensor::<2>::zeros([rows, dim], &dev);
+        Self { moments: Some((zeros(), zeros())), step: 0, beta1, beta2, epsilon, l2 }
+    }
+
+    /// `[rows, d]` first and second moments.
+    pub fn moments(&self) -> &(Tensor<2>, Tensor<2>) {
+        self.moments.as_ref().expect("moments present between steps")
+    }
+
+    /// Same contract as [`RowWiseAdagrad::step`].
+    pub fn step(&mut self, table: SparseEmbedding, unique_rows: Tensor<1, Int>, rows: Tensor<2>, grad: Tensor<2>, lr: f64) -> SparseEmbedding {
+        self.step += 1;
+        let rows = rows.inner();
+        let grad = if self.l2 > 0.0 { grad + rows.clone().mul_scalar(self.l2) } else { grad };
+        let (m, v) = self.moments.take().expect("moments present between steps");
+        let m_rows = m.clone().select(0, unique_rows.clone()).mul_scalar(self.beta1) + grad.clone().mul_scalar(1.0 - self.beta1);
+        let v_rows = v.clone().select(0, unique_rows.clone()).mul_scalar(self.beta2) + grad.powi_scalar(2).mul_scalar(1.0 - self.beta2);
+        let m = m.select_assign(0, unique_rows.clone(), m_rows.clone(), IndexingUpdateOp::Assign);
+        let v = v.select_assign(0, unique_rows.clone(), v_rows.clone(), IndexingUpdateOp::Assign);
+        self.moments = Some((m, v));
+        let step_size = lr * (1.0 - self.beta2.powi(self.step)).sqrt() / (1.0 - self.beta1.powi(self.step));
+        let delta = m_rows.div(v_rows.sqrt().add_scalar(self.epsilon)).mul_scalar(-step_size);
+        table.add_rows(unique_rows, rows, delta)
+    }
+}
+
+/// Which optimizer updates the embedding rows (`[train] emb_optimizer`).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbOptimizerKind {
+    /// Row-wise Adagrad (the paper's, DLRM's): one accumulator per row (per packed segment).
+    #[default]
+    RowwiseAdagrad,
+    /// Lazy Adam on touched rows (what BARS/FuxiCTR baselines are tuned with, there dense).
+    Adam,
+}
+
+pub enum SparseOptimizer {
+    RowWiseAdagrad(RowWiseAdagrad),
+    Adam(SparseAdam),
+}
+
+impl SparseOptimizer {
+    pub fn new(t: &crate::config::TrainConfig, rows: usize, segments: &[usize], device: &Device) -> Self {
+        match t.emb_optimizer {
+            EmbOptimizerKind::RowwiseAdagrad => Self::RowWiseAdagrad(RowWiseAdagrad::with_segments(rows, segments, t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, device)),
+            EmbOptimizerKind::Adam => Self::Adam(SparseAdam::new(rows, segments.iter().sum(), t.adam_beta1, t.adam_beta2, t.emb_epsilon, t.emb_l2, device)),
+        }
+    }
+
+    pub fn step(&mut self, table: SparseEmbedding, unique_rows: Tensor<1, Int>, rows: Tensor<2>, grad: Tensor<2>, lr: f64) -> SparseEmbedding {
+        match self {
+            Self::RowWiseAdagrad(o) => o.step(table, unique_rows, rows, grad, lr),
+            Self::Adam(o) => o.step(table, unique_rows, rows, grad, lr),
+        }
     }
 }
 
