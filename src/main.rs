@@ -69,6 +69,9 @@ enum Command {
         /// MLP matrix-product precision for both sides: f32 or bf16 (PyTorch: autocast).
         #[arg(long, value_parser = parse_precision)]
         precision: Option<wukong::model::layers::Precision>,
+        /// Our embedding-table storage: f32, f16 or bf16 (the PyTorch reference keeps f32).
+        #[arg(long, value_parser = parse_storage)]
+        emb_storage: Option<wukong::model::TableStorage>,
         /// Device for our side: cpu, vulkan[:N], cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -362,8 +365,8 @@ fn run() -> Result<()> {
                 println!("table written to {}", p.display());
             }
         }
-        Command::Bench { configs, steps, warmup, batch_size, precision, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
-            run_bench(BenchArgs { configs, steps, warmup, batch_size, precision, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
+        Command::Bench { configs, steps, warmup, batch_size, precision, emb_storage, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
+            run_bench(BenchArgs { configs, steps, warmup, batch_size, precision, emb_storage, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
         }
         Command::Equivalence { config, reference, device, steps, tolerance, batch_size } => {
             let mut spec = wukong::bench::Spec::load(&config, Some(steps), Some(0))?;
@@ -422,6 +425,7 @@ struct BenchArgs {
     warmup: Option<usize>,
     batch_size: Option<usize>,
     precision: Option<wukong::model::layers::Precision>,
+    emb_storage: Option<wukong::model::TableStorage>,
     device: String,
     python: String,
     reference: PathBuf,
@@ -465,7 +469,10 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         if let Some(p) = a.precision {
             spec.train.precision = p;
         }
-        let dir = a.work_dir.join(format!("{}-b{}-{:?}", spec.name, spec.batch_size, spec.train.precision).to_lowercase());
+        if let Some(s) = a.emb_storage {
+            spec.train.emb_storage = s;
+        }
+        let dir = a.work_dir.join(format!("{}-b{}-{:?}-{:?}", spec.name, spec.batch_size, spec.train.precision, spec.train.emb_storage).to_lowercase());
         eprintln!("== {}: generating {} examples ({} fields, {} table rows)", spec.name, spec.examples, spec.vocab.len(), spec.table_rows);
         let data = bench::generate(&spec, spec.train.seed);
         bench::write_work_dir(&dir, &spec, &data)?;

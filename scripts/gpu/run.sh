@@ -5,7 +5,7 @@
 #   3. Frappe trained on the GPU (when the data is there), to compare its test AUC with the CPU's;
 #   4. the speed benchmark against the PyTorch installed there (eager and torch.compile, CUDA),
 #      Frappe and Criteo-shaped configs at batch 4096 and 65536, f32 and bf16 (autocast there).
-# Frappe is trained in f32 and in bf16.
+# Frappe is trained in f32, with bf16 matrix products, and with an f16 embedding table.
 # Everything is written under $OUT (default gpu-out/) and summarized in $OUT/gpu_report.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -55,6 +55,8 @@ if [ -e ../shared/data/frappe ] || [ -e shared/data/frappe ]; then
   grep -E "test AUC|best epoch" "$out/frappe-train.log" >> "$report"
   "$bundle/wukong" train --config "$cfg" --device "$device" --precision bf16 --out "$out/runs" 2>&1 | tee "$out/frappe-train-bf16.log" | grep -v '^epoch .*\['
   echo "bf16:" >> "$report"; grep -E "test AUC|best epoch" "$out/frappe-train-bf16.log" >> "$report"
+  "$bundle/wukong" train --config "$cfg" --device "$device" --emb-storage f16 --out "$out/runs" 2>&1 | tee "$out/frappe-train-f16-table.log" | grep -v '^epoch .*\['
+  echo "f16 embedding table:" >> "$report"; grep -E "test AUC|best epoch|error" "$out/frappe-train-f16-table.log" >> "$report"
 else
   echo "skipped: no Frappe data (../shared/data/frappe or shared/data/frappe)" | tee -a "$report"
 fi
