@@ -153,9 +153,37 @@ pub struct Gathered {
     pub unique_rows: Tensor<1, Int>,
 }
 
+thread_local! {
+    /// Storage of tables built by [`SparseEmbedding::new`] on this thread (see [`with_init_storage`]).
+    static INIT_STORAGE: std::cell::Cell<TableStorage> = const { std::cell::Cell::new(TableStorage::F32) };
+}
+
+/// Runs `f` (a model build) with new embedding tables created directly in `storage`, so a
+/// half-precision table never exists in f32 (its f32 copy would double the peak memory).
+pub fn with_init_storage<T>(storage: TableStorage, f: impl FnOnce() -> T) -> T {
+    let previous = INIT_STORAGE.with(|s| s.replace(storage));
+    let out = f();
+    INIT_STORAGE.with(|s| s.set(previous));
+    out
+}
+
 impl SparseEmbedding {
     pub fn new(rows: usize, dim: usize, init_std: f64, device: &Device) -> Self {
-        let w = Tensor::<2>::random([rows, dim], Distribution::Normal(0.0, init_std), device).inner();
+        let storage = INIT_STORAGE.with(|s| s.get());
+        let w = match storage {
+            TableStorage::F32 => Tensor::<2>::random([rows, dim], Distribution::Normal(0.0, init_std), device).inner(),
+            half => {
+                // Drawn in f32 blocks of rows, each rounded and written into the half table.
+                const BLOCK: usize = 1 << 16;
+                let mut w = Tensor::<2>::zeros([rows, dim], (device, half.dtype())).inner();
+                for start in (0..rows).step_by(BLOCK) {
+                    let end = (start + BLOCK).min(rows);
+                    let block = Tensor::<2>::random([end - start, dim], Distribution::Normal(0.0, init_std), device).inner();
+                    w = w.slice_assign([start..end, 0..dim], block.cast(half.dtype()));
+                }
+                w
+            }
+        };
         Self { weight: Param::initialized(ParamId::new(), w).set_require_grad(false) }
     }
 

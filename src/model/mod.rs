@@ -140,7 +140,7 @@ impl ModelConfig {
     }
     /// [`Self::init`] with the embedding table stored as `storage` (`[train] emb_storage`).
     pub fn init_with_storage(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
-        self.init(shape, device).map_embedding(|e| e.with_storage(storage))
+        embedding::with_init_storage(storage, || self.init(shape, device))
     }
     /// Analytic forward FLOPs per example (matrix products only).
     pub fn forward_flops(&self, shape: &DataShape) -> u64 {
