@@ -173,10 +173,14 @@ fn stochastic_rounding_is_unbiased_and_stays_on_the_format_grid() {
     device.seed(11);
     let n = 20_000;
     // ordinary values, a value just below a power of two, and an f16 subnormal
-    for storage in [TableStorage::F16, TableStorage::Bf16] {
-        for v in [0.123_456_7f32, -3.300_001, 0.999_99, 3.0e-6] {
+    // Both implementations: the one-pass CPU kernel and the tensor-operation one other backends use.
+    type Round = fn(TableStorage, Tensor<2>) -> Tensor<2>;
+    let kernels: [(&str, Round); 2] = [("cpu kernel", TableStorage::round_stochastic), ("portable", TableStorage::round_stochastic_portable)];
+    for (storage, (kernel, round)) in [TableStorage::F16, TableStorage::Bf16].into_iter().flat_map(|s| kernels.map(|k| (s, k))) {
+        for v in [0.123_456_7f32, -3.300_001, 0.999_99, 3.0e-6, -2.0e-7, 1.0e-8] {
             let x = Tensor::<2>::full([n, 1], v, &device);
-            let r = storage.round_stochastic(x.clone());
+            let storage_name = format!("{storage:?} ({kernel})");
+            let r = round(storage, x.clone());
             assert_eq!(r.dtype(), storage.dtype());
             let r = to_vec(r.cast(DType::F32));
             // the two neighbours on the grid, found by round-to-nearest of values nudged either way
@@ -184,14 +188,14 @@ fn stochastic_rounding_is_unbiased_and_stays_on_the_format_grid() {
             let mut seen: Vec<f32> = r.clone();
             seen.sort_by(f32::total_cmp);
             seen.dedup();
-            assert!(seen.len() <= 2, "{storage:?} {v}: more than two rounded values {seen:?}");
-            assert!(seen.contains(&nearest) || v == 0.0, "{storage:?} {v}: nearest {nearest} never produced: {seen:?}");
+            assert!(seen.len() <= 2, "{storage_name} {v}: more than two rounded values {seen:?}");
+            assert!(seen.contains(&nearest) || v == 0.0, "{storage_name} {v}: nearest {nearest} never produced: {seen:?}");
             let (lo, hi) = (seen[0], *seen.last().unwrap());
-            assert!(lo <= v && v <= hi, "{storage:?} {v}: {seen:?} do not bracket the value");
+            assert!(lo <= v && v <= hi, "{storage_name} {v}: {seen:?} do not bracket the value");
             let mean = r.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
             // Bernoulli between the two neighbours: σ(mean) ≤ (hi − lo) / (2 √n)
             let tol = 4.0 * (hi - lo) as f64 / (2.0 * (n as f64).sqrt()) + 1e-12;
-            assert!((mean - v as f64).abs() <= tol, "{storage:?} {v}: mean {mean} (tolerance {tol})");
+            assert!((mean - v as f64).abs() <= tol, "{storage_name} {v}: mean {mean} (tolerance {tol})");
         }
     }
 }

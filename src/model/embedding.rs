@@ -64,6 +64,18 @@ impl TableStorage {
         if self == TableStorage::F32 {
             return v;
         }
+        if super::fused::fused_enabled() && v.device().inner() == Device::flex() && v.dtype() == DType::F32 {
+            return self.round_stochastic_host(v);
+        }
+        self.round_stochastic_portable(v)
+    }
+
+    /// [`Self::round_stochastic`] with tensor operations only (any backend; ~18 element-wise
+    /// passes).
+    pub fn round_stochastic_portable(self, v: Tensor<2>) -> Tensor<2> {
+        if self == TableStorage::F32 {
+            return v;
+        }
         let (bits, min_exp) = self.grid();
         let exponent = v.clone().abs().clamp_min(2f32.powi(min_exp)).log().div_scalar(std::f32::consts::LN_2).floor();
         let spacing = exponent.sub_scalar(bits as f32).mul_scalar(std::f32::consts::LN_2).exp();
@@ -73,6 +85,72 @@ impl TableStorage {
         let up = u.lower(p_up).float();
         (down + up * spacing).cast(self.dtype())
     }
+}
+
+impl TableStorage {
+    /// [`Self::round_stochastic`] on the CPU in one pass: the exact neighbours on the format's
+    /// grid from its bit patterns, one uniform draw per value. The stream is seeded by one draw
+    /// from the device generator, so runs stay reproducible under `Device::seed`.
+    fn round_stochastic_host(self, v: Tensor<2>) -> Tensor<2> {
+        use burn::tensor::{bf16, f16};
+        use rayon::prelude::*;
+        let device = v.device();
+        let dims = v.dims();
+        let draw: Vec<f32> = Tensor::<1>::random([4], Distribution::Uniform(0.0, 65536.0), &device)
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("f32 draws");
+        let seed = draw.iter().fold(0u64, |acc, &d| (acc << 16) | (d as u64 & 0xFFFF));
+        let x: Vec<f32> = v.into_data().try_into_vec::<f32>().expect("f32 values");
+        const CHUNK: usize = 4096;
+        fn round(x: &[f32], seed: u64, offset: usize, out: &mut [u16], to_f32: fn(u16) -> f32, from_f32: fn(f32) -> u16) {
+            for (i, (&x, o)) in x.iter().zip(out.iter_mut()).enumerate() {
+                let u = (splitmix64(seed ^ (offset + i) as u64) >> 40) as f64 / (1u64 << 24) as f64;
+                *o = round_one(x, u, to_f32, from_f32);
+            }
+        }
+        let mut bits = vec![0u16; x.len()];
+        let (to_f32, from_f32): (fn(u16) -> f32, fn(f32) -> u16) = match self {
+            TableStorage::F16 => (|b| f16::from_bits(b).to_f32(), |x| f16::from_f32(x).to_bits()),
+            _ => (|b| bf16::from_bits(b).to_f32(), |x| bf16::from_f32(x).to_bits()),
+        };
+        x.par_chunks(CHUNK)
+            .zip(bits.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (x, out))| round(x, seed, c * CHUNK, out, to_f32, from_f32));
+        let data = match self {
+            TableStorage::F16 => TensorData::new(bits.into_iter().map(f16::from_bits).collect::<Vec<_>>(), dims),
+            _ => TensorData::new(bits.into_iter().map(bf16::from_bits).collect::<Vec<_>>(), dims),
+        };
+        Tensor::<2>::from_data(data, (&device, self.dtype()))
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Rounds `x` to one of its two neighbours in a 16-bit sign-magnitude float format (given by its
+/// conversions), the upper one with probability (x − lo) / (hi − lo), using the uniform `u`.
+fn round_one(x: f32, u: f64, to_f32: fn(u16) -> f32, from_f32: fn(f32) -> u16) -> u16 {
+    let nearest = from_f32(x);
+    let r = to_f32(nearest);
+    if r == x || !x.is_finite() || !r.is_finite() {
+        return nearest;
+    }
+    // The neighbour on x's other side: one step of the magnitude bits, through zero if needed.
+    let nearest = if nearest == 0x8000 { 0 } else { nearest }; // −0 → +0
+    let step_up = |b: u16| if b == 0 { 1 } else if b & 0x8000 == 0 { b + 1 } else if b == 0x8001 { 0 } else { b - 1 };
+    let step_down = |b: u16| if b == 0 { 0x8001 } else if b & 0x8000 == 0 { b - 1 } else { b + 1 };
+    let (lo, hi) = if r < x { (nearest, step_up(nearest)) } else { (step_down(nearest), nearest) };
+    let (lo_v, hi_v) = (to_f32(lo) as f64, to_f32(hi) as f64);
+    if !hi_v.is_finite() || !lo_v.is_finite() {
+        return nearest;
+    }
+    if u < (x as f64 - lo_v) / (hi_v - lo_v) { hi } else { lo }
 }
 
 /// Which field each embedding slot belongs to: a multi-hot field has several slots that are

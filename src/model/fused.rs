@@ -301,7 +301,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
 
 /// `WUKONG_FUSED=0` turns the fused kernels off (burn's own ops everywhere), for A/B timing and
 /// for ruling them out when debugging.
-fn fused_enabled() -> bool {
+pub(crate) fn fused_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("WUKONG_FUSED").map(|v| v != "0").unwrap_or(true))
 }
