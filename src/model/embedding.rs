@@ -88,9 +88,9 @@ impl TableStorage {
 }
 
 impl TableStorage {
-    /// [`Self::round_stochastic`] on the CPU in one pass: the exact neighbours on the format's
-    /// grid from its bit patterns, one uniform draw per value. The stream is seeded by one draw
-    /// from the device generator, so runs stay reproducible under `Device::seed`.
+    /// [`Self::round_stochastic`] on the CPU in one pass of bit arithmetic on the f32 values, one
+    /// random draw per value. The stream is seeded by one draw from the device generator, so runs
+    /// stay reproducible under `Device::seed`.
     fn round_stochastic_host(self, v: Tensor<2>) -> Tensor<2> {
         use burn::tensor::{bf16, f16};
         use rayon::prelude::*;
@@ -103,21 +103,17 @@ impl TableStorage {
         let seed = draw.iter().fold(0u64, |acc, &d| (acc << 16) | (d as u64 & 0xFFFF));
         let x: Vec<f32> = v.into_data().try_into_vec::<f32>().expect("f32 values");
         const CHUNK: usize = 4096;
-        fn round(x: &[f32], seed: u64, offset: usize, out: &mut [u16], to_f32: fn(u16) -> f32, from_f32: fn(f32) -> u16) {
-            for (i, (&x, o)) in x.iter().zip(out.iter_mut()).enumerate() {
-                let u = (splitmix64(seed ^ (offset + i) as u64) >> 40) as f64 / (1u64 << 24) as f64;
-                *o = round_one(x, u, to_f32, from_f32);
-            }
-        }
+        let half_kind = self;
         let mut bits = vec![0u16; x.len()];
-        let (to_f32, from_f32): (fn(u16) -> f32, fn(f32) -> u16) = match self {
-            TableStorage::F16 => (|b| f16::from_bits(b).to_f32(), |x| f16::from_f32(x).to_bits()),
-            _ => (|b| bf16::from_bits(b).to_f32(), |x| bf16::from_f32(x).to_bits()),
-        };
-        x.par_chunks(CHUNK)
-            .zip(bits.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, (x, out))| round(x, seed, c * CHUNK, out, to_f32, from_f32));
+        x.par_chunks(CHUNK).zip(bits.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (x, out))| {
+            for (i, (&x, o)) in x.iter().zip(out.iter_mut()).enumerate() {
+                let r = splitmix64(seed ^ (c * CHUNK + i) as u64) as u32;
+                *o = match half_kind {
+                    TableStorage::F16 => round_f16(x, r),
+                    _ => round_bf16(x, r),
+                };
+            }
+        });
         let data = match self {
             TableStorage::F16 => TensorData::new(bits.into_iter().map(f16::from_bits).collect::<Vec<_>>(), dims),
             _ => TensorData::new(bits.into_iter().map(bf16::from_bits).collect::<Vec<_>>(), dims),
@@ -133,24 +129,41 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Rounds `x` to one of its two neighbours in a 16-bit sign-magnitude float format (given by its
-/// conversions), the upper one with probability (x − lo) / (hi − lo), using the uniform `u`.
-fn round_one(x: f32, u: f64, to_f32: fn(u16) -> f32, from_f32: fn(f32) -> u16) -> u16 {
-    let nearest = from_f32(x);
-    let r = to_f32(nearest);
-    if r == x || !x.is_finite() || !r.is_finite() {
-        return nearest;
+/// Stochastic rounding of an f32 to a coarser grid by its bits: the format keeps the f32's top
+/// bits, so adding a uniform random number below the dropped bits' weight to the magnitude and
+/// then dropping them rounds up with probability (x − lo) / (hi − lo) — exactly unbiased, and a
+/// carry into the exponent lands on the next binade's first value as it should.
+fn drop_bits_stochastic(x: f32, drop: u32, r: u32) -> f32 {
+    let mask = (1u32 << drop) - 1;
+    f32::from_bits((x.to_bits() + (r & mask)) & !mask)
+}
+
+/// bf16 keeps an f32's top 16 bits (same exponent range).
+fn round_bf16(x: f32, r: u32) -> u16 {
+    use burn::tensor::bf16;
+    if !x.is_finite() || x.abs() >= bf16::MAX.to_f32() {
+        return bf16::from_f32(x).to_bits();
     }
-    // The neighbour on x's other side: one step of the magnitude bits, through zero if needed.
-    let nearest = if nearest == 0x8000 { 0 } else { nearest }; // −0 → +0
-    let step_up = |b: u16| if b == 0 { 1 } else if b & 0x8000 == 0 { b + 1 } else if b == 0x8001 { 0 } else { b - 1 };
-    let step_down = |b: u16| if b == 0 { 0x8001 } else if b & 0x8000 == 0 { b - 1 } else { b + 1 };
-    let (lo, hi) = if r < x { (nearest, step_up(nearest)) } else { (step_down(nearest), nearest) };
-    let (lo_v, hi_v) = (to_f32(lo) as f64, to_f32(hi) as f64);
-    if !hi_v.is_finite() || !lo_v.is_finite() {
-        return nearest;
+    bf16::from_f32(drop_bits_stochastic(x, 16, r)).to_bits()
+}
+
+/// f16 keeps 10 of the 23 mantissa bits for normal values; below 2⁻¹⁴ its grid is fixed at
+/// 2⁻²⁴, so more bits are dropped there (and values below 2⁻²⁵ round between 0 and 2⁻²⁴).
+fn round_f16(x: f32, r: u32) -> u16 {
+    use burn::tensor::f16;
+    if !x.is_finite() || x.abs() >= f16::MAX.to_f32() {
+        return f16::from_f32(x).to_bits();
     }
-    if u < (x as f64 - lo_v) / (hi_v - lo_v) { hi } else { lo }
+    let exponent = ((x.to_bits() >> 23) & 0xFF) as i32 - 127;
+    let drop = 13 + (-14 - exponent).max(0);
+    if drop >= 24 {
+        // |x| < 2⁻²⁴·½: between 0 and the smallest subnormal 2⁻²⁴.
+        let tiny = 2f32.powi(-24);
+        let up = (r as f64 / 4294967296.0) < (x.abs() / tiny) as f64;
+        let v = if up { tiny.copysign(x) } else { 0f32.copysign(x) };
+        return f16::from_f32(v).to_bits();
+    }
+    f16::from_f32(drop_bits_stochastic(x, drop as u32, r)).to_bits()
 }
 
 /// Which field each embedding slot belongs to: a multi-hot field has several slots that are
