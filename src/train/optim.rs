@@ -90,8 +90,8 @@ impl RowWiseAdagrad {
 /// Lazy Adam over embedding rows (PyTorch's `SparseAdam`, TensorFlow's `LazyAdam`): per-value
 /// first and second moments, updated only for the rows a batch touched; bias correction uses
 /// the global step count. Its state is two table-sized f32 tensors (row-wise Adagrad's is one
-/// value per row), but unlike Adagrad it forgets old gradients: a model whose early embedding
-/// gradients are huge (AFN's logarithm of near-zero embeddings) is not frozen by them.
+/// value per row); unlike Adagrad's accumulator it forgets old gradients. It is the optimizer the
+/// BARS/FuxiCTR baseline settings were tuned with (there applied densely).
 pub struct SparseAdam {
     moments: Option<(Tensor<2>, Tensor<2>)>,
     step: i32,
