@@ -462,12 +462,12 @@ pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f6
     for r in results {
         let train_flops = 3.0 * r.spec.forward_flops as f64 * r.spec.batch_size as f64;
         let ours_ms = r.ours.as_ref().map(|m| m.median_ms()).ok();
-        let mut bf16 = if r.spec.train.precision == crate::model::layers::Precision::Bf16 { ", bf16".to_string() } else { String::new() };
+        let mut tags = if r.spec.train.precision == crate::model::layers::Precision::Bf16 { ", bf16".to_string() } else { String::new() };
         if r.spec.train.emb_storage != crate::model::TableStorage::F32 {
             // Only our side stores the table in half precision; the reference stays f32.
-            bf16.push_str(&format!(", our table {:?}", r.spec.train.emb_storage).to_lowercase());
+            tags.push_str(&format!(", our table {:?}", r.spec.train.emb_storage).to_lowercase());
         }
-        let label = format!("{} (b={}, {:.2} MFLOP/ex{bf16})", r.spec.name, r.spec.batch_size, r.spec.forward_flops as f64 / 1e6);
+        let label = format!("{} (b={}, {:.2} MFLOP/ex{tags})", r.spec.name, r.spec.batch_size, r.spec.forward_flops as f64 / 1e6);
         for (name, m) in [("ours (burn Flex)", &r.ours), ("PyTorch eager", &r.eager), ("PyTorch compile", &r.compiled)] {
             match m {
                 Ok(m) => {

@@ -7,7 +7,7 @@
 //! into those rows in place. No full-table gradient or optimizer pass happens per step.
 
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, bf16, f16};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Batch;
@@ -54,12 +54,8 @@ impl TableStorage {
     }
 
     /// Rounds f32 values to this format's grid, up or down at random with the probabilities that
-    /// make the result unbiased (E[round(v)] = v), and returns them in this format.
-    ///
-    /// The grid spacing at v is 2^(⌊log₂|v|⌋ − mantissa bits), floored at the format's subnormal
-    /// spacing. Where float error in log₂ picks the exponent one too high (just below a power of
-    /// two) the grid is coarser than the format's — still representable, still unbiased; one too
-    /// low only happens at exact powers of two, which every grid contains.
+    /// make the result unbiased (E[round(v)] = v), and returns them in this format: one pass of
+    /// bit arithmetic on the CPU, tensor operations on other backends.
     pub fn round_stochastic(self, v: Tensor<2>) -> Tensor<2> {
         if self == TableStorage::F32 {
             return v;
@@ -71,7 +67,10 @@ impl TableStorage {
     }
 
     /// [`Self::round_stochastic`] with tensor operations only (any backend; ~18 element-wise
-    /// passes).
+    /// passes). The grid spacing at v is 2^(⌊log₂|v|⌋ − mantissa bits), floored at the format's
+    /// subnormal spacing. Where float error in log₂ picks the exponent one too high (just below a
+    /// power of two) the grid is coarser than the format's — still representable, still unbiased;
+    /// one too low only happens at exact powers of two, which every grid contains.
     pub fn round_stochastic_portable(self, v: Tensor<2>) -> Tensor<2> {
         if self == TableStorage::F32 {
             return v;
@@ -85,15 +84,11 @@ impl TableStorage {
         let up = u.lower(p_up).float();
         (down + up * spacing).cast(self.dtype())
     }
-}
 
-impl TableStorage {
     /// [`Self::round_stochastic`] on the CPU in one pass of bit arithmetic on the f32 values, one
     /// random draw per value. The stream is seeded by one draw from the device generator, so runs
     /// stay reproducible under `Device::seed`.
     fn round_stochastic_host(self, v: Tensor<2>) -> Tensor<2> {
-        use burn::tensor::{bf16, f16};
-        use rayon::prelude::*;
         let device = v.device();
         let dims = v.dims();
         let draw: Vec<f32> = Tensor::<1>::random([4], Distribution::Uniform(0.0, 65536.0), &device)
@@ -102,24 +97,26 @@ impl TableStorage {
             .expect("f32 draws");
         let seed = draw.iter().fold(0u64, |acc, &d| (acc << 16) | (d as u64 & 0xFFFF));
         let x: Vec<f32> = v.into_data().try_into_vec::<f32>().expect("f32 values");
-        const CHUNK: usize = 4096;
-        let half_kind = self;
-        let mut bits = vec![0u16; x.len()];
-        x.par_chunks(CHUNK).zip(bits.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (x, out))| {
-            for (i, (&x, o)) in x.iter().zip(out.iter_mut()).enumerate() {
-                let r = splitmix64(seed ^ (c * CHUNK + i) as u64) as u32;
-                *o = match half_kind {
-                    TableStorage::F16 => round_f16(x, r),
-                    _ => round_bf16(x, r),
-                };
-            }
-        });
         let data = match self {
-            TableStorage::F16 => TensorData::new(bits.into_iter().map(f16::from_bits).collect::<Vec<_>>(), dims),
-            _ => TensorData::new(bits.into_iter().map(bf16::from_bits).collect::<Vec<_>>(), dims),
+            TableStorage::F16 => TensorData::new(round_all(&x, seed, round_f16), dims),
+            _ => TensorData::new(round_all(&x, seed, round_bf16), dims),
         };
         Tensor::<2>::from_data(data, (&device, self.dtype()))
     }
+}
+
+/// `round(x[i], r_i)` for every value, in parallel; `r_i` is a hash of (seed, i), so the result
+/// does not depend on how the work is split across threads.
+fn round_all<T: Send + Default + Clone>(x: &[f32], seed: u64, round: fn(f32, u32) -> T) -> Vec<T> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 4096;
+    let mut out = vec![T::default(); x.len()];
+    x.par_chunks(CHUNK).zip(out.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (x, out))| {
+        for (i, (&x, o)) in x.iter().zip(out.iter_mut()).enumerate() {
+            *o = round(x, splitmix64(seed ^ (c * CHUNK + i) as u64) as u32);
+        }
+    });
+    out
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -139,20 +136,18 @@ fn drop_bits_stochastic(x: f32, drop: u32, r: u32) -> f32 {
 }
 
 /// bf16 keeps an f32's top 16 bits (same exponent range).
-fn round_bf16(x: f32, r: u32) -> u16 {
-    use burn::tensor::bf16;
+fn round_bf16(x: f32, r: u32) -> bf16 {
     if !x.is_finite() || x.abs() >= bf16::MAX.to_f32() {
-        return bf16::from_f32(x).to_bits();
+        return bf16::from_f32(x);
     }
-    bf16::from_f32(drop_bits_stochastic(x, 16, r)).to_bits()
+    bf16::from_f32(drop_bits_stochastic(x, 16, r))
 }
 
 /// f16 keeps 10 of the 23 mantissa bits for normal values; below 2⁻¹⁴ its grid is fixed at
 /// 2⁻²⁴, so more bits are dropped there (and values below 2⁻²⁵ round between 0 and 2⁻²⁴).
-fn round_f16(x: f32, r: u32) -> u16 {
-    use burn::tensor::f16;
+fn round_f16(x: f32, r: u32) -> f16 {
     if !x.is_finite() || x.abs() >= f16::MAX.to_f32() {
-        return f16::from_f32(x).to_bits();
+        return f16::from_f32(x);
     }
     let exponent = ((x.to_bits() >> 23) & 0xFF) as i32 - 127;
     let drop = 13 + (-14 - exponent).max(0);
@@ -161,9 +156,9 @@ fn round_f16(x: f32, r: u32) -> u16 {
         let tiny = 2f32.powi(-24);
         let up = (r as f64 / 4294967296.0) < (x.abs() / tiny) as f64;
         let v = if up { tiny.copysign(x) } else { 0f32.copysign(x) };
-        return f16::from_f32(v).to_bits();
+        return f16::from_f32(v);
     }
-    f16::from_f32(drop_bits_stochastic(x, drop as u32, r)).to_bits()
+    f16::from_f32(drop_bits_stochastic(x, drop as u32, r))
 }
 
 /// Which field each embedding slot belongs to: a multi-hot field has several slots that are
@@ -276,14 +271,6 @@ impl SparseEmbedding {
             }
         };
         Self { weight: Param::initialized(ParamId::new(), w).set_require_grad(false) }
-    }
-
-    /// The same table stored as `storage` (rounded to nearest once, at initialization).
-    pub fn with_storage(self, storage: TableStorage) -> Self {
-        if self.weight.dtype() == storage.dtype() {
-            return self;
-        }
-        Self { weight: self.weight.map(|t| t.cast(storage.dtype())) }
     }
 
     pub fn storage(&self) -> TableStorage {
