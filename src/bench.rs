@@ -361,14 +361,14 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     let (lr, emb_lr) = (spec.train.lr, spec.train.emb_lr);
     let mut step_ms = Vec::with_capacity(spec.steps);
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    let batches = loader.epoch(None);
+    let mut batches = loader.epoch(None);
     for i in 0..spec.warmup + spec.steps {
         if i == spec.warmup {
             profile::enable(sync_phases.then(|| device.clone()));
         }
         let t = Instant::now();
         profile::restart();
-        let batch = batches.recv().context("generated data ran out")?;
+        let batch = batches.next().context("generated data ran out")??;
         let warm = warmup_factor(i, spec.train.warmup_steps);
         let loss = stepper.step(&batch, lr * warm, emb_lr * warm)? as f64;
         if i >= spec.warmup {
@@ -387,7 +387,8 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     let loader = BatchLoader::new(data, spec.table_rows, spec.infer_batch_size);
     let mut scored = 0usize;
     let mut start = Instant::now();
-    for (i, batch) in loader.epoch(None).iter().enumerate().take(spec.infer_batches + 1) {
+    for (i, batch) in loader.epoch(None).enumerate().take(spec.infer_batches + 1) {
+        let batch = batch?;
         if i == 1 {
             start = Instant::now(); // the first batch warms up
         }
@@ -586,7 +587,8 @@ pub fn equivalence(spec: &Spec, data: EncodedDataset, device_a: &str, device_b: 
     let mut sb = Stepper::new(model_b, &spec.model, &spec.train, layout, &db);
     let loader = BatchLoader::new(Arc::new(data), spec.table_rows, spec.batch_size);
     let (mut losses_a, mut losses_b) = (Vec::new(), Vec::new());
-    for (i, batch) in loader.epoch(None).iter().take(steps).enumerate() {
+    for (i, batch) in loader.epoch(None).take(steps).enumerate() {
+        let batch = batch?;
         let seed = spec.train.seed.wrapping_add(i as u64);
         crate::model::layers::seed_dropout(seed);
         losses_a.push(sa.step(&batch, spec.train.lr, spec.train.emb_lr)?);

@@ -69,6 +69,31 @@ pub struct TrainConfig {
     /// Matrix products of the MLPs: `f32` (default) or `bf16` (mixed precision: bf16 inputs and
     /// weights, f32 accumulation, f32 master weights, optimizer state, loss and metrics).
     pub precision: crate::model::layers::Precision,
+    /// Also evaluate (and checkpoint) every this many optimizer steps inside an epoch (0 = only
+    /// at the end of each epoch). Patience and the plateau factor then count evaluations.
+    pub eval_every_steps: usize,
+    /// Write a full-state checkpoint every this many steps (0 = off) …
+    pub checkpoint_every_steps: usize,
+    /// … and/or when this many seconds passed since the last one (0 = off). Checkpoints are
+    /// also written at the start, at every evaluation and at the end.
+    pub checkpoint_every_secs: f64,
+    /// Checkpoints kept in `<run>/checkpoints` (the newest ones).
+    pub keep_checkpoints: usize,
+    /// Loss-explosion guard: `rollback` (default), `fail` or `off`.
+    pub guard: crate::train::GuardPolicy,
+    /// A loss spike is a loss above this × its running mean (0 = only non-finite values are
+    /// anomalies) …
+    pub guard_spike_factor: f64,
+    /// … and above the running mean + this × its running standard deviation.
+    pub guard_spike_sigma: f64,
+    /// Memory of the loss's running statistics, in steps.
+    pub guard_window: usize,
+    /// Steps observed before spikes are checked.
+    pub guard_min_steps: usize,
+    /// Rollbacks before the run gives up with an error.
+    pub guard_max_rollbacks: usize,
+    /// Both learning rates are multiplied by this at every rollback.
+    pub guard_lr_factor: f64,
 }
 
 impl Default for TrainConfig {
@@ -95,6 +120,104 @@ impl Default for TrainConfig {
             plateau_lr_factor: 0.1,
             seed: 2024,
             precision: Default::default(),
+            eval_every_steps: 0,
+            checkpoint_every_steps: 0,
+            checkpoint_every_secs: 300.0,
+            keep_checkpoints: 3,
+            guard: Default::default(),
+            guard_spike_factor: 3.0,
+            guard_spike_sigma: 6.0,
+            guard_window: 100,
+            guard_min_steps: 100,
+            guard_max_rollbacks: 3,
+            guard_lr_factor: 0.5,
+        }
+    }
+}
+
+/// Range checks shared by every config section: each error names the key and the allowed range.
+pub mod check {
+    use anyhow::{Result, ensure};
+
+    /// An integer in `[lo, hi]`.
+    pub fn int(key: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+        ensure!((lo..=hi).contains(&v), "{key} = {v} is out of range: allowed {lo} ..= {hi}");
+        Ok(())
+    }
+
+    /// A finite number in `[lo, hi]`.
+    pub fn num(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+        ensure!(v.is_finite() && v >= lo && v <= hi, "{key} = {v} is out of range: allowed {lo} ..= {hi}");
+        Ok(())
+    }
+
+    /// A finite number in `(lo, hi]` (strictly above `lo`).
+    pub fn above(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+        ensure!(v.is_finite() && v > lo && v <= hi, "{key} = {v} is out of range: allowed > {lo} and ≤ {hi}");
+        Ok(())
+    }
+
+    /// Every entry of a width list in `[1, hi]`.
+    pub fn widths(key: &str, v: &[usize], hi: usize) -> Result<()> {
+        for (i, &w) in v.iter().enumerate() {
+            ensure!((1..=hi).contains(&w), "{key}[{i}] = {w} is out of range: widths must be 1 ..= {hi}");
+        }
+        Ok(())
+    }
+
+    /// A dropout probability in `[0, 1)`.
+    pub fn prob(key: &str, v: f64) -> Result<()> {
+        ensure!(v.is_finite() && (0.0..1.0).contains(&v), "{key} = {v} is out of range: allowed 0 ≤ p < 1");
+        Ok(())
+    }
+
+    /// Layer widths and embedding dimensions: large enough for any real model on one machine,
+    /// small enough that an absurd value is refused instead of attempting the allocation.
+    pub const MAX_WIDTH: usize = 1 << 16;
+    /// Counts of layers, blocks, heads.
+    pub const MAX_COUNT: usize = 1 << 10;
+}
+
+impl TrainConfig {
+    /// Every key against its range.
+    pub fn validate(&self) -> Result<()> {
+        use check::*;
+        int("train.epochs", self.epochs, 1, 1_000_000)?;
+        int("train.batch_size", self.batch_size, 1, 1 << 24)?;
+        int("train.eval_batch_size", self.eval_batch_size, 1, 1 << 24)?;
+        above("train.lr", self.lr, 0.0, 1e3)?;
+        above("train.emb_lr", self.emb_lr, 0.0, 1e3)?;
+        num("train.adam_beta1", self.adam_beta1, 0.0, 0.999_999)?;
+        num("train.adam_beta2", self.adam_beta2, 0.0, 0.999_999_999)?;
+        above("train.adam_epsilon", self.adam_epsilon, 0.0, 1.0)?;
+        num("train.weight_decay", self.weight_decay, 0.0, 1.0)?;
+        int("train.warmup_steps", self.warmup_steps, 0, 1 << 40)?;
+        num("train.grad_clip_norm", self.grad_clip_norm, 0.0, 1e12)?;
+        above("train.emb_epsilon", self.emb_epsilon, 0.0, 1.0)?;
+        num("train.emb_initial_accumulator", self.emb_initial_accumulator, 0.0, 1e12)?;
+        num("train.emb_l2", self.emb_l2, 0.0, 1e3)?;
+        int("train.patience", self.patience, 0, 1_000_000)?;
+        above("train.plateau_lr_factor", self.plateau_lr_factor, 0.0, 1.0)?;
+        int("train.eval_every_steps", self.eval_every_steps, 0, 1 << 40)?;
+        int("train.checkpoint_every_steps", self.checkpoint_every_steps, 0, 1 << 40)?;
+        num("train.checkpoint_every_secs", self.checkpoint_every_secs, 0.0, 1e9)?;
+        int("train.keep_checkpoints", self.keep_checkpoints, 1, 1000)?;
+        num("train.guard_spike_factor", self.guard_spike_factor, 0.0, 1e6)?;
+        num("train.guard_spike_sigma", self.guard_spike_sigma, 0.0, 1e6)?;
+        int("train.guard_window", self.guard_window, 1, 1 << 30)?;
+        int("train.guard_min_steps", self.guard_min_steps, 0, 1 << 40)?;
+        int("train.guard_max_rollbacks", self.guard_max_rollbacks, 0, 1_000_000)?;
+        above("train.guard_lr_factor", self.guard_lr_factor, 0.0, 1.0)?;
+        Ok(())
+    }
+
+    pub fn guard_config(&self) -> crate::train::GuardConfig {
+        crate::train::GuardConfig {
+            policy: self.guard,
+            spike_factor: self.guard_spike_factor,
+            spike_sigma: self.guard_spike_sigma,
+            window: self.guard_window,
+            min_steps: self.guard_min_steps,
         }
     }
 }
@@ -131,9 +254,7 @@ impl ExperimentConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.data.validate()?;
-        anyhow::ensure!(self.train.batch_size > 0 && self.train.eval_batch_size > 0, "batch sizes must be positive");
-        anyhow::ensure!(self.train.epochs > 0, "train.epochs must be positive");
-        anyhow::ensure!(self.train.lr > 0.0 && self.train.emb_lr > 0.0, "learning rates must be positive");
+        self.train.validate()?;
         self.model.validate()
     }
 

@@ -129,10 +129,15 @@ enum Command {
         #[arg(long)]
         matmul: bool,
     },
-    /// Train a model from an experiment config; prints per-epoch validation and final test metrics.
+    /// Train a model from an experiment config (or continue a run with --resume); prints
+    /// validation metrics per evaluation and the final test metrics.
     Train {
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Continue the run in this directory from its newest valid checkpoint (its saved config
+        /// is used; give no --config or overrides).
+        #[arg(long, conflicts_with_all = ["config", "epochs", "batch_size", "lr", "emb_lr", "seed", "precision", "emb_storage"])]
+        resume: Option<PathBuf>,
         #[command(flatten)]
         paths: SplitPaths,
         #[arg(long)]
@@ -273,23 +278,36 @@ fn run() -> Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Train { config, paths, epochs, batch_size, lr, emb_lr, seed, precision, emb_storage, out, device, rebuild_cache } => {
-            let mut cfg = ExperimentConfig::load(&config)?;
-            apply_paths(&mut cfg, paths);
-            if let Some(x) = epochs { cfg.train.epochs = x }
-            if let Some(x) = batch_size { cfg.train.batch_size = x }
-            if let Some(x) = lr { cfg.train.lr = x }
-            if let Some(x) = emb_lr { cfg.train.emb_lr = x }
-            if let Some(x) = seed { cfg.train.seed = x }
-            if let Some(x) = precision { cfg.train.precision = x }
-            if let Some(x) = emb_storage { cfg.train.emb_storage = x }
-            cfg.validate()?;
-            let outcome = train::train(&cfg, &RunOptions { device, out_dir: out, verbose: true, rebuild_cache })?;
+        Command::Train { config, resume, paths, epochs, batch_size, lr, emb_lr, seed, precision, emb_storage, out, device, rebuild_cache } => {
+            let opts = RunOptions { device, out_dir: out, verbose: true, rebuild_cache, faults: checkpoint::Faults::from_env()? };
+            let outcome = match (resume, config) {
+                (Some(dir), _) => {
+                    anyhow::ensure!(paths.train.is_none() && paths.valid.is_none() && paths.test.is_none(), "--resume uses the run's saved config: give no --train/--valid/--test");
+                    train::resume(&dir, &opts)?
+                }
+                (None, Some(config)) => {
+                    let mut cfg = ExperimentConfig::load(&config)?;
+                    apply_paths(&mut cfg, paths);
+                    if let Some(x) = epochs { cfg.train.epochs = x }
+                    if let Some(x) = batch_size { cfg.train.batch_size = x }
+                    if let Some(x) = lr { cfg.train.lr = x }
+                    if let Some(x) = emb_lr { cfg.train.emb_lr = x }
+                    if let Some(x) = seed { cfg.train.seed = x }
+                    if let Some(x) = precision { cfg.train.precision = x }
+                    if let Some(x) = emb_storage { cfg.train.emb_storage = x }
+                    cfg.validate().with_context(|| format!("invalid config {} (with the command-line overrides)", config.display()))?;
+                    train::train(&cfg, &opts)?
+                }
+                (None, None) => anyhow::bail!("give --config or --resume"),
+            };
             println!("run directory: {}", outcome.run_dir.display());
             println!(
                 "best epoch {} of {}: valid AUC {:.6} LogLoss {:.6} ({:.1}s)",
                 outcome.best_epoch, outcome.epochs_run, outcome.valid.auc, outcome.valid.logloss, outcome.seconds
             );
+            if !outcome.guard_events.is_empty() {
+                println!("loss-explosion guard: {} rollback(s) (details in result.json)", outcome.guard_events.len());
+            }
             match outcome.test {
                 Some(m) => println!("test AUC {:.6} LogLoss {:.6} ({} examples)", m.auc, m.logloss, m.count),
                 None => println!("no test split configured"),
@@ -341,7 +359,10 @@ fn run() -> Result<()> {
                 let loader = wukong::data::BatchLoader::from_split(train_split.clone(), prepared.encoder.total_rows(), cfg.train.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks);
                 for pass in 1..=read_passes {
                     let t = std::time::Instant::now();
-                    let rows: usize = loader.epoch(Some(pass as u64)).iter().map(|b| b.size).sum();
+                    let mut rows = 0usize;
+                    for b in loader.epoch(Some(pass as u64)) {
+                        rows += b?.size;
+                    }
                     let secs = t.elapsed().as_secs_f64();
                     println!("epoch read {pass}: {rows} rows in {secs:.3}s = {:.0} rows/s (shuffled batches of {} from the cache)", rows as f64 / secs, cfg.train.batch_size);
                 }
@@ -352,7 +373,7 @@ fn run() -> Result<()> {
             for path in &config {
                 let cfg = ExperimentConfig::load(path)?;
                 println!("== training {} ({})", cfg.name, path.display());
-                let outcome = train::train(&cfg, &RunOptions { device: device.clone(), out_dir: runs_dir.clone(), verbose: true, rebuild_cache: false })?;
+                let outcome = train::train(&cfg, &RunOptions { device: device.clone(), out_dir: runs_dir.clone(), verbose: true, ..Default::default() })?;
                 dirs.push(outcome.run_dir);
             }
             dirs.extend(run);

@@ -11,6 +11,8 @@ pub struct MetricAccumulator {
     pairs: Vec<(f32, bool)>,
     logloss_sum: f64,
     positives: u64,
+    /// Scores that are NaN or ±∞ (a diverged model): the metrics refuse them.
+    non_finite: u64,
 }
 
 /// `-[y log σ(z) + (1-y) log(1-σ(z))]` computed stably from the logit.
@@ -34,6 +36,7 @@ impl MetricAccumulator {
 
     pub fn push(&mut self, logit: f32, label: f32) {
         let y = label >= 0.5;
+        self.non_finite += !logit.is_finite() as u64;
         self.logloss_sum += bce_from_logit(logit as f64, y);
         self.positives += y as u64;
         self.pairs.push((logit, y));
@@ -46,10 +49,18 @@ impl MetricAccumulator {
         self.pairs.is_empty()
     }
 
+    fn check_finite(&self) -> Result<()> {
+        if self.non_finite > 0 {
+            bail!("{} of {} scores are not finite (NaN or infinite): the model has diverged", self.non_finite, self.pairs.len());
+        }
+        Ok(())
+    }
+
     pub fn logloss(&self) -> Result<f64> {
         if self.pairs.is_empty() {
             bail!("LogLoss of an empty split is undefined");
         }
+        self.check_finite()?;
         Ok(self.logloss_sum / self.pairs.len() as f64)
     }
 
@@ -61,6 +72,8 @@ impl MetricAccumulator {
         if pos == 0 || neg == 0 {
             bail!("AUC is undefined: the split has {pos} positives and {neg} negatives (one class only)");
         }
+        // NaN compares unequal to itself: the tie loop below would never advance.
+        self.check_finite()?;
         self.pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
         // Sum of positive ranks (1-based), ties receiving their average rank.
         let mut rank_sum = 0.0f64;
@@ -125,6 +138,22 @@ mod tests {
         let err = acc(&[(0.1, 1.0), (0.7, 1.0)]).auc().unwrap_err().to_string();
         assert!(err.contains("one class"), "{err}");
         assert!(MetricAccumulator::new().logloss().is_err());
+    }
+
+    #[test]
+    fn non_finite_scores_are_an_error_not_a_hang() {
+        let mut a = acc(&[(f32::NAN, 1.0), (0.2, 0.0), (f32::NAN, 0.0), (f32::INFINITY, 1.0)]);
+        let err = a.auc().unwrap_err().to_string();
+        assert!(err.contains("3 of 4 scores are not finite"), "{err}");
+        assert!(a.logloss().is_err());
+        assert!(a.finish().is_err());
+    }
+
+    #[test]
+    fn signed_zeros_tie() {
+        // -0.0 and 0.0 are the same score (total_cmp orders them, == ties them)
+        let mut a = acc(&[(-0.0, 1.0), (0.0, 0.0)]);
+        assert_eq!(a.auc().unwrap(), 0.5);
     }
 
     #[test]

@@ -53,13 +53,26 @@ fn probe(spec: &str, device: Device, needs: &str) -> Result<Device> {
     }
 }
 
-/// Writes a file so that readers never see a partial one: temp file in the same directory, then
-/// rename.
+/// Writes a file so that readers never see a partial one and a crash (even of the machine)
+/// leaves the old or the new version: temp file in the same directory, fsync, rename, fsync of
+/// the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("cannot fsync {}", tmp.display()))?;
+    drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })?;
+    }
     Ok(())
+}
+
+/// fsync of a directory, so that a rename in it survives a power loss.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot fsync directory {}", dir.display()))
 }
 
 /// Worker threads of the CPU backend (rayon's global pool: `RAYON_NUM_THREADS` or all cores).

@@ -406,6 +406,7 @@ fn cache_is_reused_refused_when_stale_and_streams_every_row_once() {
     let loader = BatchLoader::from_split(SplitData::Stream(reader.clone()), streamed.encoder.total_rows(), 256, 700, 2);
     let mut seen: Vec<(u32, u32)> = Vec::new();
     for b in loader.epoch(Some(5)) {
+        let b = b.unwrap();
         let slots = b.inverse.len() / b.size;
         for i in 0..b.size {
             seen.push((b.unique_rows[b.inverse[i * slots] as usize] as u32, b.unique_rows[b.inverse[i * slots + 1] as usize] as u32));

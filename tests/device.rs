@@ -56,7 +56,7 @@ fn forward_on_the_device_equals_the_cpu() {
         let model = s.model.init(&shape, &cpu);
         let on_dev = model.clone().fork(&dev);
         let loader = wukong::data::BatchLoader::new(std::sync::Arc::new(data), s.table_rows, 256);
-        let batch = loader.epoch(None).recv().unwrap();
+        let batch = loader.epoch(None).next().unwrap().unwrap();
         let layout = SlotLayout::one_hot(shape.fields);
         let a = model.forward(&SparseInput::from_batch(&batch, &layout, &cpu), false).0.into_data().to_vec::<f32>().unwrap();
         let b = on_dev.forward(&SparseInput::from_batch(&batch, &layout, &dev), false).0.into_data().to_vec::<f32>().unwrap();

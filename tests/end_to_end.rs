@@ -28,7 +28,7 @@ fn workdir(name: &str) -> PathBuf {
 
 /// Trains without console output, run directories under `dir/runs`.
 fn train_quietly(cfg: &ExperimentConfig, dir: &Path) -> train::TrainOutcome {
-    train::train(cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, rebuild_cache: false }).unwrap()
+    train::train(cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() }).unwrap()
 }
 
 /// Users and items with hidden 2-d tastes; a click happens when taste agrees (plus noise), and a

@@ -183,7 +183,7 @@ fn every_model_learns_a_tiny_task_with_the_shared_trainer() {
             dir.display()
         );
         let cfg = ExperimentConfig::parse(&text).unwrap();
-        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, rebuild_cache: false }).unwrap();
+        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() }).unwrap();
         let auc = out.test.unwrap().auc;
         writeln!(report, "{name:<9} test AUC {auc:.4}").unwrap();
         // LR sees only main effects (the taste interaction is beyond it); the others must get both.
@@ -213,7 +213,7 @@ fn half_precision_tables_and_lazy_adam_train_like_the_default() {
             MODELS[0].1
         );
         let cfg = ExperimentConfig::parse(&text).unwrap();
-        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, rebuild_cache: false }).unwrap();
+        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() }).unwrap();
         let reloaded = wukong::train::checkpoint::load_run(&out.run_dir, &Device::flex()).unwrap();
         assert_eq!(reloaded.model.embedding().storage(), cfg.train.emb_storage, "{name}: storage survives the checkpoint");
         out.test.unwrap().auc

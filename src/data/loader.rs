@@ -2,6 +2,7 @@
 //! and the sparse optimizer only see those), and a background thread that prepares the next
 //! batches while the current one trains.
 
+use anyhow::{Result, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use std::sync::Arc;
@@ -38,7 +39,9 @@ impl BatchBuilder {
         Self { stamp: vec![0; total_rows], slot: vec![0; total_rows], batch_mark: 0 }
     }
 
-    fn build(&mut self, data: &EncodedDataset, idx: &[usize]) -> Batch {
+    /// Errors (instead of indexing out of bounds) when a row id is outside the table: a cache
+    /// corrupted on disk must stop the run with a message, not panic in the loader thread.
+    fn build(&mut self, data: &EncodedDataset, idx: &[usize]) -> Result<Batch> {
         let nf = data.num_slots;
         self.batch_mark = self.batch_mark.wrapping_add(1);
         if self.batch_mark == 0 {
@@ -57,6 +60,9 @@ impl BatchBuilder {
             dense.extend_from_slice(&data.dense[i * nd..(i + 1) * nd]);
             for f in 0..nf {
                 let r = data.rows[i * nf + f] as usize;
+                if r >= self.stamp.len() {
+                    bail!("example {i}, slot {f}: embedding row {r} is outside the table ({} rows); the encoded data does not belong to this encoder or is corrupted", self.stamp.len());
+                }
                 if self.stamp[r] != mark {
                     self.stamp[r] = mark;
                     self.slot[r] = unique_rows.len() as u32;
@@ -68,7 +74,7 @@ impl BatchBuilder {
         }
         let values = if values.iter().all(|&v| v == 1.0) { None } else { Some(values) };
         let dense = (nd > 0).then_some(dense);
-        Batch { size: idx.len(), labels, unique_rows, inverse, values, dense }
+        Ok(Batch { size: idx.len(), labels, unique_rows, inverse, values, dense })
     }
 }
 
@@ -80,6 +86,20 @@ pub struct BatchLoader {
     batch_size: usize,
     chunk_rows: usize,
     shuffle_chunks: usize,
+    fail_at: Option<usize>,
+}
+
+/// The batches of one epoch, in order. A read error in the loader thread arrives as an `Err`
+/// item (and ends the epoch), so the consumer can stop the run instead of training on less.
+pub struct Epoch {
+    rx: Receiver<Result<Batch>>,
+}
+
+impl Iterator for Epoch {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Result<Batch>> {
+        self.rx.recv().ok()
+    }
 }
 
 impl BatchLoader {
@@ -87,21 +107,37 @@ impl BatchLoader {
         Self::from_split(SplitData::Memory(data), total_rows, batch_size, 65_536, 4)
     }
 
+    /// Sizes of zero are raised to one (config validation refuses them before this point; the
+    /// loader itself must never divide by zero or spin).
     pub fn from_split(data: SplitData, total_rows: usize, batch_size: usize, chunk_rows: usize, shuffle_chunks: usize) -> Self {
-        assert!(batch_size > 0 && chunk_rows > 0 && shuffle_chunks > 0, "batch and chunk sizes must be positive");
-        Self { data, total_rows, batch_size, chunk_rows, shuffle_chunks }
+        Self { data, total_rows, batch_size: batch_size.max(1), chunk_rows: chunk_rows.max(1), shuffle_chunks: shuffle_chunks.max(1), fail_at: None }
     }
 
+    /// Fault injection for tests: the loader thread reports a read error instead of batch `n`.
+    pub fn fail_at_batch(mut self, n: Option<usize>) -> Self {
+        self.fail_at = n;
+        self
+    }
+
+    /// Batches per epoch: ⌈rows / batch_size⌉, in memory and streamed (a streamed epoch sends
+    /// full batches until its last group, which ends with the one partial batch).
     pub fn num_batches(&self) -> usize {
         self.data.len().div_ceil(self.batch_size)
     }
 
     /// Batches of one epoch. `shuffle_seed = Some(s)` shuffles with a generator seeded by `s`
-    /// (the trainer passes seed + epoch, so every epoch differs and every run repeats). Read
-    /// errors of a streamed cache end the epoch early with a message; the caller sees fewer batches.
-    pub fn epoch(&self, shuffle_seed: Option<u64>) -> Receiver<Batch> {
+    /// (the trainer passes seed + epoch, so every epoch differs and every run repeats).
+    pub fn epoch(&self, shuffle_seed: Option<u64>) -> Epoch {
+        self.epoch_from(shuffle_seed, 0)
+    }
+
+    /// The same epoch without its first `skip` batches (resuming inside an epoch): the order is
+    /// regenerated from the seed and the skipped batches are not built (a streamed epoch still
+    /// reads their chunks, since they decide which rows carry over to later groups).
+    pub fn epoch_from(&self, shuffle_seed: Option<u64>, skip: usize) -> Epoch {
         let (tx, rx) = sync_channel(4);
-        let (total_rows, batch_size) = (self.total_rows, self.batch_size);
+        let mut sink = Sink { tx, next: 0, skip, fail_at: self.fail_at, builder: BatchBuilder::new(self.total_rows) };
+        let batch_size = self.batch_size;
         match &self.data {
             SplitData::Memory(data) => {
                 let data = Arc::clone(data);
@@ -110,38 +146,63 @@ impl BatchLoader {
                     if let Some(seed) = shuffle_seed {
                         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
                     }
-                    send_batches(&data, &order, batch_size, &mut BatchBuilder::new(total_rows), &tx);
+                    if let Err(e) = sink.send_all(&data, &order, batch_size) {
+                        sink.tx.send(Err(e)).ok();
+                    }
                 });
             }
             SplitData::Stream(cache) => {
                 let cache = cache.clone();
                 let (chunk_rows, group) = (self.chunk_rows, self.shuffle_chunks);
                 std::thread::spawn(move || {
-                    if let Err(e) = stream_epoch(&cache, shuffle_seed, chunk_rows, group, batch_size, total_rows, &tx) {
-                        eprintln!("error: streaming {}: {e:#}", cache.dir.display());
+                    if let Err(e) = stream_epoch(&cache, shuffle_seed, chunk_rows, group, batch_size, &mut sink) {
+                        sink.tx.send(Err(e.context(format!("streaming {}", cache.dir.display())))).ok();
                     }
                 });
             }
         }
-        rx
+        Epoch { rx }
     }
 }
 
-/// Sends the batches of `order`; false when the consumer stopped early.
-fn send_batches(data: &EncodedDataset, order: &[usize], batch_size: usize, builder: &mut BatchBuilder, tx: &SyncSender<Batch>) -> bool {
-    order.chunks(batch_size).all(|chunk| tx.send(builder.build(data, chunk)).is_ok())
+/// The sending end of an epoch: numbers batches, skips the first `skip` without building them.
+struct Sink {
+    tx: SyncSender<Result<Batch>>,
+    next: usize,
+    skip: usize,
+    fail_at: Option<usize>,
+    builder: BatchBuilder,
+}
+
+impl Sink {
+    /// Sends the batches of `order`; Ok(false) when the consumer stopped early.
+    fn send_all(&mut self, data: &EncodedDataset, order: &[usize], batch_size: usize) -> Result<bool> {
+        for chunk in order.chunks(batch_size) {
+            let i = self.next;
+            self.next += 1;
+            if i < self.skip {
+                continue;
+            }
+            if self.fail_at == Some(i) {
+                bail!("injected read error at batch {i} (fault injection)");
+            }
+            if self.tx.send(Ok(self.builder.build(data, chunk)?)).is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// One streamed epoch: chunks in a seeded random order, `group` chunks at a time shuffled
 /// together; rows that do not fill a batch carry over to the next group.
-fn stream_epoch(cache: &CacheReader, seed: Option<u64>, chunk_rows: usize, group: usize, batch_size: usize, total_rows: usize, tx: &SyncSender<Batch>) -> anyhow::Result<()> {
+fn stream_epoch(cache: &CacheReader, seed: Option<u64>, chunk_rows: usize, group: usize, batch_size: usize, sink: &mut Sink) -> Result<()> {
     let mut chunks: Vec<usize> = (0..cache.len().div_ceil(chunk_rows)).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed.unwrap_or(0));
     if seed.is_some() {
         chunks.shuffle(&mut rng);
     }
     let (slots, dense) = (cache.header.num_slots, cache.header.num_dense);
-    let mut builder = BatchBuilder::new(total_rows);
     let mut buf = Vec::new();
     let mut pool = EncodedDataset::new(slots, dense);
     let groups: Vec<&[usize]> = chunks.chunks(group).collect();
@@ -158,7 +219,7 @@ fn stream_epoch(cache: &CacheReader, seed: Option<u64>, chunk_rows: usize, group
         }
         let last = g + 1 == groups.len();
         let full = if last { order.len() } else { order.len() / batch_size * batch_size };
-        if !send_batches(&pool, &order[..full], batch_size, &mut builder, tx) {
+        if !sink.send_all(&pool, &order[..full], batch_size)? {
             return Ok(());
         }
         let mut rest = EncodedDataset::new(slots, dense);
@@ -188,7 +249,7 @@ mod tests {
     #[test]
     fn unique_rows_and_inverse_reconstruct_the_batch() {
         let data = toy();
-        let b = BatchBuilder::new(5).build(&data, &[0, 1, 2]);
+        let b = BatchBuilder::new(5).build(&data, &[0, 1, 2]).unwrap();
         assert_eq!(b.unique_rows, vec![0, 3, 1, 4]);
         let back: Vec<u32> = b.inverse.iter().map(|&j| b.unique_rows[j as usize] as u32).collect();
         assert_eq!(back, data.rows);
@@ -206,7 +267,7 @@ mod tests {
             dense: vec![],
         });
         let loader = BatchLoader::new(data, 100, 7);
-        let collect = |s| loader.epoch(Some(s)).iter().flat_map(|b| b.labels).collect::<Vec<_>>();
+        let collect = |s| loader.epoch(Some(s)).flat_map(|b| b.unwrap().labels).collect::<Vec<_>>();
         let (a, b, c) = (collect(1), collect(1), collect(2));
         assert_eq!(a, b);
         assert_ne!(a, c);
@@ -214,5 +275,24 @@ mod tests {
         sorted.sort_by(f32::total_cmp);
         assert_eq!(sorted, (0..100).map(|i| i as f32).collect::<Vec<_>>());
         assert_eq!(loader.num_batches(), 15);
+        // resuming after k batches yields exactly the rest of the same epoch
+        let tail = loader.epoch_from(Some(1), 4).flat_map(|b| b.unwrap().labels).collect::<Vec<_>>();
+        assert_eq!(tail, a[4 * 7..]);
+    }
+
+    #[test]
+    fn row_outside_the_table_is_an_error_not_a_panic() {
+        let data = toy();
+        let err = BatchBuilder::new(4).build(&data, &[0, 1, 2]).unwrap_err().to_string();
+        assert!(err.contains("row 4 is outside the table"), "{err}");
+    }
+
+    #[test]
+    fn a_loader_error_arrives_as_an_item() {
+        let loader = BatchLoader::new(Arc::new(toy()), 5, 1).fail_at_batch(Some(1));
+        let items: Vec<_> = loader.epoch(None).collect();
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_ok());
+        assert!(items[1].as_ref().unwrap_err().to_string().contains("injected read error"));
     }
 }

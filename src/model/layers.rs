@@ -19,6 +19,16 @@ pub fn seed_dropout(seed: u64) {
     DROPOUT_STREAM.set(splitmix64(seed ^ 0x5EED_D80F));
 }
 
+/// The calling thread's dropout stream position (saved in checkpoints).
+pub fn dropout_stream() -> u64 {
+    DROPOUT_STREAM.get()
+}
+
+/// Restores a position from [`dropout_stream`] (resuming a run).
+pub fn set_dropout_stream(position: u64) {
+    DROPOUT_STREAM.set(position);
+}
+
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE5_E4B9);

@@ -1,11 +1,12 @@
 //! Training: the loop (Adam for dense parameters, row-wise Adagrad for embedding rows, linear
 //! warm-up, global-norm clipping, early stopping on validation AUC with best-weight restore),
-//! evaluation and prediction.
+//! full-state checkpoints with exact resume, the loss-explosion guard, evaluation and prediction.
 
 pub mod checkpoint;
+pub mod guard;
 pub mod optim;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, decay::WeightDecayConfig};
 use burn::tensor::activation::relu;
@@ -20,7 +21,9 @@ use crate::profile::{self, Phase};
 use crate::data::{BatchLoader, Encoder, SplitData};
 use crate::metrics::{MetricAccumulator, Metrics};
 use crate::model::{DataShape, Model, ModelConfig, SlotLayout, SparseInput};
+pub use guard::{GuardConfig, GuardEvent, GuardPolicy, GuardState, StepReport};
 pub use optim::{EmbOptimizerKind, RowWiseAdagrad, SparseAdam, SparseOptimizer, clip_global_norm, grad_norm};
+use checkpoint::{Checkpoint, CheckpointDir, Faults};
 
 /// Mean binary cross-entropy from logits, stable for any logit:
 /// `max(z,0) − z·y + ln(1 + e^{−|z|})`.
@@ -35,11 +38,12 @@ pub fn predict_logits(model: &Model, data: &SplitData, encoder: &Encoder, batch_
     let loader = BatchLoader::from_split(data.clone(), encoder.total_rows(), batch_size, 65_536, 1);
     let mut out = Vec::with_capacity(data.len());
     for batch in loader.epoch(None) {
+        let batch = batch?;
         let input = SparseInput::from_batch(&batch, &layout, device);
         let (logits, _) = model.forward(&input, false);
         out.extend(logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
     }
-    anyhow::ensure!(out.len() == data.len(), "scored {} of {} examples (a read error ended the pass; see above)", out.len(), data.len());
+    anyhow::ensure!(out.len() == data.len(), "scored {} of {} examples", out.len(), data.len());
     Ok(out)
 }
 
@@ -66,6 +70,11 @@ pub struct Stepper {
     grad_clip_norm: f64,
 }
 
+/// Checkpoint section names of a [`Stepper`]'s state.
+const MODEL_SECTION: &str = "model";
+const ADAM_SECTION: &str = "adam";
+const SPARSE_SECTION: &str = "sparse_optimizer";
+
 impl Stepper {
     /// `model` must live on the autodiff version of `device`.
     pub fn new(model: Model, cfg: &ModelConfig, t: &TrainConfig, layout: SlotLayout, device: &Device) -> Self {
@@ -90,6 +99,19 @@ impl Stepper {
 
     /// One step on `batch` with the given learning rates; returns the batch's mean loss.
     pub fn step(&mut self, batch: &crate::data::Batch, lr: f64, emb_lr: f64) -> Result<f32> {
+        Ok(self.step_checked(batch, lr, emb_lr, None)?.0.loss)
+    }
+
+    /// One step whose update is applied only when `accept` (given the loss and the gradient
+    /// norms, computed before any parameter changes) says so; returns the report and whether the
+    /// update was applied. Without `accept` the embedding gradient norm is not computed (0).
+    pub fn step_checked(
+        &mut self,
+        batch: &crate::data::Batch,
+        lr: f64,
+        emb_lr: f64,
+        accept: Option<&mut dyn FnMut(&StepReport) -> bool>,
+    ) -> Result<(StepReport, bool)> {
         let ad = &self.autodiff;
         let input = SparseInput::from_batch(batch, &self.layout, ad);
         let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), ad);
@@ -103,11 +125,27 @@ impl Stepper {
         profile::mark(Phase::Backward);
 
         let sparse = match gathered {
-            Some(g) => Some((g.rows.grad_remove(&mut grads).context("embedding rows received no gradient")?, g)),
+            Some(g) => match g.rows.grad_remove(&mut grads) {
+                Some(grad) => Some((grad, g)),
+                None => {
+                    self.model = Some(model);
+                    bail!("embedding rows received no gradient");
+                }
+            },
             None => None,
         };
         let mut dense_grads = GradientsParams::from_grads(grads, &model);
-        clip_global_norm(&model, &mut dense_grads, self.grad_clip_norm);
+        let grad_norm = clip_global_norm(&model, &mut dense_grads, self.grad_clip_norm);
+        let mut report = StepReport { loss, grad_norm, emb_grad_norm: 0.0 };
+        if let Some(accept) = accept {
+            if let Some((g, _)) = &sparse {
+                report.emb_grad_norm = (g.clone().powi_scalar(2).sum().into_scalar::<f32>() as f64).sqrt();
+            }
+            if !accept(&report) {
+                self.model = Some(model);
+                return Ok((report, false));
+            }
+        }
         let mut model = self.adam.step(lr, model, dense_grads);
         profile::mark(Phase::DenseOptimizer);
         if let Some((emb_grad, g)) = sparse {
@@ -116,7 +154,26 @@ impl Stepper {
             profile::mark(Phase::SparseOptimizer);
         }
         self.model = Some(model);
-        Ok(loss)
+        Ok((report, true))
+    }
+
+    /// The model, Adam and the embedding optimizer as checkpoint sections (and the embedding
+    /// optimizer's description for the manifest).
+    pub fn save_state(&self) -> Result<(serde_json::Value, Vec<(String, Vec<u8>)>)> {
+        let model = checkpoint::model_bytes(self.model())?;
+        let adam = self.adam.to_record().into_bytes().map_err(|e| anyhow::anyhow!("cannot serialize the Adam state: {e}"))?.to_vec();
+        let (meta, sparse) = self.sparse_optimizer.save_state()?;
+        Ok((meta, vec![(MODEL_SECTION.into(), model), (ADAM_SECTION.into(), adam), (SPARSE_SECTION.into(), sparse)]))
+    }
+
+    /// Restores what [`Self::save_state`] wrote (into a stepper built from the same config).
+    pub fn load_state(&mut self, meta: &serde_json::Value, ckpt: &mut Checkpoint) -> Result<()> {
+        let model = self.model.take().expect("model present between steps");
+        self.model = Some(checkpoint::load_model_bytes(model, ckpt.take_section(MODEL_SECTION)?, "the checkpoint's model")?);
+        let record = burn::optim::OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(ckpt.take_section(ADAM_SECTION)?))
+            .map_err(|e| anyhow::anyhow!("cannot read the checkpoint's Adam state: {e}"))?;
+        self.adam = self.adam.clone().load_record(record);
+        self.sparse_optimizer.load_state(meta, ckpt.section(SPARSE_SECTION)?)
     }
 }
 
@@ -125,10 +182,18 @@ impl Stepper {
 pub struct RunOptions {
     pub device: String,
     pub out_dir: PathBuf,
-    /// Progress bars and per-epoch lines on stderr/stdout.
+    /// Progress bars and per-evaluation lines on stderr/stdout.
     pub verbose: bool,
     /// Rebuild stale data caches instead of refusing them.
     pub rebuild_cache: bool,
+    /// Fault injection (tests only; `WUKONG_FAULT` at the CLI).
+    pub faults: Faults,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { device: "cpu".into(), out_dir: PathBuf::from("runs"), verbose: false, rebuild_cache: false, faults: Faults::default() }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +204,8 @@ pub struct TrainOutcome {
     pub valid: Metrics,
     pub test: Option<Metrics>,
     pub seconds: f64,
+    /// Loss-explosion guard events (rollbacks).
+    pub guard_events: Vec<GuardEvent>,
 }
 
 fn log(verbose: bool, msg: impl AsRef<str>) {
@@ -164,11 +231,216 @@ pub fn new_run_dir(out: &Path, prefix: &str) -> Result<PathBuf> {
     unreachable!()
 }
 
+/// The best evaluation so far.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct BestEval {
+    pub epoch: usize,
+    pub step: u64,
+    pub valid_auc: f64,
+    pub valid_logloss: f64,
+    pub count: u64,
+}
+
+impl BestEval {
+    fn metrics(&self) -> Metrics {
+        Metrics { auc: self.valid_auc, logloss: self.valid_logloss, count: self.count }
+    }
+}
+
+/// Everything of the training loop that is not in the model and optimizers: with them, a
+/// checkpoint of this continues the run exactly.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimizer steps applied.
+    pub step: u64,
+    /// The epoch in progress (1-based) and the batches of it already consumed.
+    pub epoch: usize,
+    pub batch: usize,
+    /// Training examples the model has learned from.
+    pub examples: u64,
+    /// Loss sum and example count of the epoch so far (its train LogLoss).
+    pub epoch_loss_sum: f64,
+    pub epoch_examples: u64,
+    /// Plateau learning-rate scale.
+    pub lr_scale: f64,
+    /// Evaluations without improvement (early stopping).
+    pub bad_evals: usize,
+    pub best: Option<BestEval>,
+    pub evals: usize,
+    pub last_eval_step: Option<u64>,
+    /// Position of the dropout mask stream.
+    pub dropout_stream: u64,
+    pub guard: GuardState,
+    /// Seconds of training before this checkpoint (all processes of the run).
+    pub seconds: f64,
+    /// Training finished (epochs done or early stop): a resume only scores the test split.
+    pub done: bool,
+    pub stop_reason: Option<String>,
+}
+
+impl TrainState {
+    fn new() -> Self {
+        Self {
+            step: 0,
+            epoch: 1,
+            batch: 0,
+            examples: 0,
+            epoch_loss_sum: 0.0,
+            epoch_examples: 0,
+            lr_scale: 1.0,
+            bad_evals: 0,
+            best: None,
+            evals: 0,
+            last_eval_step: None,
+            dropout_stream: 0,
+            guard: GuardState::default(),
+            seconds: 0.0,
+            done: false,
+            stop_reason: None,
+        }
+    }
+}
+
 /// Trains the experiment end to end and writes its run directory.
 pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> {
-    let start = Instant::now();
+    run(cfg.clone(), None, opts)
+}
+
+/// Continues the run in `run_dir` from its newest valid checkpoint (`wukong train --resume`).
+/// With the same thread count on the CPU the result is bit-identical to a run never interrupted.
+pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<TrainOutcome> {
+    let cfg = ExperimentConfig::load(&run_dir.join(checkpoint::CONFIG)).with_context(|| format!("{} is not a run directory", run_dir.display()))?;
+    run(cfg, Some(run_dir.to_path_buf()), opts)
+}
+
+/// The device generator's seed for one step: it drives the stochastic rounding of half-precision
+/// tables, and re-seeding it per step makes that stream a function of (seed, step), so a resumed
+/// run draws what the uninterrupted one drew.
+fn step_seed(seed: u64, step: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Keeps the lines of `metrics.jsonl` whose step is at most `step` (a resumed or rolled-back run
+/// rewrites what came after its checkpoint).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::runtime::write_atomic(path, kept.as_bytes())
+}
+
+fn append_line(path: &Path, line: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_data().with_context(|| format!("cannot fsync {}", path.display()))?;
+    Ok(())
+}
+
+/// The loop's world: what stays fixed for the run, and the state that moves.
+struct Loop<'a> {
+    cfg: &'a ExperimentConfig,
+    verbose: bool,
+    run_dir: PathBuf,
+    encoder: Encoder,
+    valid_data: SplitData,
+    device: Device,
+    stepper: Stepper,
+    state: TrainState,
+    ckpts: CheckpointDir,
+    /// When this process started training, and the state's seconds at that moment.
+    clock: Instant,
+    seconds_before: f64,
+    last_checkpoint: Instant,
+}
+
+impl Loop<'_> {
+    fn seconds(&self) -> f64 {
+        self.seconds_before + self.clock.elapsed().as_secs_f64()
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.state.dropout_stream = crate::model::layers::dropout_stream();
+        self.state.seconds = self.seconds();
+        let (meta, sections) = self.stepper.save_state()?;
+        let state = serde_json::json!({ "train": self.state, "sparse_optimizer": meta });
+        self.ckpts.write(self.state.step, &Checkpoint { state, sections })?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Restores the stepper from `ckpt` and returns its training state.
+    fn restore(stepper: &mut Stepper, mut ckpt: Checkpoint) -> Result<TrainState> {
+        let state: TrainState = serde_json::from_value(ckpt.state["train"].clone()).context("the checkpoint's training state is unreadable")?;
+        let meta = ckpt.state["sparse_optimizer"].clone();
+        stepper.load_state(&meta, &mut ckpt)?;
+        crate::model::layers::set_dropout_stream(state.dropout_stream);
+        Ok(state)
+    }
+
+    fn newest_checkpoint(&self) -> Result<(PathBuf, Checkpoint)> {
+        let (found, refused) = self.ckpts.newest_valid()?;
+        for r in &refused {
+            eprintln!("warning: refusing checkpoint {r}");
+        }
+        found.with_context(|| format!("no valid checkpoint in {}{}", self.ckpts.dir.display(), if refused.is_empty() { String::new() } else { format!(" (refused: {})", refused.join("; ")) }))
+    }
+
+    /// Evaluates on the validation split, updates best/patience, logs a `metrics.jsonl` line,
+    /// saves the best weights, checkpoints. `epoch` is the epoch the evaluation belongs to.
+    fn evaluate(&mut self, epoch: usize, train_logloss: f64, end_of_epoch: bool, epoch_secs: Option<f64>) -> Result<()> {
+        let t = &self.cfg.train;
+        let valid = evaluate(&self.stepper.model().valid(), &self.valid_data, &self.encoder, t.eval_batch_size, &self.device)
+            .with_context(|| format!("validation at step {}", self.state.step))?;
+        let s = &mut self.state;
+        s.evals += 1;
+        s.last_eval_step = Some(s.step);
+        let improved = s.best.as_ref().is_none_or(|b| t.monitor.score(&valid) > t.monitor.score(&b.metrics()));
+        if improved {
+            s.best = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
+            s.bad_evals = 0;
+            checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL))?;
+        } else {
+            s.bad_evals += 1;
+            s.lr_scale *= t.plateau_lr_factor;
+        }
+        let line = serde_json::json!({
+            "epoch": epoch, "step": s.step, "examples": s.examples, "end_of_epoch": end_of_epoch,
+            "train_logloss": train_logloss, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
+            "lr": t.lr * s.lr_scale * s.guard.lr_scale, "seconds": self.seconds_before + self.clock.elapsed().as_secs_f64(),
+            "epoch_seconds": epoch_secs, "best": improved,
+        });
+        append_line(&self.run_dir.join(checkpoint::METRICS), &line)?;
+        let what = if end_of_epoch { format!("epoch {epoch:>3}") } else { format!("step {:>6}", s.step) };
+        log(self.verbose, format!(
+            "{what}: train logloss {train_logloss:.5}  valid AUC {:.6}  LogLoss {:.6}  ({} examples, {:.1}s){}",
+            valid.auc, valid.logloss, s.examples, self.seconds_before + self.clock.elapsed().as_secs_f64(),
+            if improved { "  *best" } else { "" }
+        ));
+        if s.bad_evals >= t.patience.max(1) {
+            let best = s.best.map(|b| b.step).unwrap_or(0);
+            log(self.verbose, format!("early stop: no validation {:?} improvement in {} evaluation(s); best at step {best}", t.monitor, s.bad_evals));
+            s.done = true;
+            s.stop_reason = Some(format!("early stop after {} evaluations without improvement", s.bad_evals));
+        }
+        self.checkpoint()
+    }
+}
+
+fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) -> Result<TrainOutcome> {
+    let cfg = &cfg;
     let t = &cfg.train;
     let v = opts.verbose;
+    cfg.validate()?;
 
     // Data: fit the encoder on train only (or take it from the cache), encode every split.
     let prepared = crate::data::prepare(&cfg.data, opts.rebuild_cache)?;
@@ -193,14 +465,28 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     let layout = SlotLayout::of(&encoder);
     let total_rows = shape.table_rows;
 
-    // Run directory.
-    let run_dir = new_run_dir(&opts.out_dir, &format!("{}-seed{}", cfg.name, t.seed))?;
-    crate::runtime::write_atomic(&run_dir.join(checkpoint::CONFIG), cfg.to_toml().as_bytes())?;
-    encoder.save(&run_dir.join(checkpoint::ENCODER))?;
-    let mut env = crate::runtime::env_info(&opts.device);
-    env["data"] = serde_json::Value::Object(data_log);
-    crate::runtime::write_atomic(&run_dir.join(checkpoint::ENV), serde_json::to_string_pretty(&env)?.as_bytes())?;
-    let mut metrics_file = std::fs::File::create(run_dir.join(checkpoint::METRICS))?;
+    // Run directory: a new one, or the one being resumed (whose data must encode the same way).
+    let run_dir = match &resume_dir {
+        Some(dir) => {
+            let saved = Encoder::load(&dir.join(checkpoint::ENCODER))?;
+            anyhow::ensure!(
+                saved.fingerprint() == encoder.fingerprint(),
+                "cannot resume {}: the training data now encodes differently (encoder {} → {}); the files changed since the run started",
+                dir.display(), saved.fingerprint(), encoder.fingerprint()
+            );
+            dir.clone()
+        }
+        None => {
+            let dir = new_run_dir(&opts.out_dir, &format!("{}-seed{}", cfg.name, t.seed))?;
+            crate::runtime::write_atomic(&dir.join(checkpoint::CONFIG), cfg.to_toml().as_bytes())?;
+            encoder.save(&dir.join(checkpoint::ENCODER))?;
+            let mut env = crate::runtime::env_info(&opts.device);
+            env["data"] = serde_json::Value::Object(data_log);
+            crate::runtime::write_atomic(&dir.join(checkpoint::ENV), serde_json::to_string_pretty(&env)?.as_bytes())?;
+            crate::runtime::write_atomic(&dir.join(checkpoint::METRICS), b"")?;
+            dir
+        }
+    };
 
     // Model and optimizers.
     let device = crate::runtime::parse_device(&opts.device)?;
@@ -216,73 +502,181 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
         cfg.model.forward_flops(&shape) as f64 / 1e6
     ));
     let mut stepper = Stepper::new(model, &cfg.model, t, layout, &device);
-
-    let loader = BatchLoader::from_split(train_data, total_rows, t.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks);
-    let model_path = run_dir.join(checkpoint::MODEL);
-    let (mut best_epoch, mut best_valid) = (0, None::<Metrics>);
-    let (mut bad_epochs, mut lr_scale, mut step, mut epochs_run) = (0usize, 1.0f64, 0usize, 0usize);
-
-    for epoch in 1..=t.epochs {
-        epochs_run = epoch;
-        let epoch_start = Instant::now();
-        let bar = if v { ProgressBar::new(loader.num_batches() as u64) } else { ProgressBar::hidden() };
-        bar.set_style(ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}").unwrap().progress_chars("=> "));
-        bar.set_message(format!("{epoch}/{}", t.epochs));
-        let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
-        for batch in loader.epoch(Some(t.seed.wrapping_add(epoch as u64))) {
-            step += 1;
-            let warm = if t.warmup_steps > 0 { (step as f64 / t.warmup_steps as f64).min(1.0) } else { 1.0 };
-            let (lr, emb_lr) = (t.lr * warm * lr_scale, t.emb_lr * warm * lr_scale);
-
-            let loss = stepper.step(&batch, lr, emb_lr)?;
-            loss_sum += loss as f64 * batch.size as f64;
-            loss_n += batch.size;
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        let train_secs = epoch_start.elapsed().as_secs_f64();
-        let valid = evaluate(&stepper.model().valid(), &valid_data, &encoder, t.eval_batch_size, &device)?;
-        let improved = best_valid.as_ref().is_none_or(|best| t.monitor.score(&valid) > t.monitor.score(best));
-        if improved {
-            best_epoch = epoch;
-            best_valid = Some(valid);
-            bad_epochs = 0;
-            checkpoint::save_model(stepper.model(), &model_path)?;
-        } else {
-            bad_epochs += 1;
-            lr_scale *= t.plateau_lr_factor;
-        }
-        let line = serde_json::json!({
-            "epoch": epoch, "step": step, "train_logloss": loss_sum / loss_n.max(1) as f64,
-            "valid_auc": valid.auc, "valid_logloss": valid.logloss, "lr": t.lr * lr_scale,
-            "train_seconds": train_secs, "epoch_seconds": epoch_start.elapsed().as_secs_f64(), "best": improved,
-        });
-        writeln!(metrics_file, "{line}")?;
-        metrics_file.flush()?;
-        log(v, format!(
-            "epoch {epoch:>3}: train logloss {:.5}  valid AUC {:.6}  LogLoss {:.6}  ({train_secs:.1}s train, {:.1}s total){}",
-            loss_sum / loss_n.max(1) as f64, valid.auc, valid.logloss, epoch_start.elapsed().as_secs_f64(),
-            if improved { "  *best" } else { "" }
-        ));
-        if bad_epochs >= t.patience.max(1) {
-            log(v, format!("early stop: no validation {:?} improvement for {bad_epochs} epoch(s); best epoch {best_epoch}", t.monitor));
-            break;
-        }
+    let ckpts = CheckpointDir::new(&run_dir, t.keep_checkpoints, &opts.faults)?;
+    let mut lp = Loop {
+        cfg,
+        verbose: v,
+        run_dir: run_dir.clone(),
+        encoder,
+        valid_data,
+        device: device.clone(),
+        stepper,
+        state: TrainState::new(),
+        ckpts,
+        clock: Instant::now(),
+        seconds_before: 0.0,
+        last_checkpoint: Instant::now(),
+    };
+    if resume_dir.is_some() {
+        let (path, ckpt) = lp.newest_checkpoint()?;
+        stepper = lp.stepper;
+        let restored = Loop::restore(&mut stepper, ckpt).with_context(|| format!("cannot resume from {}", path.display()))?;
+        lp.stepper = stepper;
+        log(v, format!("resuming from {} (step {}, epoch {}, batch {})", path.display(), restored.step, restored.epoch, restored.batch));
+        lp.seconds_before = restored.seconds;
+        lp.state = restored;
+        truncate_metrics(&run_dir.join(checkpoint::METRICS), lp.state.step)?;
+    } else {
+        lp.checkpoint()?; // step 0: resume and rollback always have a checkpoint to go back to
     }
 
+    let loader = BatchLoader::from_split(train_data, total_rows, t.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks)
+        .fail_at_batch(opts.faults.loader_error_at_batch);
+    let nb = loader.num_batches();
+    anyhow::ensure!(nb > 0, "the training split is empty");
+    let guard_cfg = t.guard_config();
+    let faults = &opts.faults;
+
+    'epochs: while !lp.state.done {
+        if lp.state.epoch > t.epochs {
+            lp.state.done = true;
+            lp.state.stop_reason = Some(format!("{} epochs done", t.epochs));
+            break;
+        }
+        let epoch = lp.state.epoch;
+        let epoch_start = Instant::now();
+        let bar = if v { ProgressBar::new(nb as u64) } else { ProgressBar::hidden() };
+        bar.set_style(ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}").unwrap().progress_chars("=> "));
+        bar.set_message(format!("{epoch}/{}", t.epochs));
+        bar.set_position(lp.state.batch as u64);
+        let mut batches = loader.epoch_from(Some(t.seed.wrapping_add(epoch as u64)), lp.state.batch);
+        while lp.state.batch < nb {
+            let bi = lp.state.batch;
+            let mut batch = match batches.next() {
+                Some(b) => b.with_context(|| format!("reading training batch {bi} of epoch {epoch}"))?,
+                None => bail!("the training loader ended epoch {epoch} after {bi} of {nb} batches"),
+            };
+            let g = ((epoch - 1) * nb + bi) as u64;
+            lp.state.batch += 1;
+            bar.inc(1);
+            if lp.state.guard.skips(g) {
+                continue;
+            }
+            let next = lp.state.step + 1;
+            if faults.nan_at_step == Some(next) {
+                batch.labels[0] = f32::NAN;
+            }
+            if faults.spike_at_steps.is_some_and(|(a, b)| (a..=b).contains(&next)) {
+                batch.labels.iter_mut().for_each(|y| *y = 1.0 - *y);
+            }
+            let warm = if t.warmup_steps > 0 { (next as f64 / t.warmup_steps as f64).min(1.0) } else { 1.0 };
+            let scale = warm * lp.state.lr_scale * lp.state.guard.lr_scale;
+            device.seed(step_seed(t.seed, next));
+            let mut verdict = None;
+            let guard = &lp.state.guard;
+            let (report, applied) = lp.stepper.step_checked(&batch, t.lr * scale, t.emb_lr * scale, Some(&mut |r: &StepReport| {
+                verdict = guard.check(&guard_cfg, r);
+                verdict.is_none()
+            }))?;
+            if !applied {
+                let kind = verdict.unwrap_or("non_finite");
+                let s = &lp.state;
+                if t.guard == GuardPolicy::Fail || s.guard.rollbacks >= t.guard_max_rollbacks {
+                    let ev = s.guard.event(kind, next, epoch, bi, &report, "fail".into());
+                    bar.finish_and_clear();
+                    let why = if t.guard == GuardPolicy::Fail { "train.guard = \"fail\"".to_string() } else { format!("giving up after {} rollbacks (train.guard_max_rollbacks)", s.guard.rollbacks) };
+                    bail!("{}; {why}. The last checkpoint is intact in {}", guard::describe(&ev), lp.ckpts.dir.display());
+                }
+                // Rollback: the newest checkpoint, minus the batches from it to here.
+                let mut memory = lp.state.guard.clone();
+                let (path, ckpt) = lp.newest_checkpoint()?;
+                let restored = Loop::restore(&mut lp.stepper, ckpt).with_context(|| format!("rollback to {}", path.display()))?;
+                let from = ((restored.epoch - 1) * nb + restored.batch) as u64;
+                let action = format!(
+                    "rolled back to step {} ({}); skipping batches {from}..={g}; learning rates ×{}",
+                    restored.step, path.display(), t.guard_lr_factor
+                );
+                let ev = memory.event(kind, next, epoch, bi, &report, action);
+                eprintln!("warning: guard: {}; {}", guard::describe(&ev), ev.action);
+                memory.events.push(ev);
+                memory.skip.push((from, g));
+                memory.rollbacks += 1;
+                memory.lr_scale *= t.guard_lr_factor;
+                lp.state = restored;
+                lp.state.guard = memory;
+                truncate_metrics(&run_dir.join(checkpoint::METRICS), lp.state.step)?;
+                bar.finish_and_clear();
+                continue 'epochs;
+            }
+            let s = &mut lp.state;
+            s.step = next;
+            s.examples += batch.size as u64;
+            s.epoch_loss_sum += report.loss as f64 * batch.size as f64;
+            s.epoch_examples += batch.size as u64;
+            s.guard.observe(&guard_cfg, report.loss);
+            if faults.abort_at_step == Some(s.step) {
+                eprintln!("fault injection: aborting after step {}", s.step);
+                std::process::abort();
+            }
+            if lp.state.batch < nb {
+                let s = &lp.state;
+                if t.eval_every_steps > 0 && s.step % t.eval_every_steps as u64 == 0 {
+                    let train_ll = s.epoch_loss_sum / s.epoch_examples.max(1) as f64;
+                    lp.evaluate(epoch, train_ll, false, None)?;
+                    if lp.state.done {
+                        bar.finish_and_clear();
+                        break 'epochs;
+                    }
+                } else if (t.checkpoint_every_steps > 0 && s.step % t.checkpoint_every_steps as u64 == 0)
+                    || (t.checkpoint_every_secs > 0.0 && lp.last_checkpoint.elapsed().as_secs_f64() >= t.checkpoint_every_secs)
+                {
+                    lp.checkpoint()?;
+                }
+            }
+        }
+        drop(batches);
+        bar.finish_and_clear();
+        // End of the epoch: the position moves to the next one before the evaluation's checkpoint.
+        let s = &mut lp.state;
+        let train_ll = s.epoch_loss_sum / s.epoch_examples.max(1) as f64;
+        s.epoch += 1;
+        s.batch = 0;
+        s.epoch_loss_sum = 0.0;
+        s.epoch_examples = 0;
+        if s.last_eval_step == Some(s.step) {
+            lp.checkpoint()?;
+        } else {
+            lp.evaluate(epoch, train_ll, true, Some(epoch_start.elapsed().as_secs_f64()))?;
+        }
+    }
+    lp.state.done = true;
+    lp.checkpoint()?;
+
     // Restore the best weights and score the test split with them.
-    let best = checkpoint::load_model(cfg, &encoder, &model_path, &device)?;
+    let best_eval = lp.state.best.context("no evaluation was made")?;
+    let best = checkpoint::load_model(cfg, &lp.encoder, &run_dir.join(checkpoint::MODEL), &device)?;
     let test = match &test_data {
-        Some(d) => Some(evaluate(&best, d, &encoder, t.eval_batch_size, &device)?),
+        Some(d) => Some(evaluate(&best, d, &lp.encoder, t.eval_batch_size, &device)?),
         None => None,
     };
-    let valid = best_valid.context("no epoch was evaluated")?;
-    let seconds = start.elapsed().as_secs_f64();
+    let valid = best_eval.metrics();
+    let seconds = lp.seconds();
+    let epochs_run = if lp.state.batch > 0 { lp.state.epoch } else { lp.state.epoch - 1 }.max(1);
+    let guard_events = lp.state.guard.events.clone();
+    if !guard_events.is_empty() {
+        log(v, format!("guard: {} rollback(s) during the run:", guard_events.len()));
+        for e in &guard_events {
+            log(v, format!("  {} — {}", guard::describe(e), e.action));
+        }
+    }
     let result = serde_json::json!({
-        "best_epoch": best_epoch, "epochs_run": epochs_run, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
+        "best_epoch": best_eval.epoch, "best_step": best_eval.step, "epochs_run": epochs_run, "steps": lp.state.step,
+        "examples": lp.state.examples, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
         "test_auc": test.map(|m| m.auc), "test_logloss": test.map(|m| m.logloss), "seconds": seconds,
         "dense_params": dense_params, "embedding_params": emb_params, "forward_flops_per_example": cfg.model.forward_flops(&shape),
+        "stop_reason": lp.state.stop_reason, "guard_rollbacks": lp.state.guard.rollbacks, "guard_events": guard_events,
+        "best_weights_digest": checkpoint::weights_digest(&best)?, "final_weights_digest": checkpoint::weights_digest(lp.stepper.model())?,
     });
     crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
-    Ok(TrainOutcome { run_dir, best_epoch, epochs_run, valid, test, seconds })
+    Ok(TrainOutcome { run_dir, best_epoch: best_eval.epoch, epochs_run, valid, test, seconds, guard_events })
 }

@@ -160,6 +160,65 @@ impl SparseOptimizer {
             Self::Adam(o) => o.step(table, unique_rows, rows, grad, lr),
         }
     }
+
+    /// The optimizer's state for a checkpoint: a small JSON description and the raw f32 values
+    /// (little-endian) of its tensors, in order.
+    pub fn save_state(&self) -> anyhow::Result<(serde_json::Value, Vec<u8>)> {
+        let mut bytes = Vec::new();
+        let meta = match self {
+            Self::RowWiseAdagrad(o) => {
+                let shape = put_f32(o.accumulator(), &mut bytes)?;
+                serde_json::json!({ "kind": "rowwise_adagrad", "shapes": [shape] })
+            }
+            Self::Adam(o) => {
+                let (m, v) = o.moments();
+                let shapes = [put_f32(m, &mut bytes)?, put_f32(v, &mut bytes)?];
+                serde_json::json!({ "kind": "adam", "shapes": shapes, "step": o.step })
+            }
+        };
+        Ok((meta, bytes))
+    }
+
+    /// Restores [`Self::save_state`]'s output into an optimizer built for the same table.
+    pub fn load_state(&mut self, meta: &serde_json::Value, bytes: &[u8]) -> anyhow::Result<()> {
+        let shapes: Vec<[usize; 2]> = serde_json::from_value(meta["shapes"].clone())?;
+        let kind = meta["kind"].as_str().unwrap_or("");
+        let mut at = 0;
+        let mut take = |like: &Tensor<2>, i: usize| -> anyhow::Result<Tensor<2>> {
+            let shape = *shapes.get(i).ok_or_else(|| anyhow::anyhow!("embedding optimizer state: tensor {i} missing"))?;
+            anyhow::ensure!(shape == like.dims(), "embedding optimizer state has shape {shape:?}, the table needs {:?}", like.dims());
+            let n = 4 * shape[0] * shape[1];
+            anyhow::ensure!(at + n <= bytes.len(), "embedding optimizer state is truncated");
+            let values: Vec<f32> = bytes[at..at + n].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            at += n;
+            Ok(Tensor::<2>::from_data(burn::tensor::TensorData::new(values, shape), &like.device()))
+        };
+        match self {
+            Self::RowWiseAdagrad(o) => {
+                anyhow::ensure!(kind == "rowwise_adagrad", "the checkpoint's embedding optimizer is {kind:?}, the config's is rowwise_adagrad");
+                let acc = take(o.accumulator(), 0)?;
+                o.accumulator = Some(acc);
+            }
+            Self::Adam(o) => {
+                anyhow::ensure!(kind == "adam", "the checkpoint's embedding optimizer is {kind:?}, the config's is adam");
+                let (m, v) = o.moments();
+                let (m, v) = (take(m, 0)?, take(v, 1)?);
+                o.moments = Some((m, v));
+                o.step = meta["step"].as_i64().ok_or_else(|| anyhow::anyhow!("embedding optimizer state: no step"))? as i32;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends a tensor's values as f32 little-endian; returns its shape.
+fn put_f32(t: &Tensor<2>, out: &mut Vec<u8>) -> anyhow::Result<[usize; 2]> {
+    let values = t.clone().into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    out.reserve(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Ok(t.dims())
 }
 
 /// Sums the squared dense gradients of a module.

@@ -1,0 +1,208 @@
+//! The loss-explosion guard: every step's loss and gradient norms are checked before the update
+//! is applied. A non-finite value, or a loss far above its recent running statistics (a spike),
+//! is an anomaly; the policy decides what happens (`rollback` to the last checkpoint, skipping the
+//! batches that led there and lowering the learning rates, or `fail` with the step and values).
+
+use serde::{Deserialize, Serialize};
+
+/// `[train] guard`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardPolicy {
+    /// Restore the newest checkpoint, skip the batches from it to the anomaly, scale the learning
+    /// rates by `guard_lr_factor`; give up after `guard_max_rollbacks`.
+    #[default]
+    Rollback,
+    /// Stop with an error naming the step and the values.
+    Fail,
+    /// No checks (a NaN flows into the optimizer).
+    Off,
+}
+
+/// What one step measured, before its update was applied.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    pub loss: f32,
+    /// Global L2 norm of the dense gradients (before clipping).
+    pub grad_norm: f64,
+    /// L2 norm of the gathered embedding rows' gradient.
+    pub emb_grad_norm: f64,
+}
+
+/// One guard event, as logged and kept in `result.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GuardEvent {
+    /// `non_finite` or `spike`.
+    pub kind: String,
+    /// The optimizer step the batch would have been.
+    pub step: u64,
+    pub epoch: usize,
+    /// Batch index within the epoch.
+    pub batch: usize,
+    /// None when not finite.
+    pub loss: Option<f64>,
+    pub grad_norm: Option<f64>,
+    pub emb_grad_norm: Option<f64>,
+    /// Running mean and standard deviation of the loss before this step.
+    pub loss_mean: f64,
+    pub loss_std: f64,
+    /// What was done.
+    pub action: String,
+}
+
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// The guard's memory. It survives rollbacks (a rollback restores the model and optimizers, not
+/// this) and is part of every checkpoint, so a resumed run keeps its events and skip windows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GuardState {
+    /// Exponential moving mean and variance of accepted losses.
+    pub mean: f64,
+    pub var: f64,
+    /// Accepted steps observed.
+    pub observed: u64,
+    pub rollbacks: usize,
+    /// Product of the `guard_lr_factor`s applied so far.
+    pub lr_scale: f64,
+    pub events: Vec<GuardEvent>,
+    /// Global batch indices `[from, to]` (inclusive) that rollbacks skip.
+    pub skip: Vec<(u64, u64)>,
+}
+
+impl Default for GuardState {
+    fn default() -> Self {
+        Self { mean: 0.0, var: 0.0, observed: 0, rollbacks: 0, lr_scale: 1.0, events: Vec::new(), skip: Vec::new() }
+    }
+}
+
+/// The thresholds (from `[train]`).
+#[derive(Debug, Clone, Copy)]
+pub struct GuardConfig {
+    pub policy: GuardPolicy,
+    /// A spike needs loss > factor × running mean (0 = spikes are not checked) …
+    pub spike_factor: f64,
+    /// … and loss > mean + sigma × running std.
+    pub spike_sigma: f64,
+    /// Length of the running statistics' memory, in steps.
+    pub window: usize,
+    /// Steps observed before spikes are checked (non-finite values are checked from the start).
+    pub min_steps: usize,
+}
+
+impl GuardState {
+    pub fn std(&self) -> f64 {
+        self.var.max(0.0).sqrt()
+    }
+
+    /// The anomaly in `r`, if any: `non_finite` or `spike`.
+    pub fn check(&self, cfg: &GuardConfig, r: &StepReport) -> Option<&'static str> {
+        if cfg.policy == GuardPolicy::Off {
+            return None;
+        }
+        if !(r.loss.is_finite() && r.grad_norm.is_finite() && r.emb_grad_norm.is_finite()) {
+            return Some("non_finite");
+        }
+        let loss = r.loss as f64;
+        if cfg.spike_factor > 0.0
+            && self.observed >= cfg.min_steps as u64
+            && loss > cfg.spike_factor * self.mean
+            && loss > self.mean + cfg.spike_sigma * self.std()
+        {
+            return Some("spike");
+        }
+        None
+    }
+
+    /// Folds an accepted step's loss into the running statistics.
+    pub fn observe(&mut self, cfg: &GuardConfig, loss: f32) {
+        let x = loss as f64;
+        if self.observed == 0 {
+            self.mean = x;
+            self.var = 0.0;
+        } else {
+            let alpha = 2.0 / (cfg.window.max(1) as f64 + 1.0);
+            let d = x - self.mean;
+            self.mean += alpha * d;
+            self.var = (1.0 - alpha) * (self.var + alpha * d * d);
+        }
+        self.observed += 1;
+    }
+
+    pub fn event(&self, kind: &str, step: u64, epoch: usize, batch: usize, r: &StepReport, action: String) -> GuardEvent {
+        GuardEvent {
+            kind: kind.into(),
+            step,
+            epoch,
+            batch,
+            loss: finite(r.loss as f64),
+            grad_norm: finite(r.grad_norm),
+            emb_grad_norm: finite(r.emb_grad_norm),
+            loss_mean: self.mean,
+            loss_std: self.std(),
+            action,
+        }
+    }
+
+    /// Whether global batch `g` lies in a window a rollback skips.
+    pub fn skips(&self, g: u64) -> bool {
+        self.skip.iter().any(|&(a, b)| a <= g && g <= b)
+    }
+}
+
+/// The error message of an anomaly under `fail` (or when rollbacks are exhausted).
+pub fn describe(e: &GuardEvent) -> String {
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.6}")).unwrap_or_else(|| "not finite".into());
+    format!(
+        "{} at step {} (epoch {}, batch {}): loss {}, dense gradient norm {}, embedding gradient norm {} (running loss mean {:.6}, std {:.6})",
+        if e.kind == "spike" { "loss spike" } else { "non-finite loss or gradient" },
+        e.step, e.epoch, e.batch, f(e.loss), f(e.grad_norm), f(e.emb_grad_norm), e.loss_mean, e.loss_std
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: GuardConfig = GuardConfig { policy: GuardPolicy::Rollback, spike_factor: 3.0, spike_sigma: 6.0, window: 20, min_steps: 10 };
+
+    fn report(loss: f32) -> StepReport {
+        StepReport { loss, grad_norm: 1.0, emb_grad_norm: 1.0 }
+    }
+
+    #[test]
+    fn non_finite_is_caught_from_the_first_step() {
+        let g = GuardState::default();
+        assert_eq!(g.check(&CFG, &report(f32::NAN)), Some("non_finite"));
+        assert_eq!(g.check(&CFG, &StepReport { grad_norm: f64::INFINITY, ..report(0.3) }), Some("non_finite"));
+        assert_eq!(g.check(&CFG, &StepReport { emb_grad_norm: f64::NAN, ..report(0.3) }), Some("non_finite"));
+        let off = GuardConfig { policy: GuardPolicy::Off, ..CFG };
+        assert_eq!(g.check(&off, &report(f32::NAN)), None);
+    }
+
+    #[test]
+    fn spikes_need_warm_statistics_and_both_thresholds() {
+        let mut g = GuardState::default();
+        for i in 0..9 {
+            g.observe(&CFG, 0.3 + 0.01 * (i % 3) as f32);
+        }
+        assert_eq!(g.check(&CFG, &report(5.0)), None, "fewer than min_steps observed");
+        g.observe(&CFG, 0.31);
+        assert_eq!(g.check(&CFG, &report(5.0)), Some("spike"));
+        assert_eq!(g.check(&CFG, &report(0.6)), None, "2× the mean is not a spike at factor 3");
+        // a noisy loss: 3× the mean but within 6 std is not a spike
+        let mut noisy = GuardState::default();
+        for i in 0..100 {
+            noisy.observe(&CFG, if i % 2 == 0 { 0.05 } else { 0.75 });
+        }
+        assert!(noisy.std() > 0.3);
+        assert_eq!(noisy.check(&CFG, &report(1.3)), None);
+    }
+
+    #[test]
+    fn skip_windows_are_inclusive() {
+        let g = GuardState { skip: vec![(5, 8)], ..Default::default() };
+        assert!(!g.skips(4) && g.skips(5) && g.skips(8) && !g.skips(9));
+    }
+}
