@@ -45,8 +45,17 @@ pub fn save_model(model: &Model, path: &Path) -> Result<()> {
 /// The model's parameters (and batch-norm statistics) as burnpack bytes, parameter ids included
 /// (the dense optimizer's state is keyed by them).
 pub fn model_bytes(model: &Model) -> Result<Vec<u8>> {
+    sync_running_stats(model);
     let bytes = model.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("cannot serialize the model: {e}"))?;
     Ok(bytes.to_vec())
+}
+
+/// Folds pending batch-norm statistic updates into their values. burn's `RunningState` keeps the
+/// last update aside until the next forward (or `valid()`) merges it, and records read the
+/// merged value only: without this a checkpoint would hold statistics one step old. Merging
+/// early is what the next forward does anyway, so it does not change the run.
+fn sync_running_stats(model: &Model) {
+    let _ = model.valid();
 }
 
 /// Loads burnpack bytes into `model` (built from the same config and data shape).
@@ -77,6 +86,7 @@ pub fn weights_digest(model: &Model) -> Result<String> {
             self.0.update(data.as_bytes());
         }
     }
+    sync_running_stats(model);
     let mut d = Digest(crc32fast::Hasher::new());
     model.visit(&mut d);
     Ok(format!("{:08x}", d.0.finalize()))

@@ -536,6 +536,8 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     anyhow::ensure!(nb > 0, "the training split is empty");
     let guard_cfg = t.guard_config();
     let faults = &opts.faults;
+    // Injected anomalies fire until the first rollback (so a test can watch the run recover).
+    let mut inject = true;
 
     'epochs: while !lp.state.done {
         if lp.state.epoch > t.epochs {
@@ -563,10 +565,10 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                 continue;
             }
             let next = lp.state.step + 1;
-            if faults.nan_at_step == Some(next) {
+            if inject && faults.nan_at_step == Some(next) {
                 batch.labels[0] = f32::NAN;
             }
-            if faults.spike_at_steps.is_some_and(|(a, b)| (a..=b).contains(&next)) {
+            if inject && faults.spike_at_steps.is_some_and(|(a, b)| (a..=b).contains(&next)) {
                 batch.labels.iter_mut().for_each(|y| *y = 1.0 - *y);
             }
             let warm = if t.warmup_steps > 0 { (next as f64 / t.warmup_steps as f64).min(1.0) } else { 1.0 };
@@ -602,6 +604,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                 memory.skip.push((from, g));
                 memory.rollbacks += 1;
                 memory.lr_scale *= t.guard_lr_factor;
+                inject = false;
                 lp.state = restored;
                 lp.state.guard = memory;
                 truncate_metrics(&run_dir.join(checkpoint::METRICS), lp.state.step)?;
