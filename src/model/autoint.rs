@@ -119,7 +119,7 @@ impl ModelSpec for AutoIntConfig {
         self.embedding_dim
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.num_heads > 0 && self.attention_dim % self.num_heads == 0, "model.attention_dim must be a positive multiple of num_heads");
+        anyhow::ensure!(self.num_heads > 0 && self.attention_dim > 0 && self.attention_dim % self.num_heads == 0, "model.attention_dim = {} must be a positive multiple of model.num_heads = {}", self.attention_dim, self.num_heads);
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {

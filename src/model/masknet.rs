@@ -117,8 +117,8 @@ impl ModelSpec for MaskNetConfig {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.reduction_ratio > 0.0, "model.reduction_ratio must be positive");
         match self.model_type {
-            MaskNetType::Serial => anyhow::ensure!(!self.block_hidden_units.is_empty(), "serial MaskNet needs block_hidden_units"),
-            MaskNetType::Parallel => anyhow::ensure!(self.parallel_num_blocks > 0 && self.parallel_block_dim > 0, "parallel MaskNet needs blocks"),
+            MaskNetType::Serial => anyhow::ensure!(!self.block_hidden_units.is_empty(), "serial MaskNet needs model.block_hidden_units"),
+            MaskNetType::Parallel => anyhow::ensure!(self.parallel_num_blocks > 0 && self.parallel_block_dim > 0, "parallel MaskNet needs model.parallel_num_blocks > 0 and model.parallel_block_dim > 0"),
         }
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }

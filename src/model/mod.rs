@@ -63,7 +63,7 @@ macro_rules! each {
 
 /// The model registry: `[model] name = "wukong"` selects the variant, the other keys are that
 /// model's config (unknown keys are refused).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "name", rename_all = "lowercase")]
 pub enum ModelConfig {
     Wukong(WukongConfig),
@@ -79,6 +79,37 @@ pub enum ModelConfig {
     FinalMlp(finalmlp::FinalMlpConfig),
     MaskNet(masknet::MaskNetConfig),
     XDeepFm(xdeepfm::XDeepFmConfig),
+}
+
+/// Deserialised through a table so that an error names its key (`model.embedding_dim: invalid
+/// value …`): serde's internally tagged enums buffer their content and lose toml's positions.
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut table = toml::Table::deserialize(d)?;
+        let name = match table.remove("name") {
+            Some(toml::Value::String(s)) => s,
+            Some(other) => return Err(serde::de::Error::custom(format!("model.name must be a string, got {other}"))),
+            None => return Err(serde::de::Error::custom(format!("model.name is missing (one of {})", ModelConfig::NAMES.join(", ")))),
+        };
+        fn de<T: serde::de::DeserializeOwned>(t: toml::Table) -> Result<T, String> {
+            serde_path_to_error::deserialize(toml::Value::Table(t)).map_err(|e| format!("model.{}: {}", e.path(), e.inner()))
+        }
+        let cfg = match name.as_str() {
+            "wukong" => de(table).map(ModelConfig::Wukong),
+            "lr" => de(table).map(ModelConfig::Lr),
+            "fm" => de(table).map(ModelConfig::Fm),
+            "dnn" => de(table).map(ModelConfig::Dnn),
+            "dlrm" => de(table).map(ModelConfig::Dlrm),
+            "dcnv2" => de(table).map(ModelConfig::Dcnv2),
+            "autoint+" | "autoint" => de(table).map(ModelConfig::AutoInt),
+            "afn+" | "afn" => de(table).map(ModelConfig::Afn),
+            "finalmlp" => de(table).map(ModelConfig::FinalMlp),
+            "masknet" => de(table).map(ModelConfig::MaskNet),
+            "xdeepfm" => de(table).map(ModelConfig::XDeepFm),
+            other => Err(format!("unknown model.name {other:?}: expected one of {}", ModelConfig::NAMES.join(", "))),
+        };
+        cfg.map_err(serde::de::Error::custom)
+    }
 }
 
 /// What the registry needs from each model's config.
@@ -129,7 +160,31 @@ impl ModelConfig {
     pub fn table_segments(&self) -> Vec<usize> {
         self.spec().table_segments()
     }
+    /// Range checks on every numeric key (by its kind, so no model can forget one: sizes and
+    /// counts within [`crate::config::check::MAX_WIDTH`], width lists without zeros, dropouts in
+    /// [0, 1), initialisation scales positive, everything finite), then the model's own checks.
     pub fn validate(&self) -> anyhow::Result<()> {
+        use crate::config::check::MAX_WIDTH;
+        let table = toml::Table::try_from(self)?;
+        for (key, value) in &table {
+            let key = format!("model.{key}");
+            match value {
+                toml::Value::Integer(v) => crate::config::check::int(&key, usize::try_from(*v).unwrap_or(usize::MAX), 0, MAX_WIDTH)?,
+                toml::Value::Float(v) if key.contains("dropout") => crate::config::check::prob(&key, *v)?,
+                toml::Value::Float(v) if key.ends_with("_std") => crate::config::check::above(&key, *v, 0.0, 100.0)?,
+                toml::Value::Float(v) => crate::config::check::num(&key, *v, 0.0, 1e6)?,
+                toml::Value::Array(items) => {
+                    // field positions may be 0; every other integer list is a list of widths
+                    let lo = if key.ends_with("_context") { 0 } else { 1 };
+                    for (i, item) in items.iter().enumerate() {
+                        if let Some(v) = item.as_integer() {
+                            crate::config::check::int(&format!("{key}[{i}]"), usize::try_from(v).unwrap_or(usize::MAX), lo, MAX_WIDTH)?;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         self.spec().validate()
     }
     pub fn check_shape(&self, shape: &DataShape) -> anyhow::Result<()> {
