@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use super::encoder::EncodedDataset;
 
 pub const VERSION: u32 = 1;
-const COLUMNS: [&str; 4] = ["labels.f32", "rows.u32", "values.f32", "dense.f32"];
+pub const COLUMNS: [&str; 4] = ["labels.f32", "rows.u32", "values.f32", "dense.f32"];
 pub const HEADER: &str = "header.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -162,6 +162,18 @@ impl CacheReader {
         let header = CacheHeader::read(dir)?.with_context(|| format!("{} has no {HEADER}: not a finished cache", dir.display()))?;
         if header.version != VERSION {
             bail!("{}: cache format version {} (this build reads {VERSION}); rebuild it", dir.display(), header.version);
+        }
+        // The header's sizes must match the column files, so a damaged header can never make a
+        // read allocate or seek past what is on disk.
+        let rows = header.rows;
+        let per_row = [1, header.num_slots as u64, header.num_slots as u64, header.num_dense as u64];
+        for (col, k) in COLUMNS.iter().zip(per_row) {
+            let path = dir.join(col);
+            let have = std::fs::metadata(&path).with_context(|| format!("cannot open {}", path.display()))?.len();
+            let want = rows.checked_mul(k).and_then(|v| v.checked_mul(4));
+            if want != Some(have) {
+                bail!("{}: {} bytes, but the header says {rows} rows × {k} values × 4 bytes (damaged cache; rebuild it)", path.display(), have);
+            }
         }
         Ok(Self { dir: dir.to_path_buf(), header })
     }

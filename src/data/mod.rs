@@ -6,6 +6,7 @@ pub mod cache;
 pub mod encoder;
 pub mod loader;
 pub mod pipeline;
+pub mod probe;
 pub mod schema;
 pub mod source;
 pub mod synth;
