@@ -130,7 +130,7 @@ fn every_train_and_data_key_is_refused_by_name_or_safe() {
     let dir = common::workdir("config-walk");
     write_data(&dir);
     let text = format!(
-        "name = \"walk\"\n[data]\ntrain = \"{0}/train.libsvm\"\nvalid = \"{0}/valid.libsvm\"\ncache_dir = \"{0}/cache\"\nhash_buckets = 2\n\
+        "name = \"walk\"\n[data]\ntrain = \"{0}/train.libsvm\"\nvalid = \"{0}/valid.libsvm\"\ncache_dir = \"{0}/cache\"\nhash_buckets = 2\nnum_fields = 2\n\
          [model]\nname = \"wukong\"\nembedding_dim = 4\nnum_layers = 1\nnum_fmb = 2\nnum_lcb = 2\nfm_rank = 2\nfmb_mlp = [8]\ntop_mlp = [8]\n\
          [train]\nepochs = 1\nbatch_size = 64\nwarmup_steps = 2\n",
         dir.display()

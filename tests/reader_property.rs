@@ -174,3 +174,16 @@ fn fuzz_regressions_replay() {
     }
     println!("replayed {n} fuzz inputs");
 }
+
+/// Writes the valid seeds into `fuzz/corpus/<target>/` (run once with `--ignored` to start a corpus).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("corpus");
+    for (dir, t) in [("libfm", Target::Libfm), ("criteo", Target::Criteo), ("csv", Target::Csv), ("tsv", Target::Tsv), ("parquet", Target::Parquet), ("config", Target::Config), ("cache", Target::Cache)] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+        for (i, s) in seeds(t).iter().enumerate() {
+            std::fs::write(root.join(dir).join(format!("seed-{i}")), s).unwrap();
+        }
+    }
+}

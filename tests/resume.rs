@@ -71,7 +71,9 @@ fn only_run(out: &Path) -> PathBuf {
 /// without its timings.
 fn fingerprint(run: &Path) -> (serde_json::Value, Vec<serde_json::Value>) {
     let mut result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
-    result.as_object_mut().unwrap().remove("seconds");
+    for timing in ["seconds", "checkpoint_seconds", "checkpoints_written"] {
+        result.as_object_mut().unwrap().remove(timing);
+    }
     let lines = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()

@@ -212,6 +212,9 @@ impl DataConfig {
         } else {
             ensure!(!self.fields.is_empty(), "data.fields is empty: declare at least one field for {:?} data", self.format);
         }
+        if let Some(n) = self.num_fields {
+            crate::config::check::int("data.num_fields", n, 1, 1 << 20)?;
+        }
         if self.stream {
             ensure!(self.cache_dir.is_some(), "data.stream needs data.cache_dir (the training split is streamed from the cache)");
             ensure!(self.chunk_rows > 0 && self.shuffle_chunks > 0, "data.chunk_rows and data.shuffle_chunks must be positive");

@@ -273,6 +273,9 @@ pub struct TrainState {
     pub guard: GuardState,
     /// Seconds of training before this checkpoint (all processes of the run).
     pub seconds: f64,
+    /// Checkpoints written and the seconds spent writing them (the cost of surviving crashes).
+    pub checkpoints: u64,
+    pub checkpoint_seconds: f64,
     /// Training finished (epochs done or early stop): a resume only scores the test split.
     pub done: bool,
     pub stop_reason: Option<String>,
@@ -295,6 +298,8 @@ impl TrainState {
             dropout_stream: 0,
             guard: GuardState::default(),
             seconds: 0.0,
+            checkpoints: 0,
+            checkpoint_seconds: 0.0,
             done: false,
             stop_reason: None,
         }
@@ -369,11 +374,15 @@ impl Loop<'_> {
     }
 
     fn checkpoint(&mut self) -> Result<()> {
+        let start = Instant::now();
         self.state.dropout_stream = crate::model::layers::dropout_stream();
         self.state.seconds = self.seconds();
+        self.state.checkpoints += 1;
         let (meta, sections) = self.stepper.save_state()?;
         let state = serde_json::json!({ "train": self.state, "sparse_optimizer": meta });
         self.ckpts.write(self.state.step, &Checkpoint { state, sections })?;
+        // counted after the write: the state on disk holds the time up to the previous one
+        self.state.checkpoint_seconds += start.elapsed().as_secs_f64();
         self.last_checkpoint = Instant::now();
         Ok(())
     }
@@ -678,6 +687,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         "test_auc": test.map(|m| m.auc), "test_logloss": test.map(|m| m.logloss), "seconds": seconds,
         "dense_params": dense_params, "embedding_params": emb_params, "forward_flops_per_example": cfg.model.forward_flops(&shape),
         "stop_reason": lp.state.stop_reason, "guard_rollbacks": lp.state.guard.rollbacks, "guard_events": guard_events,
+        "checkpoints_written": lp.state.checkpoints, "checkpoint_seconds": lp.state.checkpoint_seconds,
         "best_weights_digest": checkpoint::weights_digest(&best)?, "final_weights_digest": checkpoint::weights_digest(lp.stepper.model())?,
     });
     crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
