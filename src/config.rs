@@ -42,8 +42,12 @@ pub struct TrainConfig {
     pub adam_epsilon: f64,
     /// Decoupled weight decay on dense parameters (0 = off).
     pub weight_decay: f64,
-    /// Linear warm-up of both learning rates over this many steps.
+    /// Linear warm-up of both learning rates over this many steps …
     pub warmup_steps: usize,
+    /// … or, when > 0, over this fraction of the planned steps (epochs × batches per epoch; the
+    /// paper warms up over the first 10%). Evaluations inside the warm-up do not count against
+    /// `patience` (a small data set must not stop before its learning rate is even set).
+    pub warmup_fraction: f64,
     /// Global L2-norm clipping of the dense gradients (0 = off).
     pub grad_clip_norm: f64,
     /// Optimizer of the embedding rows: `rowwise_adagrad` (default) or `adam` (lazy Adam on the
@@ -108,6 +112,7 @@ impl Default for TrainConfig {
             adam_epsilon: 1e-8,
             weight_decay: 0.0,
             warmup_steps: 100,
+            warmup_fraction: 0.0,
             grad_clip_norm: 10.0,
             emb_optimizer: Default::default(),
             emb_lr: 0.05,
@@ -192,6 +197,7 @@ impl TrainConfig {
         above("train.adam_epsilon", self.adam_epsilon, 0.0, 1.0)?;
         num("train.weight_decay", self.weight_decay, 0.0, 1.0)?;
         int("train.warmup_steps", self.warmup_steps, 0, 1 << 40)?;
+        num("train.warmup_fraction", self.warmup_fraction, 0.0, 1.0)?;
         num("train.grad_clip_norm", self.grad_clip_norm, 0.0, 1e12)?;
         above("train.emb_epsilon", self.emb_epsilon, 0.0, 1.0)?;
         num("train.emb_initial_accumulator", self.emb_initial_accumulator, 0.0, 1e12)?;

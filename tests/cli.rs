@@ -138,3 +138,23 @@ fn criteo_tsv_generate_cache_train_stream_eval() {
     let rebuilt = run_ok(bin().current_dir(&dir).args(["cache", "--rebuild-cache", "--config"]).arg(&cfg));
     assert!(rebuilt.contains("train       30000        1"), "the bad line is skipped and counted (bad_lines = skip):\n{rebuilt}");
 }
+
+/// A plan that cannot train well is announced: epochs of a few steps, a warm-up longer than the
+/// run. With `warmup_fraction` the warm-up scales with the run and the second warning goes away.
+#[test]
+fn small_data_plans_warn_and_warmup_fraction_scales() {
+    let dir = workdir("plan-warnings");
+    write_data(&dir);
+    let cfg = dir.join("cfg.toml");
+    let out = bin().args(["--threads", "1", "train", "--config"]).arg(&cfg).args(["--batch-size", "1024", "--out"]).arg(dir.join("runs")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("an epoch is only 3 step(s)"), "{err}");
+    assert!(err.contains("the warm-up (5 steps) lasts the whole run (3 steps"), "{err}");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("warmup_steps = 5", "warmup_fraction = 0.1");
+    std::fs::write(dir.join("frac.toml"), text).unwrap();
+    let out = bin().args(["--threads", "1", "train", "--config"]).arg(dir.join("frac.toml")).args(["--batch-size", "1024", "--epochs", "4", "--out"]).arg(dir.join("runs")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("an epoch is only 3 step(s)") && !err.contains("lasts the whole run"), "{err}");
+}

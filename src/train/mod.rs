@@ -328,6 +328,28 @@ fn step_seed(seed: u64, step: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// What a user should hear before a run whose plan cannot work well: epochs of a handful of
+/// steps, or a warm-up that outlasts the run (its learning rate never reaches the set value).
+fn plan_warnings(fresh: bool, batches: usize, warmup: u64, planned: u64, t: &TrainConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    if !fresh {
+        return out;
+    }
+    if batches < 20 {
+        out.push(format!(
+            "an epoch is only {batches} step(s) (batch_size {}): the optimizers see few updates per epoch; a batch size of about rows/20 or less (--batch-size) usually trains better",
+            t.batch_size
+        ));
+    }
+    if warmup >= planned {
+        out.push(format!(
+            "the warm-up ({warmup} steps) lasts the whole run ({planned} steps = {} epochs × {batches}): the learning rates never reach their set values; lower train.warmup_steps or use train.warmup_fraction = 0.1",
+            t.epochs
+        ));
+    }
+    out
+}
+
 /// Keeps the lines of `metrics.jsonl` whose step is at most `step` (a resumed or rolled-back run
 /// rewrites what came after its checkpoint).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
@@ -366,6 +388,8 @@ struct Loop<'a> {
     clock: Instant,
     seconds_before: f64,
     last_checkpoint: Instant,
+    /// Warm-up length in steps (from `warmup_steps` or `warmup_fraction`).
+    warmup: u64,
 }
 
 impl Loop<'_> {
@@ -379,7 +403,7 @@ impl Loop<'_> {
         self.state.seconds = self.seconds();
         self.state.checkpoints += 1;
         let (meta, sections) = self.stepper.save_state()?;
-        let state = serde_json::json!({ "train": self.state, "sparse_optimizer": meta });
+        let state = serde_json::json!({ "train": self.state, "sparse_optimizer": meta, "encoder_fingerprint": self.encoder.fingerprint() });
         self.ckpts.write(self.state.step, &Checkpoint { state, sections })?;
         // counted after the write: the state on disk holds the time up to the previous one
         self.state.checkpoint_seconds += start.elapsed().as_secs_f64();
@@ -418,7 +442,7 @@ impl Loop<'_> {
             s.best = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
             s.bad_evals = 0;
             checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL))?;
-        } else {
+        } else if s.step > self.warmup {
             s.bad_evals += 1;
             s.lr_scale *= t.plateau_lr_factor;
         }
@@ -525,9 +549,16 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         clock: Instant::now(),
         seconds_before: 0.0,
         last_checkpoint: Instant::now(),
+        warmup: 0,
     };
     if resume_dir.is_some() {
         let (path, ckpt) = lp.newest_checkpoint()?;
+        let fingerprint = ckpt.state["encoder_fingerprint"].as_str().unwrap_or_default().to_string();
+        anyhow::ensure!(
+            fingerprint == lp.encoder.fingerprint(),
+            "cannot resume from {}: it was written with encoder {fingerprint}, the data now encodes as {}",
+            path.display(), lp.encoder.fingerprint()
+        );
         stepper = lp.stepper;
         let restored = Loop::restore(&mut stepper, ckpt).with_context(|| format!("cannot resume from {}", path.display()))?;
         lp.stepper = stepper;
@@ -543,6 +574,12 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         .fail_at_batch(opts.faults.loader_error_at_batch);
     let nb = loader.num_batches();
     anyhow::ensure!(nb > 0, "the training split is empty");
+    let planned = (t.epochs as u64).saturating_mul(nb as u64);
+    let warmup = if t.warmup_fraction > 0.0 { (t.warmup_fraction * planned as f64).ceil() as u64 } else { t.warmup_steps as u64 };
+    for w in plan_warnings(lp.state.step == 0, nb, warmup, planned, t) {
+        eprintln!("warning: {w}");
+    }
+    lp.warmup = warmup;
     let guard_cfg = t.guard_config();
     let faults = &opts.faults;
     // Injected anomalies fire until the first rollback (so a test can watch the run recover).
@@ -580,7 +617,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             if inject && faults.spike_at_steps.is_some_and(|(a, b)| (a..=b).contains(&next)) {
                 batch.labels.iter_mut().for_each(|y| *y = 1.0 - *y);
             }
-            let warm = if t.warmup_steps > 0 { (next as f64 / t.warmup_steps as f64).min(1.0) } else { 1.0 };
+            let warm = if warmup > 0 { (next as f64 / warmup as f64).min(1.0) } else { 1.0 };
             let scale = warm * lp.state.lr_scale * lp.state.guard.lr_scale;
             device.seed(step_seed(t.seed, next));
             let mut verdict = None;
