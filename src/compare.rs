@@ -36,10 +36,15 @@ pub fn read_run(dir: &Path) -> Result<Row> {
     let r: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", rpath.display()))?;
     let mpath = dir.join(checkpoint::METRICS);
     let lines = std::fs::read_to_string(&mpath).with_context(|| format!("cannot read {}", mpath.display()))?;
-    let secs: Vec<f64> = lines
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["train_seconds"].as_f64()).with_context(|| format!("{}: malformed line", mpath.display())))
-        .collect::<Result<_>>()?;
+    // Seconds per epoch: the end-of-epoch evaluations' `epoch_seconds` (runs from before
+    // intra-epoch evaluation wrote `train_seconds` on every line).
+    let mut secs = Vec::new();
+    for (i, l) in lines.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(l).with_context(|| format!("{}:{}: malformed line", mpath.display(), i + 1))?;
+        if let Some(s) = v["epoch_seconds"].as_f64().or_else(|| v["train_seconds"].as_f64()) {
+            secs.push(s);
+        }
+    }
     Ok(Row {
         run_dir: dir.to_path_buf(),
         config,
