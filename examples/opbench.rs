@@ -92,17 +92,38 @@ fn main() {
         let _ = c.sum().backward();
     });
     use wukong::model::layers::{FmBlock, FmBlockSpec, FmKind, LinearCompress, Mlp};
-    let spec = FmBlockSpec { kind: FmKind::Static, n_in: 32, n_out: 16, dim: 64, rank: 8, attention_compress: 8, attention_hidden: vec![64], mlp_hidden: vec![256, 256], dropout: 0.2, batch_norm: false };
+    let spec = FmBlockSpec {
+        kind: FmKind::Static,
+        n_in: 32,
+        n_out: 16,
+        dim: 64,
+        rank: 8,
+        attention_compress: 8,
+        attention_hidden: vec![64],
+        mlp_hidden: vec![256, 256],
+        dropout: 0.2,
+        batch_norm: false,
+    };
     let fmb = FmBlock::new(&spec, &dev);
-    time("FMB interactions fwd+bwd", 5, || { let _ = fmb.interactions(x.clone()).sum().backward(); });
-    time("FMB whole fwd+bwd", 5, || { let _ = fmb.forward(x.clone()).sum().backward(); });
+    time("FMB interactions fwd+bwd", 5, || {
+        let _ = fmb.interactions(x.clone()).sum().backward();
+    });
+    time("FMB whole fwd+bwd", 5, || {
+        let _ = fmb.forward(x.clone()).sum().backward();
+    });
     let mlp = Mlp::new(256, &[256, 256], 1024, 0.2, &dev);
     let h = Tensor::<2>::random([b, 256], Distribution::Default, &dev).require_grad();
-    time("FMB MLP 256-256-256-1024 dropout fwd+bwd", 5, || { let _ = mlp.forward(h.clone()).sum().backward(); });
+    time("FMB MLP 256-256-256-1024 dropout fwd+bwd", 5, || {
+        let _ = mlp.forward(h.clone()).sum().backward();
+    });
     let mlp0 = Mlp::new(256, &[256, 256], 1024, 0.0, &dev);
-    time("same MLP no dropout fwd+bwd", 5, || { let _ = mlp0.forward(h.clone()).sum().backward(); });
+    time("same MLP no dropout fwd+bwd", 5, || {
+        let _ = mlp0.forward(h.clone()).sum().backward();
+    });
     let lcb = LinearCompress::new(32, 16, &dev);
-    time("LCB 32->16 fwd+bwd", 5, || { let _ = lcb.forward(x.clone()).sum().backward(); });
+    time("LCB 32->16 fwd+bwd", 5, || {
+        let _ = lcb.forward(x.clone()).sum().backward();
+    });
     let wl = Tensor::<2>::random([32, 16], Distribution::Default, &dev).require_grad();
     time("LCB reshape-2D fwd+bwd", 5, || {
         let [b, n, d] = x.dims();
@@ -117,12 +138,20 @@ fn main() {
         let [b, n, d] = x.dims();
         let _ = x.clone().swap_dims(1, 2).reshape([b * d, n]).matmul(wl.clone()).reshape([b, d, 16]).swap_dims(1, 2).into_data();
     });
-    time("LCB current fwd only", 5, || { let _ = lcb.forward(x.clone()).into_data(); });
-    time("LCB W-left fwd only", 5, || { let _ = wl.clone().transpose().unsqueeze_dim::<3>(0).matmul(x.clone()).into_data(); });
+    time("LCB current fwd only", 5, || {
+        let _ = lcb.forward(x.clone()).into_data();
+    });
+    time("LCB W-left fwd only", 5, || {
+        let _ = wl.clone().transpose().unsqueeze_dim::<3>(0).matmul(x.clone()).into_data();
+    });
     let top = Mlp::new(2048, &[256, 128], 1, 0.2, &dev);
     let t2 = Tensor::<2>::random([b, 2048], Distribution::Default, &dev).require_grad();
-    time("top MLP 2048-256-128-1 fwd+bwd", 5, || { let _ = top.forward(t2.clone()).sum().backward(); });
-    time("sum().backward() harness alone [4096,32,64]", 5, || { let _ = x.clone().sum().backward(); });
+    time("top MLP 2048-256-128-1 fwd+bwd", 5, || {
+        let _ = top.forward(t2.clone()).sum().backward();
+    });
+    time("sum().backward() harness alone [4096,32,64]", 5, || {
+        let _ = x.clone().sum().backward();
+    });
     let _ = Device::flex().inner();
     let _ = x.valid();
 }

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::Module;
 use crate::config::{ExperimentConfig, TrainConfig};
 use crate::data::{BatchLoader, EncodedDataset};
 use crate::model::{DataShape, ModelConfig, SlotLayout, SparseInput};
 use crate::profile::{self, Phase};
 use crate::train::Stepper;
+use burn::module::Module;
 
 /// A benchmark config file (`benchmarks/configs/*.toml`).
 #[derive(Debug, Clone, Deserialize)]
@@ -124,13 +124,16 @@ impl Spec {
     pub fn load(path: &Path, steps: Option<usize>, warmup: Option<usize>) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read bench config {}", path.display()))?;
         let file: BenchFile = toml::from_str(&text).with_context(|| format!("invalid bench config {}", path.display()))?;
-        Self::resolve(file, path).with_context(|| format!("invalid bench config {}", path.display()))
-            .map(|mut s| {
-                if let Some(n) = steps { s.steps = n }
-                if let Some(n) = warmup { s.warmup = n }
-                s.size_data(); // for the overridden step counts
-                s
-            })
+        Self::resolve(file, path).with_context(|| format!("invalid bench config {}", path.display())).map(|mut s| {
+            if let Some(n) = steps {
+                s.steps = n
+            }
+            if let Some(n) = warmup {
+                s.warmup = n
+            }
+            s.size_data(); // for the overridden step counts
+            s
+        })
     }
 
     /// Parses a bench config's text (`base` paths resolve against the working directory).
@@ -276,7 +279,8 @@ pub fn write_work_dir(dir: &Path, spec: &Spec, data: &EncodedDataset) -> Result<
 
 /// Reads what [`write_work_dir`] wrote.
 pub fn read_work_dir(dir: &Path) -> Result<(Spec, EncodedDataset)> {
-    let spec: Spec = serde_json::from_slice(&std::fs::read(dir.join("spec.json")).with_context(|| format!("cannot read {}/spec.json", dir.display()))?)?;
+    let spec: Spec =
+        serde_json::from_slice(&std::fs::read(dir.join("spec.json")).with_context(|| format!("cannot read {}/spec.json", dir.display()))?)?;
     let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("cannot read {}/{name}", dir.display()));
     let words = |b: Vec<u8>| b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect::<Vec<_>>();
     let fields = spec.vocab.len();
@@ -319,7 +323,13 @@ impl Measurement {
         let mut v = self.step_ms.clone();
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        if n == 0 { f64::NAN } else if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+        if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
     }
     pub fn min_ms(&self) -> f64 {
         self.step_ms.iter().copied().fold(f64::INFINITY, f64::min)
@@ -451,7 +461,13 @@ pub struct ConfigResult {
 }
 
 fn fmt_rate(x: f64) -> String {
-    if x >= 1e6 { format!("{:.2} M", x / 1e6) } else if x >= 1e3 { format!("{:.1} k", x / 1e3) } else { format!("{x:.0}") }
+    if x >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1} k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
 }
 
 /// The markdown report: one speed table (ratio ours/this per row) and the phase shares.
@@ -476,14 +492,17 @@ pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f6
                     let ratio = ours_ms.map(|o| format!("{:.2}", o / med)).unwrap_or_else(|| "–".into());
                     s.push_str(&format!(
                         "| {label} | {name} | {med:.1} ({:.1}–{:.1}) | {} | {:.1} | {} | {:.0} | {ratio} |\n",
-                        m.min_ms(), m.max_ms(),
+                        m.min_ms(),
+                        m.max_ms(),
                         fmt_rate(r.spec.batch_size as f64 / med * 1e3),
                         train_flops / med / 1e6,
                         fmt_rate(m.infer_examples_per_s),
                         m.peak_rss_mb,
                     ));
                 }
-                Err(e) => s.push_str(&format!("| {label} | {name} | not run: {} | | | | | |\n", e.replace('|', "/").lines().next().unwrap_or(""))),
+                Err(e) => {
+                    s.push_str(&format!("| {label} | {name} | not run: {} | | | | | |\n", e.replace('|', "/").lines().next().unwrap_or("")))
+                }
             }
         }
     }
@@ -496,10 +515,18 @@ pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f6
                     continue;
                 }
                 let total: f64 = m.phases.iter().map(|p| p.1).sum();
-                let get = |k: &str| m.phases.iter().find(|p| p.0 == k).map(|p| format!("{:.0}%", 100.0 * p.1 / total)).unwrap_or("–".into());
+                let get =
+                    |k: &str| m.phases.iter().find(|p| p.0 == k).map(|p| format!("{:.0}%", 100.0 * p.1 / total)).unwrap_or("–".into());
                 s.push_str(&format!(
                     "| {} | {name} | {} | {} | {} | {} | {} | {} | {} |\n",
-                    r.spec.name, get("data"), get("embedding"), get("interaction"), get("mlp"), get("backward"), get("dense_optimizer"), get("sparse_optimizer")
+                    r.spec.name,
+                    get("data"),
+                    get("embedding"),
+                    get("interaction"),
+                    get("mlp"),
+                    get("backward"),
+                    get("dense_optimizer"),
+                    get("sparse_optimizer")
                 ));
             }
         }

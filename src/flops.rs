@@ -52,7 +52,13 @@ impl std::fmt::Display for FlopsReport {
             }
             _ => writeln!(f, "embedding parameters       unknown (training file not readable)")?,
         }
-        writeln!(f, "forward FLOPs/example      {} ({:.4} MFLOP, {:.6} GFLOP)", self.forward_flops, self.forward_flops as f64 / 1e6, self.forward_flops as f64 / 1e9)?;
+        writeln!(
+            f,
+            "forward FLOPs/example      {} ({:.4} MFLOP, {:.6} GFLOP)",
+            self.forward_flops,
+            self.forward_flops as f64 / 1e6,
+            self.forward_flops as f64 / 1e9
+        )?;
         write!(f, "training FLOPs/example     {} (3 × forward)", self.train_flops)
     }
 }

@@ -265,9 +265,15 @@ fn load_run_and_data(run: &Path, data: Option<PathBuf>, device: &str) -> Result<
 }
 
 fn apply_paths(cfg: &mut ExperimentConfig, paths: SplitPaths) {
-    if let Some(p) = paths.train { cfg.data.train = p }
-    if let Some(p) = paths.valid { cfg.data.valid = Some(p) }
-    if let Some(p) = paths.test { cfg.data.test = Some(p) }
+    if let Some(p) = paths.train {
+        cfg.data.train = p
+    }
+    if let Some(p) = paths.valid {
+        cfg.data.valid = Some(p)
+    }
+    if let Some(p) = paths.test {
+        cfg.data.test = Some(p)
+    }
 }
 
 fn run() -> Result<()> {
@@ -278,23 +284,54 @@ fn run() -> Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Train { config, resume, paths, epochs, batch_size, lr, emb_lr, seed, precision, emb_storage, out, device, rebuild_cache } => {
+        Command::Train {
+            config,
+            resume,
+            paths,
+            epochs,
+            batch_size,
+            lr,
+            emb_lr,
+            seed,
+            precision,
+            emb_storage,
+            out,
+            device,
+            rebuild_cache,
+        } => {
             let opts = RunOptions { device, out_dir: out, verbose: true, rebuild_cache, faults: checkpoint::Faults::from_env()? };
             let outcome = match (resume, config) {
                 (Some(dir), _) => {
-                    anyhow::ensure!(paths.train.is_none() && paths.valid.is_none() && paths.test.is_none(), "--resume uses the run's saved config: give no --train/--valid/--test");
+                    anyhow::ensure!(
+                        paths.train.is_none() && paths.valid.is_none() && paths.test.is_none(),
+                        "--resume uses the run's saved config: give no --train/--valid/--test"
+                    );
                     train::resume(&dir, &opts)?
                 }
                 (None, Some(config)) => {
                     let mut cfg = ExperimentConfig::load(&config)?;
                     apply_paths(&mut cfg, paths);
-                    if let Some(x) = epochs { cfg.train.epochs = x }
-                    if let Some(x) = batch_size { cfg.train.batch_size = x }
-                    if let Some(x) = lr { cfg.train.lr = x }
-                    if let Some(x) = emb_lr { cfg.train.emb_lr = x }
-                    if let Some(x) = seed { cfg.train.seed = x }
-                    if let Some(x) = precision { cfg.train.precision = x }
-                    if let Some(x) = emb_storage { cfg.train.emb_storage = x }
+                    if let Some(x) = epochs {
+                        cfg.train.epochs = x
+                    }
+                    if let Some(x) = batch_size {
+                        cfg.train.batch_size = x
+                    }
+                    if let Some(x) = lr {
+                        cfg.train.lr = x
+                    }
+                    if let Some(x) = emb_lr {
+                        cfg.train.emb_lr = x
+                    }
+                    if let Some(x) = seed {
+                        cfg.train.seed = x
+                    }
+                    if let Some(x) = precision {
+                        cfg.train.precision = x
+                    }
+                    if let Some(x) = emb_storage {
+                        cfg.train.emb_storage = x
+                    }
                     cfg.validate().with_context(|| format!("invalid config {} (with the command-line overrides)", config.display()))?;
                     train::train(&cfg, &opts)?
                 }
@@ -322,7 +359,9 @@ fn run() -> Result<()> {
             let (dev, loaded, enc) = load_run_and_data(&run, data, &device)?;
             let logits = train::predict_logits(&loaded.model, &enc, &loaded.encoder, loaded.config.train.eval_batch_size, &dev)?;
             let mut w: Box<dyn Write> = match &out {
-                Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
+                Some(p) => {
+                    Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?))
+                }
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
             for z in logits {
@@ -345,18 +384,39 @@ fn run() -> Result<()> {
         Command::Cache { config, paths, cache_dir, rebuild_cache, read_passes } => {
             let mut cfg = ExperimentConfig::load(&config)?;
             apply_paths(&mut cfg, paths);
-            if let Some(d) = cache_dir { cfg.data.cache_dir = Some(d) }
+            if let Some(d) = cache_dir {
+                cfg.data.cache_dir = Some(d)
+            }
             cfg.data.stream = true; // build the caches; the timing below reads them back
             cfg.validate()?;
             let prepared = wukong::data::prepare(&cfg.data, rebuild_cache)?;
-            println!("{:<6} {:>10} {:>8} {:>10} {:>9} {:>10} {:>11} {:>9}", "split", "rows", "skipped", "oov", "MB", "seconds", "MB/s", "rows/s");
+            println!(
+                "{:<6} {:>10} {:>8} {:>10} {:>9} {:>10} {:>11} {:>9}",
+                "split", "rows", "skipped", "oov", "MB", "seconds", "MB/s", "rows/s"
+            );
             for (name, _, l) in &prepared.splits {
                 let mb = l.bytes as f64 / 1e6;
-                println!("{name:<6} {:>10} {:>8} {:>10} {:>9.1} {:>10.3} {:>11.1} {:>9.0}{}", l.rows, l.skipped, l.oov, mb, l.seconds, mb / l.seconds, l.rows as f64 / l.seconds, if l.from_cache { "  (already cached)" } else { "" });
+                println!(
+                    "{name:<6} {:>10} {:>8} {:>10} {:>9.1} {:>10.3} {:>11.1} {:>9.0}{}",
+                    l.rows,
+                    l.skipped,
+                    l.oov,
+                    mb,
+                    l.seconds,
+                    mb / l.seconds,
+                    l.rows as f64 / l.seconds,
+                    if l.from_cache { "  (already cached)" } else { "" }
+                );
             }
             if read_passes > 0 {
                 let (_, train_split, _) = &prepared.splits[0];
-                let loader = wukong::data::BatchLoader::from_split(train_split.clone(), prepared.encoder.total_rows(), cfg.train.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks);
+                let loader = wukong::data::BatchLoader::from_split(
+                    train_split.clone(),
+                    prepared.encoder.total_rows(),
+                    cfg.train.batch_size,
+                    cfg.data.chunk_rows,
+                    cfg.data.shuffle_chunks,
+                );
                 for pass in 1..=read_passes {
                     let t = std::time::Instant::now();
                     let mut rows = 0usize;
@@ -364,7 +424,11 @@ fn run() -> Result<()> {
                         rows += b?.size;
                     }
                     let secs = t.elapsed().as_secs_f64();
-                    println!("epoch read {pass}: {rows} rows in {secs:.3}s = {:.0} rows/s (shuffled batches of {} from the cache)", rows as f64 / secs, cfg.train.batch_size);
+                    println!(
+                        "epoch read {pass}: {rows} rows in {secs:.3}s = {:.0} rows/s (shuffled batches of {} from the cache)",
+                        rows as f64 / secs,
+                        cfg.train.batch_size
+                    );
                 }
             }
         }
@@ -373,7 +437,10 @@ fn run() -> Result<()> {
             for path in &config {
                 let cfg = ExperimentConfig::load(path)?;
                 println!("== training {} ({})", cfg.name, path.display());
-                let outcome = train::train(&cfg, &RunOptions { device: device.clone(), out_dir: runs_dir.clone(), verbose: true, ..Default::default() })?;
+                let outcome = train::train(
+                    &cfg,
+                    &RunOptions { device: device.clone(), out_dir: runs_dir.clone(), verbose: true, ..Default::default() },
+                )?;
                 dirs.push(outcome.run_dir);
             }
             dirs.extend(run);
@@ -386,8 +453,40 @@ fn run() -> Result<()> {
                 println!("table written to {}", p.display());
             }
         }
-        Command::Bench { configs, steps, warmup, batch_size, precision, emb_storage, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out } => {
-            run_bench(BenchArgs { configs, steps, warmup, batch_size, precision, emb_storage, device, python, reference, no_reference, no_compile, no_peak, sync_phases, work_dir, out })?;
+        Command::Bench {
+            configs,
+            steps,
+            warmup,
+            batch_size,
+            precision,
+            emb_storage,
+            device,
+            python,
+            reference,
+            no_reference,
+            no_compile,
+            no_peak,
+            sync_phases,
+            work_dir,
+            out,
+        } => {
+            run_bench(BenchArgs {
+                configs,
+                steps,
+                warmup,
+                batch_size,
+                precision,
+                emb_storage,
+                device,
+                python,
+                reference,
+                no_reference,
+                no_compile,
+                no_peak,
+                sync_phases,
+                work_dir,
+                out,
+            })?;
         }
         Command::Equivalence { config, reference, device, steps, tolerance, batch_size } => {
             let mut spec = wukong::bench::Spec::load(&config, Some(steps), Some(0))?;
@@ -400,7 +499,13 @@ fn run() -> Result<()> {
             for (i, (a, b)) in r.losses_a.iter().zip(&r.losses_b).enumerate() {
                 println!("step {:>3}: loss {reference} {a:.7}  {device} {b:.7}  |diff| {:.2e}", i + 1, (a - b).abs());
             }
-            println!("max |loss diff| {:.3e}, max relative parameter diff {:.3e} (tolerance {:.1e}): {}", r.max_loss_diff, r.max_param_rel_diff, r.tolerance, if r.passed { "PASS" } else { "FAIL" });
+            println!(
+                "max |loss diff| {:.3e}, max relative parameter diff {:.3e} (tolerance {:.1e}): {}",
+                r.max_loss_diff,
+                r.max_param_rel_diff,
+                r.tolerance,
+                if r.passed { "PASS" } else { "FAIL" }
+            );
             println!("BENCH_RESULT {}", serde_json::to_string(&r)?);
             anyhow::ensure!(r.passed, "{device} does not match {reference} within {tolerance}");
         }
@@ -493,13 +598,16 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         if let Some(s) = a.emb_storage {
             spec.train.emb_storage = s;
         }
-        let dir = a.work_dir.join(format!("{}-b{}-{:?}-{:?}", spec.name, spec.batch_size, spec.train.precision, spec.train.emb_storage).to_lowercase());
+        let dir = a
+            .work_dir
+            .join(format!("{}-b{}-{:?}-{:?}", spec.name, spec.batch_size, spec.train.precision, spec.train.emb_storage).to_lowercase());
         eprintln!("== {}: generating {} examples ({} fields, {} table rows)", spec.name, spec.examples, spec.vocab.len(), spec.table_rows);
         let data = bench::generate(&spec, spec.train.seed);
         bench::write_work_dir(&dir, &spec, &data)?;
         drop(data);
         let d = dir.display().to_string();
-        let mut ours_args = vec!["--threads".to_string(), threads.to_string(), "bench-run".into(), d.clone(), "--device".into(), a.device.clone()];
+        let mut ours_args =
+            vec!["--threads".to_string(), threads.to_string(), "bench-run".into(), d.clone(), "--device".into(), a.device.clone()];
         if a.sync_phases {
             ours_args.push("--sync-phases".into());
         }
@@ -508,7 +616,16 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             if !torch_ok {
                 return Err(if a.no_reference { "--no-reference".into() } else { format!("{} not found", a.reference.display()) });
             }
-            let args = vec![script.clone(), d.clone(), "--threads".into(), threads.to_string(), "--mode".into(), mode.into(), "--device".into(), a.device.clone()];
+            let args = vec![
+                script.clone(),
+                d.clone(),
+                "--threads".into(),
+                threads.to_string(),
+                "--mode".into(),
+                mode.into(),
+                "--device".into(),
+                a.device.clone(),
+            ];
             bench_child(&python, &args).and_then(|o| bench::parse_result(&o).map_err(|e| e.to_string()))
         };
         let eager = torch("eager");
@@ -529,10 +646,16 @@ fn run_bench(a: BenchArgs) -> Result<()> {
                 v["gflops"].as_f64().ok_or_else(|| "no gflops".to_string())
             })
         };
-        let ours = gflops(bench_child(&exe, &["--threads".into(), threads.to_string(), "bench-run".into(), "--matmul".into(), "--device".into(), a.device.clone()]));
+        let ours = gflops(bench_child(
+            &exe,
+            &["--threads".into(), threads.to_string(), "bench-run".into(), "--matmul".into(), "--device".into(), a.device.clone()],
+        ));
         peaks.push(("burn 0.22.1 Flex (ours)".to_string(), ours));
         if torch_ok {
-            let t = gflops(bench_child(&python, &[script.clone(), "--matmul".into(), "--threads".into(), threads.to_string(), "--device".into(), a.device.clone()]));
+            let t = gflops(bench_child(
+                &python,
+                &[script.clone(), "--matmul".into(), "--threads".into(), threads.to_string(), "--device".into(), a.device.clone()],
+            ));
             peaks.push(("PyTorch".to_string(), t));
         }
     }

@@ -27,15 +27,8 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
-        Phase::Data,
-        Phase::Embedding,
-        Phase::Interaction,
-        Phase::Mlp,
-        Phase::Backward,
-        Phase::DenseOptimizer,
-        Phase::SparseOptimizer,
-    ];
+    pub const ALL: [Phase; 7] =
+        [Phase::Data, Phase::Embedding, Phase::Interaction, Phase::Mlp, Phase::Backward, Phase::DenseOptimizer, Phase::SparseOptimizer];
     pub fn name(self) -> &'static str {
         match self {
             Phase::Data => "data",

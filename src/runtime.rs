@@ -14,8 +14,11 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match kind {
         "cpu" | "flex" => Ok(Device::flex()),
         #[cfg(feature = "vulkan")]
-        "vulkan" => probe(spec, Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index.unwrap_or(0))),
-            "needs a Vulkan driver for the GPU and the Vulkan loader (libvulkan.so.1; scripts/gpu/prepare.sh bundles it, run.sh points LD_LIBRARY_PATH at it)"),
+        "vulkan" => probe(
+            spec,
+            Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index.unwrap_or(0))),
+            "needs a Vulkan driver for the GPU and the Vulkan loader (libvulkan.so.1; scripts/gpu/prepare.sh bundles it, run.sh points LD_LIBRARY_PATH at it)",
+        ),
         #[cfg(feature = "cuda")]
         "cuda" => probe(spec, Device::cuda(index.unwrap_or(0)), "needs an NVIDIA GPU with its CUDA driver"),
         #[cfg(not(feature = "vulkan"))]
@@ -35,7 +38,10 @@ fn probe(spec: &str, device: Device, needs: &str) -> Result<Device> {
     let sink = Arc::clone(&messages);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let msg = info.payload().downcast_ref::<String>().cloned()
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
             .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
         sink.lock().map(|mut m| m.push(msg)).ok();
@@ -47,7 +53,10 @@ fn probe(spec: &str, device: Device, needs: &str) -> Result<Device> {
         Ok(v) if v == 4.0 => Ok(device),
         Ok(v) => bail!("device {spec:?} computed 1+1+1+1 = {v}"),
         Err(_) => {
-            let cause = messages.lock().map(|m| m.iter().find(|s| !s.contains("RecvError")).or(m.first()).cloned().unwrap_or_default()).unwrap_or_default();
+            let cause = messages
+                .lock()
+                .map(|m| m.iter().find(|s| !s.contains("RecvError")).or(m.first()).cloned().unwrap_or_default())
+                .unwrap_or_default();
             bail!("device {spec:?} is not usable: {cause}. It {needs}.")
         }
     }

@@ -46,7 +46,9 @@ fn train_eval_predict_flops() {
     let dir = workdir("ok");
     write_data(&dir);
     let cfg = dir.join("cfg.toml");
-    let out = run_ok(bin().args(["--threads", "1", "train", "--config"]).arg(&cfg).args(["--epochs", "3", "--seed", "5", "--out"]).arg(dir.join("runs")));
+    let out = run_ok(
+        bin().args(["--threads", "1", "train", "--config"]).arg(&cfg).args(["--epochs", "3", "--seed", "5", "--out"]).arg(dir.join("runs")),
+    );
     assert!(out.contains("epoch   1: train logloss"), "{out}");
     let last = out.lines().last().unwrap();
     assert!(last.starts_with("test AUC "), "the final line reports test metrics: {last}");
@@ -101,14 +103,25 @@ fn bad_input_is_reported_with_file_and_line() {
 fn criteo_tsv_generate_cache_train_stream_eval() {
     let dir = workdir("criteo");
     for (name, rows, seed) in [("criteo_train.tsv", 30_000, 1), ("criteo_valid.tsv", 4_000, 2), ("criteo_test.tsv", 4_000, 3)] {
-        run_ok(bin().args(["gen-criteo", "--rows", &rows.to_string(), "--seed", &seed.to_string(), "--max-vocab", "2000", "--out"]).arg(dir.join(name)));
+        run_ok(
+            bin()
+                .args(["gen-criteo", "--rows", &rows.to_string(), "--seed", &seed.to_string(), "--max-vocab", "2000", "--out"])
+                .arg(dir.join(name)),
+        );
     }
     // the shipped config, run from the data directory (its file names and cache_dir are relative)
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/criteo_wukong.toml");
     let cache = run_ok(bin().current_dir(&dir).args(["cache", "--config"]).arg(&cfg).args(["--read-passes", "1"]));
     assert!(cache.contains("train       30000") && cache.contains("epoch read 1: 30000 rows"), "{cache}");
     let train = |extra: &[&str]| {
-        run_ok(bin().current_dir(&dir).args(["--threads", "1", "train", "--config"]).arg(&cfg).args(["--epochs", "2", "--batch-size", "512", "--out", "runs"]).args(extra))
+        run_ok(
+            bin()
+                .current_dir(&dir)
+                .args(["--threads", "1", "train", "--config"])
+                .arg(&cfg)
+                .args(["--epochs", "2", "--batch-size", "512", "--out", "runs"])
+                .args(extra),
+        )
     };
     let out = train(&[]);
     assert!(out.contains("train: 30000 rows") && out.contains("from cache"), "{out}");
@@ -121,9 +134,23 @@ fn criteo_tsv_generate_cache_train_stream_eval() {
     assert!((eval_auc - auc).abs() < 1e-6, "eval {eval_auc} vs train {auc}");
 
     // streamed from the cache in chunks: trains to a comparable AUC
-    let streamed_cfg = std::fs::read_to_string(&cfg).unwrap().replace("cache_dir = \"cache/criteo\"", "cache_dir = \"cache/criteo\"\nstream = true\nchunk_rows = 5000\nshuffle_chunks = 2");
+    let streamed_cfg = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("cache_dir = \"cache/criteo\"", "cache_dir = \"cache/criteo\"\nstream = true\nchunk_rows = 5000\nshuffle_chunks = 2");
     std::fs::write(dir.join("stream.toml"), streamed_cfg).unwrap();
-    let out = run_ok(bin().current_dir(&dir).args(["--threads", "1", "train", "--config", "stream.toml", "--epochs", "2", "--batch-size", "512", "--out", "runs"]));
+    let out = run_ok(bin().current_dir(&dir).args([
+        "--threads",
+        "1",
+        "train",
+        "--config",
+        "stream.toml",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "512",
+        "--out",
+        "runs",
+    ]));
     assert!(out.contains("(streamed)"), "{out}");
     let streamed_auc: f64 = out.lines().last().unwrap().split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(streamed_auc > 0.65, "streamed test AUC {streamed_auc}\n{out}");
@@ -146,14 +173,26 @@ fn small_data_plans_warn_and_warmup_fraction_scales() {
     let dir = workdir("plan-warnings");
     write_data(&dir);
     let cfg = dir.join("cfg.toml");
-    let out = bin().args(["--threads", "1", "train", "--config"]).arg(&cfg).args(["--batch-size", "1024", "--out"]).arg(dir.join("runs")).output().unwrap();
+    let out = bin()
+        .args(["--threads", "1", "train", "--config"])
+        .arg(&cfg)
+        .args(["--batch-size", "1024", "--out"])
+        .arg(dir.join("runs"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("an epoch is only 3 step(s)"), "{err}");
     assert!(err.contains("the warm-up (5 steps) lasts the whole run (3 steps"), "{err}");
     let text = std::fs::read_to_string(&cfg).unwrap().replace("warmup_steps = 5", "warmup_fraction = 0.1");
     std::fs::write(dir.join("frac.toml"), text).unwrap();
-    let out = bin().args(["--threads", "1", "train", "--config"]).arg(dir.join("frac.toml")).args(["--batch-size", "1024", "--epochs", "4", "--out"]).arg(dir.join("runs")).output().unwrap();
+    let out = bin()
+        .args(["--threads", "1", "train", "--config"])
+        .arg(dir.join("frac.toml"))
+        .args(["--batch-size", "1024", "--epochs", "4", "--out"])
+        .arg(dir.join("runs"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("an epoch is only 3 step(s)") && !err.contains("lasts the whole run"), "{err}");

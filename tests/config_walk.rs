@@ -157,9 +157,15 @@ fn every_train_and_data_key_is_refused_by_name_or_safe() {
                     Ok(c) => {
                         accepted += 1;
                         let out = dir.join("runs");
-                        let r = std::panic::catch_unwind(AssertUnwindSafe(|| train::train(&c, &RunOptions { out_dir: out.clone(), rebuild_cache: true, ..Default::default() })));
+                        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            train::train(&c, &RunOptions { out_dir: out.clone(), rebuild_cache: true, ..Default::default() })
+                        }));
                         if let Err(p) = r {
-                            let p = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                            let p = p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_default();
                             failures.push(format!("{section}.{key} = {probe}: accepted, then panicked: {p}"));
                         }
                     }

@@ -49,7 +49,7 @@ fn fit(c: &DataConfig) -> (Encoder, EncodedDataset) {
 }
 
 fn fit_err(c: &DataConfig) -> String {
-    format!("{:#}", fit_in_memory(c, &src(&c.train)).err().expect("must fail"))
+    format!("{:#}", fit_in_memory(c, &src(&c.train)).expect_err("must fail"))
 }
 
 fn local_row(e: &Encoder, field: usize, key: u64) -> u32 {
@@ -184,7 +184,10 @@ boundaries = [18, 30]
 #[test]
 fn csv_with_header_quotes_multi_hot_pooling_standardize_and_bucketize() {
     let d = dir("csv");
-    let train = write(&d.join("train.csv"), "click,city,tags,price,age,comment\n1,\"Paris, FR\",a|b|c,10,17,\"say \"\"hi\"\"\"\n0,Oslo,b,20,30,x\n1,Oslo,,30,45,\n");
+    let train = write(
+        &d.join("train.csv"),
+        "click,city,tags,price,age,comment\n1,\"Paris, FR\",a|b|c,10,17,\"say \"\"hi\"\"\"\n0,Oslo,b,20,30,x\n1,Oslo,,30,45,\n",
+    );
     let c = cfg(CSV_SCHEMA, &train);
     let (e, data) = fit(&c);
     assert_eq!(e.field_names(), vec!["city", "tags", "tags_mean", "age"]);
@@ -258,7 +261,10 @@ fn bad_numbers_labels_and_empty_files_name_file_line_and_column() {
     let err = fit_err(&cfg(CSV_SCHEMA, &p));
     assert!(err.contains("no column \"comment\"") || err.contains("no column \"tags\""), "{err}");
     // skip mode counts every bad row and keeps the rest
-    let text: String = std::iter::once(header.to_string()).chain(cases[..6].iter().map(|(t, _)| t[header.len() + good.len()..].to_string())).collect::<String>() + good;
+    let text: String = std::iter::once(header.to_string())
+        .chain(cases[..6].iter().map(|(t, _)| t[header.len() + good.len()..].to_string()))
+        .collect::<String>()
+        + good;
     let p = write(&d.join("skip.csv"), &text);
     let (_, data, log) = fit_in_memory(&cfg(&format!("bad_lines = \"skip\"\n{CSV_SCHEMA}"), &p), &src(&p)).unwrap();
     assert_eq!((data.len(), log.skipped), (1, 6));
@@ -354,7 +360,11 @@ fn seeded_split_is_deterministic_disjoint_and_proportional() {
     let d = dir("split");
     let text: String = std::iter::once("label,u\n".to_string()).chain((0..500).map(|i| format!("{},{i}\n", i % 2))).collect();
     let p = write(&d.join("all.csv"), &text);
-    let mut c: DataConfig = toml::from_str(&format!("train = \"{}\"\nformat = \"csv\"\nsplit = {{ ratios = [8, 1, 1], seed = 3 }}\n[[fields]]\nname = \"u\"\nkind = \"categorical\"", p.display())).unwrap();
+    let mut c: DataConfig = toml::from_str(&format!(
+        "train = \"{}\"\nformat = \"csv\"\nsplit = {{ ratios = [8, 1, 1], seed = 3 }}\n[[fields]]\nname = \"u\"\nkind = \"categorical\"",
+        p.display()
+    ))
+    .unwrap();
     c.validate().unwrap();
     let prepared = pipeline::prepare(&c, false).unwrap();
     let sizes: Vec<usize> = prepared.splits.iter().map(|(_, d, _)| d.len()).collect();
@@ -420,7 +430,12 @@ fn cache_is_reused_refused_when_stale_and_streams_every_row_once() {
     assert_eq!(seen, want);
 
     // stale: the source changed
-    std::fs::write(&valid, std::fs::read_to_string(&valid).unwrap() + "1\t\t\t\t\t\t\t\t\t\t\t\t\t\ta\tb\tc\td\te\tf\tg\th\ti\tj\tk\tl\tm\tn\to\tp\tq\tr\ts\tt\tu\tv\tw\tx\ty\tz\n").unwrap();
+    std::fs::write(
+        &valid,
+        std::fs::read_to_string(&valid).unwrap()
+            + "1\t\t\t\t\t\t\t\t\t\t\t\t\t\ta\tb\tc\td\te\tf\tg\th\ti\tj\tk\tl\tm\tn\to\tp\tq\tr\ts\tt\tu\tv\tw\tx\ty\tz\n",
+    )
+    .unwrap();
     let err = format!("{:#}", pipeline::prepare(&c, false).err().expect("stale cache must be refused"));
     assert!(err.contains("is stale: source changed") && err.contains("--rebuild-cache") && err.contains("valid.tsv"), "{err}");
     // stale: the schema changed
@@ -481,7 +496,11 @@ fn every_shipped_config_parses_and_unknown_keys_are_refused() {
     let typo = text.replace("num_fmb =", "num_fmbs =");
     let err = format!("{:#}", ExperimentConfig::parse(&typo).unwrap_err());
     assert!(err.contains("num_fmbs"), "{err}");
-    let bad: String = text.lines().map(|l| if l.starts_with("dropout =") { "dropout = 1.5".to_string() } else { l.to_string() }).collect::<Vec<_>>().join("\n");
+    let bad: String = text
+        .lines()
+        .map(|l| if l.starts_with("dropout =") { "dropout = 1.5".to_string() } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n");
     assert_ne!(bad, text);
     assert!(format!("{:#}", ExperimentConfig::parse(&bad).unwrap_err()).contains("dropout"));
     let text = std::fs::read_to_string(dir.join("criteo_wukong.toml")).unwrap();
@@ -497,7 +516,12 @@ fn write_parquet(path: &Path, labels: &[i64], cities: &[Option<&str>], prices: &
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
     use std::sync::Arc;
-    let schema = Arc::new(parquet::schema::parser::parse_message_type("message t { REQUIRED INT64 label; OPTIONAL BYTE_ARRAY city (UTF8); OPTIONAL DOUBLE price; }").unwrap());
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type(
+            "message t { REQUIRED INT64 label; OPTIONAL BYTE_ARRAY city (UTF8); OPTIONAL DOUBLE price; }",
+        )
+        .unwrap(),
+    );
     let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
     let mut w = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
     let mut rg = w.next_row_group().unwrap();
@@ -534,7 +558,15 @@ fn parquet_reader_types_nulls_and_the_same_keys_as_text() {
     assert_eq!(data.rows, vec![local_row(&e, 0, hash_bytes(b"Oslo")), local_row(&e, 0, MISSING), local_row(&e, 0, hash_bytes(b"5"))]);
     // the text "5" in a CSV maps to the same row as in parquet (keys are the value's text)
     let csv = write(&d.join("t.csv"), "label,city,price\n1,5,1\n");
-    let (v, _) = encode_in_memory(&cfg("format = \"csv\"\n[[fields]]\nname = \"city\"\nkind = \"categorical\"\n[[fields]]\nname = \"price\"\nkind = \"numeric\"\n", &csv), &src(&csv), &e).unwrap();
+    let (v, _) = encode_in_memory(
+        &cfg(
+            "format = \"csv\"\n[[fields]]\nname = \"city\"\nkind = \"categorical\"\n[[fields]]\nname = \"price\"\nkind = \"numeric\"\n",
+            &csv,
+        ),
+        &src(&csv),
+        &e,
+    )
+    .unwrap();
     assert_eq!(v.rows[0], data.rows[2]);
     // not a parquet file
     let bad = write(&d.join("bad.parquet"), "label,city\n1,a\n");

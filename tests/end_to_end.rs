@@ -138,7 +138,7 @@ fn checkpoint_round_trip_gives_identical_predictions() {
     let mut other = cfg.clone();
     let wukong::model::ModelConfig::Wukong(c) = &mut other.model else { panic!("the tiny config is a Wukong") };
     c.num_fmb = 5;
-    let err = format!("{:#}", checkpoint::load_model(&other, &encoder, &path, &device).err().expect("shape mismatch must fail"));
+    let err = format!("{:#}", checkpoint::load_model(&other, &encoder, &path, &device).expect_err("shape mismatch must fail"));
     assert!(err.contains("does not fit"), "{err}");
 }
 
@@ -185,10 +185,8 @@ fn logloss_monitor_keeps_the_epoch_with_the_lowest_validation_logloss() {
     cfg.train.plateau_lr_factor = 1.0;
     let out = train_quietly(&cfg, &dir);
     let lines = std::fs::read_to_string(out.run_dir.join(checkpoint::METRICS)).unwrap();
-    let losses: Vec<f64> = lines
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_logloss"].as_f64().unwrap())
-        .collect();
+    let losses: Vec<f64> =
+        lines.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_logloss"].as_f64().unwrap()).collect();
     let best = losses.iter().cloned().fold(f64::INFINITY, f64::min);
     assert_eq!(out.valid.logloss, best);
     assert_eq!(losses[out.best_epoch - 1], best);

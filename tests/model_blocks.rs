@@ -177,7 +177,16 @@ fn interaction_layer_gradient_matches_finite_differences() {
 #[test]
 fn whole_model_forward_shape_and_flops_are_consistent() {
     let device = dev();
-    let cfg = WukongConfig { embedding_dim: 4, num_layers: 3, num_fmb: 3, num_lcb: 2, fm_rank: 2, fmb_mlp: vec![8], top_mlp: vec![8], ..Default::default() };
+    let cfg = WukongConfig {
+        embedding_dim: 4,
+        num_layers: 3,
+        num_fmb: 3,
+        num_lcb: 2,
+        fm_rank: 2,
+        fmb_mlp: vec![8],
+        top_mlp: vec![8],
+        ..Default::default()
+    };
     let shape = DataShape { fields: 6, dense: 0, table_rows: 20 };
     let m = cfg.init(&shape, &device);
     let x = Tensor::<3>::random([5, 6, 4], Distribution::Normal(0.0, 1.0), &device);
@@ -192,7 +201,18 @@ fn whole_model_forward_shape_and_flops_are_consistent() {
 #[test]
 fn dense_features_become_extra_embeddings() {
     let device = dev();
-    let cfg = WukongConfig { embedding_dim: 4, num_layers: 1, num_fmb: 3, num_lcb: 2, fm_rank: 2, num_dense_embeddings: 2, dense_mlp: vec![8], fmb_mlp: vec![8], top_mlp: vec![8], ..Default::default() };
+    let cfg = WukongConfig {
+        embedding_dim: 4,
+        num_layers: 1,
+        num_fmb: 3,
+        num_lcb: 2,
+        fm_rank: 2,
+        num_dense_embeddings: 2,
+        dense_mlp: vec![8],
+        fmb_mlp: vec![8],
+        top_mlp: vec![8],
+        ..Default::default()
+    };
     let shape = DataShape { fields: 6, dense: 3, table_rows: 20 };
     assert_eq!(cfg.n0(&shape), 8);
     let m = cfg.init(&shape, &device);

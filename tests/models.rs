@@ -105,7 +105,10 @@ fn embedding_row_gradients_match_finite_differences_for_every_model() {
         let ad = device.clone().autodiff();
         let mut c = model_config(name, body);
         // big enough initial rows that every path carries signal
-        let text = toml::to_string(&c).unwrap().replace("embedding_init_std = 0.0001", "embedding_init_std = 0.3").replace("embedding_init_std = 0.01", "embedding_init_std = 0.3");
+        let text = toml::to_string(&c)
+            .unwrap()
+            .replace("embedding_init_std = 0.0001", "embedding_init_std = 0.3")
+            .replace("embedding_init_std = 0.01", "embedding_init_std = 0.3");
         c = toml::from_str(&text).unwrap();
         let shape = DataShape { fields: 3, dense: 0, table_rows: 12 };
         let model = c.init(&shape, &ad);
@@ -152,8 +155,10 @@ fn embedding_row_gradients_match_finite_differences_for_every_model() {
 /// Users, items and a context with main effects and a taste interaction; libfm files.
 fn generate(dir: &Path) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
-    let users: Vec<(f32, [f32; 2])> = (0..50).map(|_| (rng.random_range(-1.0..1.0), [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)])).collect();
-    let items: Vec<(f32, [f32; 2])> = (0..40).map(|_| (rng.random_range(-1.0..1.0), [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)])).collect();
+    let users: Vec<(f32, [f32; 2])> =
+        (0..50).map(|_| (rng.random_range(-1.0..1.0), [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)])).collect();
+    let items: Vec<(f32, [f32; 2])> =
+        (0..40).map(|_| (rng.random_range(-1.0..1.0), [rng.random_range(-1.0..1.0), rng.random_range(-1.0..1.0)])).collect();
     for (name, rows) in [("train", 8000), ("valid", 1500), ("test", 1500)] {
         let mut text = String::new();
         for _ in 0..rows {
@@ -183,7 +188,8 @@ fn every_model_learns_a_tiny_task_with_the_shared_trainer() {
             dir.display()
         );
         let cfg = ExperimentConfig::parse(&text).unwrap();
-        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() }).unwrap();
+        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() })
+            .unwrap();
         let auc = out.test.unwrap().auc;
         writeln!(report, "{name:<9} test AUC {auc:.4}").unwrap();
         // LR sees only main effects (the taste interaction is beyond it); the others must get both.
@@ -213,7 +219,8 @@ fn half_precision_tables_and_lazy_adam_train_like_the_default() {
             MODELS[0].1
         );
         let cfg = ExperimentConfig::parse(&text).unwrap();
-        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() }).unwrap();
+        let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() })
+            .unwrap();
         let reloaded = wukong::train::checkpoint::load_run(&out.run_dir, &Device::flex()).unwrap();
         assert_eq!(reloaded.model.embedding().storage(), cfg.train.emb_storage, "{name}: storage survives the checkpoint");
         out.test.unwrap().auc

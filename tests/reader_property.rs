@@ -17,7 +17,9 @@ fn seeds(t: Target) -> Vec<Vec<u8>> {
         Target::Criteo => &[],
         Target::Csv => &["y,u,x,m\n1,a,0.5,p|q\n0,b,2,\"q\"\n1,\"a,b\",-1,r|p|q|s\n0,c,,p\n"],
         Target::Tsv => &["y\tu\tx\tm\n1\ta\t0.5\tp|q\n0\tb\t2\tq\n1\tc\t3\tr\n"],
-        Target::Config => &["name = \"x\"\n[data]\ntrain = \"a\"\nvalid = \"b\"\n[model]\nname = \"wukong\"\nembedding_dim = 4\n[train]\nepochs = 1\n"],
+        Target::Config => {
+            &["name = \"x\"\n[data]\ntrain = \"a\"\nvalid = \"b\"\n[model]\nname = \"wukong\"\nembedding_dim = 4\n[train]\nepochs = 1\n"]
+        }
         Target::Cache => &[],
         Target::Parquet => &[],
     };
@@ -61,7 +63,12 @@ fn tiny_parquet() -> Vec<u8> {
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
     use std::sync::Arc;
-    let schema = Arc::new(parquet::schema::parser::parse_message_type("message t { REQUIRED INT64 label; OPTIONAL BYTE_ARRAY city (UTF8); OPTIONAL DOUBLE price; }").unwrap());
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type(
+            "message t { REQUIRED INT64 label; OPTIONAL BYTE_ARRAY city (UTF8); OPTIONAL DOUBLE price; }",
+        )
+        .unwrap(),
+    );
     let mut buf = Vec::new();
     let mut w = SerializedFileWriter::new(&mut buf, schema, Arc::new(WriterProperties::builder().build())).unwrap();
     let mut rg = w.next_row_group().unwrap();
@@ -134,7 +141,11 @@ fn random_bytes_and_mutations_never_panic() {
     for t in Target::ALL {
         let seeds = seeds(t);
         for s in &seeds {
-            assert!(read_bytes(t, s, &scratch).is_ok() || t == Target::Config, "{t:?}: the valid seed is refused: {:?}", read_bytes(t, s, &scratch).err());
+            assert!(
+                read_bytes(t, s, &scratch).is_ok() || t == Target::Config,
+                "{t:?}: the valid seed is refused: {:?}",
+                read_bytes(t, s, &scratch).err()
+            );
         }
         for i in 0..300 {
             let input = if i % 5 == 0 || seeds.is_empty() {
@@ -159,7 +170,15 @@ fn fuzz_regressions_replay() {
     let scratch = common::workdir("reader-regressions");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut n = 0;
-    for (dir, t) in [("libfm", Target::Libfm), ("criteo", Target::Criteo), ("csv", Target::Csv), ("tsv", Target::Tsv), ("parquet", Target::Parquet), ("config", Target::Config), ("cache", Target::Cache)] {
+    for (dir, t) in [
+        ("libfm", Target::Libfm),
+        ("criteo", Target::Criteo),
+        ("csv", Target::Csv),
+        ("tsv", Target::Tsv),
+        ("parquet", Target::Parquet),
+        ("config", Target::Config),
+        ("cache", Target::Cache),
+    ] {
         for sub in ["regressions", "corpus"] {
             let Ok(entries) = std::fs::read_dir(root.join(sub).join(dir)) else { continue };
             for e in entries.flatten() {
@@ -180,7 +199,15 @@ fn fuzz_regressions_replay() {
 #[ignore]
 fn write_fuzz_seeds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("corpus");
-    for (dir, t) in [("libfm", Target::Libfm), ("criteo", Target::Criteo), ("csv", Target::Csv), ("tsv", Target::Tsv), ("parquet", Target::Parquet), ("config", Target::Config), ("cache", Target::Cache)] {
+    for (dir, t) in [
+        ("libfm", Target::Libfm),
+        ("criteo", Target::Criteo),
+        ("csv", Target::Csv),
+        ("tsv", Target::Tsv),
+        ("parquet", Target::Parquet),
+        ("config", Target::Config),
+        ("cache", Target::Cache),
+    ] {
         std::fs::create_dir_all(root.join(dir)).unwrap();
         for (i, s) in seeds(t).iter().enumerate() {
             std::fs::write(root.join(dir).join(format!("seed-{i}")), s).unwrap();

@@ -33,7 +33,8 @@ fn write_data(dir: &Path) {
 }
 
 const WUKONG: &str = "name = \"wukong\"\nembedding_dim = 8\nnum_layers = 2\nnum_fmb = 4\nnum_lcb = 4\nfm_rank = 2\nfmb_mlp = [16]\ntop_mlp = [16]\ndropout = 0.1\n";
-const DLRM: &str = "name = \"dlrm\"\nembedding_dim = 8\ninteraction = \"cat\"\ntop_mlp_units = [32, 16]\ndropout = 0.2\nbatch_norm = true\n";
+const DLRM: &str =
+    "name = \"dlrm\"\nembedding_dim = 8\ninteraction = \"cat\"\ntop_mlp_units = [32, 16]\ndropout = 0.2\nbatch_norm = true\n";
 const MASKNET: &str = "name = \"masknet\"\nembedding_dim = 8\nmodel_type = \"serial\"\nblock_hidden_units = [16, 16]\ndropout = 0.1\n";
 
 /// A config over the data in `dir`; `stream` trains from the cache in chunks.
@@ -166,8 +167,15 @@ fn sigkill_at_a_random_moment_then_resume() {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
     for attempt in 0..3u64 {
         let out_dir = dir.join(format!("killed{attempt}"));
-        let mut child = bin().args(["train", "--config"]).arg(&cfg).arg("--out").arg(&out_dir)
-            .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = bin()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(&out_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let wait_ms = 150 + (seed.wrapping_mul(6364136223846793005).wrapping_add(attempt * 1442695040888963407) >> 33) % 700;
         std::thread::sleep(std::time::Duration::from_millis(wait_ms));
         child.kill().ok(); // SIGKILL; the run may already have finished
@@ -229,17 +237,20 @@ fn guard_rolls_back_a_nan_and_a_spike_and_fails_when_told() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("non-finite loss or gradient at step 30"), "{text}");
     assert!(text.contains("1 rollback(s)"), "the summary shows the rollback: {text}");
-    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(only_run(&dir.join("nan")).join("result.json")).unwrap()).unwrap();
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(only_run(&dir.join("nan")).join("result.json")).unwrap()).unwrap();
     assert_eq!(result["guard_rollbacks"], 1);
     assert_eq!(result["guard_events"][0]["kind"], "non_finite");
     assert!(result["guard_events"][0]["loss"].is_null());
     assert!(result["test_auc"].as_f64().unwrap() > 0.6, "the run learned after the rollback: {result}");
 
     // Spike: flipped labels for three steps once the statistics are warm
-    let cfg = write_config(&dir, WUKONG, false, "guard_min_steps = 20\nguard_window = 20\nguard_spike_factor = 2.0\nguard_spike_sigma = 4.0\n");
+    let cfg =
+        write_config(&dir, WUKONG, false, "guard_min_steps = 20\nguard_window = 20\nguard_spike_factor = 2.0\nguard_spike_sigma = 4.0\n");
     let (out, text) = train(&cfg, &dir.join("spike"), Some("spike-at-steps:45-47"));
     assert!(out.status.success(), "{text}");
-    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(only_run(&dir.join("spike")).join("result.json")).unwrap()).unwrap();
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(only_run(&dir.join("spike")).join("result.json")).unwrap()).unwrap();
     assert_eq!(result["guard_rollbacks"], 1, "{result}");
     assert_eq!(result["guard_events"][0]["kind"], "spike");
     assert_eq!(result["guard_events"][0]["step"], 45);
@@ -248,7 +259,10 @@ fn guard_rolls_back_a_nan_and_a_spike_and_fails_when_told() {
     let cfg = write_config(&dir, WUKONG, false, "guard = \"fail\"\n");
     let (out, text) = train(&cfg, &dir.join("fail"), Some("nan-at-step:30"));
     assert!(!out.status.success());
-    assert!(text.contains("non-finite loss or gradient at step 30") && text.contains("loss not finite") && text.contains("guard = \"fail\""), "{text}");
+    assert!(
+        text.contains("non-finite loss or gradient at step 30") && text.contains("loss not finite") && text.contains("guard = \"fail\""),
+        "{text}"
+    );
 
     // rollbacks exhausted
     let cfg = write_config(&dir, WUKONG, false, "guard_max_rollbacks = 0\n");

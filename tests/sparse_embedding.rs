@@ -91,7 +91,9 @@ fn gathered_row_gradient_matches_dense_and_finite_differences() {
     // finite differences on the table entries of touched rows
     let w_plain = w.inner();
     let f = |t: &[f32]| {
-        let e = SparseEmbedding { weight: burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(t.to_vec(), [ROWS, D]), &device)) };
+        let e = SparseEmbedding {
+            weight: burn::module::Param::from_tensor(Tensor::from_data(TensorData::new(t.to_vec(), [ROWS, D]), &device)),
+        };
         let (x, _) = e.lookup(&SparseInput::from_batch(&b, &SlotLayout::one_hot(2), &device), false);
         loss_of(x, &w_plain).into_scalar::<f32>() as f64
     };
@@ -132,7 +134,7 @@ fn row_wise_adagrad_updates_touched_rows_only_and_matches_the_formula() {
 
     // the dense computation, on the host
     let mut w = before.clone();
-    let mut a = vec![init_acc as f32; ROWS];
+    let mut a = [init_acc as f32; ROWS];
     for _ in 0..2 {
         for (k, &r) in b.unique_rows.iter().enumerate() {
             let r = r as usize;
@@ -187,7 +189,8 @@ fn stochastic_rounding_is_unbiased_and_stays_on_the_format_grid() {
     // ordinary values, a value just below a power of two, and an f16 subnormal
     // Both implementations: the one-pass CPU kernel and the tensor-operation one other backends use.
     type Round = fn(TableStorage, Tensor<2>) -> Tensor<2>;
-    let kernels: [(&str, Round); 2] = [("cpu kernel", TableStorage::round_stochastic), ("portable", TableStorage::round_stochastic_portable)];
+    let kernels: [(&str, Round); 2] =
+        [("cpu kernel", TableStorage::round_stochastic), ("portable", TableStorage::round_stochastic_portable)];
     for (storage, (kernel, round)) in [TableStorage::F16, TableStorage::Bf16].into_iter().flat_map(|s| kernels.map(|k| (s, k))) {
         for v in [0.123_456_7f32, -3.300_001, 0.999_99, 3.0e-6, -2.0e-7, 1.0e-8] {
             let x = Tensor::<2>::full([n, 1], v, &device);
@@ -220,9 +223,8 @@ fn half_precision_tables_keep_updates_smaller_than_their_spacing() {
     device.seed(12);
     for storage in [TableStorage::F16, TableStorage::Bf16] {
         let start = 0.5f32;
-        let mut emb = SparseEmbedding {
-            weight: burn::module::Param::from_tensor(Tensor::<2>::full([4, 8], start, (&device, storage.dtype()))),
-        };
+        let mut emb =
+            SparseEmbedding { weight: burn::module::Param::from_tensor(Tensor::<2>::full([4, 8], start, (&device, storage.dtype()))) };
         assert_eq!(emb.weight.dtype(), storage.dtype());
         assert_eq!(emb.table_bytes(), 4 * 8 * 2);
         // a tenth of the grid spacing at 0.5: round-to-nearest would drop every one of them

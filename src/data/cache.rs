@@ -67,7 +67,10 @@ impl CacheHeader {
             return Some(format!("format version {} (this build writes {})", self.version, want.version));
         }
         if self.source != want.source {
-            return Some(format!("source changed: built from {:?} ({} bytes, mtime {}), now {:?} ({} bytes, mtime {})", self.source.path, self.source.size, self.source.modified, want.source.path, want.source.size, want.source.modified));
+            return Some(format!(
+                "source changed: built from {:?} ({} bytes, mtime {}), now {:?} ({} bytes, mtime {})",
+                self.source.path, self.source.size, self.source.modified, want.source.path, want.source.size, want.source.modified
+            ));
         }
         if self.split != want.split {
             return Some(format!("built for split {:?}, wanted {:?}", self.split, want.split));
@@ -110,7 +113,12 @@ impl CacheWriter {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let files = COLUMNS
             .iter()
-            .map(|c| Ok(BufWriter::with_capacity(1 << 20, File::create(dir.join(c)).with_context(|| format!("cannot create {}", dir.join(c).display()))?)))
+            .map(|c| {
+                Ok(BufWriter::with_capacity(
+                    1 << 20,
+                    File::create(dir.join(c)).with_context(|| format!("cannot create {}", dir.join(c).display()))?,
+                ))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { dir: dir.to_path_buf(), files, rows: 0 })
     }
@@ -172,7 +180,11 @@ impl CacheReader {
             let have = std::fs::metadata(&path).with_context(|| format!("cannot open {}", path.display()))?.len();
             let want = rows.checked_mul(k).and_then(|v| v.checked_mul(4));
             if want != Some(have) {
-                bail!("{}: {} bytes, but the header says {rows} rows × {k} values × 4 bytes (damaged cache; rebuild it)", path.display(), have);
+                bail!(
+                    "{}: {} bytes, but the header says {rows} rows × {k} values × 4 bytes (damaged cache; rebuild it)",
+                    path.display(),
+                    have
+                );
             }
         }
         Ok(Self { dir: dir.to_path_buf(), header })

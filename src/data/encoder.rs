@@ -176,7 +176,10 @@ impl Extractor {
     /// Binds `cfg`'s schema to `columns` (the file's column names, joins included).
     pub fn bind(cfg: &DataConfig, columns: &[String]) -> Result<Self> {
         let col = |name: &str| {
-            columns.iter().position(|c| c == name).with_context(|| format!("no column {name:?} in the data (columns: {})", columns.join(", ")))
+            columns
+                .iter()
+                .position(|c| c == name)
+                .with_context(|| format!("no column {name:?} in the data (columns: {})", columns.join(", ")))
         };
         let label = col(&cfg.label).context("data.label")?;
         for c in &cfg.ignore {
@@ -185,7 +188,15 @@ impl Extractor {
         let (mut fields, mut dense) = (Vec::new(), Vec::new());
         if cfg.format.is_libfm() {
             for (i, name) in columns.iter().enumerate().skip(1) {
-                fields.push(BoundField { name: name.clone(), col_name: name.clone(), extract: Extract::Cat(i), width: 1, pooling: Pooling::Sum, min_count: cfg.min_count, hash_buckets: cfg.hash_buckets });
+                fields.push(BoundField {
+                    name: name.clone(),
+                    col_name: name.clone(),
+                    extract: Extract::Cat(i),
+                    width: 1,
+                    pooling: Pooling::Sum,
+                    min_count: cfg.min_count,
+                    hash_buckets: cfg.hash_buckets,
+                });
             }
         }
         for spec in &cfg.fields {
@@ -208,14 +219,24 @@ impl Extractor {
                         fields.push(field(Extract::Multi { col: at()?, sep }, spec.max_len.expect("validated")));
                     }
                     FieldKind::Flags => {
-                        let cols = spec.columns.iter().map(|c| Ok((col(c).with_context(|| format!("field {name:?}"))?, hash_bytes(c.as_bytes())))).collect::<Result<Vec<_>>>()?;
+                        let cols = spec
+                            .columns
+                            .iter()
+                            .map(|c| Ok((col(c).with_context(|| format!("field {name:?}"))?, hash_bytes(c.as_bytes()))))
+                            .collect::<Result<Vec<_>>>()?;
                         let width = spec.max_len.unwrap_or(cols.len());
                         fields.push(field(Extract::Flags(cols), width));
                     }
                     FieldKind::Numeric if spec.transform.is_bucket() => {
-                        fields.push(field(Extract::Bucket { col: at()?, transform: spec.transform, boundaries: spec.boundaries.clone() }, 1));
+                        fields
+                            .push(field(Extract::Bucket { col: at()?, transform: spec.transform, boundaries: spec.boundaries.clone() }, 1));
                     }
-                    FieldKind::Numeric => dense.push(BoundDense { name: name.clone(), col: at()?, missing: spec.missing.unwrap_or(0.0), transform: spec.transform }),
+                    FieldKind::Numeric => dense.push(BoundDense {
+                        name: name.clone(),
+                        col: at()?,
+                        missing: spec.missing.unwrap_or(0.0),
+                        transform: spec.transform,
+                    }),
                 }
             }
         }
@@ -250,9 +271,11 @@ impl Extractor {
         let label = match (y, self.threshold) {
             (None, _) => return Err(format!("column {}: the label is empty", self.label_name)),
             (Some(v), Some(t)) => (v >= t) as u8 as f32,
-            (Some(v), None) if v == 1.0 => 1.0,
-            (Some(v), None) if v == 0.0 || v == -1.0 => 0.0,
-            (Some(v), None) => return Err(format!("column {}: label {v} is not 0/1 or -1/1 (set data.label_threshold to binarize)", self.label_name)),
+            (Some(1.0), None) => 1.0,
+            (Some(0.0 | -1.0), None) => 0.0,
+            (Some(v), None) => {
+                return Err(format!("column {}: label {v} is not 0/1 or -1/1 (set data.label_threshold to binarize)", self.label_name));
+            }
         };
         for f in &self.fields {
             let before = out.ids.len();
@@ -432,7 +455,14 @@ pub struct EncodeStats {
 
 /// Encodes `chunk` into `out`, field by field: `local(f, id)` gives the table row of a value of
 /// field `f`, `dense(j, x)` the encoded dense value of column `j`.
-fn fill_chunk(layout: &[(usize, Pooling, u32)], chunk: &ParsedChunk, out: &mut EncodedDataset, stats: &mut EncodeStats, mut local: impl FnMut(usize, u64) -> u32, mut dense: impl FnMut(usize, f64) -> f32) {
+fn fill_chunk(
+    layout: &[(usize, Pooling, u32)],
+    chunk: &ParsedChunk,
+    out: &mut EncodedDataset,
+    stats: &mut EncodeStats,
+    mut local: impl FnMut(usize, u64) -> u32,
+    mut dense: impl FnMut(usize, f64) -> f32,
+) {
     let (n, nf, s, nd) = (chunk.len(), chunk.num_fields, out.num_slots, chunk.num_dense);
     out.labels.extend_from_slice(&chunk.labels);
     let base = out.rows.len();
@@ -484,11 +514,14 @@ impl Encoder {
     /// First table row of each field.
     pub fn offsets(&self) -> Vec<u32> {
         let mut acc = 0u32;
-        self.field_sizes().iter().map(|&s| {
-            let o = acc;
-            acc += s as u32;
-            o
-        }).collect()
+        self.field_sizes()
+            .iter()
+            .map(|&s| {
+                let o = acc;
+                acc += s as u32;
+                o
+            })
+            .collect()
     }
     pub fn total_rows(&self) -> usize {
         self.field_sizes().iter().sum()
@@ -496,18 +529,28 @@ impl Encoder {
 
     /// One line naming every field with its vocabulary size (and slots), and the dense columns.
     pub fn describe(&self) -> String {
-        let fields: Vec<String> = self.fields.iter().map(|f| {
-            let mut d = format!("{} ({}", f.name, f.vocab.len());
-            if f.hash_buckets > 0 {
-                d += &format!(" + {} buckets", f.hash_buckets);
-            }
-            if f.width > 1 {
-                d += &format!(", {} slots {:?}", f.width, f.pooling).to_lowercase();
-            }
-            d + ")"
-        }).collect();
+        let fields: Vec<String> = self
+            .fields
+            .iter()
+            .map(|f| {
+                let mut d = format!("{} ({}", f.name, f.vocab.len());
+                if f.hash_buckets > 0 {
+                    d += &format!(" + {} buckets", f.hash_buckets);
+                }
+                if f.width > 1 {
+                    d += &format!(", {} slots {:?}", f.width, f.pooling).to_lowercase();
+                }
+                d + ")"
+            })
+            .collect();
         let dense: Vec<&str> = self.dense.iter().map(|c| c.name.as_str()).collect();
-        format!("{} categorical fields: {}; {} dense: {}", fields.len(), fields.join(", "), dense.len(), if dense.is_empty() { "-".into() } else { dense.join(", ") })
+        format!(
+            "{} categorical fields: {}; {} dense: {}",
+            fields.len(),
+            fields.join(", "),
+            dense.len(),
+            if dense.is_empty() { "-".into() } else { dense.join(", ") }
+        )
     }
 
     /// A stable fingerprint of the fitted encoding (caches record it).
@@ -518,11 +561,18 @@ impl Encoder {
     /// Appends the encoding of `chunk` to `out`.
     pub fn encode_chunk(&self, chunk: &ParsedChunk, out: &mut EncodedDataset, stats: &mut EncodeStats) {
         let mut oov = 0;
-        fill_chunk(&self.layout, chunk, out, stats, |f, id| {
-            let (l, miss) = self.fields[f].local(id);
-            oov += miss as u64;
-            self.layout[f].2 + l
-        }, |j, x| ((x - self.dense[j].shift) / self.dense[j].scale) as f32);
+        fill_chunk(
+            &self.layout,
+            chunk,
+            out,
+            stats,
+            |f, id| {
+                let (l, miss) = self.fields[f].local(id);
+                oov += miss as u64;
+                self.layout[f].2 + l
+            },
+            |j, x| ((x - self.dense[j].shift) / self.dense[j].scale) as f32,
+        );
         stats.oov += oov;
     }
 
@@ -576,7 +626,19 @@ pub struct Remap {
 
 impl Fitter {
     pub fn new(ex: &Extractor) -> Self {
-        let fields = ex.fields.iter().map(|f| FieldVocab { name: f.name.clone(), width: f.width, pooling: f.pooling, min_count: f.min_count.max(1), hash_buckets: f.hash_buckets, vocab: Vec::new(), lookup: KeyMap::default() }).collect::<Vec<_>>();
+        let fields = ex
+            .fields
+            .iter()
+            .map(|f| FieldVocab {
+                name: f.name.clone(),
+                width: f.width,
+                pooling: f.pooling,
+                min_count: f.min_count.max(1),
+                hash_buckets: f.hash_buckets,
+                vocab: Vec::new(),
+                lookup: KeyMap::default(),
+            })
+            .collect::<Vec<_>>();
         Self {
             layout: fields.iter().map(|f| (f.width, f.pooling, 0)).collect(),
             seen: vec![Default::default(); fields.len()],
@@ -597,22 +659,29 @@ impl Fitter {
     /// Appends the provisional encoding of `chunk` to `out`, counting values and dense moments.
     pub fn encode_chunk(&mut self, chunk: &ParsedChunk, out: &mut EncodedDataset, stats: &mut EncodeStats) {
         let (fields, seen, moments) = (&mut self.fields, &mut self.seen, &mut self.moments);
-        fill_chunk(&self.layout, chunk, out, stats, |f, id| {
-            let next = seen[f].len() as u32 + 1;
-            let e = seen[f].entry(id).or_insert((next, 0));
-            if e.0 == next {
-                fields[f].vocab.push(id);
-            }
-            e.1 += 1;
-            e.0
-        }, |j, x| {
-            let m = &mut moments[j];
-            m.0 += 1;
-            let delta = x - m.1;
-            m.1 += delta / m.0 as f64;
-            m.2 += delta * (x - m.1);
-            x as f32
-        });
+        fill_chunk(
+            &self.layout,
+            chunk,
+            out,
+            stats,
+            |f, id| {
+                let next = seen[f].len() as u32 + 1;
+                let e = seen[f].entry(id).or_insert((next, 0));
+                if e.0 == next {
+                    fields[f].vocab.push(id);
+                }
+                e.1 += 1;
+                e.0
+            },
+            |j, x| {
+                let m = &mut moments[j];
+                m.0 += 1;
+                let delta = x - m.1;
+                m.1 += delta / m.0 as f64;
+                m.2 += delta * (x - m.1);
+                x as f32
+            },
+        );
     }
 
     pub fn finish(self) -> (Encoder, Remap) {
@@ -631,27 +700,35 @@ impl Fitter {
             let (buckets, n_kept) = (v.hash_buckets as u64, kept.len() as u32);
             let mut k = 0u32;
             for (p, &id) in v.vocab.iter().enumerate() {
-                remap[p + 1] = offset + if counts[p + 1] >= v.min_count {
-                    k += 1;
-                    k
-                } else if buckets > 0 {
-                    1 + n_kept + (id % buckets) as u32
-                } else {
-                    0
-                };
+                remap[p + 1] = offset
+                    + if counts[p + 1] >= v.min_count {
+                        k += 1;
+                        k
+                    } else if buckets > 0 {
+                        1 + n_kept + (id % buckets) as u32
+                    } else {
+                        0
+                    };
             }
             v.vocab = kept;
             offset += v.rows() as u32;
             fields.push(v);
             remaps.push(remap);
         }
-        let dense_cols: Vec<DenseColumn> = self.dense_names.iter().zip(&self.standardize).zip(&self.moments).map(|((name, &st), &(n, mean, m2))| {
-            let std = if n > 1 { (m2 / (n - 1) as f64).sqrt() } else { 0.0 };
-            let (shift, scale) = if st { (mean, if std > 0.0 { std } else { 1.0 }) } else { (0.0, 1.0) };
-            DenseColumn { name: name.clone(), shift, scale }
-        }).collect();
+        let dense_cols: Vec<DenseColumn> = self
+            .dense_names
+            .iter()
+            .zip(&self.standardize)
+            .zip(&self.moments)
+            .map(|((name, &st), &(n, mean, m2))| {
+                let std = if n > 1 { (m2 / (n - 1) as f64).sqrt() } else { 0.0 };
+                let (shift, scale) = if st { (mean, if std > 0.0 { std } else { 1.0 }) } else { (0.0, 1.0) };
+                DenseColumn { name: name.clone(), shift, scale }
+            })
+            .collect();
         let enc = Encoder { fields, dense: dense_cols, layout: Vec::new() }.with_lookup();
-        let remap = Remap { rare, slot_fields: enc.slot_fields(), rows: remaps, dense: enc.dense.iter().map(|c| (c.shift, c.scale)).collect() };
+        let remap =
+            Remap { rare, slot_fields: enc.slot_fields(), rows: remaps, dense: enc.dense.iter().map(|c| (c.shift, c.scale)).collect() };
         (enc, remap)
     }
 }
@@ -676,7 +753,13 @@ impl Remap {
 /// Checks that an encoder fits the schema it is used with (a run's saved encoder vs its config).
 pub fn check_compatible(enc: &Encoder, ex: &Extractor) -> Result<()> {
     if enc.num_fields() != ex.num_fields() || enc.num_dense() != ex.dense.len() {
-        bail!("the saved encoder has {} fields and {} dense columns, the schema gives {} and {}", enc.num_fields(), enc.num_dense(), ex.num_fields(), ex.dense.len());
+        bail!(
+            "the saved encoder has {} fields and {} dense columns, the schema gives {} and {}",
+            enc.num_fields(),
+            enc.num_dense(),
+            ex.num_fields(),
+            ex.dense.len()
+        );
     }
     Ok(())
 }

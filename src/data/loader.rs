@@ -61,7 +61,10 @@ impl BatchBuilder {
             for f in 0..nf {
                 let r = data.rows[i * nf + f] as usize;
                 if r >= self.stamp.len() {
-                    bail!("example {i}, slot {f}: embedding row {r} is outside the table ({} rows); the encoded data does not belong to this encoder or is corrupted", self.stamp.len());
+                    bail!(
+                        "example {i}, slot {f}: embedding row {r} is outside the table ({} rows); the encoded data does not belong to this encoder or is corrupted",
+                        self.stamp.len()
+                    );
                 }
                 if self.stamp[r] != mark {
                     self.stamp[r] = mark;
@@ -110,7 +113,14 @@ impl BatchLoader {
     /// Sizes of zero are raised to one (config validation refuses them before this point; the
     /// loader itself must never divide by zero or spin).
     pub fn from_split(data: SplitData, total_rows: usize, batch_size: usize, chunk_rows: usize, shuffle_chunks: usize) -> Self {
-        Self { data, total_rows, batch_size: batch_size.max(1), chunk_rows: chunk_rows.max(1), shuffle_chunks: shuffle_chunks.max(1), fail_at: None }
+        Self {
+            data,
+            total_rows,
+            batch_size: batch_size.max(1),
+            chunk_rows: chunk_rows.max(1),
+            shuffle_chunks: shuffle_chunks.max(1),
+            fail_at: None,
+        }
     }
 
     /// Fault injection for tests: the loader thread reports a read error instead of batch `n`.

@@ -12,7 +12,7 @@ pub mod source;
 pub mod synth;
 
 pub use encoder::{EncodedDataset, Encoder};
-pub use source::{BadLines, open_maybe_gz};
 pub use loader::{Batch, BatchLoader};
 pub use pipeline::{Prepared, SplitData, prepare};
 pub use schema::DataConfig;
+pub use source::{BadLines, open_maybe_gz};

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use super::cache::{CacheHeader, CacheReader, CacheWriter, SourceId, VERSION, write_header};
 use super::encoder::{EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, ParsedChunk, Remap, check_compatible, hash_bytes};
-use super::source::BadLines;
 use super::schema::{DataConfig, SplitSpec};
+use super::source::BadLines;
 use super::source::{Next, Record, RecordSource, open_source};
 
 pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
@@ -41,7 +41,10 @@ pub struct SplitSource {
 
 pub fn split_sources(cfg: &DataConfig) -> Vec<SplitSource> {
     match &cfg.split {
-        Some(s) => (0..3).filter(|&i| i < 2 || s.ratios[2] > 0.0).map(|i| SplitSource { name: SPLITS[i], path: cfg.train.clone(), part: Some(i) }).collect(),
+        Some(s) => (0..3)
+            .filter(|&i| i < 2 || s.ratios[2] > 0.0)
+            .map(|i| SplitSource { name: SPLITS[i], path: cfg.train.clone(), part: Some(i) })
+            .collect(),
         None => [Some(&cfg.train), cfg.valid.as_ref(), cfg.test.as_ref()]
             .into_iter()
             .enumerate()
@@ -78,7 +81,13 @@ const CHUNK: usize = 16_384;
 
 /// Parses `source` on the calling thread into chunks of extracted rows sent to `tx`; returns the
 /// bytes read. Bad rows are skipped and counted or end the read, as `data.bad_lines` says.
-fn parse_chunks(cfg: &DataConfig, part: Option<usize>, mut source: Box<dyn RecordSource>, ex: &Extractor, tx: &SyncSender<Result<ParsedChunk>>) -> Result<u64> {
+fn parse_chunks(
+    cfg: &DataConfig,
+    part: Option<usize>,
+    mut source: Box<dyn RecordSource>,
+    ex: &Extractor,
+    tx: &SyncSender<Result<ParsedChunk>>,
+) -> Result<u64> {
     let mut rec = Record::default();
     let mut chunk = ParsedChunk::new(ex.num_fields(), ex.num_dense());
     let (mut index, mut reported) = (0u64, 0u64);
@@ -90,10 +99,10 @@ fn parse_chunks(cfg: &DataConfig, part: Option<usize>, mut source: Box<dyn Recor
         };
         let i = index;
         index += 1;
-        if let (Some(spec), Some(part)) = (&cfg.split, part) {
-            if split_part(spec, i) != part {
-                continue;
-            }
+        if let (Some(spec), Some(part)) = (&cfg.split, part)
+            && split_part(spec, i) != part
+        {
+            continue;
         }
         match outcome.and_then(|()| ex.extract(&rec, &mut chunk)) {
             Ok(()) => {}
@@ -144,7 +153,13 @@ impl Encoding<'_> {
 /// Reads the opened split, extracts and encodes every row, handing encoded chunks to `sink`.
 /// Parsing runs on a second thread while this one encodes (the vocabulary is fit in file order
 /// either way).
-pub fn read_encode(cfg: &DataConfig, src: &SplitSource, opened: Opened, mut enc: Encoding, mut sink: impl FnMut(&EncodedDataset) -> Result<()>) -> Result<SplitLog> {
+pub fn read_encode(
+    cfg: &DataConfig,
+    src: &SplitSource,
+    opened: Opened,
+    mut enc: Encoding,
+    mut sink: impl FnMut(&EncodedDataset) -> Result<()>,
+) -> Result<SplitLog> {
     let start = Instant::now();
     let Opened { source, ex } = opened;
     if let Encoding::Apply(e) = &enc {
@@ -179,11 +194,11 @@ pub fn read_encode(cfg: &DataConfig, src: &SplitSource, opened: Opened, mut enc:
             Encoding::Fit(f) => f.encode_chunk(&chunk, &mut out, &mut stats),
             Encoding::Apply(e) => e.encode_chunk(&chunk, &mut out, &mut stats),
         }
-        if !out.is_empty() {
-            if let Err(e) = sink(&out) {
-                failed = Some(e);
-                break;
-            }
+        if !out.is_empty()
+            && let Err(e) = sink(&out)
+        {
+            failed = Some(e);
+            break;
         }
     }
     drop(rx);
@@ -193,7 +208,11 @@ pub fn read_encode(cfg: &DataConfig, src: &SplitSource, opened: Opened, mut enc:
     }
     log.bytes = parsed?;
     if log.rows == 0 {
-        bail!("{}: no data rows{}", src.path.display(), if log.skipped > 0 { format!(" ({} malformed rows skipped)", log.skipped) } else { String::new() });
+        bail!(
+            "{}: no data rows{}",
+            src.path.display(),
+            if log.skipped > 0 { format!(" ({} malformed rows skipped)", log.skipped) } else { String::new() }
+        );
     }
     log.oov = stats.oov;
     log.truncated = stats.truncated;
@@ -303,15 +322,21 @@ fn usable_cache(dir: &Path, want: &CacheHeader, rebuild: bool) -> Result<Option<
     }
     match have.mismatch(want) {
         None => Ok(Some(CacheReader::open(dir)?)),
-        Some(why) => bail!(
-            "cache {} is stale: {why}. Rebuild it with --rebuild-cache (or delete the directory)",
-            dir.display()
-        ),
+        Some(why) => bail!("cache {} is stale: {why}. Rebuild it with --rebuild-cache (or delete the directory)", dir.display()),
     }
 }
 
 fn header_log(h: &CacheHeader, secs: f64, positive_rate: f64) -> SplitLog {
-    SplitLog { rows: h.rows, skipped: h.skipped, oov: h.oov, truncated: h.truncated, positive_rate, bytes: 0, seconds: secs, from_cache: true }
+    SplitLog {
+        rows: h.rows,
+        skipped: h.skipped,
+        oov: h.oov,
+        truncated: h.truncated,
+        positive_rate,
+        bytes: 0,
+        seconds: secs,
+        from_cache: true,
+    }
 }
 
 fn finish_cache(dir: &Path, mut want: CacheHeader, log: &SplitLog, slots: usize, dense: usize) -> Result<CacheReader> {

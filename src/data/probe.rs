@@ -33,8 +33,12 @@ fn schema(t: Target, skip: bool) -> &'static str {
     match (t, skip) {
         (Target::Libfm, false) => "format = \"libfm\"\n",
         (Target::Libfm, true) => "format = \"libfm\"\nbad_lines = \"skip\"\nhash_buckets = 3\n",
-        (Target::Criteo, false) => "format = \"criteo\"\n[[fields]]\nnames = [\"I1\", \"I2\"]\nkind = \"numeric\"\ntransform = \"log\"\n[[fields]]\nnames = [\"C1\", \"C2\"]\nkind = \"categorical\"\n",
-        (Target::Criteo, true) => "format = \"criteo\"\nbad_lines = \"skip\"\nmin_count = 2\n[[fields]]\nnames = [\"I1\"]\nkind = \"numeric\"\n[[fields]]\nnames = [\"C1\"]\nkind = \"categorical\"\n",
+        (Target::Criteo, false) => {
+            "format = \"criteo\"\n[[fields]]\nnames = [\"I1\", \"I2\"]\nkind = \"numeric\"\ntransform = \"log\"\n[[fields]]\nnames = [\"C1\", \"C2\"]\nkind = \"categorical\"\n"
+        }
+        (Target::Criteo, true) => {
+            "format = \"criteo\"\nbad_lines = \"skip\"\nmin_count = 2\n[[fields]]\nnames = [\"I1\"]\nkind = \"numeric\"\n[[fields]]\nnames = [\"C1\"]\nkind = \"categorical\"\n"
+        }
         (Target::Csv | Target::Tsv, s) => {
             if s {
                 "label = \"y\"\nbad_lines = \"skip\"\n[[fields]]\nname = \"u\"\nkind = \"categorical\"\n[[fields]]\nname = \"x\"\nkind = \"numeric\"\n[[fields]]\nname = \"m\"\nkind = \"multi_hot\"\nseparator = \"|\"\nmax_len = 3\n"
@@ -42,7 +46,9 @@ fn schema(t: Target, skip: bool) -> &'static str {
                 "label = \"y\"\n[[fields]]\nname = \"u\"\nkind = \"categorical\"\n[[fields]]\nname = \"x\"\nkind = \"numeric\"\ntransform = \"bucketize\"\nboundaries = [0.0, 1.0]\n"
             }
         }
-        (Target::Parquet, _) => "format = \"parquet\"\n[[fields]]\nname = \"city\"\nkind = \"categorical\"\n[[fields]]\nname = \"price\"\nkind = \"numeric\"\n",
+        (Target::Parquet, _) => {
+            "format = \"parquet\"\n[[fields]]\nname = \"city\"\nkind = \"categorical\"\n[[fields]]\nname = \"price\"\nkind = \"numeric\"\n"
+        }
         _ => "",
     }
 }
@@ -67,7 +73,8 @@ pub fn read_bytes(target: Target, bytes: &[u8], scratch: &Path) -> Result<usize>
             let path = scratch.join(format!("input.{ext}"));
             std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
             let skip = bytes.first().is_some_and(|b| b % 2 == 1);
-            let mut text = format!("train = {:?}\nvalid = {:?}\n{}", path.display().to_string(), path.display().to_string(), schema(target, skip));
+            let mut text =
+                format!("train = {:?}\nvalid = {:?}\n{}", path.display().to_string(), path.display().to_string(), schema(target, skip));
             if target == Target::Tsv {
                 text = format!("format = \"tsv\"\n{text}");
             } else if target == Target::Csv {

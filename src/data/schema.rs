@@ -10,6 +10,7 @@
 //!   `standardize` (dense features, fed to the dense MLP) or `bucketize` (explicit
 //!   `boundaries`), `log2_bucket` (⌊log2 x⌋), `log_square_bucket` (the Criteo convention
 //!   ⌊ln(x)²⌋ for x > 2, else ⌊x⌋) — bucketized numerics become categorical fields.
+//!
 //! Columns no field names are ignored (`ignore = [...]` documents and checks them).
 
 use anyhow::{Result, bail, ensure};
@@ -201,14 +202,23 @@ impl DataConfig {
     pub fn validate(&self) -> Result<()> {
         match (&self.split, &self.valid) {
             (Some(s), _) => {
-                ensure!(self.valid.is_none() && self.test.is_none(), "data.split carves valid/test out of data.train: leave data.valid and data.test out");
-                ensure!(s.ratios.iter().all(|r| *r >= 0.0) && s.ratios[0] > 0.0 && s.ratios[1] > 0.0, "data.split.ratios must be non-negative with train and valid > 0");
+                ensure!(
+                    self.valid.is_none() && self.test.is_none(),
+                    "data.split carves valid/test out of data.train: leave data.valid and data.test out"
+                );
+                ensure!(
+                    s.ratios.iter().all(|r| *r >= 0.0) && s.ratios[0] > 0.0 && s.ratios[1] > 0.0,
+                    "data.split.ratios must be non-negative with train and valid > 0"
+                );
             }
             (None, None) => bail!("data.valid is missing (or give data.split to carve it out of data.train)"),
             (None, Some(_)) => {}
         }
         if self.format.is_libfm() {
-            ensure!(self.fields.is_empty() && self.join.is_empty(), "libfm data has positional fields: data.fields and data.join do not apply");
+            ensure!(
+                self.fields.is_empty() && self.join.is_empty(),
+                "libfm data has positional fields: data.fields and data.join do not apply"
+            );
         } else {
             ensure!(!self.fields.is_empty(), "data.fields is empty: declare at least one field for {:?} data", self.format);
         }
@@ -233,7 +243,7 @@ impl FieldSpec {
 
     fn validate(&self) -> Result<()> {
         let who = self.display_name();
-        ensure!(self.name.is_some() != !self.names.is_empty(), "data.fields: give exactly one of name or names (field {who:?})");
+        ensure!(self.name.is_some() == self.names.is_empty(), "data.fields: give exactly one of name or names (field {who:?})");
         let kind = self.kind.ok_or_else(|| anyhow::anyhow!("field {who:?}: kind is missing (categorical, multi_hot, flags or numeric)"))?;
         match kind {
             FieldKind::MultiHot => {
@@ -246,13 +256,19 @@ impl FieldSpec {
             }
             FieldKind::Numeric => {
                 if self.transform == Transform::Bucketize {
-                    ensure!(!self.boundaries.is_empty() && self.boundaries.windows(2).all(|w| w[0] < w[1]), "field {who:?}: bucketize needs increasing boundaries");
+                    ensure!(
+                        !self.boundaries.is_empty() && self.boundaries.windows(2).all(|w| w[0] < w[1]),
+                        "field {who:?}: bucketize needs increasing boundaries"
+                    );
                 }
             }
             FieldKind::Categorical => {}
         }
         if kind != FieldKind::Numeric {
-            ensure!(self.transform == Transform::None && self.missing.is_none(), "field {who:?}: transform/missing apply to numeric fields only");
+            ensure!(
+                self.transform == Transform::None && self.missing.is_none(),
+                "field {who:?}: transform/missing apply to numeric fields only"
+            );
         }
         Ok(())
     }
@@ -260,8 +276,5 @@ impl FieldSpec {
 
 /// Column names of the Criteo text format.
 pub fn criteo_columns() -> Vec<String> {
-    std::iter::once("label".to_string())
-        .chain((1..=13).map(|i| format!("I{i}")))
-        .chain((1..=26).map(|i| format!("C{i}")))
-        .collect()
+    std::iter::once("label".to_string()).chain((1..=13).map(|i| format!("I{i}"))).chain((1..=26).map(|i| format!("C{i}"))).collect()
 }

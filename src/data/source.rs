@@ -153,7 +153,8 @@ pub struct DelimitedSource {
 impl DelimitedSource {
     pub fn open(path: &Path, delim: u8, header: bool, names: Vec<String>) -> Result<Self> {
         let reader = open_maybe_gz(path)?;
-        let mut s = Self { path: path.to_path_buf(), reader, delim, columns: names, line: Vec::new(), unquoted: Vec::new(), lineno: 0, bytes: 0 };
+        let mut s =
+            Self { path: path.to_path_buf(), reader, delim, columns: names, line: Vec::new(), unquoted: Vec::new(), lineno: 0, bytes: 0 };
         if header {
             if !s.read_line()? {
                 bail!("{}: empty file (no header line)", path.display());
@@ -294,19 +295,29 @@ pub struct LibfmSource {
 impl LibfmSource {
     pub fn open(path: &Path, cfg: &DataConfig) -> Result<Self> {
         let num_fields = cfg.num_fields.or((!cfg.field_names.is_empty()).then_some(cfg.field_names.len()));
-        if let (Some(n), false) = (num_fields, cfg.field_names.is_empty()) {
-            if n != cfg.field_names.len() {
-                bail!("data.num_fields = {n} but {} field_names are given", cfg.field_names.len());
-            }
+        if let (Some(n), false) = (num_fields, cfg.field_names.is_empty())
+            && n != cfg.field_names.len()
+        {
+            bail!("data.num_fields = {n} but {} field_names are given", cfg.field_names.len());
         }
-        let mut s = Self { path: path.to_path_buf(), reader: open_maybe_gz(path)?, columns: Vec::new(), num_fields, line: String::new(), lineno: 0, bytes: 0 };
+        let mut s = Self {
+            path: path.to_path_buf(),
+            reader: open_maybe_gz(path)?,
+            columns: Vec::new(),
+            num_fields,
+            line: String::new(),
+            lineno: 0,
+            bytes: 0,
+        };
         if s.num_fields.is_none() {
             // The first non-empty line's pair count (its errors are reported when it is read).
             let mut first = String::new();
             let mut peek = open_maybe_gz(path)?;
             while first.trim().is_empty() {
                 first.clear();
-                if peek.read_line(&mut first).with_context(|| format!("{}:1: read error (truncated or corrupt file?)", path.display()))? == 0 {
+                if peek.read_line(&mut first).with_context(|| format!("{}:1: read error (truncated or corrupt file?)", path.display()))?
+                    == 0
+                {
                     bail!("{}: no data rows", path.display());
                 }
             }
@@ -476,9 +487,10 @@ impl SideTable {
         let side_cfg = DataConfig { columns: Vec::new(), header: None, ..cfg.clone() };
         let mut src = open_format(&j.path, format, &side_cfg)?;
         let key_name = j.key.as_deref().unwrap_or(&j.on);
-        let key = src.columns().iter().position(|c| c == key_name).with_context(|| {
-            format!("join {}: no key column {key_name:?} (columns: {})", j.path.display(), src.columns().join(", "))
-        })?;
+        let key =
+            src.columns().iter().position(|c| c == key_name).with_context(|| {
+                format!("join {}: no key column {key_name:?} (columns: {})", j.path.display(), src.columns().join(", "))
+            })?;
         let columns = src.columns().iter().enumerate().filter(|(i, _)| *i != key).map(|(_, c)| c.clone()).collect();
         let mut rows = HashMap::new();
         let mut rec = Record::default();

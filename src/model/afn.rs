@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -84,7 +84,9 @@ impl ModelSpec for AfnConfig {
             log_neurons: LinearCompress::new(n, l, device),
             exp_norm: BatchNormConfig::new(l).init(device),
             afn_mlp: Mlp::with_batch_norm(l * d, &self.afn_hidden_units, 1, self.afn_dropout, self.batch_norm, device),
-            dnn: self.ensemble_dnn.then(|| Mlp::with_batch_norm(n * d, &self.dnn_hidden_units, 1, self.dnn_dropout, self.batch_norm, device)),
+            dnn: self
+                .ensemble_dnn
+                .then(|| Mlp::with_batch_norm(n * d, &self.dnn_hidden_units, 1, self.dnn_dropout, self.batch_norm, device)),
             combine: self.ensemble_dnn.then(|| LinearConfig::new(2, 1).init(device)),
             embedding_dim: d,
         })

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -119,19 +119,26 @@ impl ModelSpec for AutoIntConfig {
         self.embedding_dim
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.num_heads > 0 && self.attention_dim > 0 && self.attention_dim % self.num_heads == 0, "model.attention_dim = {} must be a positive multiple of model.num_heads = {}", self.attention_dim, self.num_heads);
+        anyhow::ensure!(
+            self.num_heads > 0 && self.attention_dim > 0 && self.attention_dim.is_multiple_of(self.num_heads),
+            "model.attention_dim = {} must be a positive multiple of model.num_heads = {}",
+            self.attention_dim,
+            self.num_heads
+        );
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
-        let attention = (0..self.attention_layers).map(|i| SelfAttention::new(if i == 0 { d } else { self.attention_dim }, self, device)).collect();
+        let attention =
+            (0..self.attention_layers).map(|i| SelfAttention::new(if i == 0 { d } else { self.attention_dim }, self, device)).collect();
         let width = if self.attention_layers == 0 { d } else { self.attention_dim };
         Model::AutoInt(AutoInt {
             embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             attention,
             attention_out: LinearConfig::new(n * width, 1).init(device),
-            dnn: (!self.dnn_hidden_units.is_empty()).then(|| Mlp::with_batch_norm(n * d, &self.dnn_hidden_units, 1, self.dropout, self.batch_norm, device)),
+            dnn: (!self.dnn_hidden_units.is_empty())
+                .then(|| Mlp::with_batch_norm(n * d, &self.dnn_hidden_units, 1, self.dropout, self.batch_norm, device)),
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {

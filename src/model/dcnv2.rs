@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -115,7 +115,10 @@ impl ModelSpec for Dcnv2Config {
         let per_cross = if self.low_rank == 0 { 2 * dim * dim } else { 4 * dim * self.low_rank as u64 };
         let dnn = if self.model_structure == Structure::CrossnetOnly { 0 } else { mlp_flops(dim as usize, &self.dnn_hidden_units, 1) };
         let out = if self.model_structure == Structure::Stacked { 0 } else { 2 * dim };
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim) + self.num_cross_layers as u64 * per_cross + dnn + out
+        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim)
+            + self.num_cross_layers as u64 * per_cross
+            + dnn
+            + out
     }
 }
 
@@ -129,8 +132,8 @@ impl Dcnv2 {
         }
         let logit = match (&self.cross_out, &self.dnn) {
             (Some(out), Some(dnn)) => out.forward(x) + dnn.forward(x0), // parallel
-            (None, Some(dnn)) => dnn.forward(x),                         // stacked
-            (Some(out), None) => out.forward(x),                         // cross network only
+            (None, Some(dnn)) => dnn.forward(x),                        // stacked
+            (Some(out), None) => out.forward(x),                        // cross network only
             (None, None) => unreachable!("built with a cross output or a DNN"),
         };
         logit.reshape([b])

@@ -35,7 +35,15 @@ pub struct DlrmConfig {
 
 impl Default for DlrmConfig {
     fn default() -> Self {
-        Self { embedding_dim: 10, embedding_init_std: 0.0001, bottom_mlp_units: vec![64, 64, 64], top_mlp_units: vec![64, 64, 64], interaction: Interaction::Dot, dropout: 0.0, batch_norm: false }
+        Self {
+            embedding_dim: 10,
+            embedding_init_std: 0.0001,
+            bottom_mlp_units: vec![64, 64, 64],
+            top_mlp_units: vec![64, 64, 64],
+            interaction: Interaction::Dot,
+            dropout: 0.0,
+            batch_norm: false,
+        }
     }
 }
 

@@ -91,10 +91,8 @@ impl TableStorage {
     fn round_stochastic_host(self, v: Tensor<2>) -> Tensor<2> {
         let device = v.device();
         let dims = v.dims();
-        let draw: Vec<f32> = Tensor::<1>::random([4], Distribution::Uniform(0.0, 65536.0), &device)
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("f32 draws");
+        let draw: Vec<f32> =
+            Tensor::<1>::random([4], Distribution::Uniform(0.0, 65536.0), &device).into_data().try_into_vec::<f32>().expect("f32 draws");
         let seed = draw.iter().fold(0u64, |acc, &d| (acc << 16) | (d as u64 & 0xFFFF));
         let x: Vec<f32> = v.into_data().try_into_vec::<f32>().expect("f32 values");
         let data = match self {
@@ -218,9 +216,7 @@ impl SparseInput {
             fields,
             unique_rows: ints(&b.unique_rows, u),
             inverse: ints(&b.inverse, b.inverse.len()),
-            values: b.values.as_ref().map(|v| {
-                Tensor::<3>::from_data(TensorData::new(v.clone(), [b.size, slots, 1]), device)
-            }),
+            values: b.values.as_ref().map(|v| Tensor::<3>::from_data(TensorData::new(v.clone(), [b.size, slots, 1]), device)),
             pool: layout.pooling().map(|m| {
                 Tensor::<2>::from_data(TensorData::new(m, [fields, slots]), device).unsqueeze::<3>().expand([b.size, fields, slots])
             }),
@@ -300,10 +296,7 @@ impl SparseEmbedding {
         let rows = table.select(0, input.unique_rows.clone());
         let rows = if rows.dtype() != DType::F32 { rows.cast(DType::F32) } else { rows };
         let rows = if track { rows.autodiff().require_grad() } else { rows };
-        let x = rows
-            .clone()
-            .select(0, input.inverse.clone())
-            .reshape([input.batch, input.slots, self.dim()]);
+        let x = rows.clone().select(0, input.inverse.clone()).reshape([input.batch, input.slots, self.dim()]);
         let x = match &input.values {
             Some(v) => x * v.clone(),
             None => x,

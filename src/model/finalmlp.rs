@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{HiddenLayers, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -70,7 +70,9 @@ pub struct Gate {
 
 impl Gate {
     fn new(d: usize, fields: &[usize], hidden: &[usize], width: usize, device: &Device) -> Self {
-        let context = fields.is_empty().then(|| Param::initialized(ParamId::new(), Tensor::<2>::random([1, d], Distribution::Normal(0.0, 0.01), device)));
+        let context = fields
+            .is_empty()
+            .then(|| Param::initialized(ParamId::new(), Tensor::<2>::random([1, d], Distribution::Normal(0.0, 0.01), device)));
         let d_in = if fields.is_empty() { d } else { fields.len() * d };
         Self { context, fields: fields.to_vec(), mlp: Mlp::new(d_in, hidden, width, 0.0, device) }
     }
@@ -87,7 +89,6 @@ impl Gate {
         x * sigmoid(self.mlp.forward(c)).mul_scalar(2.0)
     }
 }
-
 
 #[derive(Module, Debug)]
 pub struct FinalMlp {
@@ -110,12 +111,23 @@ impl ModelSpec for FinalMlpConfig {
     fn validate(&self) -> anyhow::Result<()> {
         let (o1, o2) = (self.mlp1_hidden_units.last().copied().unwrap_or(0), self.mlp2_hidden_units.last().copied().unwrap_or(0));
         anyhow::ensure!(o1 > 0 && o2 > 0, "model.mlp1_hidden_units and mlp2_hidden_units need at least one layer");
-        anyhow::ensure!(self.num_heads > 0 && o1 % self.num_heads == 0 && o2 % self.num_heads == 0, "the streams' output widths must be multiples of num_heads");
-        check_common(self.embedding_dim, self.num_dense_embeddings, &[("mlp1_dropout", self.mlp1_dropout), ("mlp2_dropout", self.mlp2_dropout)])
+        anyhow::ensure!(
+            self.num_heads > 0 && o1 % self.num_heads == 0 && o2 % self.num_heads == 0,
+            "the streams' output widths must be multiples of num_heads"
+        );
+        check_common(
+            self.embedding_dim,
+            self.num_dense_embeddings,
+            &[("mlp1_dropout", self.mlp1_dropout), ("mlp2_dropout", self.mlp2_dropout)],
+        )
     }
     fn check_shape(&self, shape: &DataShape) -> anyhow::Result<()> {
         let bad: Vec<usize> = self.fs1_context.iter().chain(&self.fs2_context).copied().filter(|&f| f >= shape.fields).collect();
-        anyhow::ensure!(bad.is_empty(), "model.fs1_context/fs2_context name field positions {bad:?}, but the data has {} categorical fields", shape.fields);
+        anyhow::ensure!(
+            bad.is_empty(),
+            "model.fs1_context/fs2_context name field positions {bad:?}, but the data has {} categorical fields",
+            shape.fields
+        );
         Ok(())
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
@@ -131,7 +143,10 @@ impl ModelSpec for FinalMlpConfig {
             mlp2: HiddenLayers::new(n * d, &self.mlp2_hidden_units, self.mlp2_dropout, self.mlp2_batch_norm, device),
             w1: LinearConfig::new(o1, 1).init(device),
             w2: LinearConfig::new(o2, 1).with_bias(false).init(device),
-            bilinear: Param::initialized(ParamId::new(), Tensor::<3>::random([h, o1 / h, o2 / h], Distribution::Uniform(-bound, bound), device)),
+            bilinear: Param::initialized(
+                ParamId::new(),
+                Tensor::<3>::random([h, o1 / h, o2 / h], Distribution::Uniform(-bound, bound), device),
+            ),
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
@@ -140,9 +155,16 @@ impl ModelSpec for FinalMlpConfig {
         let split = |h: &[usize]| (h[..h.len() - 1].to_vec(), h[h.len() - 1]);
         let ((h1, l1), (h2, l2)) = (split(&self.mlp1_hidden_units), split(&self.mlp2_hidden_units));
         // A gate without context fields reads no input: computed once per batch, not per example.
-        let gate = |fields: &[usize]| if self.use_fs && !fields.is_empty() { mlp_flops(fields.len() * d, &self.fs_hidden_units, n * d) } else { 0 };
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, d) + gate(&self.fs1_context) + gate(&self.fs2_context) + mlp_flops(n * d, &h1, l1) + mlp_flops(n * d, &h2, l2)
-            + 2 * (o1 + o2) + 2 * o1 * o2 / self.num_heads as u64
+        let gate = |fields: &[usize]| {
+            if self.use_fs && !fields.is_empty() { mlp_flops(fields.len() * d, &self.fs_hidden_units, n * d) } else { 0 }
+        };
+        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, d)
+            + gate(&self.fs1_context)
+            + gate(&self.fs2_context)
+            + mlp_flops(n * d, &h1, l1)
+            + mlp_flops(n * d, &h2, l2)
+            + 2 * (o1 + o2)
+            + 2 * o1 * o2 / self.num_heads as u64
     }
 }
 

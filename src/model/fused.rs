@@ -24,7 +24,13 @@ pub trait FusedOps: Backend {
     /// LayerNorm over the last axis: `(x − mean) / √(var + ε) · γ + β`.
     fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
     /// LayerNorm of `a + b` (a residual connection), the sum computed inside the kernel.
-    fn fused_add_layer_norm(a: FloatTensor<Self>, b: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
+    fn fused_add_layer_norm(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
 }
 
 /// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
@@ -172,11 +178,7 @@ fn ln_forward(a: &FlexTensor, b: Option<&FlexTensor>, gamma: &FlexTensor, beta: 
     }
     // SAFETY: the kernels write every element of y, sum (when used) and stats.
     let (y, sum, stats) = unsafe { (assume_init(y), assume_init(sum), assume_init(stats)) };
-    Normalized {
-        y: tensor(y, shape.clone()),
-        sum: xb.is_some().then(|| tensor(sum, shape)),
-        stats: tensor(stats, Shape::new([rows, 2])),
-    }
+    Normalized { y: tensor(y, shape.clone()), sum: xb.is_some().then(|| tensor(sum, shape)), stats: tensor(stats, Shape::new([rows, 2])) }
 }
 
 /// Backward: with `x̂ = (x − mean)·rstd` and `h = g·γ`,
@@ -288,7 +290,13 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_add_layer_norm(a: FloatTensor<Self>, b: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+    fn fused_add_layer_norm(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
         let n = ln_forward(a.primitive(), Some(b.primitive()), gamma.primitive(), beta.primitive(), epsilon);
         let gamma_value = gamma.primitive().clone();
         let sum = n.sum.expect("the residual form returns the sum");
@@ -323,7 +331,12 @@ pub fn layer_norm<const D: usize>(norm: &burn::nn::LayerNorm, x: Tensor<D>) -> T
     }
     let gamma = norm.gamma.val();
     let beta = norm.beta.as_ref().expect("checked by fusable").val();
-    let out = <burn::backend::Dispatch as FusedOps>::fused_layer_norm(x.into_dispatch(), gamma.into_dispatch(), beta.into_dispatch(), LAYER_NORM_EPSILON);
+    let out = <burn::backend::Dispatch as FusedOps>::fused_layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        LAYER_NORM_EPSILON,
+    );
     Tensor::from_dispatch(out)
 }
 
@@ -334,7 +347,13 @@ pub fn add_layer_norm<const D: usize>(norm: &burn::nn::LayerNorm, a: Tensor<D>, 
     }
     let gamma = norm.gamma.val();
     let beta = norm.beta.as_ref().expect("checked by fusable").val();
-    let out = <burn::backend::Dispatch as FusedOps>::fused_add_layer_norm(a.into_dispatch(), b.into_dispatch(), gamma.into_dispatch(), beta.into_dispatch(), LAYER_NORM_EPSILON);
+    let out = <burn::backend::Dispatch as FusedOps>::fused_add_layer_norm(
+        a.into_dispatch(),
+        b.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        LAYER_NORM_EPSILON,
+    );
     Tensor::from_dispatch(out)
 }
 

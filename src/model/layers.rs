@@ -3,10 +3,10 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{BatchNorm, BatchNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use std::cell::Cell;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 
 thread_local! {
     /// Stream position of this thread's dropout masks; [`seed_dropout`] resets it so runs repeat.
@@ -62,8 +62,7 @@ impl Dropout {
         let keep = 1.0 - self.prob;
         let threshold = (keep * (1u64 << 32) as f64) as u64;
         let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> =
-            (0..n as u64).map(|i| if splitmix64(base.wrapping_add(i)) >> 32 < threshold { scale } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..n as u64).map(|i| if splitmix64(base.wrapping_add(i)) >> 32 < threshold { scale } else { 0.0 }).collect();
         let mask = Tensor::<D>::from_data(burn::tensor::TensorData::new(mask, shape), &x.device().inner());
         x * mask
     }
@@ -129,12 +128,7 @@ impl Mlp {
             d = h;
         }
         let norms = if batch_norm { hidden.iter().map(|&h| BatchNormConfig::new(h).init(device)).collect() } else { Vec::new() };
-        Self {
-            hidden: layers,
-            norms,
-            output: LinearConfig::new(d, d_out).init(device),
-            dropout: Dropout::new(dropout),
-        }
+        Self { hidden: layers, norms, output: LinearConfig::new(d, d_out).init(device), dropout: Dropout::new(dropout) }
     }
 
     /// Input `[b, d_in]` (batch norm normalizes over the batch axis).
@@ -162,11 +156,14 @@ pub struct HiddenLayers {
 impl HiddenLayers {
     pub fn new(d_in: usize, hidden: &[usize], dropout: f64, batch_norm: bool, device: &Device) -> Self {
         let mut d = d_in;
-        let layers = hidden.iter().map(|&h| {
-            let l = LinearConfig::new(d, h).init(device);
-            d = h;
-            l
-        }).collect();
+        let layers = hidden
+            .iter()
+            .map(|&h| {
+                let l = LinearConfig::new(d, h).init(device);
+                d = h;
+                l
+            })
+            .collect();
         let norms = if batch_norm { hidden.iter().map(|&h| BatchNormConfig::new(h).init(device)).collect() } else { Vec::new() };
         Self { layers, norms, dropout: Dropout::new(dropout) }
     }

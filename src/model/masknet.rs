@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -118,7 +118,10 @@ impl ModelSpec for MaskNetConfig {
         anyhow::ensure!(self.reduction_ratio > 0.0, "model.reduction_ratio must be positive");
         match self.model_type {
             MaskNetType::Serial => anyhow::ensure!(!self.block_hidden_units.is_empty(), "serial MaskNet needs model.block_hidden_units"),
-            MaskNetType::Parallel => anyhow::ensure!(self.parallel_num_blocks > 0 && self.parallel_block_dim > 0, "parallel MaskNet needs model.parallel_num_blocks > 0 and model.parallel_block_dim > 0"),
+            MaskNetType::Parallel => anyhow::ensure!(
+                self.parallel_num_blocks > 0 && self.parallel_block_dim > 0,
+                "parallel MaskNet needs model.parallel_num_blocks > 0 and model.parallel_block_dim > 0"
+            ),
         }
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
@@ -128,15 +131,20 @@ impl ModelSpec for MaskNetConfig {
         let (blocks, head) = match self.model_type {
             MaskNetType::Serial => {
                 let mut d_in = emb;
-                let blocks = self.block_hidden_units.iter().map(|&h| {
-                    let b = MaskBlock::new(emb, d_in, h, self, device);
-                    d_in = h;
-                    b
-                }).collect();
+                let blocks = self
+                    .block_hidden_units
+                    .iter()
+                    .map(|&h| {
+                        let b = MaskBlock::new(emb, d_in, h, self, device);
+                        d_in = h;
+                        b
+                    })
+                    .collect();
                 (blocks, Mlp::new(d_in, &[], 1, 0.0, device))
             }
             MaskNetType::Parallel => {
-                let blocks = (0..self.parallel_num_blocks).map(|_| MaskBlock::new(emb, emb, self.parallel_block_dim, self, device)).collect();
+                let blocks =
+                    (0..self.parallel_num_blocks).map(|_| MaskBlock::new(emb, emb, self.parallel_block_dim, self, device)).collect();
                 (blocks, Mlp::new(self.parallel_num_blocks * self.parallel_block_dim, &self.dnn_hidden_units, 1, self.dropout, device))
             }
         };
@@ -152,21 +160,22 @@ impl ModelSpec for MaskNetConfig {
     fn forward_flops(&self, shape: &DataShape) -> u64 {
         let emb = num_inputs(shape, self.num_dense_embeddings) * self.embedding_dim;
         let r = self.reduction_ratio;
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim) + match self.model_type {
-            MaskNetType::Serial => {
-                let mut d_in = emb;
-                let mut t = 0;
-                for &h in &self.block_hidden_units {
-                    t += MaskBlock::flops(emb, d_in, h, r);
-                    d_in = h;
+        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim)
+            + match self.model_type {
+                MaskNetType::Serial => {
+                    let mut d_in = emb;
+                    let mut t = 0;
+                    for &h in &self.block_hidden_units {
+                        t += MaskBlock::flops(emb, d_in, h, r);
+                        d_in = h;
+                    }
+                    t + 2 * d_in as u64
                 }
-                t + 2 * d_in as u64
+                MaskNetType::Parallel => {
+                    self.parallel_num_blocks as u64 * MaskBlock::flops(emb, emb, self.parallel_block_dim, r)
+                        + mlp_flops(self.parallel_num_blocks * self.parallel_block_dim, &self.dnn_hidden_units, 1)
+                }
             }
-            MaskNetType::Parallel => {
-                self.parallel_num_blocks as u64 * MaskBlock::flops(emb, emb, self.parallel_block_dim, r)
-                    + mlp_flops(self.parallel_num_blocks * self.parallel_block_dim, &self.dnn_hidden_units, 1)
-            }
-        }
     }
 }
 

@@ -131,7 +131,8 @@ pub trait ModelSpec {
 }
 
 impl ModelConfig {
-    pub const NAMES: [&'static str; 11] = ["wukong", "lr", "fm", "dnn", "dlrm", "dcnv2", "autoint+", "afn+", "finalmlp", "masknet", "xdeepfm"];
+    pub const NAMES: [&'static str; 11] =
+        ["wukong", "lr", "fm", "dnn", "dlrm", "dcnv2", "autoint+", "afn+", "finalmlp", "masknet", "xdeepfm"];
 
     pub fn name(&self) -> &'static str {
         let i = match self {
@@ -265,7 +266,19 @@ macro_rules! impl_from {
         })*
     };
 }
-impl_from!(Wukong(Wukong), Lr(simple::Lr), Fm(simple::Fm), Dnn(simple::Dnn), Dlrm(dlrm::Dlrm), Dcnv2(dcnv2::Dcnv2), AutoInt(autoint::AutoInt), Afn(afn::Afn), FinalMlp(finalmlp::FinalMlp), MaskNet(masknet::MaskNet), XDeepFm(xdeepfm::XDeepFm));
+impl_from!(
+    Wukong(Wukong),
+    Lr(simple::Lr),
+    Fm(simple::Fm),
+    Dnn(simple::Dnn),
+    Dlrm(dlrm::Dlrm),
+    Dcnv2(dcnv2::Dcnv2),
+    AutoInt(autoint::AutoInt),
+    Afn(afn::Afn),
+    FinalMlp(finalmlp::FinalMlp),
+    MaskNet(masknet::MaskNet),
+    XDeepFm(xdeepfm::XDeepFm)
+);
 
 /// The checks every baseline config shares: positive embedding widths, dropouts in [0, 1).
 pub fn check_common(embedding_dim: usize, num_dense_embeddings: usize, dropouts: &[(&str, f64)]) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
-use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 fn zero_bias(device: &Device) -> Param<Tensor<1>> {
     Param::initialized(ParamId::new(), Tensor::<1>::zeros([1], device))
@@ -142,7 +142,15 @@ pub struct DnnConfig {
 
 impl Default for DnnConfig {
     fn default() -> Self {
-        Self { embedding_dim: 10, embedding_init_std: 0.0001, hidden_units: vec![400, 400, 400], dropout: 0.0, batch_norm: false, dense_mlp: vec![64], num_dense_embeddings: 1 }
+        Self {
+            embedding_dim: 10,
+            embedding_init_std: 0.0001,
+            hidden_units: vec![400, 400, 400],
+            dropout: 0.0,
+            batch_norm: false,
+            dense_mlp: vec![64],
+            num_dense_embeddings: 1,
+        }
     }
 }
 

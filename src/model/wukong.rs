@@ -6,9 +6,9 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
-use crate::profile::{Phase, mark};
-use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp};
 use super::layers::{FmBlockSpec, FmKind, Mlp, WukongLayer, mlp_dims};
+use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp};
+use crate::profile::{Phase, mark};
 
 /// Every hyperparameter of the paper, plus regularization. TOML keys are these field names.
 ///
@@ -126,11 +126,7 @@ impl WukongConfig {
 
     pub fn init(&self, shape: &DataShape, device: &Device) -> Wukong {
         let d = self.embedding_dim;
-        let layers = self
-            .layer_specs(shape)
-            .iter()
-            .map(|s| WukongLayer::new(s, self.num_lcb, device))
-            .collect();
+        let layers = self.layer_specs(shape).iter().map(|s| WukongLayer::new(s, self.num_lcb, device)).collect();
         Wukong {
             embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
@@ -154,9 +150,7 @@ impl WukongConfig {
                 FmKind::Static => 4 * n * k * d,
                 FmKind::Attentive => {
                     let c = s.attention_compress as u64;
-                    2 * n * c * d
-                        + mlp(mlp_dims(s.attention_compress * s.dim, &s.attention_hidden, s.n_in * s.rank))
-                        + 4 * n * k * d
+                    2 * n * c * d + mlp(mlp_dims(s.attention_compress * s.dim, &s.attention_hidden, s.n_in * s.rank)) + 4 * n * k * d
                 }
                 FmKind::Full => 2 * n * n * d,
             };

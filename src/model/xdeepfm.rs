@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, check_common, cat_fields, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -60,23 +60,31 @@ impl ModelSpec for XDeepFmConfig {
         vec![self.embedding_dim, 1]
     }
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(!self.cin_hidden_units.is_empty() && self.cin_hidden_units.iter().all(|&h| h > 0), "model.cin_hidden_units needs positive widths");
+        anyhow::ensure!(
+            !self.cin_hidden_units.is_empty() && self.cin_hidden_units.iter().all(|&h| h > 0),
+            "model.cin_hidden_units needs positive widths"
+        );
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, device: &Device) -> Model {
         let (d, m) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         let mut h = m;
-        let cin = self.cin_hidden_units.iter().map(|&next| {
-            let layer = LinearCompress::new(h * m, next, device);
-            h = next;
-            layer
-        }).collect();
+        let cin = self
+            .cin_hidden_units
+            .iter()
+            .map(|&next| {
+                let layer = LinearCompress::new(h * m, next, device);
+                h = next;
+                layer
+            })
+            .collect();
         Model::XDeepFm(XDeepFm {
             embedding: SparseEmbedding::new(shape.table_rows, d + 1, self.embedding_init_std, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d + 1, device),
             cin,
             cin_out: LinearConfig::new(self.cin_hidden_units.iter().sum(), 1).init(device),
-            dnn: (!self.dnn_hidden_units.is_empty()).then(|| Mlp::with_batch_norm(m * d, &self.dnn_hidden_units, 1, self.dropout, self.batch_norm, device)),
+            dnn: (!self.dnn_hidden_units.is_empty())
+                .then(|| Mlp::with_batch_norm(m * d, &self.dnn_hidden_units, 1, self.dropout, self.batch_norm, device)),
             bias: Param::initialized(ParamId::new(), Tensor::<1>::zeros([1], device)),
         })
     }

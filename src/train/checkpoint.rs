@@ -68,9 +68,7 @@ pub fn load_model_bytes(model: Model, bytes: Vec<u8>, what: &str) -> Result<Mode
 pub fn load_model(cfg: &ExperimentConfig, encoder: &Encoder, path: &Path, device: &Device) -> Result<Model> {
     let model = cfg.model.init_with_storage(&crate::model::DataShape::of(encoder), cfg.train.emb_storage, device);
     let record = ModuleRecord::load(path).map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()))?;
-    model
-        .try_load_record(record)
-        .map_err(|e| anyhow::anyhow!("checkpoint {} does not fit the config: {e}", path.display()))
+    model.try_load_record(record).map_err(|e| anyhow::anyhow!("checkpoint {} does not fit the config: {e}", path.display()))
 }
 
 /// CRC-32 of every parameter's values in module order (hex): equal digests mean equal weights,
@@ -139,7 +137,8 @@ impl Checkpoint {
     /// Serialises into `w` (header, sections, trailer with the CRC of all of it). `midway` is
     /// called after the first half of the sections (fault injection: a crash during a write).
     fn write_to<W: Write>(&self, w: &mut W, midway: &mut dyn FnMut(&mut W)) -> Result<()> {
-        let manifest = Manifest { state: self.state.clone(), sections: self.sections.iter().map(|(n, b)| (n.clone(), b.len() as u64)).collect() };
+        let manifest =
+            Manifest { state: self.state.clone(), sections: self.sections.iter().map(|(n, b)| (n.clone(), b.len() as u64)).collect() };
         let manifest = serde_json::to_vec(&manifest)?;
         let mut crc = crc32fast::Hasher::new();
         let head: [&[u8]; 4] = [MAGIC, &VERSION.to_le_bytes(), &(manifest.len() as u64).to_le_bytes(), &manifest];
@@ -232,6 +231,9 @@ impl Faults {
     }
 }
 
+/// A checkpoint that verified, with its path.
+pub type Found = (PathBuf, Checkpoint);
+
 /// The checkpoints of a run directory: writing (keeping the last `keep`), finding the newest
 /// valid one.
 pub struct CheckpointDir {
@@ -308,10 +310,11 @@ impl CheckpointDir {
 
     /// The newest checkpoint that reads and verifies; every newer one that does not is reported
     /// in `refused` (path and reason) and skipped.
-    pub fn newest_valid(&self) -> Result<(Option<(PathBuf, Checkpoint)>, Vec<String>)> {
+    pub fn newest_valid(&self) -> Result<(Option<Found>, Vec<String>)> {
         let mut refused = Vec::new();
         for (_, path) in self.list()?.into_iter().rev() {
-            let read = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display())).and_then(|b| Checkpoint::from_bytes(&b));
+            let read =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display())).and_then(|b| Checkpoint::from_bytes(&b));
             match read {
                 Ok(c) => return Ok((Some((path, c)), refused)),
                 Err(e) => refused.push(format!("{}: {e:#}", path.display())),

@@ -157,7 +157,14 @@ pub fn describe(e: &GuardEvent) -> String {
     format!(
         "{} at step {} (epoch {}, batch {}): loss {}, dense gradient norm {}, embedding gradient norm {} (running loss mean {:.6}, std {:.6})",
         if e.kind == "spike" { "loss spike" } else { "non-finite loss or gradient" },
-        e.step, e.epoch, e.batch, f(e.loss), f(e.grad_norm), f(e.emb_grad_norm), e.loss_mean, e.loss_std
+        e.step,
+        e.epoch,
+        e.batch,
+        f(e.loss),
+        f(e.grad_norm),
+        f(e.emb_grad_norm),
+        e.loss_mean,
+        e.loss_std
     )
 }
 

@@ -17,13 +17,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::config::{ExperimentConfig, TrainConfig};
-use crate::profile::{self, Phase};
 use crate::data::{BatchLoader, Encoder, SplitData};
 use crate::metrics::{MetricAccumulator, Metrics};
 use crate::model::{DataShape, Model, ModelConfig, SlotLayout, SparseInput};
+use crate::profile::{self, Phase};
+use checkpoint::{Checkpoint, CheckpointDir, Faults};
 pub use guard::{GuardConfig, GuardEvent, GuardPolicy, GuardState, StepReport};
 pub use optim::{EmbOptimizerKind, RowWiseAdagrad, SparseAdam, SparseOptimizer, clip_global_norm, grad_norm};
-use checkpoint::{Checkpoint, CheckpointDir, Faults};
 
 /// Mean binary cross-entropy from logits, stable for any logit:
 /// `max(z,0) − z·y + ln(1 + e^{−|z|})`.
@@ -69,6 +69,9 @@ pub struct Stepper {
     autodiff: Device,
     grad_clip_norm: f64,
 }
+
+/// Named binary parts of a checkpoint.
+pub type Sections = Vec<(String, Vec<u8>)>;
 
 /// Checkpoint section names of a [`Stepper`]'s state.
 const MODEL_SECTION: &str = "model";
@@ -159,7 +162,7 @@ impl Stepper {
 
     /// The model, Adam and the embedding optimizer as checkpoint sections (and the embedding
     /// optimizer's description for the manifest).
-    pub fn save_state(&self) -> Result<(serde_json::Value, Vec<(String, Vec<u8>)>)> {
+    pub fn save_state(&self) -> Result<(serde_json::Value, Sections)> {
         let model = checkpoint::model_bytes(self.model())?;
         let adam = self.adam.to_record().into_bytes().map_err(|e| anyhow::anyhow!("cannot serialize the Adam state: {e}"))?.to_vec();
         let (meta, sparse) = self.sparse_optimizer.save_state()?;
@@ -314,7 +317,8 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
 /// Continues the run in `run_dir` from its newest valid checkpoint (`wukong train --resume`).
 /// With the same thread count on the CPU the result is bit-identical to a run never interrupted.
 pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<TrainOutcome> {
-    let cfg = ExperimentConfig::load(&run_dir.join(checkpoint::CONFIG)).with_context(|| format!("{} is not a run directory", run_dir.display()))?;
+    let cfg = ExperimentConfig::load(&run_dir.join(checkpoint::CONFIG))
+        .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
     run(cfg, Some(run_dir.to_path_buf()), opts)
 }
 
@@ -367,7 +371,8 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 }
 
 fn append_line(path: &Path, line: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
     writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
     f.sync_data().with_context(|| format!("cannot fsync {}", path.display()))?;
     Ok(())
@@ -413,7 +418,8 @@ impl Loop<'_> {
 
     /// Restores the stepper from `ckpt` and returns its training state.
     fn restore(stepper: &mut Stepper, mut ckpt: Checkpoint) -> Result<TrainState> {
-        let state: TrainState = serde_json::from_value(ckpt.state["train"].clone()).context("the checkpoint's training state is unreadable")?;
+        let state: TrainState =
+            serde_json::from_value(ckpt.state["train"].clone()).context("the checkpoint's training state is unreadable")?;
         let meta = ckpt.state["sparse_optimizer"].clone();
         stepper.load_state(&meta, &mut ckpt)?;
         crate::model::layers::set_dropout_stream(state.dropout_stream);
@@ -425,7 +431,13 @@ impl Loop<'_> {
         for r in &refused {
             eprintln!("warning: refusing checkpoint {r}");
         }
-        found.with_context(|| format!("no valid checkpoint in {}{}", self.ckpts.dir.display(), if refused.is_empty() { String::new() } else { format!(" (refused: {})", refused.join("; ")) }))
+        found.with_context(|| {
+            format!(
+                "no valid checkpoint in {}{}",
+                self.ckpts.dir.display(),
+                if refused.is_empty() { String::new() } else { format!(" (refused: {})", refused.join("; ")) }
+            )
+        })
     }
 
     /// Evaluates on the validation split, updates best/patience, logs a `metrics.jsonl` line,
@@ -454,14 +466,23 @@ impl Loop<'_> {
         });
         append_line(&self.run_dir.join(checkpoint::METRICS), &line)?;
         let what = if end_of_epoch { format!("epoch {epoch:>3}") } else { format!("step {:>6}", s.step) };
-        log(self.verbose, format!(
-            "{what}: train logloss {train_logloss:.5}  valid AUC {:.6}  LogLoss {:.6}  ({} examples, {:.1}s){}",
-            valid.auc, valid.logloss, s.examples, self.seconds_before + self.clock.elapsed().as_secs_f64(),
-            if improved { "  *best" } else { "" }
-        ));
+        log(
+            self.verbose,
+            format!(
+                "{what}: train logloss {train_logloss:.5}  valid AUC {:.6}  LogLoss {:.6}  ({} examples, {:.1}s){}",
+                valid.auc,
+                valid.logloss,
+                s.examples,
+                self.seconds_before + self.clock.elapsed().as_secs_f64(),
+                if improved { "  *best" } else { "" }
+            ),
+        );
         if s.bad_evals >= t.patience.max(1) {
             let best = s.best.map(|b| b.step).unwrap_or(0);
-            log(self.verbose, format!("early stop: no validation {:?} improvement in {} evaluation(s); best at step {best}", t.monitor, s.bad_evals));
+            log(
+                self.verbose,
+                format!("early stop: no validation {:?} improvement in {} evaluation(s); best at step {best}", t.monitor, s.bad_evals),
+            );
             s.done = true;
             s.stop_reason = Some(format!("early stop after {} evaluations without improvement", s.bad_evals));
         }
@@ -481,11 +502,20 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let mut data_log = serde_json::Map::new();
     let mut splits = std::collections::HashMap::new();
     for (name, data, l) in prepared.splits {
-        log(v, format!(
-            "{name}: {} rows{}, positive rate {:.4}, {} malformed rows skipped, {} values out of vocabulary, {} multi-hot values truncated ({:.1}s{})",
-            l.rows, if matches!(data, SplitData::Stream(_)) { " (streamed)" } else { "" }, l.positive_rate, l.skipped, l.oov, l.truncated, l.seconds,
-            if l.from_cache { ", from cache" } else { "" }
-        ));
+        log(
+            v,
+            format!(
+                "{name}: {} rows{}, positive rate {:.4}, {} malformed rows skipped, {} values out of vocabulary, {} multi-hot values truncated ({:.1}s{})",
+                l.rows,
+                if matches!(data, SplitData::Stream(_)) { " (streamed)" } else { "" },
+                l.positive_rate,
+                l.skipped,
+                l.oov,
+                l.truncated,
+                l.seconds,
+                if l.from_cache { ", from cache" } else { "" }
+            ),
+        );
         data_log.insert(name.to_string(), serde_json::to_value(&l)?);
         splits.insert(name, data);
     }
@@ -505,7 +535,9 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             anyhow::ensure!(
                 saved.fingerprint() == encoder.fingerprint(),
                 "cannot resume {}: the training data now encodes differently (encoder {} → {}); the files changed since the run started",
-                dir.display(), saved.fingerprint(), encoder.fingerprint()
+                dir.display(),
+                saved.fingerprint(),
+                encoder.fingerprint()
             );
             dir.clone()
         }
@@ -529,11 +561,17 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let ad = device.clone().autodiff();
     let model = cfg.model.init_with_storage(&shape, t.emb_storage, &ad);
     let (emb_params, dense_params) = model.param_counts();
-    log(v, format!(
-        "model {}: {dense_params} dense + {emb_params} embedding parameters ({total_rows} rows × {}, {:?} table: {:.1} MiB), {:.4} MFLOP/example forward",
-        cfg.model.name(), cfg.model.embedding_dim(), t.emb_storage, model.embedding().table_bytes() as f64 / (1 << 20) as f64,
-        cfg.model.forward_flops(&shape) as f64 / 1e6
-    ));
+    log(
+        v,
+        format!(
+            "model {}: {dense_params} dense + {emb_params} embedding parameters ({total_rows} rows × {}, {:?} table: {:.1} MiB), {:.4} MFLOP/example forward",
+            cfg.model.name(),
+            cfg.model.embedding_dim(),
+            t.emb_storage,
+            model.embedding().table_bytes() as f64 / (1 << 20) as f64,
+            cfg.model.forward_flops(&shape) as f64 / 1e6
+        ),
+    );
     let mut stepper = Stepper::new(model, &cfg.model, t, layout, &device);
     let ckpts = CheckpointDir::new(&run_dir, t.keep_checkpoints, &opts.faults)?;
     let mut lp = Loop {
@@ -557,7 +595,8 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         anyhow::ensure!(
             fingerprint == lp.encoder.fingerprint(),
             "cannot resume from {}: it was written with encoder {fingerprint}, the data now encodes as {}",
-            path.display(), lp.encoder.fingerprint()
+            path.display(),
+            lp.encoder.fingerprint()
         );
         stepper = lp.stepper;
         let restored = Loop::restore(&mut stepper, ckpt).with_context(|| format!("cannot resume from {}", path.display()))?;
@@ -622,17 +661,26 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             device.seed(step_seed(t.seed, next));
             let mut verdict = None;
             let guard = &lp.state.guard;
-            let (report, applied) = lp.stepper.step_checked(&batch, t.lr * scale, t.emb_lr * scale, Some(&mut |r: &StepReport| {
-                verdict = guard.check(&guard_cfg, r);
-                verdict.is_none()
-            }))?;
+            let (report, applied) = lp.stepper.step_checked(
+                &batch,
+                t.lr * scale,
+                t.emb_lr * scale,
+                Some(&mut |r: &StepReport| {
+                    verdict = guard.check(&guard_cfg, r);
+                    verdict.is_none()
+                }),
+            )?;
             if !applied {
                 let kind = verdict.unwrap_or("non_finite");
                 let s = &lp.state;
                 if t.guard == GuardPolicy::Fail || s.guard.rollbacks >= t.guard_max_rollbacks {
                     let ev = s.guard.event(kind, next, epoch, bi, &report, "fail".into());
                     bar.finish_and_clear();
-                    let why = if t.guard == GuardPolicy::Fail { "train.guard = \"fail\"".to_string() } else { format!("giving up after {} rollbacks (train.guard_max_rollbacks)", s.guard.rollbacks) };
+                    let why = if t.guard == GuardPolicy::Fail {
+                        "train.guard = \"fail\"".to_string()
+                    } else {
+                        format!("giving up after {} rollbacks (train.guard_max_rollbacks)", s.guard.rollbacks)
+                    };
                     bail!("{}; {why}. The last checkpoint is intact in {}", guard::describe(&ev), lp.ckpts.dir.display());
                 }
                 // Rollback: the newest checkpoint, minus the batches from it to here.
@@ -642,7 +690,9 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                 let from = ((restored.epoch - 1) * nb + restored.batch) as u64;
                 let action = format!(
                     "rolled back to step {} ({}); skipping batches {from}..={g}; learning rates ×{}",
-                    restored.step, path.display(), t.guard_lr_factor
+                    restored.step,
+                    path.display(),
+                    t.guard_lr_factor
                 );
                 let ev = memory.event(kind, next, epoch, bi, &report, action);
                 eprintln!("warning: guard: {}; {}", guard::describe(&ev), ev.action);
@@ -669,14 +719,14 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             }
             if lp.state.batch < nb {
                 let s = &lp.state;
-                if t.eval_every_steps > 0 && s.step % t.eval_every_steps as u64 == 0 {
+                if t.eval_every_steps > 0 && s.step.is_multiple_of(t.eval_every_steps as u64) {
                     let train_ll = s.epoch_loss_sum / s.epoch_examples.max(1) as f64;
                     lp.evaluate(epoch, train_ll, false, None)?;
                     if lp.state.done {
                         bar.finish_and_clear();
                         break 'epochs;
                     }
-                } else if (t.checkpoint_every_steps > 0 && s.step % t.checkpoint_every_steps as u64 == 0)
+                } else if (t.checkpoint_every_steps > 0 && s.step.is_multiple_of(t.checkpoint_every_steps as u64))
                     || (t.checkpoint_every_secs > 0.0 && lp.last_checkpoint.elapsed().as_secs_f64() >= t.checkpoint_every_secs)
                 {
                     lp.checkpoint()?;

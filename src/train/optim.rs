@@ -114,7 +114,14 @@ impl SparseAdam {
     }
 
     /// Same contract as [`RowWiseAdagrad::step`].
-    pub fn step(&mut self, table: SparseEmbedding, unique_rows: Tensor<1, Int>, rows: Tensor<2>, grad: Tensor<2>, lr: f64) -> SparseEmbedding {
+    pub fn step(
+        &mut self,
+        table: SparseEmbedding,
+        unique_rows: Tensor<1, Int>,
+        rows: Tensor<2>,
+        grad: Tensor<2>,
+        lr: f64,
+    ) -> SparseEmbedding {
         self.step += 1;
         let rows = rows.inner();
         let grad = if self.l2 > 0.0 { grad + rows.clone().mul_scalar(self.l2) } else { grad };
@@ -141,6 +148,8 @@ pub enum EmbOptimizerKind {
     Adam,
 }
 
+// One per run: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum SparseOptimizer {
     RowWiseAdagrad(RowWiseAdagrad),
     Adam(SparseAdam),
@@ -149,12 +158,28 @@ pub enum SparseOptimizer {
 impl SparseOptimizer {
     pub fn new(t: &crate::config::TrainConfig, rows: usize, segments: &[usize], device: &Device) -> Self {
         match t.emb_optimizer {
-            EmbOptimizerKind::RowwiseAdagrad => Self::RowWiseAdagrad(RowWiseAdagrad::with_segments(rows, segments, t.emb_initial_accumulator, t.emb_epsilon, t.emb_l2, device)),
-            EmbOptimizerKind::Adam => Self::Adam(SparseAdam::new(rows, segments.iter().sum(), t.adam_beta1, t.adam_beta2, t.emb_epsilon, t.emb_l2, device)),
+            EmbOptimizerKind::RowwiseAdagrad => Self::RowWiseAdagrad(RowWiseAdagrad::with_segments(
+                rows,
+                segments,
+                t.emb_initial_accumulator,
+                t.emb_epsilon,
+                t.emb_l2,
+                device,
+            )),
+            EmbOptimizerKind::Adam => {
+                Self::Adam(SparseAdam::new(rows, segments.iter().sum(), t.adam_beta1, t.adam_beta2, t.emb_epsilon, t.emb_l2, device))
+            }
         }
     }
 
-    pub fn step(&mut self, table: SparseEmbedding, unique_rows: Tensor<1, Int>, rows: Tensor<2>, grad: Tensor<2>, lr: f64) -> SparseEmbedding {
+    pub fn step(
+        &mut self,
+        table: SparseEmbedding,
+        unique_rows: Tensor<1, Int>,
+        rows: Tensor<2>,
+        grad: Tensor<2>,
+        lr: f64,
+    ) -> SparseEmbedding {
         match self {
             Self::RowWiseAdagrad(o) => o.step(table, unique_rows, rows, grad, lr),
             Self::Adam(o) => o.step(table, unique_rows, rows, grad, lr),
@@ -195,7 +220,10 @@ impl SparseOptimizer {
         };
         match self {
             Self::RowWiseAdagrad(o) => {
-                anyhow::ensure!(kind == "rowwise_adagrad", "the checkpoint's embedding optimizer is {kind:?}, the config's is rowwise_adagrad");
+                anyhow::ensure!(
+                    kind == "rowwise_adagrad",
+                    "the checkpoint's embedding optimizer is {kind:?}, the config's is rowwise_adagrad"
+                );
                 let acc = take(o.accumulator(), 0)?;
                 o.accumulator = Some(acc);
             }
