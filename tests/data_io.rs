@@ -572,3 +572,52 @@ fn parquet_reader_types_nulls_and_the_same_keys_as_text() {
     let bad = write(&d.join("bad.parquet"), "label,city\n1,a\n");
     assert!(fit_err(&cfg(schema, &bad)).contains("bad.parquet: not a readable parquet file"));
 }
+
+/// A parquet file whose label column holds strings (`"<=50K"` / `">50K"`, as in the Adult census
+/// data) and one categorical column.
+fn write_string_label_parquet(path: &Path, incomes: &[&str], jobs: &[&str]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type("message t { REQUIRED BYTE_ARRAY income (UTF8); REQUIRED BYTE_ARRAY job (UTF8); }")
+            .unwrap(),
+    );
+    let file = std::fs::File::create(path).unwrap();
+    let mut w = SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build())).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    for values in [incomes, jobs] {
+        let mut col = rg.next_column().unwrap().unwrap();
+        let v: Vec<ByteArray> = values.iter().map(|s| ByteArray::from(*s)).collect();
+        col.typed::<ByteArrayType>().write_batch(&v, None, None).unwrap();
+        col.close().unwrap();
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn string_labels_map_through_positive_and_unmapped_ones_are_listed() {
+    let d = dir("string-labels");
+    let p = d.join("adult.parquet");
+    write_string_label_parquet(&p, &["<=50K", ">50K", " >50K", "<=50K"], &["a", "b", "b", "c"]);
+    let schema = "format = \"parquet\"\nlabel = \"income\"\n[[fields]]\nname = \"job\"\nkind = \"categorical\"\n";
+    // no mapping: the error names the column and lists the values it holds
+    let err = format!("{:#}", fit_in_memory(&cfg(schema, &p), &src(&p)).unwrap_err());
+    assert!(err.contains("adult.parquet: row 1: column income") && err.contains("data.positive"), "{err}");
+    assert!(err.contains("\"<=50K\"") && err.contains("\">50K\""), "the distinct values are listed: {err}");
+    // positive = [...] maps them (surrounding spaces ignored)
+    let mapped = format!("positive = [\">50K\"]\n{schema}");
+    let (_, data, _) = fit_in_memory(&cfg(&mapped, &p), &src(&p)).unwrap();
+    assert_eq!(data.labels, vec![0.0, 1.0, 1.0, 0.0]);
+    // with negative = [...] too, an unknown value is an error naming it
+    write_string_label_parquet(&p, &["<=50K", ">50K", "unknown"], &["a", "b", "c"]);
+    let strict = format!("positive = [\">50K\"]\nnegative = [\"<=50K\"]\n{schema}");
+    let err = format!("{:#}", fit_in_memory(&cfg(&strict, &p), &src(&p)).unwrap_err());
+    assert!(err.contains("row 3") && err.contains("\"unknown\" is in neither data.positive nor data.negative"), "{err}");
+    // conflicting settings are refused where the config is read
+    let bad: DataConfig =
+        toml::from_str(&format!("train = \"x\"\nvalid = \"x\"\npositive = [\"a\"]\nnegative = [\"a\"]\n{schema}")).unwrap();
+    assert!(bad.validate().unwrap_err().to_string().contains("both list \"a\""));
+}

@@ -162,12 +162,18 @@ impl ParsedChunk {
     }
 }
 
+/// Ends every label error: the reader appends the distinct label values it finds at this mark.
+pub const LABEL_HINT: &str = " [label values]";
+
 /// Pulls label, field values and dense numbers out of a [`Record`], per the schema.
 #[derive(Debug, Clone)]
 pub struct Extractor {
     label: usize,
     label_name: String,
     threshold: Option<f64>,
+    /// String labels (`data.positive` / `data.negative`), trimmed.
+    positive: Vec<Vec<u8>>,
+    negative: Vec<Vec<u8>>,
     fields: Vec<BoundField>,
     dense: Vec<BoundDense>,
 }
@@ -241,7 +247,16 @@ impl Extractor {
             }
         }
         ensure!(!fields.is_empty() || !dense.is_empty(), "the schema declares no input field");
-        Ok(Self { label, label_name: cfg.label.clone(), threshold: cfg.label_threshold, fields, dense })
+        let trimmed = |v: &[String]| v.iter().map(|s| s.trim().as_bytes().to_vec()).collect();
+        Ok(Self {
+            label,
+            label_name: cfg.label.clone(),
+            threshold: cfg.label_threshold,
+            positive: trimmed(&cfg.positive),
+            negative: trimmed(&cfg.negative),
+            fields,
+            dense,
+        })
     }
 
     pub fn num_fields(&self) -> usize {
@@ -266,17 +281,55 @@ impl Extractor {
         r
     }
 
+    /// The label cell as text (trimmed), for messages.
+    pub fn label_text(&self, rec: &Record) -> String {
+        match rec.cells.get(self.label) {
+            Some(&c) => String::from_utf8_lossy(crate::data::source::cell_key(rec, c).trim_ascii()).to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// The label from a string value under `data.positive`/`negative`.
+    fn string_label(&self, rec: &Record) -> std::result::Result<f32, String> {
+        let key = crate::data::source::cell_key(rec, rec.cells[self.label]);
+        let key = key.trim_ascii();
+        if self.positive.iter().any(|p| p == key) {
+            Ok(1.0)
+        } else if self.negative.is_empty() || self.negative.iter().any(|n| n == key) {
+            Ok(0.0)
+        } else {
+            Err(format!(
+                "column {}: label {:?} is in neither data.positive nor data.negative{LABEL_HINT}",
+                self.label_name,
+                String::from_utf8_lossy(key)
+            ))
+        }
+    }
+
     fn extract_into(&self, rec: &Record, out: &mut ParsedChunk) -> std::result::Result<(), String> {
-        let y = cell_number(rec, rec.cells[self.label]).map_err(|m| format!("column {}: {m}", self.label_name))?;
+        if !self.positive.is_empty() {
+            let label = self.string_label(rec)?;
+            return self.extract_features(rec, out, label);
+        }
+        let y = cell_number(rec, rec.cells[self.label]).map_err(|m| {
+            format!("column {}: {m}; string labels need data.positive = [...] (the values that mean 1){LABEL_HINT}", self.label_name)
+        })?;
         let label = match (y, self.threshold) {
             (None, _) => return Err(format!("column {}: the label is empty", self.label_name)),
             (Some(v), Some(t)) => (v >= t) as u8 as f32,
             (Some(1.0), None) => 1.0,
             (Some(0.0 | -1.0), None) => 0.0,
             (Some(v), None) => {
-                return Err(format!("column {}: label {v} is not 0/1 or -1/1 (set data.label_threshold to binarize)", self.label_name));
+                return Err(format!(
+                    "column {}: label {v} is not 0/1 or -1/1 (set data.label_threshold to binarize, or data.positive = [...]){LABEL_HINT}",
+                    self.label_name
+                ));
             }
         };
+        self.extract_features(rec, out, label)
+    }
+
+    fn extract_features(&self, rec: &Record, out: &mut ParsedChunk, label: f32) -> std::result::Result<(), String> {
         for f in &self.fields {
             let before = out.ids.len();
             let err = |m: String| format!("column {}: {m}", f.col_name);

@@ -10,7 +10,9 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Instant;
 
 use super::cache::{CacheHeader, CacheReader, CacheWriter, SourceId, VERSION, write_header};
-use super::encoder::{EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, ParsedChunk, Remap, check_compatible, hash_bytes};
+use super::encoder::{
+    EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, LABEL_HINT, ParsedChunk, Remap, check_compatible, hash_bytes,
+};
 use super::schema::{DataConfig, SplitSpec};
 use super::source::BadLines;
 use super::source::{Next, Record, RecordSource, open_source};
@@ -81,6 +83,27 @@ const CHUNK: usize = 16_384;
 
 /// Parses `source` on the calling thread into chunks of extracted rows sent to `tx`; returns the
 /// bytes read. Bad rows are skipped and counted or end the read, as `data.bad_lines` says.
+/// The distinct label values from the current row on (up to 20, over at most 100,000 rows), for
+/// an error about an unusable label: the user sees what the column holds and can map it.
+fn distinct_labels(source: &mut dyn RecordSource, rec: &mut Record, ex: &Extractor) -> Result<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    seen.insert(ex.label_text(rec));
+    for _ in 0..100_000 {
+        if seen.len() >= 20 {
+            break;
+        }
+        match source.next(rec)? {
+            Next::End => break,
+            Next::Row => {
+                seen.insert(ex.label_text(rec));
+            }
+            Next::Bad(_) => {}
+        }
+    }
+    let list: Vec<String> = seen.iter().map(|s| format!("{s:?}")).collect();
+    Ok(format!("label values in the file from this row on: {}{}", list.join(", "), if seen.len() >= 20 { ", …" } else { "" }))
+}
+
 fn parse_chunks(
     cfg: &DataConfig,
     part: Option<usize>,
@@ -108,12 +131,18 @@ fn parse_chunks(
             Ok(()) => {}
             Err(msg) if cfg.bad_lines == BadLines::Skip => {
                 if reported < 5 {
-                    eprintln!("warning: {}: {msg} (skipped)", source.location());
+                    eprintln!("warning: {}: {} (skipped)", source.location(), msg.trim_end_matches(LABEL_HINT));
                     reported += 1;
                 }
                 chunk.skipped += 1;
             }
-            Err(msg) => bail!("{}: {msg}", source.location()),
+            Err(msg) => {
+                let at = source.location();
+                match msg.strip_suffix(LABEL_HINT) {
+                    Some(m) => bail!("{at}: {m}; {}", distinct_labels(source.as_mut(), &mut rec, ex)?),
+                    None => bail!("{at}: {msg}"),
+                }
+            }
         }
         if chunk.len() == CHUNK {
             let full = std::mem::replace(&mut chunk, ParsedChunk::new(ex.num_fields(), ex.num_dense()));

@@ -67,6 +67,14 @@ pub struct DataConfig {
     pub label: String,
     /// Label = 1 when the column's value is ≥ this (e.g. rating ≥ 4); otherwise it must be 0/1 or -1/1.
     pub label_threshold: Option<f64>,
+    /// String labels: the values (as written in the file, surrounding spaces ignored) that mean
+    /// 1, e.g. `positive = [">50K", ">50K."]` …
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub positive: Vec<String>,
+    /// … and, optionally, those that mean 0. With `negative` given, any other value is an error
+    /// (or a counted skip); without it, every value not in `positive` is 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub negative: Vec<String>,
     #[serde(default)]
     pub fields: Vec<FieldSpec>,
     /// Columns present in the files that no field uses (checked to exist).
@@ -221,6 +229,14 @@ impl DataConfig {
             );
         } else {
             ensure!(!self.fields.is_empty(), "data.fields is empty: declare at least one field for {:?} data", self.format);
+        }
+        ensure!(self.negative.is_empty() || !self.positive.is_empty(), "data.negative needs data.positive (the values that mean 1)");
+        ensure!(
+            self.positive.is_empty() || self.label_threshold.is_none(),
+            "give data.positive (string labels) or data.label_threshold (numbers), not both"
+        );
+        if let Some(v) = self.positive.iter().find(|v| self.negative.contains(v)) {
+            bail!("data.positive and data.negative both list {v:?}");
         }
         if let Some(n) = self.num_fields {
             crate::config::check::int("data.num_fields", n, 1, 1 << 20)?;
