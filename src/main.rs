@@ -164,9 +164,8 @@ enum Command {
         /// cpu, vulkan[:N] or cuda[:N] (GPU ones need the matching cargo feature).
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Rebuild the data caches (needed when they no longer match the data or schema).
-        #[arg(long)]
-        rebuild_cache: bool,
+        #[command(flatten)]
+        cache: CacheFlags,
     },
     /// AUC and LogLoss of a trained run on a labelled file (default: the run's test split).
     Eval {
@@ -203,8 +202,8 @@ enum Command {
         /// Overrides data.cache_dir.
         #[arg(long)]
         cache_dir: Option<PathBuf>,
-        #[arg(long)]
-        rebuild_cache: bool,
+        #[command(flatten)]
+        cache: CacheFlags,
         /// Also time full passes over the cached training split (epoch read throughput).
         #[arg(long, default_value_t = 0)]
         read_passes: usize,
@@ -264,6 +263,28 @@ fn load_run_and_data(run: &Path, data: Option<PathBuf>, device: &str) -> Result<
     Ok((dev, loaded, SplitData::Memory(Arc::new(enc))))
 }
 
+/// How stale data caches are treated (default: rebuilt, with a line saying why).
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct CacheFlags {
+    /// Rebuild every data cache, current or not.
+    #[arg(long, conflicts_with = "no_rebuild_cache")]
+    rebuild_cache: bool,
+    /// Refuse a stale data cache instead of rebuilding it.
+    #[arg(long)]
+    no_rebuild_cache: bool,
+}
+
+impl CacheFlags {
+    fn policy(self) -> wukong::data::CachePolicy {
+        use wukong::data::CachePolicy::*;
+        match (self.rebuild_cache, self.no_rebuild_cache) {
+            (true, _) => RebuildAll,
+            (_, true) => RefuseStale,
+            _ => RebuildStale,
+        }
+    }
+}
+
 fn apply_paths(cfg: &mut ExperimentConfig, paths: SplitPaths) {
     if let Some(p) = paths.train {
         cfg.data.train = p
@@ -284,22 +305,8 @@ fn run() -> Result<()> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     match cli.command {
-        Command::Train {
-            config,
-            resume,
-            paths,
-            epochs,
-            batch_size,
-            lr,
-            emb_lr,
-            seed,
-            precision,
-            emb_storage,
-            out,
-            device,
-            rebuild_cache,
-        } => {
-            let opts = RunOptions { device, out_dir: out, verbose: true, rebuild_cache, faults: checkpoint::Faults::from_env()? };
+        Command::Train { config, resume, paths, epochs, batch_size, lr, emb_lr, seed, precision, emb_storage, out, device, cache } => {
+            let opts = RunOptions { device, out_dir: out, verbose: true, cache: cache.policy(), faults: checkpoint::Faults::from_env()? };
             let outcome = match (resume, config) {
                 (Some(dir), _) => {
                     anyhow::ensure!(
@@ -381,7 +388,7 @@ fn run() -> Result<()> {
             };
             println!("{}", wukong::flops::report(&cfg.model, fields, dense, rows));
         }
-        Command::Cache { config, paths, cache_dir, rebuild_cache, read_passes } => {
+        Command::Cache { config, paths, cache_dir, cache, read_passes } => {
             let mut cfg = ExperimentConfig::load(&config)?;
             apply_paths(&mut cfg, paths);
             if let Some(d) = cache_dir {
@@ -389,7 +396,7 @@ fn run() -> Result<()> {
             }
             cfg.data.stream = true; // build the caches; the timing below reads them back
             cfg.validate()?;
-            let prepared = wukong::data::prepare(&cfg.data, rebuild_cache)?;
+            let prepared = wukong::data::prepare(&cfg.data, cache.policy())?;
             println!(
                 "{:<6} {:>10} {:>8} {:>10} {:>9} {:>10} {:>11} {:>9}",
                 "split", "rows", "skipped", "oov", "MB", "seconds", "MB/s", "rows/s"

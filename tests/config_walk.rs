@@ -158,7 +158,10 @@ fn every_train_and_data_key_is_refused_by_name_or_safe() {
                         accepted += 1;
                         let out = dir.join("runs");
                         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            train::train(&c, &RunOptions { out_dir: out.clone(), rebuild_cache: true, ..Default::default() })
+                            train::train(
+                                &c,
+                                &RunOptions { out_dir: out.clone(), cache: wukong::data::CachePolicy::RebuildAll, ..Default::default() },
+                            )
                         }));
                         if let Err(p) = r {
                             let p = p

@@ -9,7 +9,7 @@ use wukong::config::ExperimentConfig;
 use wukong::data::encoder::{MISSING, bucket, hash_bytes};
 use wukong::data::pipeline::{self, SplitData, SplitSource, encode_in_memory, fit_in_memory, split_part};
 use wukong::data::schema::{SplitSpec, Transform};
-use wukong::data::{BatchLoader, DataConfig, EncodedDataset, Encoder};
+use wukong::data::{BatchLoader, CachePolicy, DataConfig, EncodedDataset, Encoder};
 
 mod common;
 
@@ -366,7 +366,7 @@ fn seeded_split_is_deterministic_disjoint_and_proportional() {
     ))
     .unwrap();
     c.validate().unwrap();
-    let prepared = pipeline::prepare(&c, false).unwrap();
+    let prepared = pipeline::prepare(&c, CachePolicy::RebuildStale).unwrap();
     let sizes: Vec<usize> = prepared.splits.iter().map(|(_, d, _)| d.len()).collect();
     assert_eq!(sizes.iter().sum::<usize>(), 500);
     assert!(sizes[0] > 350 && sizes[1] > 20 && sizes[2] > 20, "{sizes:?}");
@@ -391,9 +391,9 @@ fn cache_is_reused_refused_when_stale_and_streams_every_row_once() {
     let mut c = cfg(CRITEO_SCHEMA, &train);
     c.valid = Some(valid.clone());
     c.cache_dir = Some(d.join("cache"));
-    let first = pipeline::prepare(&c, false).unwrap();
+    let first = pipeline::prepare(&c, CachePolicy::RebuildStale).unwrap();
     assert!(first.splits.iter().all(|(_, _, l)| !l.from_cache));
-    let second = pipeline::prepare(&c, false).unwrap();
+    let second = pipeline::prepare(&c, CachePolicy::RebuildStale).unwrap();
     assert!(second.splits.iter().all(|(_, _, l)| l.from_cache));
     assert_eq!(second.encoder, first.encoder);
     for ((_, a, _), (_, b, _)) in first.splits.iter().zip(&second.splits) {
@@ -411,7 +411,7 @@ fn cache_is_reused_refused_when_stale_and_streams_every_row_once() {
     s.stream = true;
     s.chunk_rows = 700;
     s.shuffle_chunks = 2;
-    let streamed = pipeline::prepare(&s, false).unwrap();
+    let streamed = pipeline::prepare(&s, CachePolicy::RebuildStale).unwrap();
     let SplitData::Stream(reader) = &streamed.splits[0].1 else { panic!("train should stream") };
     let loader = BatchLoader::from_split(SplitData::Stream(reader.clone()), streamed.encoder.total_rows(), 256, 700, 2);
     let mut seen: Vec<(u32, u32)> = Vec::new();
@@ -436,18 +436,22 @@ fn cache_is_reused_refused_when_stale_and_streams_every_row_once() {
             + "1\t\t\t\t\t\t\t\t\t\t\t\t\t\ta\tb\tc\td\te\tf\tg\th\ti\tj\tk\tl\tm\tn\to\tp\tq\tr\ts\tt\tu\tv\tw\tx\ty\tz\n",
     )
     .unwrap();
-    let err = format!("{:#}", pipeline::prepare(&c, false).err().expect("stale cache must be refused"));
+    let err = format!("{:#}", pipeline::prepare(&c, CachePolicy::RefuseStale).err().expect("--no-rebuild-cache refuses a stale cache"));
     assert!(err.contains("is stale: source changed") && err.contains("--rebuild-cache") && err.contains("valid.tsv"), "{err}");
+    // by default a stale cache is rebuilt (only that one)
+    let auto = pipeline::prepare(&c, CachePolicy::RebuildStale).unwrap();
+    assert!(auto.splits[0].2.from_cache && !auto.splits[1].2.from_cache, "train reused, valid rebuilt");
+    assert_eq!(auto.splits[1].1.len(), 501);
     // stale: the schema changed
     let mut c2 = c.clone();
     c2.min_count = 3;
-    let err = format!("{:#}", pipeline::prepare(&c2, false).err().expect("stale cache must be refused"));
+    let err = format!("{:#}", pipeline::prepare(&c2, CachePolicy::RefuseStale).err().expect("stale cache must be refused"));
     assert!(err.contains("the data schema changed"), "{err}");
     // rebuilding replaces it
-    let rebuilt = pipeline::prepare(&c2, true).unwrap();
+    let rebuilt = pipeline::prepare(&c2, CachePolicy::RebuildAll).unwrap();
     assert!(rebuilt.splits.iter().all(|(_, _, l)| !l.from_cache));
     assert_eq!(rebuilt.splits[1].1.len(), 501);
-    assert!(pipeline::prepare(&c2, false).unwrap().splits.iter().all(|(_, _, l)| l.from_cache));
+    assert!(pipeline::prepare(&c2, CachePolicy::RebuildStale).unwrap().splits.iter().all(|(_, _, l)| l.from_cache));
 }
 
 #[test]
@@ -463,7 +467,7 @@ fn parquet_from_shared_data_with_joins_and_flags() {
     for j in &mut c.join {
         j.path = root.join(j.path.file_name().unwrap());
     }
-    let prepared = pipeline::prepare(&c, false).unwrap();
+    let prepared = pipeline::prepare(&c, CachePolicy::RebuildStale).unwrap();
     let rows: Vec<usize> = prepared.splits.iter().map(|(_, d, _)| d.len()).collect();
     assert_eq!(rows.iter().sum::<usize>(), 100_000);
     let positives: f64 = prepared.splits.iter().map(|(_, d, _)| memory(d).labels.iter().map(|&y| y as f64).sum::<f64>()).sum();
@@ -620,4 +624,34 @@ fn string_labels_map_through_positive_and_unmapped_ones_are_listed() {
     let bad: DataConfig =
         toml::from_str(&format!("train = \"x\"\nvalid = \"x\"\npositive = [\"a\"]\nnegative = [\"a\"]\n{schema}")).unwrap();
     assert!(bad.validate().unwrap_err().to_string().contains("both list \"a\""));
+}
+
+/// Two files of the same name in different folders get different caches; a changed source is
+/// rebuilt without being asked.
+#[test]
+fn same_named_files_in_two_folders_get_two_caches() {
+    let d = dir("cache-keys");
+    let (a, b) = (d.join("a"), d.join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    write(&a.join("train.libsvm"), "1 1:1 5:1\n0 2:1 6:1\n1 1:1 6:1\n");
+    write(&b.join("train.libsvm"), "0 1:1 5:1\n1 2:1 6:1\n0 3:1 7:1\n1 3:1 5:1\n");
+    let mk = |folder: &Path| {
+        let mut c = cfg("format = \"libfm\"\n", &folder.join("train.libsvm"));
+        c.cache_dir = Some(d.join("cache"));
+        c
+    };
+    let first = pipeline::prepare(&mk(&a), CachePolicy::RefuseStale).unwrap();
+    let second = pipeline::prepare(&mk(&b), CachePolicy::RefuseStale).expect("b's file must not meet a's cache");
+    assert_eq!((first.splits[0].1.len(), second.splits[0].1.len()), (3, 4));
+    assert!(!second.splits[0].2.from_cache);
+    assert!(pipeline::prepare(&mk(&a), CachePolicy::RefuseStale).unwrap().splits[0].2.from_cache, "a's cache is still there");
+    let dirs = std::fs::read_dir(d.join("cache")).unwrap().count();
+    assert_eq!(dirs, 2, "one cache per source file");
+    // a changed source: rebuilt by default
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write(&a.join("train.libsvm"), "1 1:1 5:1\n0 2:1 6:1\n1 1:1 6:1\n0 2:1 5:1\n1 3:1 5:1\n");
+    let again = pipeline::prepare(&mk(&a), CachePolicy::RebuildStale).unwrap();
+    assert_eq!(again.splits[0].1.len(), 5);
+    assert!(!again.splits[0].2.from_cache);
 }

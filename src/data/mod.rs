@@ -13,6 +13,6 @@ pub mod synth;
 
 pub use encoder::{EncodedDataset, Encoder};
 pub use loader::{Batch, BatchLoader};
-pub use pipeline::{Prepared, SplitData, prepare};
+pub use pipeline::{CachePolicy, Prepared, SplitData, prepare};
 pub use schema::DataConfig;
 pub use source::{BadLines, open_maybe_gz};

@@ -317,12 +317,28 @@ pub struct Prepared {
     pub splits: Vec<(&'static str, SplitData, SplitLog)>,
 }
 
-/// The cache directory of a split: `<cache_dir>/<file name>[.<split>]`.
+/// What to do with a cache that exists but no longer matches its source, schema or encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CachePolicy {
+    /// Rebuild it, saying why (the default: a cache behaves like a build system's output).
+    #[default]
+    RebuildStale,
+    /// Rebuild every cache (`--rebuild-cache`).
+    RebuildAll,
+    /// Refuse with the reason (`--no-rebuild-cache`).
+    RefuseStale,
+}
+
+/// The cache directory of a split: `<cache_dir>/<file name>-<hash of its absolute path>[.<split>]`,
+/// so two files of the same name in different folders never share a cache.
 pub fn cache_dir_of(cache: &Path, src: &SplitSource) -> PathBuf {
     let file = src.path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| "data".into());
+    let absolute = std::path::absolute(&src.path).unwrap_or_else(|_| src.path.clone());
+    let absolute = std::fs::canonicalize(&absolute).unwrap_or(absolute);
+    let key = format!("{file}-{:08x}", hash_bytes(absolute.to_string_lossy().as_bytes()) as u32);
     match src.part {
-        Some(_) => cache.join(format!("{file}.{}", src.name)),
-        None => cache.join(file),
+        Some(_) => cache.join(format!("{key}.{}", src.name)),
+        None => cache.join(key),
     }
 }
 
@@ -342,16 +358,33 @@ fn want_header(cfg: &DataConfig, src: &SplitSource, encoder_hash: String) -> Res
     })
 }
 
-/// Opens the cache of `src` when it is present and current; Ok(None) when it must be built.
-/// With `rebuild` it is always rebuilt.
-fn usable_cache(dir: &Path, want: &CacheHeader, rebuild: bool) -> Result<Option<CacheReader>> {
-    let Some(have) = CacheHeader::read(dir)? else { return Ok(None) };
-    if rebuild {
+/// Opens the cache of `src` when it is present and current; Ok(None) when it must be built
+/// (absent, stale under [`CachePolicy::RebuildStale`], or any under `RebuildAll`). A damaged
+/// header or column file counts as stale.
+fn usable_cache(dir: &Path, want: &CacheHeader, policy: CachePolicy) -> Result<Option<CacheReader>> {
+    if !dir.join(super::cache::HEADER).exists() || policy == CachePolicy::RebuildAll {
         return Ok(None);
     }
-    match have.mismatch(want) {
-        None => Ok(Some(CacheReader::open(dir)?)),
-        Some(why) => bail!("cache {} is stale: {why}. Rebuild it with --rebuild-cache (or delete the directory)", dir.display()),
+    let why = match CacheHeader::read(dir) {
+        Ok(Some(have)) => match have.mismatch(want) {
+            None => match CacheReader::open(dir) {
+                Ok(reader) => return Ok(Some(reader)),
+                Err(e) => format!("{e:#}"),
+            },
+            Some(why) => why,
+        },
+        Ok(None) => return Ok(None),
+        Err(e) => format!("{e:#}"),
+    };
+    match policy {
+        CachePolicy::RefuseStale => bail!(
+            "cache {} is stale: {why}. Rebuild it with --rebuild-cache, or run without --no-rebuild-cache to rebuild stale caches automatically",
+            dir.display()
+        ),
+        _ => {
+            eprintln!("note: cache {} is stale ({why}); rebuilding it", dir.display());
+            Ok(None)
+        }
     }
 }
 
@@ -380,7 +413,7 @@ fn finish_cache(dir: &Path, mut want: CacheHeader, log: &SplitLog, slots: usize,
 }
 
 /// Reads (or takes from the cache) every split: fits the encoder on train, encodes the rest.
-pub fn prepare(cfg: &DataConfig, rebuild_cache: bool) -> Result<Prepared> {
+pub fn prepare(cfg: &DataConfig, policy: CachePolicy) -> Result<Prepared> {
     let sources = split_sources(cfg);
     let Some(cache) = &cfg.cache_dir else {
         let mut it = sources.iter();
@@ -399,7 +432,7 @@ pub fn prepare(cfg: &DataConfig, rebuild_cache: bool) -> Result<Prepared> {
     let dir = cache_dir_of(cache, train_src);
     let want = want_header(cfg, train_src, String::new())?;
     let start = Instant::now();
-    let (encoder, train_cache, train_log) = match usable_cache(&dir, &want, rebuild_cache)? {
+    let (encoder, train_cache, train_log) = match usable_cache(&dir, &want, policy)? {
         Some(c) => {
             let enc = Encoder::load(&dir.join("encoder.json"))?;
             if enc.fingerprint() != c.header.encoder_hash {
@@ -433,10 +466,10 @@ pub fn prepare(cfg: &DataConfig, rebuild_cache: bool) -> Result<Prepared> {
         let dir = cache_dir_of(cache, src);
         let want = want_header(cfg, src, fingerprint.clone())?;
         // valid and test may be the same file: build its cache once
-        let rebuild = rebuild_cache && !built.contains(&dir);
+        let policy = if built.contains(&dir) && policy == CachePolicy::RebuildAll { CachePolicy::RebuildStale } else { policy };
         built.push(dir.clone());
         let start = Instant::now();
-        let entry = match usable_cache(&dir, &want, rebuild)? {
+        let entry = match usable_cache(&dir, &want, policy)? {
             Some(c) => {
                 let log = header_log(&c.header, start.elapsed().as_secs_f64(), f64::NAN);
                 (src.name, c, log)

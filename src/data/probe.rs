@@ -82,7 +82,7 @@ pub fn read_bytes(target: Target, bytes: &[u8], scratch: &Path) -> Result<usize>
             }
             let cfg: DataConfig = toml::from_str(&text).context("probe schema")?;
             cfg.validate()?;
-            let prepared = pipeline::prepare(&cfg, false)?;
+            let prepared = pipeline::prepare(&cfg, pipeline::CachePolicy::RebuildStale)?;
             let rows = prepared.encoder.total_rows().max(1);
             let mut n = 0;
             for (_, split, _) in prepared.splits {

@@ -187,15 +187,15 @@ pub struct RunOptions {
     pub out_dir: PathBuf,
     /// Progress bars and per-evaluation lines on stderr/stdout.
     pub verbose: bool,
-    /// Rebuild stale data caches instead of refusing them.
-    pub rebuild_cache: bool,
+    /// What to do with stale data caches.
+    pub cache: crate::data::CachePolicy,
     /// Fault injection (tests only; `WUKONG_FAULT` at the CLI).
     pub faults: Faults,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { device: "cpu".into(), out_dir: PathBuf::from("runs"), verbose: false, rebuild_cache: false, faults: Faults::default() }
+        Self { device: "cpu".into(), out_dir: PathBuf::from("runs"), verbose: false, cache: Default::default(), faults: Faults::default() }
     }
 }
 
@@ -497,7 +497,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     cfg.validate()?;
 
     // Data: fit the encoder on train only (or take it from the cache), encode every split.
-    let prepared = crate::data::prepare(&cfg.data, opts.rebuild_cache)?;
+    let prepared = crate::data::prepare(&cfg.data, opts.cache)?;
     let encoder = prepared.encoder;
     let mut data_log = serde_json::Map::new();
     let mut splits = std::collections::HashMap::new();
