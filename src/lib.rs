@@ -12,5 +12,6 @@ pub mod flops;
 pub mod metrics;
 pub mod model;
 pub mod profile;
+pub mod report;
 pub mod runtime;
 pub mod train;

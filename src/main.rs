@@ -21,12 +21,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use burn::tensor::Device;
 use wukong::config::ExperimentConfig;
 use wukong::data::SplitData;
-use wukong::data::pipeline::{self, SplitSource};
+use wukong::data::pipeline;
 use wukong::train::{self, RunOptions, checkpoint};
 
 #[derive(Parser)]
@@ -167,6 +166,21 @@ enum Command {
         #[command(flatten)]
         cache: CacheFlags,
     },
+    /// Pictures of finished runs: learning curves, ROC, reliability diagram (PNG) and an HTML
+    /// page with them and each run's config, environment and metrics. Several runs overlay.
+    Report {
+        /// Run directories.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where the PNGs and report.html go (default: <first run>/report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Labelled file scored for ROC and reliability (default: each run's test split).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// AUC and LogLoss of a trained run on a labelled file (default: the run's test split).
     Eval {
         #[arg(long)]
@@ -251,16 +265,8 @@ fn main() {
 fn load_run_and_data(run: &Path, data: Option<PathBuf>, device: &str) -> Result<(Device, checkpoint::LoadedRun, SplitData)> {
     let dev = wukong::runtime::parse_device(device)?;
     let loaded = checkpoint::load_run(run, &dev)?;
-    let src = match data {
-        Some(path) => SplitSource { name: "data", path, part: None },
-        None => pipeline::split_sources(&loaded.config.data)
-            .into_iter()
-            .find(|s| s.name == "test")
-            .context("the run's config has no test split: give --data")?,
-    };
-    let (enc, log) = pipeline::encode_in_memory(&loaded.config.data, &src, &loaded.encoder)?;
-    eprintln!("{}: {} rows, {} skipped, {} values out of vocabulary", src.path.display(), log.rows, log.skipped, log.oov);
-    Ok((dev, loaded, SplitData::Memory(Arc::new(enc))))
+    let split = loaded.encode(data)?;
+    Ok((dev, loaded, split))
 }
 
 /// How stale data caches are treated (default: rebuilt, with a line saying why).
@@ -355,6 +361,13 @@ fn run() -> Result<()> {
             match outcome.test {
                 Some(m) => println!("test AUC {:.6} LogLoss {:.6} ({} examples)", m.auc, m.logloss, m.count),
                 None => println!("no test split configured"),
+            }
+        }
+        Command::Report { runs, out, data, device } => {
+            let views = runs.iter().map(|r| wukong::report::RunView::load(r, data.clone(), &device)).collect::<Result<Vec<_>>>()?;
+            let out = out.unwrap_or_else(|| runs[0].join("report"));
+            for path in wukong::report::write(&views, &out)? {
+                println!("wrote {}", path.display());
             }
         }
         Command::Eval { run, data, device } => {

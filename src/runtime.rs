@@ -95,6 +95,7 @@ pub fn cpu_threads() -> usize {
 pub fn env_info(device: &str) -> serde_json::Value {
     serde_json::json!({
         "wukong_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": env!("WUKONG_GIT_COMMIT"),
         "burn_version": "0.22.1",
         "device": device,
         "threads": cpu_threads(),

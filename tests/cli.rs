@@ -200,3 +200,39 @@ fn small_data_plans_warn_and_warmup_fraction_scales() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("an epoch is only 3 step(s)") && !err.contains("lasts the whole run"), "{err}");
 }
+
+/// `wukong report` on two tiny runs: the PNGs are PNGs and the page embeds them with each run's
+/// numbers, config and environment (the git commit of the build among them).
+#[test]
+fn report_renders_for_tiny_runs() {
+    let dir = workdir("report");
+    write_data(&dir);
+    let cfg = dir.join("cfg.toml");
+    let mut runs = Vec::new();
+    for seed in ["1", "2"] {
+        let out = run_ok(
+            bin()
+                .args(["--threads", "1", "train", "--config"])
+                .arg(&cfg)
+                .args(["--epochs", "2", "--seed", seed, "--out"])
+                .arg(dir.join("runs")),
+        );
+        runs.push(out.lines().find_map(|l| l.strip_prefix("run directory: ")).unwrap().to_string());
+    }
+    let report = dir.join("report");
+    let out = run_ok(bin().arg("report").args(&runs).arg("--out").arg(&report));
+    assert!(out.contains("wrote") && out.contains("report.html"), "{out}");
+    for png in ["curves.png", "roc_reliability.png"] {
+        let bytes = std::fs::read(report.join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000, "{png}: {} bytes", bytes.len());
+    }
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert_eq!(html.matches("data:image/png;base64,").count(), 2);
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&runs[0]).join("result.json")).unwrap()).unwrap();
+    assert!(html.contains(&format!("{:.6}", result["test_auc"].as_f64().unwrap())), "the table shows the run's test AUC");
+    assert!(html.contains("git_commit") && html.contains("embedding_dim"), "config and environment are on the page");
+    // a directory that is not a run is an error naming it
+    let bad = bin().args(["report"]).arg(dir.join("nope")).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("is not a run directory"));
+}

@@ -98,6 +98,23 @@ pub struct LoadedRun {
     pub model: Model,
 }
 
+impl LoadedRun {
+    /// A labelled file encoded with the run's saved encoder: `data`, or else the run's test split.
+    pub fn encode(&self, data: Option<PathBuf>) -> Result<crate::data::SplitData> {
+        use crate::data::pipeline;
+        let src = match data {
+            Some(path) => pipeline::SplitSource { name: "data", path, part: None },
+            None => pipeline::split_sources(&self.config.data)
+                .into_iter()
+                .find(|s| s.name == "test")
+                .context("the run's config has no test split: give --data")?,
+        };
+        let (enc, log) = pipeline::encode_in_memory(&self.config.data, &src, &self.encoder)?;
+        eprintln!("{}: {} rows, {} skipped, {} values out of vocabulary", src.path.display(), log.rows, log.skipped, log.oov);
+        Ok(crate::data::SplitData::Memory(std::sync::Arc::new(enc)))
+    }
+}
+
 pub fn load_run(dir: &Path, device: &Device) -> Result<LoadedRun> {
     let config = ExperimentConfig::load(&dir.join(CONFIG)).with_context(|| format!("{} is not a run directory", dir.display()))?;
     let encoder = Encoder::load(&dir.join(ENCODER))?;
