@@ -125,11 +125,33 @@ fn mutate(rng: &mut impl Rng, input: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Panics on any thread (the readers parse on a thread of their own, whose panic would only
+/// surface as a "thread panicked" error): counted by a process-wide hook.
+static PANICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn count_panics_on_every_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            PANICS.lock().unwrap_or_else(|e| e.into_inner()).push(info.to_string());
+        }))
+    });
+}
+
 fn check(t: Target, bytes: &[u8], scratch: &Path) -> Result<(), String> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| {
+    count_panics_on_every_thread();
+    let before = PANICS.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let caught = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let _ = read_bytes(t, bytes, scratch);
-    }))
-    .map_err(|p| p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default())
+    }));
+    let panics = PANICS.lock().unwrap_or_else(|e| e.into_inner());
+    match caught {
+        Err(_) => Err(panics.last().cloned().unwrap_or_default()),
+        // another test thread may panic meanwhile; only this input's reader threads matter, and
+        // the two tests here never panic unless a reader does
+        Ok(()) if panics.len() > before => Err(panics[before..].join("; ")),
+        Ok(()) => Ok(()),
+    }
 }
 
 #[test]

@@ -412,6 +412,21 @@ impl ParquetSource {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+        // The parquet crate asserts (panics) on some corrupt metadata when it reads a column
+        // chunk; check the chunks' byte ranges against the file first (found by fuzzing).
+        for (r, rg) in reader.metadata().row_groups().iter().enumerate() {
+            for (c, col) in rg.columns().iter().enumerate() {
+                let start = col.dictionary_page_offset().unwrap_or(col.data_page_offset());
+                let len = col.compressed_size();
+                let end = start.checked_add(len).and_then(|e| u64::try_from(e).ok());
+                if start < 0 || len < 0 || end.is_none_or(|e| e > size) {
+                    bail!(
+                        "{}: corrupt parquet metadata: row group {r}, column {c}: bytes {start} + {len} lie outside the file ({size} bytes)",
+                        path.display()
+                    );
+                }
+            }
+        }
         let meta = reader.metadata().file_metadata();
         let columns = meta.schema_descr().root_schema().get_fields().iter().map(|f| f.name().to_string()).collect();
         let n = meta.num_rows().max(1) as f64;
@@ -428,7 +443,10 @@ impl RecordSource for ParquetSource {
     fn next(&mut self, rec: &mut Record) -> Result<Next> {
         use parquet::record::Field;
         rec.clear();
-        let Some(row) = self.rows.next() else { return Ok(Next::End) };
+        // A safety net: the parquet crate is not panic-free on every corrupt file.
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.rows.next()))
+            .map_err(|_| anyhow::anyhow!("{}: row {}: the parquet decoder failed (corrupt file?)", self.path.display(), self.row + 1))?;
+        let Some(row) = next else { return Ok(Next::End) };
         self.row += 1;
         let row = row.with_context(|| format!("{}: row {}: cannot decode", self.path.display(), self.row))?;
         for (_, field) in row.get_column_iter() {
