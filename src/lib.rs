@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod model;
 pub mod profile;
 pub mod report;
+pub mod rng;
 pub mod runtime;
 pub mod train;

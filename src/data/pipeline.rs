@@ -58,10 +58,7 @@ pub fn split_sources(cfg: &DataConfig) -> Vec<SplitSource> {
 /// The part (0 train, 1 valid, 2 test) of data row `i` (0-based, skipped rows included) under a
 /// seeded random split: a hash of (seed, i), so it never depends on reading order or memory.
 pub fn split_part(spec: &SplitSpec, i: u64) -> usize {
-    let mut z = spec.seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
+    let z = crate::rng::mix(spec.seed ^ i.wrapping_mul(crate::rng::GAMMA));
     let u = (z >> 11) as f64 / (1u64 << 53) as f64 * spec.ratios.iter().sum::<f64>();
     if u < spec.ratios[0] {
         0

@@ -8,22 +8,7 @@ use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
 
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix(self.0)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use crate::rng::{SplitMix64 as Rng, mix};
 
 /// A value effect in about [-1, 1], fixed by (field, value).
 fn effect(field: u64, value: u64) -> f64 {
@@ -51,8 +36,8 @@ pub fn write_criteo(path: &Path, rows: usize, seed: u64, max_vocab: u64) -> Resu
         let mut ints = [0i64; 13];
         let mut present = [true; 13];
         for (j, x) in ints.iter_mut().enumerate() {
-            present[j] = rng.uniform() > 0.1 + 0.03 * j as f64;
-            let u = rng.uniform();
+            present[j] = rng.unit() > 0.1 + 0.03 * j as f64;
+            let u = rng.unit();
             *x = (u.powi(4) * 10f64.powi(1 + (j % 4) as i32)) as i64 - if j == 1 { 3 } else { 0 };
             if present[j] && j < 3 {
                 logit += 0.4 * ((*x).max(0) as f64).ln_1p() / 4.0 * if j == 0 { 1.0 } else { -1.0 };
@@ -61,14 +46,14 @@ pub fn write_criteo(path: &Path, rows: usize, seed: u64, max_vocab: u64) -> Resu
         let mut cats = [0u64; 26];
         for (f, c) in cats.iter_mut().enumerate() {
             let v = vocab_size(f, max_vocab);
-            *c = (rng.uniform().powi(3) * v as f64) as u64;
+            *c = (rng.unit().powi(3) * v as f64) as u64;
             if f < 12 {
                 logit += 0.8 * effect(f as u64, *c);
             }
         }
         logit += 1.2 * effect(99, cats[0] * 7919 + cats[1]); // a pairwise interaction
         let p = 1.0 / (1.0 + (-logit).exp());
-        let label = (rng.uniform() < p) as u8;
+        let label = (rng.unit() < p) as u8;
         line.push_str(if label == 1 { "1" } else { "0" });
         for j in 0..13 {
             line.push('\t');
@@ -78,7 +63,7 @@ pub fn write_criteo(path: &Path, rows: usize, seed: u64, max_vocab: u64) -> Resu
         }
         for (f, &c) in cats.iter().enumerate() {
             line.push('\t');
-            if f < 20 || rng.uniform() > 0.3 {
+            if f < 20 || rng.unit() > 0.3 {
                 line.push_str(&format!("{:08x}", mix((f as u64) << 40 ^ c) as u32));
             }
         }

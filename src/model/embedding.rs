@@ -117,12 +117,7 @@ fn round_all<T: Send + Default + Clone>(x: &[f32], seed: u64, round: fn(f32, u32
     out
 }
 
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use crate::rng::splitmix64;
 
 /// Stochastic rounding of an f32 to a coarser grid by its bits: the format keeps the f32's top
 /// bits, so adding a uniform random number below the dropped bits' weight to the magnitude and

@@ -29,12 +29,7 @@ pub fn set_dropout_stream(position: u64) {
     DROPOUT_STREAM.set(position);
 }
 
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE5_E4B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use crate::rng::splitmix64;
 
 /// Inverted dropout, active only on autodiff (training) tensors, like burn's `Dropout`.
 ///

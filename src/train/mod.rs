@@ -326,10 +326,7 @@ pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<TrainOutcome> {
 /// tables, and re-seeding it per step makes that stream a function of (seed, step), so a resumed
 /// run draws what the uninterrupted one drew.
 fn step_seed(seed: u64, step: u64) -> u64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    crate::rng::mix(seed ^ step.wrapping_mul(crate::rng::GAMMA))
 }
 
 /// What a user should hear before a run whose plan cannot work well: epochs of a handful of
