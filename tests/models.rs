@@ -22,24 +22,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Small instances of every model (and the variants with other code paths).
-const MODELS: [(&str, &str); 14] = [
-    ("wukong", "embedding_dim = 8\nnum_layers = 1\nnum_fmb = 4\nnum_lcb = 4\nfm_rank = 2\nfmb_mlp = [16]\ntop_mlp = [16]\ndense_mlp = [8]"),
-    ("lr", ""),
-    ("fm", "embedding_dim = 8"),
-    ("dnn", "embedding_dim = 8\nhidden_units = [32, 16]\ndense_mlp = [8]"),
-    ("dlrm", "embedding_dim = 8\nbottom_mlp_units = [16]\ntop_mlp_units = [32, 16]"),
-    ("dcnv2", "embedding_dim = 8\nnum_cross_layers = 2\ndnn_hidden_units = [32, 16]"),
-    ("dcnv2", "embedding_dim = 8\nnum_cross_layers = 2\nlow_rank = 4\nmodel_structure = \"stacked\"\ndnn_hidden_units = [32]"),
-    ("autoint+", "embedding_dim = 8\nattention_dim = 8\nnum_heads = 2\nuse_scale = true\ndnn_hidden_units = [32]"),
-    ("afn+", "embedding_dim = 8\nlogarithmic_neurons = 16\nafn_hidden_units = [32]\ndnn_hidden_units = [32]"),
-    ("finalmlp", "embedding_dim = 8\nmlp1_hidden_units = [32, 16]\nmlp2_hidden_units = [32, 16]\nnum_heads = 2\nfs_hidden_units = [16]"),
-    ("masknet", "embedding_dim = 8\nparallel_num_blocks = 2\nparallel_block_dim = 16\ndnn_hidden_units = [32]"),
-    ("masknet", "embedding_dim = 8\nmodel_type = \"serial\"\nblock_hidden_units = [16, 16]"),
-    ("xdeepfm", "embedding_dim = 8\ncin_hidden_units = [4, 4]\ndnn_hidden_units = [32]"),
-    ("autoint", "embedding_dim = 8\nattention_dim = 8\nnum_heads = 1\ndnn_hidden_units = []\nlayer_norm = true"),
-];
-
 fn model_config(name: &str, body: &str) -> ModelConfig {
     toml::from_str(&format!("name = \"{name}\"\n{body}")).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -80,7 +62,7 @@ fn batch(b: usize, dense: usize, seed: u64) -> Batch {
 fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_features() {
     let _turn = serial();
     let device = Device::flex();
-    for (name, body) in MODELS {
+    for (name, body) in common::MODELS {
         for dense in [0, 2] {
             let c = model_config(name, body);
             let shape = DataShape { fields: 3, dense, table_rows: 12 };
@@ -99,7 +81,7 @@ fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_feature
 #[test]
 fn embedding_row_gradients_match_finite_differences_for_every_model() {
     let _turn = serial();
-    for (name, body) in MODELS {
+    for (name, body) in common::MODELS {
         let device = Device::flex();
         device.seed(7);
         let ad = device.clone().autodiff();
@@ -180,7 +162,7 @@ fn every_model_learns_a_tiny_task_with_the_shared_trainer() {
     generate(&dir);
     let mut report = String::new();
     let mut failures = Vec::new();
-    for (name, body) in MODELS {
+    for (name, body) in common::MODELS {
         let text = format!(
             "name = \"tiny-{}\"\n[data]\ntrain = \"{1}/train.libfm\"\nvalid = \"{1}/valid.libfm\"\ntest = \"{1}/test.libfm\"\n[model]\nname = \"{name}\"\n{body}\n\
              [train]\nepochs = 15\nbatch_size = 256\nlr = 0.003\nwarmup_steps = 10\nemb_lr = 0.05\npatience = 15\nplateau_lr_factor = 1.0\nseed = 3\n",
@@ -216,7 +198,7 @@ fn half_precision_tables_and_lazy_adam_train_like_the_default() {
             "name = \"tiny-{name}\"\n[data]\ntrain = \"{0}/train.libfm\"\nvalid = \"{0}/valid.libfm\"\ntest = \"{0}/test.libfm\"\n[model]\nname = \"wukong\"\n{1}\n\
              [train]\nepochs = 10\nbatch_size = 256\nlr = 0.003\nwarmup_steps = 10\npatience = 10\nplateau_lr_factor = 1.0\nseed = 3\n{extra}\n",
             dir.display(),
-            MODELS[0].1
+            common::MODELS[0].1
         );
         let cfg = ExperimentConfig::parse(&text).unwrap();
         let out = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() })

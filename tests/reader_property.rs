@@ -10,6 +10,17 @@ use wukong::data::probe::{Target, read_bytes};
 
 mod common;
 
+/// The fuzz targets' directory names under `fuzz/corpus` and `fuzz/regressions`.
+const FUZZ_TARGETS: [(&str, Target); 7] = [
+    ("libfm", Target::Libfm),
+    ("criteo", Target::Criteo),
+    ("csv", Target::Csv),
+    ("tsv", Target::Tsv),
+    ("parquet", Target::Parquet),
+    ("config", Target::Config),
+    ("cache", Target::Cache),
+];
+
 /// Valid seeds per target (mutations start from these).
 fn seeds(t: Target) -> Vec<Vec<u8>> {
     let text: &[&str] = match t {
@@ -192,15 +203,7 @@ fn fuzz_regressions_replay() {
     let scratch = common::workdir("reader-regressions");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut n = 0;
-    for (dir, t) in [
-        ("libfm", Target::Libfm),
-        ("criteo", Target::Criteo),
-        ("csv", Target::Csv),
-        ("tsv", Target::Tsv),
-        ("parquet", Target::Parquet),
-        ("config", Target::Config),
-        ("cache", Target::Cache),
-    ] {
+    for (dir, t) in FUZZ_TARGETS {
         for sub in ["regressions", "corpus"] {
             let Ok(entries) = std::fs::read_dir(root.join(sub).join(dir)) else { continue };
             for e in entries.flatten() {
@@ -221,15 +224,7 @@ fn fuzz_regressions_replay() {
 #[ignore]
 fn write_fuzz_seeds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join("corpus");
-    for (dir, t) in [
-        ("libfm", Target::Libfm),
-        ("criteo", Target::Criteo),
-        ("csv", Target::Csv),
-        ("tsv", Target::Tsv),
-        ("parquet", Target::Parquet),
-        ("config", Target::Config),
-        ("cache", Target::Cache),
-    ] {
+    for (dir, t) in FUZZ_TARGETS {
         std::fs::create_dir_all(root.join(dir)).unwrap();
         for (i, s) in seeds(t).iter().enumerate() {
             std::fs::write(root.join(dir).join(format!("seed-{i}")), s).unwrap();

@@ -9,3 +9,28 @@ pub fn workdir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[allow(dead_code)] // not every test binary uses every helper
+/// Small instances of every model (and the variants with other code paths).
+pub const MODELS: [(&str, &str); 14] = [
+    ("wukong", "embedding_dim = 8\nnum_layers = 1\nnum_fmb = 4\nnum_lcb = 4\nfm_rank = 2\nfmb_mlp = [16]\ntop_mlp = [16]\ndense_mlp = [8]"),
+    ("lr", ""),
+    ("fm", "embedding_dim = 8"),
+    ("dnn", "embedding_dim = 8\nhidden_units = [32, 16]\ndense_mlp = [8]"),
+    ("dlrm", "embedding_dim = 8\nbottom_mlp_units = [16]\ntop_mlp_units = [32, 16]"),
+    ("dcnv2", "embedding_dim = 8\nnum_cross_layers = 2\ndnn_hidden_units = [32, 16]"),
+    ("dcnv2", "embedding_dim = 8\nnum_cross_layers = 2\nlow_rank = 4\nmodel_structure = \"stacked\"\ndnn_hidden_units = [32]"),
+    ("autoint+", "embedding_dim = 8\nattention_dim = 8\nnum_heads = 2\nuse_scale = true\ndnn_hidden_units = [32]"),
+    ("afn+", "embedding_dim = 8\nlogarithmic_neurons = 16\nafn_hidden_units = [32]\ndnn_hidden_units = [32]"),
+    ("finalmlp", "embedding_dim = 8\nmlp1_hidden_units = [32, 16]\nmlp2_hidden_units = [32, 16]\nnum_heads = 2\nfs_hidden_units = [16]"),
+    ("masknet", "embedding_dim = 8\nparallel_num_blocks = 2\nparallel_block_dim = 16\ndnn_hidden_units = [32]"),
+    ("masknet", "embedding_dim = 8\nmodel_type = \"serial\"\nblock_hidden_units = [16, 16]"),
+    ("xdeepfm", "embedding_dim = 8\ncin_hidden_units = [4, 4]\ndnn_hidden_units = [32]"),
+    ("autoint", "embedding_dim = 8\nattention_dim = 8\nnum_heads = 1\ndnn_hidden_units = []\nlayer_norm = true"),
+];
+
+/// The message of a caught panic.
+#[allow(dead_code)]
+pub fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
