@@ -577,8 +577,8 @@ fn parquet_reader_types_nulls_and_the_same_keys_as_text() {
     assert!(fit_err(&cfg(schema, &bad)).contains("bad.parquet: not a readable parquet file"));
 }
 
-/// A parquet file whose label column holds strings (`"<=50K"` / `">50K"`, as in the Adult census
-/// data) and one categorical column.
+/// A zstd-compressed parquet file whose label column holds strings (`"<=50K"` / `">50K"`, as in
+/// the Adult census data) and one categorical column.
 fn write_string_label_parquet(path: &Path, incomes: &[&str], jobs: &[&str]) {
     use parquet::data_type::{ByteArray, ByteArrayType};
     use parquet::file::properties::WriterProperties;
@@ -589,7 +589,12 @@ fn write_string_label_parquet(path: &Path, incomes: &[&str], jobs: &[&str]) {
             .unwrap(),
     );
     let file = std::fs::File::create(path).unwrap();
-    let mut w = SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build())).unwrap();
+    let mut w = SerializedFileWriter::new(
+        file,
+        schema,
+        Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::ZSTD(Default::default())).build()),
+    )
+    .unwrap();
     let mut rg = w.next_row_group().unwrap();
     for values in [incomes, jobs] {
         let mut col = rg.next_column().unwrap().unwrap();
