@@ -411,7 +411,11 @@ impl ParquetSource {
         use parquet::file::reader::{FileReader, SerializedFileReader};
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+        // SAFETY: the map is read-only; a file truncated by another process while mapped would
+        // fault, as reading any input that changes underneath would be undefined for training.
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let reader = SerializedFileReader::new(bytes::Bytes::from_owner(map))
+            .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
         // The parquet crate asserts (panics) on some corrupt metadata when it reads a column
         // chunk; check the chunks' byte ranges against the file first (found by fuzzing).
         for (r, rg) in reader.metadata().row_groups().iter().enumerate() {
