@@ -67,8 +67,8 @@ pub fn load_model_bytes(model: Model, bytes: Vec<u8>, what: &str) -> Result<Mode
 /// Builds the model of `cfg` for `encoder` on `device` and loads the weights at `path`.
 pub fn load_model(cfg: &ExperimentConfig, encoder: &Encoder, path: &Path, device: &Device) -> Result<Model> {
     let model = cfg.model.init_with_storage(&crate::model::DataShape::of(encoder), cfg.train.emb_storage, device);
-    let record = ModuleRecord::load(path).map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", path.display()))?;
-    model.try_load_record(record).map_err(|e| anyhow::anyhow!("checkpoint {} does not fit the config: {e}", path.display()))
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    load_model_bytes(model, bytes, &format!("checkpoint {}", path.display()))
 }
 
 /// CRC-32 of every parameter's values in module order (hex): equal digests mean equal weights,

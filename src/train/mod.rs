@@ -443,6 +443,7 @@ impl Loop<'_> {
         let t = &self.cfg.train;
         let valid = evaluate(&self.stepper.model().valid(), &self.valid_data, &self.encoder, t.eval_batch_size, &self.device)
             .with_context(|| format!("validation at step {}", self.state.step))?;
+        let seconds = self.seconds();
         let s = &mut self.state;
         s.evals += 1;
         s.last_eval_step = Some(s.step);
@@ -458,7 +459,7 @@ impl Loop<'_> {
         let line = serde_json::json!({
             "epoch": epoch, "step": s.step, "examples": s.examples, "end_of_epoch": end_of_epoch,
             "train_logloss": train_logloss, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
-            "lr": t.lr * s.lr_scale * s.guard.lr_scale, "seconds": self.seconds_before + self.clock.elapsed().as_secs_f64(),
+            "lr": t.lr * s.lr_scale * s.guard.lr_scale, "seconds": seconds,
             "epoch_seconds": epoch_secs, "best": improved,
         });
         append_line(&self.run_dir.join(checkpoint::METRICS), &line)?;
@@ -470,7 +471,7 @@ impl Loop<'_> {
                 valid.auc,
                 valid.logloss,
                 s.examples,
-                self.seconds_before + self.clock.elapsed().as_secs_f64(),
+                seconds,
                 if improved { "  *best" } else { "" }
             ),
         );
