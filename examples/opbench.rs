@@ -91,7 +91,7 @@ fn main() {
         let c = Tensor::cat(vec![a.clone(), a], 1);
         let _ = c.sum().backward();
     });
-    use wukong::model::layers::{FmBlock, FmBlockSpec, FmKind, LinearCompress, Mlp};
+    use wukong::model::layers::{FmBlock, FmBlockSpec, FmKind, LinearCompress, Mlp, Pass};
     let spec = FmBlockSpec {
         kind: FmKind::Static,
         n_in: 32,
@@ -106,19 +106,19 @@ fn main() {
     };
     let fmb = FmBlock::new(&spec, &dev);
     time("FMB interactions fwd+bwd", 5, || {
-        let _ = fmb.interactions(x.clone()).sum().backward();
+        let _ = fmb.interactions(x.clone(), &Pass::f32()).sum().backward();
     });
     time("FMB whole fwd+bwd", 5, || {
-        let _ = fmb.forward(x.clone()).sum().backward();
+        let _ = fmb.forward(x.clone(), &Pass::f32()).sum().backward();
     });
     let mlp = Mlp::new(256, &[256, 256], 1024, 0.2, &dev);
     let h = Tensor::<2>::random([b, 256], Distribution::Default, &dev).require_grad();
     time("FMB MLP 256-256-256-1024 dropout fwd+bwd", 5, || {
-        let _ = mlp.forward(h.clone()).sum().backward();
+        let _ = mlp.forward(h.clone(), &Pass::f32()).sum().backward();
     });
     let mlp0 = Mlp::new(256, &[256, 256], 1024, 0.0, &dev);
     time("same MLP no dropout fwd+bwd", 5, || {
-        let _ = mlp0.forward(h.clone()).sum().backward();
+        let _ = mlp0.forward(h.clone(), &Pass::f32()).sum().backward();
     });
     let lcb = LinearCompress::new(32, 16, &dev);
     time("LCB 32->16 fwd+bwd", 5, || {
@@ -147,7 +147,7 @@ fn main() {
     let top = Mlp::new(2048, &[256, 128], 1, 0.2, &dev);
     let t2 = Tensor::<2>::random([b, 2048], Distribution::Default, &dev).require_grad();
     time("top MLP 2048-256-128-1 fwd+bwd", 5, || {
-        let _ = top.forward(t2.clone()).sum().backward();
+        let _ = top.forward(t2.clone(), &Pass::f32()).sum().backward();
     });
     time("sum().backward() harness alone [4096,32,64]", 5, || {
         let _ = x.clone().sum().backward();

@@ -52,7 +52,7 @@ pub struct TrainConfig {
     pub grad_clip_norm: f64,
     /// Optimizer of the embedding rows: `rowwise_adagrad` (default) or `adam` (lazy Adam on the
     /// touched rows, with `adam_beta1`/`adam_beta2`).
-    pub emb_optimizer: crate::train::EmbOptimizerKind,
+    pub emb_optimizer: EmbOptimizerKind,
     /// Learning rate of the embedding optimizer.
     pub emb_lr: f64,
     pub emb_epsilon: f64,
@@ -84,7 +84,7 @@ pub struct TrainConfig {
     /// Checkpoints kept in `<run>/checkpoints` (the newest ones).
     pub keep_checkpoints: usize,
     /// Loss-explosion guard: `rollback` (default), `fail` or `off`.
-    pub guard: crate::train::GuardPolicy,
+    pub guard: GuardPolicy,
     /// A loss spike is a loss above this × its running mean (0 = only non-finite values are
     /// anomalies) …
     pub guard_spike_factor: f64,
@@ -216,16 +216,31 @@ impl TrainConfig {
         above("train.guard_lr_factor", self.guard_lr_factor, 0.0, 1.0)?;
         Ok(())
     }
+}
 
-    pub fn guard_config(&self) -> crate::train::GuardConfig {
-        crate::train::GuardConfig {
-            policy: self.guard,
-            spike_factor: self.guard_spike_factor,
-            spike_sigma: self.guard_spike_sigma,
-            window: self.guard_window,
-            min_steps: self.guard_min_steps,
-        }
-    }
+/// `[train] guard`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardPolicy {
+    /// Restore the newest checkpoint, skip the batches from it to the anomaly, scale the learning
+    /// rates by `guard_lr_factor`; give up after `guard_max_rollbacks`.
+    #[default]
+    Rollback,
+    /// Stop with an error naming the step and the values.
+    Fail,
+    /// No checks (a NaN flows into the optimizer).
+    Off,
+}
+
+/// Which optimizer updates the embedding rows (`[train] emb_optimizer`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbOptimizerKind {
+    /// Row-wise Adagrad (the paper's, DLRM's): one accumulator per row (per packed segment).
+    #[default]
+    RowwiseAdagrad,
+    /// Lazy Adam on touched rows (what BARS/FuxiCTR baselines are tuned with, there dense).
+    Adam,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -9,6 +9,7 @@ pub mod compare;
 pub mod config;
 pub mod data;
 pub mod flops;
+pub mod log;
 pub mod metrics;
 pub mod model;
 pub mod profile;

@@ -62,12 +62,18 @@ impl RunView {
         let scores = match loaded.encode(data) {
             Ok(split) => {
                 let crate::data::SplitData::Memory(d) = &split else { bail!("scoring needs the split in memory") };
-                let logits =
-                    crate::train::predict_logits(&loaded.model, &split, &loaded.encoder, loaded.config.train.eval_batch_size, &dev)?;
+                let logits = crate::train::predict_logits(
+                    &loaded.model,
+                    &split,
+                    &loaded.encoder,
+                    loaded.config.train.eval_batch_size,
+                    loaded.config.train.precision,
+                    &dev,
+                )?;
                 logits.iter().zip(&d.labels).map(|(&z, &y)| (1.0 / (1.0 + (-z as f64).exp()), y >= 0.5)).collect()
             }
             Err(e) => {
-                eprintln!("note: {}: no ROC or reliability diagram ({e:#})", dir.display());
+                tracing::warn!("{}: no ROC or reliability diagram ({e:#})", dir.display());
                 Vec::new()
             }
         };

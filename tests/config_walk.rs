@@ -64,7 +64,7 @@ fn exercise_model(cfg: &ModelConfig) -> Result<(), String> {
         let mut stepper = Stepper::new(model, cfg, &t, SlotLayout::one_hot(3), &device);
         let _ = stepper.step(&batch, 1e-3, 1e-2);
         let input = SparseInput::from_batch(&batch, &SlotLayout::one_hot(3), &device);
-        let _ = stepper.model().valid().forward(&input, false);
+        let _ = stepper.model().valid().forward(&input, false, &wukong::model::Pass::f32());
     }))
     .map_err(common::panic_text)
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use wukong::config::ExperimentConfig;
-use wukong::data::encoder::{MISSING, bucket, hash_bytes};
+use wukong::data::extract::{MISSING, bucket, hash_bytes};
 use wukong::data::pipeline::{self, SplitData, SplitSource, encode_in_memory, fit_in_memory, split_part};
 use wukong::data::schema::{SplitSpec, Transform};
 use wukong::data::{BatchLoader, CachePolicy, DataConfig, EncodedDataset, Encoder};

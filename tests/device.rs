@@ -58,8 +58,18 @@ fn forward_on_the_device_equals_the_cpu() {
         let loader = wukong::data::BatchLoader::new(std::sync::Arc::new(data), s.table_rows, 256);
         let batch = loader.epoch(None).next().unwrap().unwrap();
         let layout = SlotLayout::one_hot(shape.fields);
-        let a = model.forward(&SparseInput::from_batch(&batch, &layout, &cpu), false).0.into_data().try_into_vec::<f32>().unwrap();
-        let b = on_dev.forward(&SparseInput::from_batch(&batch, &layout, &dev), false).0.into_data().try_into_vec::<f32>().unwrap();
+        let a = model
+            .forward(&SparseInput::from_batch(&batch, &layout, &cpu), false, &wukong::model::Pass::f32())
+            .0
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
+        let b = on_dev
+            .forward(&SparseInput::from_batch(&batch, &layout, &dev), false, &wukong::model::Pass::f32())
+            .0
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         let scale = a.iter().map(|x| x.abs()).fold(1e-3f32, f32::max);
         assert!(diff / scale < 1e-4, "{}: {name} logits differ from the CPU by {diff} (scale {scale})", ModelConfig::name(&s.model));

@@ -108,7 +108,8 @@ fn tiny_training_learns_and_the_checkpoint_round_trips() {
     let run = checkpoint::load_run(&out.run_dir, &device).unwrap();
     let src = SplitSource { name: "test", path: dir.join("test.libfm"), part: None };
     let (enc, _) = pipeline::encode_in_memory(&run.config.data, &src, &run.encoder).unwrap();
-    let m = train::evaluate(&run.model, &SplitData::Memory(Arc::new(enc)), &run.encoder, 1000, &device).unwrap();
+    let m =
+        train::evaluate(&run.model, &SplitData::Memory(Arc::new(enc)), &run.encoder, 1000, wukong::model::Precision::F32, &device).unwrap();
     assert_eq!(m.auc, test.auc);
     assert_eq!(m.logloss, test.logloss);
 }
@@ -129,8 +130,8 @@ fn checkpoint_round_trip_gives_identical_predictions() {
     checkpoint::save_model(&model, &path).unwrap();
     device.seed(100); // a fresh instance starts from different random weights
     let loaded = checkpoint::load_model(&cfg, &encoder, &path, &device).unwrap();
-    let a = train::predict_logits(&model, &data, &encoder, 512, &device).unwrap();
-    let b = train::predict_logits(&loaded, &data, &encoder, 512, &device).unwrap();
+    let a = train::predict_logits(&model, &data, &encoder, 512, wukong::model::Precision::F32, &device).unwrap();
+    let b = train::predict_logits(&loaded, &data, &encoder, 512, wukong::model::Precision::F32, &device).unwrap();
     assert_eq!(a.len(), 8000);
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "predictions differ after reload");
 

@@ -2,6 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use wukong::model::Pass;
 use wukong::model::layers::{FmBlock, FmBlockSpec, FmKind, LinearCompress, WukongLayer};
 use wukong::model::{DataShape, ModelConfig, WukongConfig};
 
@@ -44,7 +45,7 @@ fn optimized_fm_equals_x_xt_y() {
     // reference: (X Xᵀ) Y, computed example by example on the host
     let xs = to_vec(x.clone());
     let ys = to_vec(y);
-    let got = to_vec(block.interactions(x));
+    let got = to_vec(block.interactions(x, &Pass::f32()));
     let (b, n, d, k) = (3, 5, 4, 3);
     let mut want = vec![0f32; b * n * k];
     for e in 0..b {
@@ -67,7 +68,7 @@ fn full_fm_is_x_xt_and_attentive_fm_uses_a_per_example_projection() {
     let device = dev();
     let x = Tensor::<3>::random([2, 5, 4], Distribution::Normal(0.0, 1.0), &device);
     let full = FmBlock::new(&spec(FmKind::Full, 5, 2), &device);
-    let got = to_vec(full.interactions(x.clone()));
+    let got = to_vec(full.interactions(x.clone(), &Pass::f32()));
     let want = to_vec(x.clone().matmul(x.clone().swap_dims(1, 2)));
     assert!(max_abs_diff(&got, &want) < 1e-5);
 
@@ -75,9 +76,9 @@ fn full_fm_is_x_xt_and_attentive_fm_uses_a_per_example_projection() {
     let a = att.attentive.as_ref().unwrap();
     // Y(X) from the compressed input, then X (Xᵀ Y(X)) = (X Xᵀ) Y(X)
     let c = a.compress.forward(x.clone()).reshape([2, 2 * 4]);
-    let y = a.mlp.forward(c).reshape([2, 5, 3]);
+    let y = a.mlp.forward(c, &Pass::f32()).reshape([2, 5, 3]);
     let want = to_vec(x.clone().matmul(x.clone().swap_dims(1, 2)).matmul(y));
-    assert!(max_abs_diff(&to_vec(att.interactions(x)), &want) < 1e-4);
+    assert!(max_abs_diff(&to_vec(att.interactions(x, &Pass::f32())), &want) < 1e-4);
 }
 
 #[test]
@@ -87,12 +88,12 @@ fn block_shapes() {
     for kind in [FmKind::Static, FmKind::Attentive, FmKind::Full] {
         let block = FmBlock::new(&spec(kind, 7, 6), &device);
         let k = if kind == FmKind::Full { 7 } else { 3 };
-        assert_eq!(block.interactions(x.clone()).dims(), [3, 7, k]);
-        assert_eq!(block.forward(x.clone()).dims(), [3, 6, 4], "{kind:?}");
+        assert_eq!(block.interactions(x.clone(), &Pass::f32()).dims(), [3, 7, k]);
+        assert_eq!(block.forward(x.clone(), &Pass::f32()).dims(), [3, 6, 4], "{kind:?}");
     }
     assert_eq!(LinearCompress::new(7, 2, &device).forward(x.clone()).dims(), [3, 2, 4]);
     let layer = WukongLayer::new(&spec(FmKind::Static, 7, 6), 5, &device);
-    assert_eq!(layer.forward(x).dims(), [3, 11, 4]);
+    assert_eq!(layer.forward(x, &Pass::f32()).dims(), [3, 11, 4]);
 }
 
 #[test]
@@ -111,7 +112,7 @@ fn residual_projection_exactly_when_counts_differ() {
     layer.lcb = zero_lcb;
     layer.fmb.mlp.output.weight = burn::module::Param::from_tensor(Tensor::zeros([16, 5 * 4], &device));
     layer.fmb.mlp.output.bias = Some(burn::module::Param::from_tensor(Tensor::zeros([5 * 4], &device)));
-    let got = to_vec(layer.forward(x.clone()));
+    let got = to_vec(layer.forward(x.clone(), &Pass::f32()));
     // LN over d of [0 (fmb) ; 0 (lcb)] + X = LN(X)
     let want = to_vec(layer.norm.forward(x));
     assert!(max_abs_diff(&got, &want) < 1e-5);
@@ -130,8 +131,8 @@ fn lcb_is_linear_so_it_keeps_the_interaction_order() {
     // whereas the FM block's interactions are quadratic: FM(2X) = 4 FM(X)
     let fm = FmBlock::new(&spec(FmKind::Static, 6, 2), &device);
     let x = Tensor::<3>::random([2, 6, 4], Distribution::Normal(0.0, 1.0), &device);
-    let a = to_vec(fm.interactions(x.clone().mul_scalar(2.0)));
-    let b = to_vec(fm.interactions(x).mul_scalar(4.0));
+    let a = to_vec(fm.interactions(x.clone().mul_scalar(2.0), &Pass::f32()));
+    let b = to_vec(fm.interactions(x, &Pass::f32()).mul_scalar(4.0));
     assert!(max_abs_diff(&a, &b) < 1e-4);
 }
 
@@ -161,7 +162,7 @@ fn interaction_layer_gradient_matches_finite_differences() {
     let weights = Tensor::<3>::from_data(TensorData::new(w.clone(), [2, 7, 4]), &ad);
 
     let x = Tensor::<3>::from_data(TensorData::new(x0.clone(), shape), &ad).require_grad();
-    let loss = (layer.forward(x.clone()) * weights.clone()).sum();
+    let loss = (layer.forward(x.clone(), &Pass::f32()) * weights.clone()).sum();
     let grads = loss.backward();
     let g = to_vec(x.grad(&grads).unwrap());
 
@@ -169,7 +170,7 @@ fn interaction_layer_gradient_matches_finite_differences() {
     let wt = Tensor::<3>::from_data(TensorData::new(w, [2, 7, 4]), &device);
     let f = |xs: &[f32]| {
         let x = Tensor::<3>::from_data(TensorData::new(xs.to_vec(), shape), &device);
-        (plain.forward(x) * wt.clone()).sum().into_scalar::<f32>() as f64
+        (plain.forward(x, &Pass::f32()) * wt.clone()).sum().into_scalar::<f32>() as f64
     };
     check_gradient(&x0, &g, f, &[0, 3, 7, 12, 19, 22, 31, 39]);
 }
@@ -190,7 +191,7 @@ fn whole_model_forward_shape_and_flops_are_consistent() {
     let shape = DataShape { fields: 6, dense: 0, table_rows: 20 };
     let m = cfg.init(&shape, &device);
     let x = Tensor::<3>::random([5, 6, 4], Distribution::Normal(0.0, 1.0), &device);
-    assert_eq!(m.forward(Some(x), None).dims(), [5]);
+    assert_eq!(m.forward(Some(x), None, &Pass::f32()).dims(), [5]);
     // 3 layers: the first projects 6 → 5 embeddings, the next two keep 5 → identity residual
     assert!(m.layers[0].residual.is_some() && m.layers[1].residual.is_none() && m.layers[2].residual.is_none());
     // hand count for layer 1 (n=6, k=2, d=4): FM 4·6·2·4=192; MLP 2·(12·8 + 8·12)=384; LCB 2·6·2·4=96; residual 2·6·5·4=240
@@ -218,38 +219,38 @@ fn dense_features_become_extra_embeddings() {
     let m = cfg.init(&shape, &device);
     let x = Tensor::<3>::random([5, 6, 4], Distribution::Normal(0.0, 1.0), &device);
     let dense = Tensor::<2>::random([5, 3], Distribution::Normal(0.0, 1.0), &device);
-    assert_eq!(m.forward(Some(x), Some(dense.clone())).dims(), [5]);
+    assert_eq!(m.forward(Some(x), Some(dense.clone()), &Pass::f32()).dims(), [5]);
     assert_eq!(m.layers[0].fmb.projection.as_ref().unwrap().dims(), [8, 2]);
     // all-dense data (no categorical field): the dense embeddings alone enter the stack
     let only = DataShape { fields: 0, dense: 3, table_rows: 1 };
     assert_eq!(cfg.n0(&only), 2);
     let m = cfg.init(&only, &device);
-    assert_eq!(m.forward(None, Some(dense)).dims(), [5]);
+    assert_eq!(m.forward(None, Some(dense), &Pass::f32()).dims(), [5]);
     assert_eq!(m.layers[0].fmb.projection.as_ref().unwrap().dims(), [2, 2]);
 }
 
 #[test]
 fn dropout_keeps_the_expected_fraction_scaled_and_is_off_in_inference() {
-    use wukong::model::layers::{Dropout, seed_dropout};
+    use wukong::model::layers::{Dropout, Precision};
     let device = dev();
     let ad = device.clone().autodiff();
-    seed_dropout(1);
+    let pass = Pass::seeded(Precision::F32, 1);
     let d = Dropout::new(0.25);
     let x = Tensor::<2>::ones([200, 500], &ad);
-    let y = to_vec(d.forward(x).inner());
+    let start = pass.dropout_stream();
+    let y = to_vec(d.forward(x, &pass).inner());
+    assert_eq!(pass.dropout_stream(), start.wrapping_add(200 * 500), "the stream advances by the masked elements");
     let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / y.len() as f64;
     assert!((kept - 0.75).abs() < 0.01, "kept fraction {kept}");
     assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
-    // inference tensors pass through untouched
+    // inference tensors pass through untouched and draw nothing
     let x = Tensor::<2>::ones([4, 4], &device);
-    assert_eq!(to_vec(d.forward(x)), vec![1.0; 16]);
-    // a fresh seed gives a fresh mask, the same seed the same one
-    seed_dropout(1);
-    let a = to_vec(d.forward(Tensor::<2>::ones([20, 20], &ad)).inner());
-    seed_dropout(1);
-    let b = to_vec(d.forward(Tensor::<2>::ones([20, 20], &ad)).inner());
-    seed_dropout(2);
-    let c = to_vec(d.forward(Tensor::<2>::ones([20, 20], &ad)).inner());
+    let before = pass.dropout_stream();
+    assert_eq!(to_vec(d.forward(x, &pass)), vec![1.0; 16]);
+    assert_eq!(pass.dropout_stream(), before);
+    // a fresh seed gives a fresh mask, the same seed the same one; passes are independent
+    let mask = |seed: u64| to_vec(d.forward(Tensor::<2>::ones([20, 20], &ad), &Pass::seeded(Precision::F32, seed)).inner());
+    let (a, b, c) = (mask(1), mask(1), mask(2));
     assert_eq!(a, b);
     assert_ne!(a, c);
 }

@@ -28,7 +28,7 @@ fn model_config(name: &str, body: &str) -> ModelConfig {
 
 #[test]
 fn registry_names_round_trip_and_unknown_keys_fail() {
-    for name in ModelConfig::NAMES {
+    for &name in ModelConfig::NAMES {
         let c = model_config(name, "");
         assert_eq!(c.name(), name);
         c.validate().unwrap();
@@ -69,7 +69,7 @@ fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_feature
             let m = c.init(&shape, &device);
             assert_eq!(m.embedding().dim(), c.embedding_dim(), "{name}");
             let b = batch(5, dense, 1);
-            let (z, _) = m.forward(&SparseInput::from_batch(&b, &SlotLayout::one_hot(3), &device), false);
+            let (z, _) = m.forward(&SparseInput::from_batch(&b, &SlotLayout::one_hot(3), &device), false, &wukong::model::Pass::f32());
             assert_eq!(z.dims(), [5], "{name} dense={dense}");
             let z: Vec<f32> = z.into_data().try_to_vec().unwrap();
             assert!(z.iter().all(|v| v.is_finite()), "{name}: {z:?}");
@@ -97,7 +97,7 @@ fn embedding_row_gradients_match_finite_differences_for_every_model() {
         let b = batch(8, 0, 3);
         let labels = Tensor::<1>::from_data(TensorData::new(b.labels.clone(), [8]), &ad);
         let input = SparseInput::from_batch(&b, &SlotLayout::one_hot(3), &ad);
-        let (z, g) = model.forward(&input, true);
+        let (z, g) = model.forward(&input, true, &wukong::model::Pass::f32());
         let mut grads = bce_with_logits(z, labels.clone()).backward();
         let g = g.unwrap();
         let analytic: Vec<f32> = g.rows.grad_remove(&mut grads).unwrap().into_data().try_to_vec().unwrap();
@@ -113,7 +113,7 @@ fn embedding_row_gradients_match_finite_differences_for_every_model() {
             let m = model.clone().map_embedding(|_| wukong::model::SparseEmbedding {
                 weight: burn::module::Param::from_tensor(Tensor::<2>::from_data(TensorData::new(t, [12, w]), &ad)).set_require_grad(false),
             });
-            let (z, _) = m.forward(&input, false);
+            let (z, _) = m.forward(&input, false, &wukong::model::Pass::f32());
             bce_with_logits(z, labels.clone()).into_scalar::<f32>() as f64
         };
         // central differences with a small step; entries near 0 are skipped (AFN's log has a

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::encoder::EncodedDataset;
+use super::dataset::EncodedDataset;
 
 pub const VERSION: u32 = 1;
 pub const COLUMNS: [&str; 4] = ["labels.f32", "rows.u32", "values.f32", "dense.f32"];
@@ -147,18 +147,23 @@ pub fn write_header(dir: &Path, h: &CacheHeader) -> Result<()> {
 }
 
 /// Random access to a finished cache's rows.
+/// A finished cache, its column files memory-mapped: a read copies rows straight from the page
+/// cache into the dataset (no intermediate buffer), and the kernel reads ahead and evicts.
 #[derive(Debug, Clone)]
 pub struct CacheReader {
     pub dir: PathBuf,
     pub header: CacheHeader,
+    columns: std::sync::Arc<[Column; 4]>,
 }
 
-fn read_at(dir: &Path, col: usize, offset: u64, bytes: usize, out: &mut Vec<u8>) -> Result<()> {
-    let path = dir.join(COLUMNS[col]);
-    let mut f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    f.seek(SeekFrom::Start(offset))?;
-    out.resize(bytes, 0);
-    f.read_exact(out).with_context(|| format!("{}: shorter than its header says (damaged cache?)", path.display()))
+/// One mapped column file (None when it is empty: a zero-length file cannot be mapped).
+#[derive(Debug)]
+struct Column(Option<memmap2::Mmap>);
+
+impl Column {
+    fn bytes(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
 }
 
 fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
@@ -172,12 +177,14 @@ impl CacheReader {
             bail!("{}: cache format version {} (this build reads {VERSION}); rebuild it", dir.display(), header.version);
         }
         // The header's sizes must match the column files, so a damaged header can never make a
-        // read allocate or seek past what is on disk.
+        // read go past what is on disk.
         let rows = header.rows;
         let per_row = [1, header.num_slots as u64, header.num_slots as u64, header.num_dense as u64];
+        let mut columns = Vec::with_capacity(4);
         for (col, k) in COLUMNS.iter().zip(per_row) {
             let path = dir.join(col);
-            let have = std::fs::metadata(&path).with_context(|| format!("cannot open {}", path.display()))?.len();
+            let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let have = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
             let want = rows.checked_mul(k).and_then(|v| v.checked_mul(4));
             if want != Some(have) {
                 bail!(
@@ -186,8 +193,17 @@ impl CacheReader {
                     have
                 );
             }
+            // SAFETY: read-only map of a file only this program writes, and never while a reader
+            // has it open (a cache is rebuilt into place only before it is opened).
+            let map = if have == 0 {
+                None
+            } else {
+                Some(unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?)
+            };
+            columns.push(Column(map));
         }
-        Ok(Self { dir: dir.to_path_buf(), header })
+        let columns: [Column; 4] = columns.try_into().expect("four columns");
+        Ok(Self { dir: dir.to_path_buf(), header, columns: std::sync::Arc::new(columns) })
     }
 
     pub fn len(&self) -> usize {
@@ -198,23 +214,20 @@ impl CacheReader {
     }
 
     /// Rows `start .. start + n` (clamped to the end).
-    pub fn read(&self, start: usize, n: usize, buf: &mut Vec<u8>) -> Result<EncodedDataset> {
+    pub fn read(&self, start: usize, n: usize) -> Result<EncodedDataset> {
         let n = n.min(self.len().saturating_sub(start));
         let (s, d) = (self.header.num_slots, self.header.num_dense);
+        let col = |c: usize, per_row: usize| &self.columns[c].bytes()[4 * start * per_row..4 * (start + n) * per_row];
         let mut out = EncodedDataset::new(s, d);
-        read_at(&self.dir, 0, 4 * start as u64, 4 * n, buf)?;
-        out.labels = f32s(buf).collect();
-        read_at(&self.dir, 1, 4 * (start * s) as u64, 4 * n * s, buf)?;
-        out.rows = buf.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        read_at(&self.dir, 2, 4 * (start * s) as u64, 4 * n * s, buf)?;
-        out.values = f32s(buf).collect();
-        read_at(&self.dir, 3, 4 * (start * d) as u64, 4 * n * d, buf)?;
-        out.dense = f32s(buf).collect();
+        out.labels = f32s(col(0, 1)).collect();
+        out.rows = col(1, s).chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        out.values = f32s(col(2, s)).collect();
+        out.dense = f32s(col(3, d)).collect();
         Ok(out)
     }
 
     pub fn read_all(&self) -> Result<EncodedDataset> {
-        self.read(0, self.len(), &mut Vec::new())
+        self.read(0, self.len())
     }
 
     /// Rewrites the row and dense columns chunk by chunk (used once, to remap provisional ids).

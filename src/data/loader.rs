@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use super::cache::CacheReader;
-use super::encoder::EncodedDataset;
+use super::dataset::EncodedDataset;
 use super::pipeline::SplitData;
 
 /// One batch, ready to become tensors.
@@ -213,12 +213,11 @@ fn stream_epoch(cache: &CacheReader, seed: Option<u64>, chunk_rows: usize, group
         chunks.shuffle(&mut rng);
     }
     let (slots, dense) = (cache.header.num_slots, cache.header.num_dense);
-    let mut buf = Vec::new();
     let mut pool = EncodedDataset::new(slots, dense);
     let groups: Vec<&[usize]> = chunks.chunks(group).collect();
     for (g, ids) in groups.iter().enumerate() {
         for &c in *ids {
-            let part = cache.read(c * chunk_rows, chunk_rows, &mut buf)?;
+            let part = cache.read(c * chunk_rows, chunk_rows)?;
             for i in 0..part.len() {
                 pool.push_from(&part, i);
             }

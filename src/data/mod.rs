@@ -1,9 +1,12 @@
 //! Data: file formats ([`source`]: libfm/libsvm, Criteo TSV, CSV/TSV, Parquet, joins), the schema
-//! ([`schema`]), the encoding fit on the training split ([`encoder`]), the binary cache
+//! ([`schema`]), value extraction ([`extract`]), the encoding fit on the training split
+//! ([`encoder`]) into encoded rows ([`dataset`]), the binary cache
 //! ([`cache`]), the read-and-encode pipeline ([`pipeline`]) and the batch loader ([`loader`]).
 
 pub mod cache;
+pub mod dataset;
 pub mod encoder;
+pub mod extract;
 pub mod loader;
 pub mod pipeline;
 pub mod probe;
@@ -11,7 +14,8 @@ pub mod schema;
 pub mod source;
 pub mod synth;
 
-pub use encoder::{EncodedDataset, Encoder};
+pub use dataset::EncodedDataset;
+pub use encoder::Encoder;
 pub use loader::{Batch, BatchLoader};
 pub use pipeline::{CachePolicy, Prepared, SplitData, prepare};
 pub use schema::DataConfig;

@@ -10,9 +10,9 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Instant;
 
 use super::cache::{CacheHeader, CacheReader, CacheWriter, SourceId, VERSION, write_header};
-use super::encoder::{
-    EncodeStats, EncodedDataset, Encoder, Extractor, Fitter, LABEL_HINT, ParsedChunk, Remap, check_compatible, hash_bytes,
-};
+use super::dataset::EncodedDataset;
+use super::encoder::{EncodeStats, Encoder, Fitter, Remap, check_compatible};
+use super::extract::{Extractor, LABEL_HINT, ParsedChunk, hash_bytes};
 use super::schema::{DataConfig, SplitSpec};
 use super::source::BadLines;
 use super::source::{Next, Record, RecordSource, open_source};
@@ -128,7 +128,7 @@ fn parse_chunks(
             Ok(()) => {}
             Err(msg) if cfg.bad_lines == BadLines::Skip => {
                 if reported < 5 {
-                    eprintln!("warning: {}: {} (skipped)", source.location(), msg.trim_end_matches(LABEL_HINT));
+                    tracing::warn!("{}: {} (skipped)", source.location(), msg.trim_end_matches(LABEL_HINT));
                     reported += 1;
                 }
                 chunk.skipped += 1;
@@ -379,7 +379,7 @@ fn usable_cache(dir: &Path, want: &CacheHeader, policy: CachePolicy) -> Result<O
             dir.display()
         ),
         _ => {
-            eprintln!("note: cache {} is stale ({why}); rebuilding it", dir.display());
+            tracing::info!("cache {} is stale ({why}); rebuilding it", dir.display());
             Ok(None)
         }
     }

@@ -14,6 +14,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{Pass, TableStorage};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -75,10 +76,10 @@ impl ModelSpec for AfnConfig {
         anyhow::ensure!(self.logarithmic_neurons > 0, "model.logarithmic_neurons must be positive");
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("afn_dropout", self.afn_dropout), ("dnn_dropout", self.dnn_dropout)])
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let (d, n, l) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings), self.logarithmic_neurons);
         Model::Afn(Afn {
-            embedding: SparseEmbedding::new(shape.table_rows, self.table_dim(), self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, self.table_dim(), self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, self.table_dim(), device),
             log_norm: BatchNormConfig::new(n).init(device),
             log_neurons: LinearCompress::new(n, l, device),
@@ -103,17 +104,17 @@ impl ModelSpec for AfnConfig {
 }
 
 impl Afn {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
         let [b, _, _] = x.dims();
         let d = self.embedding_dim;
         let e = x.clone().narrow(2, 0, d);
         let log = self.log_norm.forward(e.abs().clamp_min(1e-7).log()); // [b, n, d]
         let y = self.exp_norm.forward(self.log_neurons.forward(log).exp()); // [b, L, d]
-        let afn = self.afn_mlp.forward(flatten(y));
+        let afn = self.afn_mlp.forward(flatten(y), pass);
         let logit = match (&self.dnn, &self.combine) {
             (Some(dnn), Some(combine)) => {
-                let second = dnn.forward(flatten(x.narrow(2, d, d)));
+                let second = dnn.forward(flatten(x.narrow(2, d, d)), pass);
                 combine.forward(Tensor::cat(vec![afn, second], 1))
             }
             _ => afn,

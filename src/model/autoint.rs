@@ -12,6 +12,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{Pass, TableStorage};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -127,13 +128,13 @@ impl ModelSpec for AutoIntConfig {
         );
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         let attention =
             (0..self.attention_layers).map(|i| SelfAttention::new(if i == 0 { d } else { self.attention_dim }, self, device)).collect();
         let width = if self.attention_layers == 0 { d } else { self.attention_dim };
         Model::AutoInt(AutoInt {
-            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             attention,
             attention_out: LinearConfig::new(n * width, 1).init(device),
@@ -159,8 +160,8 @@ impl ModelSpec for AutoIntConfig {
 }
 
 impl AutoInt {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let x0 = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let x0 = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
         let b = x0.dims()[0];
         let mut x = x0.clone();
         for layer in &self.attention {
@@ -168,7 +169,7 @@ impl AutoInt {
         }
         let mut logit = self.attention_out.forward(flatten(x));
         if let Some(dnn) = &self.dnn {
-            logit = logit + dnn.forward(flatten(x0));
+            logit = logit + dnn.forward(flatten(x0), pass);
         }
         logit.reshape([b])
     }

@@ -12,6 +12,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{Pass, TableStorage};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -98,12 +99,12 @@ impl ModelSpec for Dcnv2Config {
     fn validate(&self) -> anyhow::Result<()> {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let d = self.embedding_dim;
         let dim = num_inputs(shape, self.num_dense_embeddings) * d;
         let with_dnn = self.model_structure != Structure::CrossnetOnly;
         Model::Dcnv2(Dcnv2 {
-            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             cross: (0..self.num_cross_layers).map(|_| CrossLayer::new(dim, self.low_rank, device)).collect(),
             cross_out: (self.model_structure != Structure::Stacked).then(|| LinearConfig::new(dim, 1).init(device)),
@@ -123,17 +124,17 @@ impl ModelSpec for Dcnv2Config {
 }
 
 impl Dcnv2 {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let x0 = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim())));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let x0 = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass)));
         let b = x0.dims()[0];
         let mut x = x0.clone();
         for layer in &self.cross {
             x = layer.forward(x0.clone(), x);
         }
         let logit = match (&self.cross_out, &self.dnn) {
-            (Some(out), Some(dnn)) => out.forward(x) + dnn.forward(x0), // parallel
-            (None, Some(dnn)) => dnn.forward(x),                        // stacked
-            (Some(out), None) => out.forward(x),                        // cross network only
+            (Some(out), Some(dnn)) => out.forward(x) + dnn.forward(x0, pass), // parallel
+            (None, Some(dnn)) => dnn.forward(x, pass),                        // stacked
+            (Some(out), None) => out.forward(x),                              // cross network only
             (None, None) => unreachable!("built with a cross output or a DNN"),
         };
         logit.reshape([b])

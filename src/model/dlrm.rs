@@ -12,6 +12,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, check_common, mlp_flops};
+use super::{Pass, TableStorage};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -75,10 +76,10 @@ impl ModelSpec for DlrmConfig {
     fn validate(&self) -> anyhow::Result<()> {
         check_common(self.embedding_dim, 1, &[("dropout", self.dropout)]) // one bottom-MLP embedding
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let d = self.embedding_dim;
         Model::Dlrm(Dlrm {
-            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: (shape.dense > 0).then(|| Mlp::with_batch_norm(shape.dense, &self.bottom_mlp_units, d, 0.0, self.batch_norm, device)),
             top: Mlp::with_batch_norm(self.top_in(shape), &self.top_mlp_units, 1, self.dropout, self.batch_norm, device),
             dot: self.interaction == Interaction::Dot,
@@ -100,9 +101,9 @@ pub fn upper_pairs(n: usize, device: &Device) -> Tensor<1, Int> {
 }
 
 impl Dlrm {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
         let bottom = match (&self.dense, dense) {
-            (Some(mlp), Some(v)) => Some(relu(mlp.forward(v))),
+            (Some(mlp), Some(v)) => Some(relu(mlp.forward(v, pass))),
             _ => None,
         };
         let x = super::cat_fields(sparse, bottom.clone().map(|e| e.unsqueeze_dim::<3>(1)));
@@ -118,6 +119,6 @@ impl Dlrm {
         } else {
             flatten(x)
         };
-        self.top.forward(top_in).reshape([b])
+        self.top.forward(top_in, pass).reshape([b])
     }
 }

@@ -230,23 +230,14 @@ pub struct Gathered {
     pub unique_rows: Tensor<1, Int>,
 }
 
-thread_local! {
-    /// Storage of tables built by [`SparseEmbedding::new`] on this thread (see [`with_init_storage`]).
-    static INIT_STORAGE: std::cell::Cell<TableStorage> = const { std::cell::Cell::new(TableStorage::F32) };
-}
-
-/// Runs `f` (a model build) with new embedding tables created directly in `storage`, so a
-/// half-precision table never exists in f32 (its f32 copy would double the peak memory).
-pub fn with_init_storage<T>(storage: TableStorage, f: impl FnOnce() -> T) -> T {
-    let previous = INIT_STORAGE.with(|s| s.replace(storage));
-    let out = f();
-    INIT_STORAGE.with(|s| s.set(previous));
-    out
-}
-
 impl SparseEmbedding {
+    /// An f32 table of `rows × dim`, initialised N(0, init_std²).
     pub fn new(rows: usize, dim: usize, init_std: f64, device: &Device) -> Self {
-        let storage = INIT_STORAGE.with(|s| s.get());
+        Self::new_in(rows, dim, init_std, TableStorage::F32, device)
+    }
+
+    /// A table created directly in `storage` (a half-precision table never exists in f32).
+    pub fn new_in(rows: usize, dim: usize, init_std: f64, storage: TableStorage, device: &Device) -> Self {
         let w = match storage {
             TableStorage::F32 => Tensor::<2>::random([rows, dim], Distribution::Normal(0.0, init_std), device).inner(),
             half => {

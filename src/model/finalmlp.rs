@@ -14,6 +14,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::{HiddenLayers, Mlp};
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{Pass, TableStorage};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -77,7 +78,7 @@ impl Gate {
         Self { context, fields: fields.to_vec(), mlp: Mlp::new(d_in, hidden, width, 0.0, device) }
     }
     /// `x`: the flattened inputs `[b, n·d]`; `emb`: the same as `[b, n, d]`.
-    fn forward(&self, x: Tensor<2>, emb: &Tensor<3>) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, emb: &Tensor<3>, pass: &Pass) -> Tensor<2> {
         let c = match &self.context {
             Some(c) => c.val(),
             None => {
@@ -86,7 +87,7 @@ impl Gate {
                 Tensor::cat(parts, 1)
             }
         };
-        x * sigmoid(self.mlp.forward(c)).mul_scalar(2.0)
+        x * sigmoid(self.mlp.forward(c, pass)).mul_scalar(2.0)
     }
 }
 
@@ -130,12 +131,12 @@ impl ModelSpec for FinalMlpConfig {
         );
         Ok(())
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         let (o1, o2, h) = (*self.mlp1_hidden_units.last().unwrap(), *self.mlp2_hidden_units.last().unwrap(), self.num_heads);
         let bound = 1.0 / ((o1 / h) as f64).sqrt();
         Model::FinalMlp(FinalMlp {
-            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             gate1: self.use_fs.then(|| Gate::new(d, &self.fs1_context, &self.fs_hidden_units, n * d, device)),
             gate2: self.use_fs.then(|| Gate::new(d, &self.fs2_context, &self.fs_hidden_units, n * d, device)),
@@ -169,16 +170,16 @@ impl ModelSpec for FinalMlpConfig {
 }
 
 impl FinalMlp {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let emb = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let emb = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
         let x = flatten(emb.clone());
         let b = x.dims()[0];
         let gated = |g: &Option<Gate>, x: Tensor<2>| match g {
-            Some(g) => g.forward(x, &emb),
+            Some(g) => g.forward(x, &emb, pass),
             None => x,
         };
-        let h1 = self.mlp1.forward(gated(&self.gate1, x.clone()));
-        let h2 = self.mlp2.forward(gated(&self.gate2, x));
+        let h1 = self.mlp1.forward(gated(&self.gate1, x.clone()), pass);
+        let h2 = self.mlp2.forward(gated(&self.gate2, x), pass);
         let [h, a, c] = self.bilinear.dims();
         let x1 = h1.clone().reshape([b, h, 1, a]).swap_dims(0, 1); // [h, b, 1, a]
         let w = self.bilinear.val().unsqueeze_dim::<4>(1); // [h, 1, a, c]

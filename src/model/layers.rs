@@ -8,28 +8,46 @@ use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 
-thread_local! {
-    /// Stream position of this thread's dropout masks; [`seed_dropout`] resets it so runs repeat.
-    /// Per thread, so concurrent trainings in one process do not perturb each other.
-    static DROPOUT_STREAM: Cell<u64> = const { Cell::new(0) };
-}
-
-/// Seeds the calling thread's dropout mask generator (the trainer calls this with the run's seed).
-pub fn seed_dropout(seed: u64) {
-    DROPOUT_STREAM.set(splitmix64(seed ^ 0x5EED_D80F));
-}
-
-/// The calling thread's dropout stream position (saved in checkpoints).
-pub fn dropout_stream() -> u64 {
-    DROPOUT_STREAM.get()
-}
-
-/// Restores a position from [`dropout_stream`] (resuming a run).
-pub fn set_dropout_stream(position: u64) {
-    DROPOUT_STREAM.set(position);
-}
-
 use crate::rng::splitmix64;
+
+/// What one forward pass needs besides its inputs, handed down the model explicitly (never a
+/// thread-local): the matrix-product precision and the dropout-mask stream, a counter that
+/// every active dropout advances by the number of elements it masks.
+#[derive(Debug)]
+pub struct Pass {
+    pub precision: Precision,
+    dropout: Cell<u64>,
+}
+
+impl Pass {
+    /// A pass in `precision` whose dropout masks start at stream position `dropout_stream`.
+    pub fn new(precision: Precision, dropout_stream: u64) -> Self {
+        Self { precision, dropout: Cell::new(dropout_stream) }
+    }
+
+    /// The stream position a run seeded with `seed` starts at.
+    pub fn seeded(precision: Precision, seed: u64) -> Self {
+        Self::new(precision, splitmix64(seed ^ 0x5EED_D80F))
+    }
+
+    /// An f32 pass (dropout is inactive outside autodiff anyway).
+    pub fn f32() -> Self {
+        Self::new(Precision::F32, 0)
+    }
+
+    /// The dropout stream position after the masks drawn so far (the trainer carries it from
+    /// step to step and saves it in checkpoints).
+    pub fn dropout_stream(&self) -> u64 {
+        self.dropout.get()
+    }
+
+    /// Reserves `n` positions of the dropout stream; returns the first.
+    fn take_dropout(&self, n: u64) -> u64 {
+        let base = self.dropout.get();
+        self.dropout.set(base.wrapping_add(n));
+        base
+    }
+}
 
 /// Inverted dropout, active only on autodiff (training) tensors, like burn's `Dropout`.
 ///
@@ -46,14 +64,13 @@ impl Dropout {
         Self { prob }
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, pass: &Pass) -> Tensor<D> {
         if self.prob == 0.0 || !x.device().is_autodiff() {
             return x;
         }
         let shape = x.shape();
         let n = shape.num_elements();
-        let base = DROPOUT_STREAM.get();
-        DROPOUT_STREAM.set(base.wrapping_add(n as u64));
+        let base = pass.take_dropout(n as u64);
         let keep = 1.0 - self.prob;
         let threshold = (keep * (1u64 << 32) as f64) as u64;
         let scale = (1.0 / keep) as f32;
@@ -75,18 +92,9 @@ pub enum Precision {
     Bf16,
 }
 
-thread_local! {
-    static MATMUL_PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
-}
-
-/// Sets the calling thread's MLP matrix-product precision (the trainer sets the run's).
-pub fn set_matmul_precision(p: Precision) {
-    MATMUL_PRECISION.set(p);
-}
-
-/// `x W + b` in the thread's matmul precision.
-pub fn linear(layer: &Linear, x: Tensor<2>) -> Tensor<2> {
-    match MATMUL_PRECISION.get() {
+/// `x W + b` in the pass's matmul precision.
+pub fn linear(layer: &Linear, x: Tensor<2>, pass: &Pass) -> Tensor<2> {
+    match pass.precision {
         Precision::F32 => layer.forward(x),
         Precision::Bf16 => {
             use burn::tensor::DType;
@@ -127,15 +135,15 @@ impl Mlp {
     }
 
     /// Input `[b, d_in]` (batch norm normalizes over the batch axis).
-    pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+    pub fn forward(&self, mut x: Tensor<2>, pass: &Pass) -> Tensor<2> {
         for (i, layer) in self.hidden.iter().enumerate() {
-            x = linear(layer, x);
+            x = linear(layer, x, pass);
             if let Some(bn) = self.norms.get(i) {
                 x = bn.forward(x);
             }
-            x = self.dropout.forward(relu(x));
+            x = self.dropout.forward(relu(x), pass);
         }
-        linear(&self.output, x)
+        linear(&self.output, x, pass)
     }
 }
 
@@ -163,13 +171,13 @@ impl HiddenLayers {
         Self { layers, norms, dropout: Dropout::new(dropout) }
     }
 
-    pub fn forward(&self, mut x: Tensor<2>) -> Tensor<2> {
+    pub fn forward(&self, mut x: Tensor<2>, pass: &Pass) -> Tensor<2> {
         for (i, layer) in self.layers.iter().enumerate() {
-            x = linear(layer, x);
+            x = linear(layer, x, pass);
             if let Some(bn) = self.norms.get(i) {
                 x = bn.forward(x);
             }
-            x = self.dropout.forward(relu(x));
+            x = self.dropout.forward(relu(x), pass);
         }
         x
     }
@@ -295,7 +303,7 @@ impl FmBlock {
     }
 
     /// The FM interaction matrix before flattening: `[b, n, k]` (or `[b, n, n]` for `Full`).
-    pub fn interactions(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn interactions(&self, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
         let [b, n, d] = x.dims();
         let xt = x.clone().swap_dims(1, 2); // [b, d, n]
         if let Some(y) = &self.projection {
@@ -305,19 +313,19 @@ impl FmBlock {
         } else if let Some(att) = &self.attentive {
             let c = att.compress.forward(x.clone()); // [b, c, d]
             let c = c.reshape([b, att.compress.weight.dims()[1] * d]);
-            let y = att.mlp.forward(c).reshape([b, n, self.rank]);
+            let y = att.mlp.forward(c, pass).reshape([b, n, self.rank]);
             x.matmul(xt.matmul(y))
         } else {
             x.matmul(xt)
         }
     }
 
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
         let b = x.dims()[0];
         debug_assert_eq!(x.dims()[1], self.n_in);
-        let fm = self.interactions(x);
+        let fm = self.interactions(x, pass);
         let width = fm.dims()[1] * fm.dims()[2];
-        let h = self.mlp.forward(super::fused::layer_norm(&self.norm, fm.reshape([b, width])));
+        let h = self.mlp.forward(super::fused::layer_norm(&self.norm, fm.reshape([b, width])), pass);
         h.reshape([b, self.n_out, self.dim])
     }
 }
@@ -343,8 +351,8 @@ impl WukongLayer {
         }
     }
 
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let out = Tensor::cat(vec![self.fmb.forward(x.clone()), self.lcb.forward(x.clone())], 1);
+    pub fn forward(&self, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
+        let out = Tensor::cat(vec![self.fmb.forward(x.clone(), pass), self.lcb.forward(x.clone())], 1);
         let res = match &self.residual {
             Some(proj) => proj.forward(x),
             None => x,
@@ -363,11 +371,8 @@ mod tests {
         dev.seed(9);
         let mlp = Mlp::new(64, &[128, 64], 8, 0.0, &dev);
         let x = Tensor::<2>::random([256, 64], Distribution::Normal(0.0, 1.0), &dev).require_grad();
-        set_matmul_precision(Precision::F32);
-        let full = mlp.forward(x.clone());
-        set_matmul_precision(Precision::Bf16);
-        let half = mlp.forward(x.clone());
-        set_matmul_precision(Precision::F32);
+        let full = mlp.forward(x.clone(), &Pass::f32());
+        let half = mlp.forward(x.clone(), &Pass::new(Precision::Bf16, 0));
         assert_eq!(half.dtype(), burn::tensor::DType::F32);
         let scale = full.clone().abs().max().into_scalar::<f32>();
         let diff = (full.clone() - half.clone()).abs().max().into_scalar::<f32>();

@@ -14,6 +14,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{Pass, TableStorage};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -125,7 +126,7 @@ impl ModelSpec for MaskNetConfig {
         }
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let d = self.embedding_dim;
         let emb = num_inputs(shape, self.num_dense_embeddings) * d;
         let (blocks, head) = match self.model_type {
@@ -149,7 +150,7 @@ impl ModelSpec for MaskNetConfig {
             }
         };
         Model::MaskNet(MaskNet {
-            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             emb_norm: self.emb_layernorm.then(|| LayerNormConfig::new(emb).init(device)),
             blocks,
@@ -180,8 +181,8 @@ impl ModelSpec for MaskNetConfig {
 }
 
 impl MaskNet {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let emb = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim())));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let emb = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass)));
         let b = emb.dims()[0];
         let normed = match &self.emb_norm {
             Some(ln) => super::fused::layer_norm(ln, emb.clone()),
@@ -196,6 +197,6 @@ impl MaskNet {
         } else {
             Tensor::cat(self.blocks.iter().map(|block| block.forward(emb.clone(), normed.clone())).collect(), 1)
         };
-        self.head.forward(out).reshape([b])
+        self.head.forward(out, pass).reshape([b])
     }
 }

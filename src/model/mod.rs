@@ -24,6 +24,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use embedding::{Gathered, SlotLayout, SparseEmbedding, SparseInput, TableStorage};
+pub use layers::{Pass, Precision};
 pub use wukong::{Wukong, WukongConfig};
 
 /// What a model needs to know about the data: categorical fields (after multi-hot pooling),
@@ -42,43 +43,97 @@ impl DataShape {
     }
 }
 
-/// Applies `$body` to whichever variant `$value` holds (the variants share field and method names).
-macro_rules! each {
-    ($enum:ident, $value:expr, $m:ident => $body:expr) => {
-        match $value {
-            $enum::Wukong($m) => $body,
-            $enum::Lr($m) => $body,
-            $enum::Fm($m) => $body,
-            $enum::Dnn($m) => $body,
-            $enum::Dlrm($m) => $body,
-            $enum::Dcnv2($m) => $body,
-            $enum::AutoInt($m) => $body,
-            $enum::Afn($m) => $body,
-            $enum::FinalMlp($m) => $body,
-            $enum::MaskNet($m) => $body,
-            $enum::XDeepFm($m) => $body,
+/// The model registry, declared once: each line is a variant, its config and model types, its
+/// `[model] name` and any aliases. Adding a model is its file plus one line here. The macro
+/// makes the [`ModelConfig`] and [`Model`] enums and everything that dispatches over them.
+macro_rules! registry {
+    ($($variant:ident($config:ty, $model:ty) = $name:literal $(| $alias:literal)*;)*) => {
+        /// A model's configuration: `[model] name = "wukong"` selects the variant, the other keys
+        /// are that model's config (unknown keys are refused).
+        #[derive(Debug, Clone, Serialize, PartialEq)]
+        #[serde(tag = "name")]
+        pub enum ModelConfig {
+            $(#[serde(rename = $name)] $variant($config),)*
+        }
+
+        #[derive(Module, Debug)]
+        pub enum Model {
+            $($variant($model),)*
+        }
+
+        $(impl From<$model> for Model {
+            fn from(m: $model) -> Self {
+                Model::$variant(m)
+            }
+        })*
+
+        impl ModelConfig {
+            /// The `[model] name` of every model, in registry order.
+            pub const NAMES: &'static [&'static str] = &[$($name),*];
+
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(ModelConfig::$variant(_) => $name,)*
+                }
+            }
+
+            fn spec(&self) -> &dyn ModelSpec {
+                match self {
+                    $(ModelConfig::$variant(c) => c,)*
+                }
+            }
+
+            /// The config named `name` from the rest of its table (None: no such model).
+            fn from_table(name: &str, table: toml::Table) -> Option<Result<Self, String>> {
+                fn de<T: serde::de::DeserializeOwned>(t: toml::Table) -> Result<T, String> {
+                    serde_path_to_error::deserialize(toml::Value::Table(t)).map_err(|e| format!("model.{}: {}", e.path(), e.inner()))
+                }
+                match name {
+                    $($name $(| $alias)* => Some(de(table).map(ModelConfig::$variant)),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl Model {
+            pub fn embedding(&self) -> &SparseEmbedding {
+                match self {
+                    $(Model::$variant(m) => &m.embedding,)*
+                }
+            }
+
+            /// Applies `f` to the embedding table, taking it by value so updates can happen in place.
+            pub fn map_embedding(self, f: impl FnOnce(SparseEmbedding) -> SparseEmbedding) -> Self {
+                match self {
+                    $(Model::$variant(mut m) => {
+                        m.embedding = f(m.embedding);
+                        Model::$variant(m)
+                    })*
+                }
+            }
+
+            /// The model's own forward pass on looked-up embeddings and dense features.
+            fn forward_inner(&self, x0: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+                match self {
+                    $(Model::$variant(m) => m.forward(x0, dense, pass),)*
+                }
+            }
         }
     };
 }
 
-/// The model registry: `[model] name = "wukong"` selects the variant, the other keys are that
-/// model's config (unknown keys are refused).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(tag = "name", rename_all = "lowercase")]
-pub enum ModelConfig {
-    Wukong(WukongConfig),
-    Lr(simple::LrConfig),
-    Fm(simple::FmConfig),
-    Dnn(simple::DnnConfig),
-    Dlrm(dlrm::DlrmConfig),
-    Dcnv2(dcnv2::Dcnv2Config),
-    #[serde(rename = "autoint+", alias = "autoint")]
-    AutoInt(autoint::AutoIntConfig),
-    #[serde(rename = "afn+", alias = "afn")]
-    Afn(afn::AfnConfig),
-    FinalMlp(finalmlp::FinalMlpConfig),
-    MaskNet(masknet::MaskNetConfig),
-    XDeepFm(xdeepfm::XDeepFmConfig),
+registry! {
+    Wukong(WukongConfig, Wukong) = "wukong";
+    Lr(simple::LrConfig, simple::Lr) = "lr";
+    Fm(simple::FmConfig, simple::Fm) = "fm";
+    Dnn(simple::DnnConfig, simple::Dnn) = "dnn";
+    Dlrm(dlrm::DlrmConfig, dlrm::Dlrm) = "dlrm";
+    Dcnv2(dcnv2::Dcnv2Config, dcnv2::Dcnv2) = "dcnv2";
+    AutoInt(autoint::AutoIntConfig, autoint::AutoInt) = "autoint+" | "autoint";
+    Afn(afn::AfnConfig, afn::Afn) = "afn+" | "afn";
+    FinalMlp(finalmlp::FinalMlpConfig, finalmlp::FinalMlp) = "finalmlp";
+    MaskNet(masknet::MaskNetConfig, masknet::MaskNet) = "masknet";
+    XDeepFm(xdeepfm::XDeepFmConfig, xdeepfm::XDeepFm) = "xdeepfm";
 }
 
 /// Deserialised through a table so that an error names its key (`model.embedding_dim: invalid
@@ -91,23 +146,8 @@ impl<'de> Deserialize<'de> for ModelConfig {
             Some(other) => return Err(serde::de::Error::custom(format!("model.name must be a string, got {other}"))),
             None => return Err(serde::de::Error::custom(format!("model.name is missing (one of {})", ModelConfig::NAMES.join(", ")))),
         };
-        fn de<T: serde::de::DeserializeOwned>(t: toml::Table) -> Result<T, String> {
-            serde_path_to_error::deserialize(toml::Value::Table(t)).map_err(|e| format!("model.{}: {}", e.path(), e.inner()))
-        }
-        let cfg = match name.as_str() {
-            "wukong" => de(table).map(ModelConfig::Wukong),
-            "lr" => de(table).map(ModelConfig::Lr),
-            "fm" => de(table).map(ModelConfig::Fm),
-            "dnn" => de(table).map(ModelConfig::Dnn),
-            "dlrm" => de(table).map(ModelConfig::Dlrm),
-            "dcnv2" => de(table).map(ModelConfig::Dcnv2),
-            "autoint+" | "autoint" => de(table).map(ModelConfig::AutoInt),
-            "afn+" | "afn" => de(table).map(ModelConfig::Afn),
-            "finalmlp" => de(table).map(ModelConfig::FinalMlp),
-            "masknet" => de(table).map(ModelConfig::MaskNet),
-            "xdeepfm" => de(table).map(ModelConfig::XDeepFm),
-            other => Err(format!("unknown model.name {other:?}: expected one of {}", ModelConfig::NAMES.join(", "))),
-        };
+        let cfg = ModelConfig::from_table(&name, table)
+            .unwrap_or_else(|| Err(format!("unknown model.name {name:?}: expected one of {}", ModelConfig::NAMES.join(", "))));
         cfg.map_err(serde::de::Error::custom)
     }
 }
@@ -125,34 +165,14 @@ pub trait ModelSpec {
     fn check_shape(&self, _shape: &DataShape) -> anyhow::Result<()> {
         Ok(())
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model;
+    /// The model with fresh parameters, its embedding table stored as `storage` from the start
+    /// (a half-precision table never exists in f32: that copy would double the peak memory).
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model;
     /// Analytic forward FLOPs per example (2 × multiply-adds of the matrix products).
     fn forward_flops(&self, shape: &DataShape) -> u64;
 }
 
 impl ModelConfig {
-    pub const NAMES: [&'static str; 11] =
-        ["wukong", "lr", "fm", "dnn", "dlrm", "dcnv2", "autoint+", "afn+", "finalmlp", "masknet", "xdeepfm"];
-
-    pub fn name(&self) -> &'static str {
-        let i = match self {
-            ModelConfig::Wukong(_) => 0,
-            ModelConfig::Lr(_) => 1,
-            ModelConfig::Fm(_) => 2,
-            ModelConfig::Dnn(_) => 3,
-            ModelConfig::Dlrm(_) => 4,
-            ModelConfig::Dcnv2(_) => 5,
-            ModelConfig::AutoInt(_) => 6,
-            ModelConfig::Afn(_) => 7,
-            ModelConfig::FinalMlp(_) => 8,
-            ModelConfig::MaskNet(_) => 9,
-            ModelConfig::XDeepFm(_) => 10,
-        };
-        Self::NAMES[i]
-    }
-    fn spec(&self) -> &dyn ModelSpec {
-        each!(ModelConfig, self, c => c as &dyn ModelSpec)
-    }
     /// Width of the embedding table's rows.
     pub fn embedding_dim(&self) -> usize {
         self.spec().table_dim()
@@ -191,12 +211,13 @@ impl ModelConfig {
     pub fn check_shape(&self, shape: &DataShape) -> anyhow::Result<()> {
         self.spec().check_shape(shape)
     }
+    /// The model with fresh parameters and an f32 embedding table.
     pub fn init(&self, shape: &DataShape, device: &Device) -> Model {
-        self.spec().build(shape, device)
+        self.spec().build(shape, TableStorage::F32, device)
     }
     /// [`Self::init`] with the embedding table stored as `storage` (`[train] emb_storage`).
     pub fn init_with_storage(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
-        embedding::with_init_storage(storage, || self.init(shape, device))
+        self.spec().build(shape, storage, device)
     }
     /// Analytic forward FLOPs per example (matrix products only).
     pub fn forward_flops(&self, shape: &DataShape) -> u64 {
@@ -204,38 +225,11 @@ impl ModelConfig {
     }
 }
 
-#[derive(Module, Debug)]
-pub enum Model {
-    Wukong(Wukong),
-    Lr(simple::Lr),
-    Fm(simple::Fm),
-    Dnn(simple::Dnn),
-    Dlrm(dlrm::Dlrm),
-    Dcnv2(dcnv2::Dcnv2),
-    AutoInt(autoint::AutoInt),
-    Afn(afn::Afn),
-    FinalMlp(finalmlp::FinalMlp),
-    MaskNet(masknet::MaskNet),
-    XDeepFm(xdeepfm::XDeepFm),
-}
-
 impl Model {
-    pub fn embedding(&self) -> &SparseEmbedding {
-        each!(Model, self, m => &m.embedding)
-    }
-
-    /// Applies `f` to the embedding table, taking it by value so updates can happen in place.
-    pub fn map_embedding(self, f: impl FnOnce(SparseEmbedding) -> SparseEmbedding) -> Self {
-        each!(Model, self, m => {
-            let mut m = m;
-            m.embedding = f(m.embedding);
-            m.into()
-        })
-    }
-
     /// Logits `[b]`; with `track` the gathered embedding rows are returned as the autodiff leaf
     /// (None when the data has no categorical field).
-    pub fn forward(&self, input: &SparseInput, track: bool) -> (Tensor<1>, Option<Gathered>) {
+    /// Precision and dropout stream come from `pass`.
+    pub fn forward(&self, input: &SparseInput, track: bool, pass: &Pass) -> (Tensor<1>, Option<Gathered>) {
         let (x0, gathered) = match input.slots {
             0 => (None, None), // all-dense data: no embedding lookup
             _ => {
@@ -244,7 +238,7 @@ impl Model {
             }
         };
         crate::profile::mark(crate::profile::Phase::Embedding);
-        let logits = each!(Model, self, m => m.forward(x0, input.dense.clone()));
+        let logits = self.forward_inner(x0, input.dense.clone(), pass);
         // Wukong marks its own phases; for the others the whole rest is "interaction".
         crate::profile::mark(crate::profile::Phase::Interaction);
         (logits, gathered)
@@ -257,29 +251,6 @@ impl Model {
     }
 }
 
-macro_rules! impl_from {
-    ($($variant:ident($ty:ty)),*) => {
-        $(impl From<$ty> for Model {
-            fn from(m: $ty) -> Self {
-                Model::$variant(m)
-            }
-        })*
-    };
-}
-impl_from!(
-    Wukong(Wukong),
-    Lr(simple::Lr),
-    Fm(simple::Fm),
-    Dnn(simple::Dnn),
-    Dlrm(dlrm::Dlrm),
-    Dcnv2(dcnv2::Dcnv2),
-    AutoInt(autoint::AutoInt),
-    Afn(afn::Afn),
-    FinalMlp(finalmlp::FinalMlp),
-    MaskNet(masknet::MaskNet),
-    XDeepFm(xdeepfm::XDeepFm)
-);
-
 /// The checks every baseline config shares: positive embedding widths, dropouts in [0, 1).
 pub fn check_common(embedding_dim: usize, num_dense_embeddings: usize, dropouts: &[(&str, f64)]) -> anyhow::Result<()> {
     anyhow::ensure!(embedding_dim > 0 && num_dense_embeddings > 0, "model.embedding_dim and num_dense_embeddings must be positive");
@@ -290,10 +261,10 @@ pub fn check_common(embedding_dim: usize, num_dense_embeddings: usize, dropouts:
 }
 
 /// Dense features → an MLP → `n` extra embeddings of width `d` (`[b, n, d]`).
-pub fn dense_embeddings(mlp: &Option<layers::Mlp>, dense: Option<Tensor<2>>, d: usize) -> Option<Tensor<3>> {
+pub fn dense_embeddings(mlp: &Option<layers::Mlp>, dense: Option<Tensor<2>>, d: usize, pass: &Pass) -> Option<Tensor<3>> {
     match (mlp, dense) {
         (Some(mlp), Some(values)) => {
-            let e = mlp.forward(values);
+            let e = mlp.forward(values, pass);
             let [b, w] = e.dims();
             Some(e.reshape([b, w / d, d]))
         }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{Pass, TableStorage};
 
 fn zero_bias(device: &Device) -> Param<Tensor<1>> {
     Param::initialized(ParamId::new(), Tensor::<1>::zeros([1], device))
@@ -41,9 +42,9 @@ impl ModelSpec for LrConfig {
     fn validate(&self) -> anyhow::Result<()> {
         Ok(())
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         Model::Lr(Lr {
-            embedding: SparseEmbedding::new(shape.table_rows, 1, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, 1, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &[], 1, 1, device),
             bias: zero_bias(device),
         })
@@ -54,8 +55,8 @@ impl ModelSpec for LrConfig {
 }
 
 impl Lr {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, 1));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, 1, pass));
         let [b, n, _] = x.dims();
         x.reshape([b, n]).sum_dim(1).reshape([b]) + self.bias.val()
     }
@@ -95,10 +96,10 @@ impl ModelSpec for FmConfig {
     fn validate(&self) -> anyhow::Result<()> {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[])
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let w = self.table_dim();
         Model::Fm(Fm {
-            embedding: SparseEmbedding::new(shape.table_rows, w, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, w, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, w, device),
             bias: zero_bias(device),
         })
@@ -121,8 +122,8 @@ pub fn fm_logit(x: Tensor<3>) -> Tensor<1> {
 }
 
 impl Fm {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
         fm_logit(x) + self.bias.val()
     }
 }
@@ -168,10 +169,10 @@ impl ModelSpec for DnnConfig {
     fn validate(&self) -> anyhow::Result<()> {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         Model::Dnn(Dnn {
-            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             mlp: Mlp::with_batch_norm(n * d, &self.hidden_units, 1, self.dropout, self.batch_norm, device),
         })
@@ -189,9 +190,9 @@ pub fn flatten(x: Tensor<3>) -> Tensor<2> {
 }
 
 impl Dnn {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
         let b = x.dims()[0];
-        self.mlp.forward(flatten(x)).reshape([b])
+        self.mlp.forward(flatten(x), pass).reshape([b])
     }
 }

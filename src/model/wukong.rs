@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{FmBlockSpec, FmKind, Mlp, WukongLayer, mlp_dims};
 use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp};
+use super::{Pass, TableStorage};
 use crate::profile::{Phase, mark};
 
 /// Every hyperparameter of the paper, plus regularization. TOML keys are these field names.
@@ -124,11 +125,17 @@ impl WukongConfig {
         Ok(())
     }
 
+    /// The model with an f32 embedding table.
     pub fn init(&self, shape: &DataShape, device: &Device) -> Wukong {
+        self.init_in(shape, TableStorage::F32, device)
+    }
+
+    /// The model with its embedding table stored as `storage`.
+    pub fn init_in(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Wukong {
         let d = self.embedding_dim;
         let layers = self.layer_specs(shape).iter().map(|s| WukongLayer::new(s, self.num_lcb, device)).collect();
         Wukong {
-            embedding: SparseEmbedding::new(shape.table_rows, d, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
             layers,
             top: Mlp::with_batch_norm(self.n_last(shape) * d, &self.top_mlp, 1, self.dropout, self.batch_norm, device),
@@ -172,8 +179,8 @@ impl ModelSpec for WukongConfig {
     fn validate(&self) -> anyhow::Result<()> {
         WukongConfig::validate(self)
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
-        Model::Wukong(self.init(shape, device))
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+        Model::Wukong(self.init_in(shape, storage, device))
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
         WukongConfig::forward_flops(self, shape)
@@ -191,17 +198,17 @@ pub struct Wukong {
 impl Wukong {
     /// Logits `[b]` from the embedded categorical input `[b, fields, d]` and the dense features
     /// `[b, num_dense]`; either may be absent (all-dense or all-categorical data), not both.
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
         let d = self.embedding.dim();
-        let mut x = cat_fields(sparse, dense_embeddings(&self.dense, dense, d));
+        let mut x = cat_fields(sparse, dense_embeddings(&self.dense, dense, d, pass));
         mark(Phase::Embedding);
         let b = x.dims()[0];
         for layer in &self.layers {
-            x = layer.forward(x);
+            x = layer.forward(x, pass);
         }
         mark(Phase::Interaction);
         let n = x.dims()[1];
-        let logits = self.top.forward(x.reshape([b, n * d])).reshape([b]);
+        let logits = self.top.forward(x.reshape([b, n * d]), pass).reshape([b]);
         mark(Phase::Mlp);
         logits
     }

@@ -13,6 +13,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{Pass, TableStorage};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -66,7 +67,7 @@ impl ModelSpec for XDeepFmConfig {
         );
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
         let (d, m) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         let mut h = m;
         let cin = self
@@ -79,7 +80,7 @@ impl ModelSpec for XDeepFmConfig {
             })
             .collect();
         Model::XDeepFm(XDeepFm {
-            embedding: SparseEmbedding::new(shape.table_rows, d + 1, self.embedding_init_std, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, d + 1, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d + 1, device),
             cin,
             cin_out: LinearConfig::new(self.cin_hidden_units.iter().sum(), 1).init(device),
@@ -105,8 +106,8 @@ impl ModelSpec for XDeepFmConfig {
 }
 
 impl XDeepFm {
-    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim()));
+    pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
         let [b, m, w] = x.dims();
         let d = w - 1;
         let linear = x.clone().narrow(2, d, 1).reshape([b, m]).sum_dim(1).reshape([b]);
@@ -121,7 +122,7 @@ impl XDeepFm {
         }
         let mut logit = self.cin_out.forward(Tensor::cat(pooled, 1)).reshape([b]) + linear + self.bias.val();
         if let Some(dnn) = &self.dnn {
-            logit = logit + dnn.forward(flatten(x0)).reshape([b]);
+            logit = logit + dnn.forward(flatten(x0), pass).reshape([b]);
         }
         logit
     }

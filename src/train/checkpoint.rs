@@ -110,7 +110,7 @@ impl LoadedRun {
                 .context("the run's config has no test split: give --data")?,
         };
         let (enc, log) = pipeline::encode_in_memory(&self.config.data, &src, &self.encoder)?;
-        eprintln!("{}: {} rows, {} skipped, {} values out of vocabulary", src.path.display(), log.rows, log.skipped, log.oov);
+        tracing::info!("{}: {} rows, {} skipped, {} values out of vocabulary", src.path.display(), log.rows, log.skipped, log.oov);
         Ok(crate::data::SplitData::Memory(std::sync::Arc::new(enc)))
     }
 }
@@ -118,7 +118,6 @@ impl LoadedRun {
 pub fn load_run(dir: &Path, device: &Device) -> Result<LoadedRun> {
     let config = ExperimentConfig::load(&dir.join(CONFIG)).with_context(|| format!("{} is not a run directory", dir.display()))?;
     let encoder = Encoder::load(&dir.join(ENCODER))?;
-    crate::model::layers::set_matmul_precision(config.train.precision);
     let model = load_model(&config, &encoder, &dir.join(MODEL), device)?;
     Ok(LoadedRun { dir: dir.to_path_buf(), config, encoder, model })
 }
@@ -343,7 +342,7 @@ impl CheckpointDir {
 
 /// A crash in the middle of a checkpoint write (fault injection): no unwinding, no cleanup.
 fn abort_in_write() -> ! {
-    eprintln!("fault injection: aborting in the middle of a checkpoint write");
+    tracing::error!("fault injection: aborting in the middle of a checkpoint write");
     std::process::abort()
 }
 

@@ -5,19 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `[train] guard`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum GuardPolicy {
-    /// Restore the newest checkpoint, skip the batches from it to the anomaly, scale the learning
-    /// rates by `guard_lr_factor`; give up after `guard_max_rollbacks`.
-    #[default]
-    Rollback,
-    /// Stop with an error naming the step and the values.
-    Fail,
-    /// No checks (a NaN flows into the optimizer).
-    Off,
-}
+pub use crate::config::GuardPolicy;
 
 /// What one step measured, before its update was applied.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +77,19 @@ pub struct GuardConfig {
     pub window: usize,
     /// Steps observed before spikes are checked (non-finite values are checked from the start).
     pub min_steps: usize,
+}
+
+impl GuardConfig {
+    /// The thresholds of a run's `[train]` table.
+    pub fn of(t: &crate::config::TrainConfig) -> Self {
+        Self {
+            policy: t.guard,
+            spike_factor: t.guard_spike_factor,
+            spike_sigma: t.guard_spike_sigma,
+            window: t.guard_window,
+            min_steps: t.guard_min_steps,
+        }
+    }
 }
 
 impl GuardState {

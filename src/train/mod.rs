@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::config::{ExperimentConfig, TrainConfig};
 use crate::data::{BatchLoader, Encoder, SplitData};
 use crate::metrics::{MetricAccumulator, Metrics};
-use crate::model::{DataShape, Model, ModelConfig, SlotLayout, SparseInput};
+use crate::model::{DataShape, Model, ModelConfig, Pass, Precision, SlotLayout, SparseInput};
 use crate::profile::{self, Phase};
 use checkpoint::{Checkpoint, CheckpointDir, Faults};
 pub use guard::{GuardConfig, GuardEvent, GuardPolicy, GuardState, StepReport};
@@ -33,14 +33,21 @@ pub fn bce_with_logits(logits: Tensor<1>, labels: Tensor<1>) -> Tensor<1> {
 }
 
 /// Logits of every example, in file order.
-pub fn predict_logits(model: &Model, data: &SplitData, encoder: &Encoder, batch_size: usize, device: &Device) -> Result<Vec<f32>> {
+pub fn predict_logits(
+    model: &Model,
+    data: &SplitData,
+    encoder: &Encoder,
+    batch_size: usize,
+    precision: Precision,
+    device: &Device,
+) -> Result<Vec<f32>> {
     let layout = SlotLayout::of(encoder);
     let loader = BatchLoader::from_split(data.clone(), encoder.total_rows(), batch_size, 65_536, 1);
     let mut out = Vec::with_capacity(data.len());
     for batch in loader.epoch(None) {
         let batch = batch?;
         let input = SparseInput::from_batch(&batch, &layout, device);
-        let (logits, _) = model.forward(&input, false);
+        let (logits, _) = model.forward(&input, false, &Pass::new(precision, 0));
         out.extend(logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
     }
     anyhow::ensure!(out.len() == data.len(), "scored {} of {} examples", out.len(), data.len());
@@ -48,9 +55,16 @@ pub fn predict_logits(model: &Model, data: &SplitData, encoder: &Encoder, batch_
 }
 
 /// AUC and LogLoss of `model` (an inference copy: `model.valid()`) on an in-memory split.
-pub fn evaluate(model: &Model, data: &SplitData, encoder: &Encoder, batch_size: usize, device: &Device) -> Result<Metrics> {
+pub fn evaluate(
+    model: &Model,
+    data: &SplitData,
+    encoder: &Encoder,
+    batch_size: usize,
+    precision: Precision,
+    device: &Device,
+) -> Result<Metrics> {
     let SplitData::Memory(d) = data else { anyhow::bail!("evaluation needs the split in memory") };
-    let logits = predict_logits(model, data, encoder, batch_size, device)?;
+    let logits = predict_logits(model, data, encoder, batch_size, precision, device)?;
     let mut acc = MetricAccumulator::new();
     for (z, y) in logits.iter().zip(&d.labels) {
         acc.push(*z, *y);
@@ -68,6 +82,9 @@ pub struct Stepper {
     layout: SlotLayout,
     autodiff: Device,
     grad_clip_norm: f64,
+    precision: Precision,
+    /// Position of the dropout-mask stream (carried from step to step, saved in checkpoints).
+    dropout_stream: u64,
 }
 
 /// Named binary parts of a checkpoint.
@@ -89,7 +106,26 @@ impl Stepper {
             .init();
         let rows = model.embedding().rows();
         let sparse_optimizer = SparseOptimizer::new(t, rows, &cfg.table_segments(), device);
-        Self { model: Some(model), adam, sparse_optimizer, layout, autodiff: device.clone().autodiff(), grad_clip_norm: t.grad_clip_norm }
+        Self {
+            model: Some(model),
+            adam,
+            sparse_optimizer,
+            layout,
+            autodiff: device.clone().autodiff(),
+            grad_clip_norm: t.grad_clip_norm,
+            precision: t.precision,
+            dropout_stream: Pass::seeded(t.precision, t.seed).dropout_stream(),
+        }
+    }
+
+    pub fn dropout_stream(&self) -> u64 {
+        self.dropout_stream
+    }
+
+    /// Restores a position from [`Self::dropout_stream`] (resuming a run, or replaying the same
+    /// masks on another device).
+    pub fn set_dropout_stream(&mut self, position: u64) {
+        self.dropout_stream = position;
     }
 
     pub fn model(&self) -> &Model {
@@ -120,7 +156,9 @@ impl Stepper {
         let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), ad);
         profile::mark(Phase::Data);
         let model = self.model.take().expect("model present between steps");
-        let (logits, gathered) = model.forward(&input, true);
+        let pass = Pass::new(self.precision, self.dropout_stream);
+        let (logits, gathered) = model.forward(&input, true, &pass);
+        self.dropout_stream = pass.dropout_stream();
         let loss = bce_with_logits(logits, labels);
         profile::mark(Phase::Mlp);
         let mut grads = loss.backward();
@@ -401,7 +439,7 @@ impl Loop<'_> {
 
     fn checkpoint(&mut self) -> Result<()> {
         let start = Instant::now();
-        self.state.dropout_stream = crate::model::layers::dropout_stream();
+        self.state.dropout_stream = self.stepper.dropout_stream();
         self.state.seconds = self.seconds();
         self.state.checkpoints += 1;
         let (meta, sections) = self.stepper.save_state()?;
@@ -419,14 +457,14 @@ impl Loop<'_> {
             serde_json::from_value(ckpt.state["train"].clone()).context("the checkpoint's training state is unreadable")?;
         let meta = ckpt.state["sparse_optimizer"].clone();
         stepper.load_state(&meta, &mut ckpt)?;
-        crate::model::layers::set_dropout_stream(state.dropout_stream);
+        stepper.set_dropout_stream(state.dropout_stream);
         Ok(state)
     }
 
     fn newest_checkpoint(&self) -> Result<(PathBuf, Checkpoint)> {
         let (found, refused) = self.ckpts.newest_valid()?;
         for r in &refused {
-            eprintln!("warning: refusing checkpoint {r}");
+            tracing::warn!("refusing checkpoint {r}");
         }
         found.with_context(|| {
             format!(
@@ -441,7 +479,7 @@ impl Loop<'_> {
     /// saves the best weights, checkpoints. `epoch` is the epoch the evaluation belongs to.
     fn evaluate(&mut self, epoch: usize, train_logloss: f64, end_of_epoch: bool, epoch_secs: Option<f64>) -> Result<()> {
         let t = &self.cfg.train;
-        let valid = evaluate(&self.stepper.model().valid(), &self.valid_data, &self.encoder, t.eval_batch_size, &self.device)
+        let valid = evaluate(&self.stepper.model().valid(), &self.valid_data, &self.encoder, t.eval_batch_size, t.precision, &self.device)
             .with_context(|| format!("validation at step {}", self.state.step))?;
         let seconds = self.seconds();
         let s = &mut self.state;
@@ -554,8 +592,6 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     // Model and optimizers.
     let device = crate::runtime::parse_device(&opts.device)?;
     device.seed(t.seed);
-    crate::model::layers::seed_dropout(t.seed);
-    crate::model::layers::set_matmul_precision(t.precision);
     let ad = device.clone().autodiff();
     let model = cfg.model.init_with_storage(&shape, t.emb_storage, &ad);
     let (emb_params, dense_params) = model.param_counts();
@@ -614,10 +650,10 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let planned = (t.epochs as u64).saturating_mul(nb as u64);
     let warmup = if t.warmup_fraction > 0.0 { (t.warmup_fraction * planned as f64).ceil() as u64 } else { t.warmup_steps as u64 };
     for w in plan_warnings(lp.state.step == 0, nb, warmup, planned, t) {
-        eprintln!("warning: {w}");
+        tracing::warn!("{w}");
     }
     lp.warmup = warmup;
-    let guard_cfg = t.guard_config();
+    let guard_cfg = GuardConfig::of(t);
     let faults = &opts.faults;
     // Injected anomalies fire until the first rollback (so a test can watch the run recover).
     let mut inject = true;
@@ -693,7 +729,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                     t.guard_lr_factor
                 );
                 let ev = memory.event(kind, next, epoch, bi, &report, action);
-                eprintln!("warning: guard: {}; {}", guard::describe(&ev), ev.action);
+                tracing::warn!("guard: {}; {}", guard::describe(&ev), ev.action);
                 memory.events.push(ev);
                 memory.skip.push((from, g));
                 memory.rollbacks += 1;
@@ -712,7 +748,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             s.epoch_examples += batch.size as u64;
             s.guard.observe(&guard_cfg, report.loss);
             if faults.abort_at_step == Some(s.step) {
-                eprintln!("fault injection: aborting after step {}", s.step);
+                tracing::error!("fault injection: aborting after step {}", s.step);
                 std::process::abort();
             }
             if lp.state.batch < nb {
@@ -753,7 +789,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let best_eval = lp.state.best.context("no evaluation was made")?;
     let best = checkpoint::load_model(cfg, &lp.encoder, &run_dir.join(checkpoint::MODEL), &device)?;
     let test = match &test_data {
-        Some(d) => Some(evaluate(&best, d, &lp.encoder, t.eval_batch_size, &device)?),
+        Some(d) => Some(evaluate(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device)?),
         None => None,
     };
     let valid = best_eval.metrics();

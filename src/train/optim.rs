@@ -137,16 +137,7 @@ impl SparseAdam {
     }
 }
 
-/// Which optimizer updates the embedding rows (`[train] emb_optimizer`).
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum EmbOptimizerKind {
-    /// Row-wise Adagrad (the paper's, DLRM's): one accumulator per row (per packed segment).
-    #[default]
-    RowwiseAdagrad,
-    /// Lazy Adam on touched rows (what BARS/FuxiCTR baselines are tuned with, there dense).
-    Adam,
-}
+pub use crate::config::EmbOptimizerKind;
 
 // One per run: the size difference between the variants does not matter.
 #[allow(clippy::large_enum_variant)]

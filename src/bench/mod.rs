@@ -5,7 +5,14 @@
 //! little-endian column files), then runs every measurement in its own child process: ours
 //! (`wukong bench-run`), PyTorch eager and PyTorch with `torch.compile`. Separate processes give
 //! each its own peak RSS and keep one's allocations from slowing the next. Children print one
-//! `BENCH_RESULT {json}` line.
+//! `BENCH_RESULT {json}` line. The generated data is [`data`]'s; the CPU-vs-GPU check is
+//! [`equivalence`]'s.
+
+mod data;
+mod equivalence;
+
+pub use data::{generate, read_work_dir, write_work_dir};
+pub use equivalence::{Equivalence, equivalence};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -194,92 +201,6 @@ impl Spec {
     }
 }
 
-/// Deterministic generator so both sides and every run see the same data.
-use crate::rng::SplitMix64 as Rng;
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a } else { gcd(b, a % b) }
-}
-
-/// Rank `r` of a bounded power law over `v` rows (rank 0 the most frequent), by inverse CDF.
-fn power_law_rank(u: f64, v: usize, s: f64) -> usize {
-    let top = (v + 1) as f64;
-    let x = if s == 0.0 {
-        1.0 + u * v as f64
-    } else if (s - 1.0).abs() < 1e-9 {
-        top.powf(u)
-    } else {
-        (1.0 + u * (top.powf(1.0 - s) - 1.0)).powf(1.0 / (1.0 - s))
-    };
-    (x as usize).saturating_sub(1).min(v - 1)
-}
-
-/// Generates the spec's data: global table rows `[examples, fields]` (each field's hot rows
-/// scattered over its block by a fixed stride, as hashing would), labels, dense features.
-pub fn generate(spec: &Spec, seed: u64) -> EncodedDataset {
-    let fields = spec.vocab.len();
-    let mut offsets = Vec::with_capacity(fields);
-    let mut acc = 0usize;
-    for &v in &spec.vocab {
-        offsets.push(acc);
-        acc += v;
-    }
-    // A stride coprime with the block size permutes ranks over the block.
-    let strides: Vec<usize> = spec
-        .vocab
-        .iter()
-        .map(|&v| (0..).map(|i| 2_654_435_761usize + 2 * i).find(|&p| gcd(p % v.max(1), v) == 1 || v == 1).unwrap())
-        .collect();
-    let mut rng = Rng(seed);
-    let n = spec.examples;
-    let mut data = EncodedDataset::new(fields, spec.dense);
-    data.labels.reserve(n);
-    data.rows.reserve(n * fields);
-    for _ in 0..n {
-        data.labels.push(if rng.unit() < spec.positive_rate { 1.0 } else { 0.0 });
-        for f in 0..fields {
-            let v = spec.vocab[f];
-            let r = power_law_rank(rng.unit(), v, spec.zipf);
-            data.rows.push((offsets[f] + (r * strides[f]) % v) as u32);
-        }
-        for _ in 0..spec.dense {
-            data.dense.push(rng.normal() as f32);
-        }
-    }
-    data.values = vec![1.0; n * fields];
-    data
-}
-
-/// Writes `spec.json`, `rows.u32`, `labels.f32`, `dense.f32` into `dir`.
-pub fn write_work_dir(dir: &Path, spec: &Spec, data: &EncodedDataset) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("spec.json"), serde_json::to_string_pretty(spec)?)?;
-    std::fs::write(dir.join("rows.u32"), data.rows.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())?;
-    std::fs::write(dir.join("labels.f32"), data.labels.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())?;
-    std::fs::write(dir.join("dense.f32"), data.dense.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())?;
-    Ok(())
-}
-
-/// Reads what [`write_work_dir`] wrote.
-pub fn read_work_dir(dir: &Path) -> Result<(Spec, EncodedDataset)> {
-    let spec: Spec =
-        serde_json::from_slice(&std::fs::read(dir.join("spec.json")).with_context(|| format!("cannot read {}/spec.json", dir.display()))?)?;
-    let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("cannot read {}/{name}", dir.display()));
-    let words = |b: Vec<u8>| b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect::<Vec<_>>();
-    let fields = spec.vocab.len();
-    let mut data = EncodedDataset::new(fields, spec.dense);
-    data.rows = words(read("rows.u32")?).into_iter().map(u32::from_le_bytes).collect();
-    data.labels = words(read("labels.f32")?).into_iter().map(f32::from_le_bytes).collect();
-    data.dense = words(read("dense.f32")?).into_iter().map(f32::from_le_bytes).collect();
-    data.values = vec![1.0; data.rows.len()];
-    anyhow::ensure!(
-        data.labels.len() == spec.examples && data.rows.len() == spec.examples * fields && data.dense.len() == spec.examples * spec.dense,
-        "{}: data files do not match spec.json",
-        dir.display()
-    );
-    Ok((spec, data))
-}
-
 /// One side's measurement (ours or a PyTorch mode), as printed on the `BENCH_RESULT` line.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Measurement {
@@ -341,8 +262,6 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     let setup = Instant::now();
     let device = crate::runtime::parse_device(device_spec)?;
     device.seed(spec.train.seed);
-    crate::model::layers::seed_dropout(spec.train.seed);
-    crate::model::layers::set_matmul_precision(spec.train.precision);
     let shape = spec.shape();
     let layout = SlotLayout::one_hot(shape.fields);
     let model = spec.model.init_with_storage(&shape, spec.train.emb_storage, &device.clone().autodiff());
@@ -386,7 +305,7 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
             start = Instant::now(); // the first batch warms up
         }
         let input = SparseInput::from_batch(&batch, &layout, &device);
-        let (logits, _) = model.forward(&input, false);
+        let (logits, _) = model.forward(&input, false, &crate::model::Pass::new(spec.train.precision, 0));
         let v = logits.into_data();
         if i >= 1 {
             scored += v.num_elements();
@@ -531,101 +450,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn power_law_ranks_stay_in_range_and_favour_the_head() {
-        let mut rng = Rng(7);
-        let v = 1000;
-        let mut head = 0;
-        for _ in 0..10_000 {
-            let r = power_law_rank(rng.unit(), v, 1.1);
-            assert!(r < v);
-            head += usize::from(r < 10);
-        }
-        // P(rank < 10) under a 1.1 power law over 1000 ranks is about 0.5; uniform would be 0.01.
-        assert!(head > 3000, "{head}");
-        assert_eq!(power_law_rank(0.0, 5, 0.0), 0);
-        assert_eq!(power_law_rank(0.999_999, 5, 0.0), 4);
-        assert_eq!(power_law_rank(0.5, 1, 2.0), 0);
-    }
-
-    #[test]
     fn median_min_max() {
         let m = Measurement { step_ms: vec![5.0, 1.0, 3.0, 10.0], ..Default::default() };
         assert_eq!(m.median_ms(), 4.0);
         assert_eq!(m.min_ms(), 1.0);
         assert_eq!(m.max_ms(), 10.0);
     }
-}
-
-/// Collects every float parameter's values (in visiting order, which is the same for two copies
-/// of one model).
-struct Collect(Vec<Vec<f32>>);
-
-impl burn::module::ModuleVisitor for Collect {
-    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
-        let v = param.val().into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
-        self.0.push(v);
-    }
-}
-
-/// Result of running the same steps on two devices from the same initial parameters.
-#[derive(Debug, Clone, Serialize)]
-pub struct Equivalence {
-    pub device_a: String,
-    pub device_b: String,
-    pub losses_a: Vec<f32>,
-    pub losses_b: Vec<f32>,
-    /// max over steps of |loss_a − loss_b|.
-    pub max_loss_diff: f64,
-    /// max over parameter tensors of ‖p_a − p_b‖ / max(‖p_a‖, 1e-12) after the last step.
-    pub max_param_rel_diff: f64,
-    pub tolerance: f64,
-    pub passed: bool,
-}
-
-/// Trains `steps` steps of the spec's model on two devices from identical parameters (built on
-/// `a`, copied to `b`), same batches and dropout masks; compares losses and final parameters.
-pub fn equivalence(spec: &Spec, data: EncodedDataset, device_a: &str, device_b: &str, steps: usize, tolerance: f64) -> Result<Equivalence> {
-    use burn::module::Module;
-    let (da, db) = (crate::runtime::parse_device(device_a)?, crate::runtime::parse_device(device_b)?);
-    da.seed(spec.train.seed);
-    crate::model::layers::set_matmul_precision(spec.train.precision);
-    let shape = spec.shape();
-    let layout = SlotLayout::one_hot(shape.fields);
-    let model_a = spec.model.init_with_storage(&shape, spec.train.emb_storage, &da.clone().autodiff());
-    let model_b = model_a.clone().fork(&db.clone().autodiff());
-    let mut sa = Stepper::new(model_a, &spec.model, &spec.train, layout.clone(), &da);
-    let mut sb = Stepper::new(model_b, &spec.model, &spec.train, layout, &db);
-    let loader = BatchLoader::new(Arc::new(data), spec.table_rows, spec.batch_size);
-    let (mut losses_a, mut losses_b) = (Vec::new(), Vec::new());
-    for (i, batch) in loader.epoch(None).take(steps).enumerate() {
-        let batch = batch?;
-        let seed = spec.train.seed.wrapping_add(i as u64);
-        crate::model::layers::seed_dropout(seed);
-        losses_a.push(sa.step(&batch, spec.train.lr, spec.train.emb_lr)?);
-        crate::model::layers::seed_dropout(seed);
-        losses_b.push(sb.step(&batch, spec.train.lr, spec.train.emb_lr)?);
-    }
-    let (mut pa, mut pb) = (Collect(Vec::new()), Collect(Vec::new()));
-    sa.model().visit(&mut pa);
-    sb.model().visit(&mut pb);
-    anyhow::ensure!(pa.0.len() == pb.0.len(), "the two models have different parameter lists");
-    let mut max_rel = 0.0f64;
-    for (a, b) in pa.0.iter().zip(&pb.0) {
-        anyhow::ensure!(a.len() == b.len(), "parameter sizes differ between devices");
-        let diff = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-        let norm = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        max_rel = max_rel.max(diff / norm.max(1e-12));
-    }
-    let max_loss_diff = losses_a.iter().zip(&losses_b).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
-    let passed = max_loss_diff <= tolerance && max_rel <= tolerance && losses_a.len() == steps;
-    Ok(Equivalence {
-        device_a: device_a.into(),
-        device_b: device_b.into(),
-        losses_a,
-        losses_b,
-        max_loss_diff,
-        max_param_rel_diff: max_rel,
-        tolerance,
-        passed,
-    })
 }
