@@ -221,6 +221,25 @@ fn csv_with_header_quotes_multi_hot_pooling_standardize_and_bucketize() {
     assert_eq!(log.oov, 1 + 1 + 1 + 1, "Rome, z twice (two multi-hot fields), age bucket 1");
 }
 
+/// RFC 4180: quoted fields hold delimiters, doubled quotes and line breaks; CRLF line ends; the
+/// lines after a multi-line record keep their true numbers in errors.
+#[test]
+fn csv_quoted_line_breaks_crlf_and_true_line_numbers() {
+    let d = dir("rfc4180");
+    let header = "click,city,tags,price,age,comment\r\n";
+    let text = format!("{header}1,\"Par\nis\",x,1,20,\"two\r\nlines, \"\"quoted\"\"\"\r\n0,Oslo,y,2,30,\r\n\r\n1,Oslo,y,3,40,plain\r\n");
+    let p = write(&d.join("ok.csv"), &text);
+    let (e, data) = fit(&cfg(CSV_SCHEMA, &p));
+    assert_eq!(data.len(), 3, "three records over six lines (one blank)");
+    assert_eq!(data.rows[0], local_row(&e, 0, hash_bytes(b"Par\nis")), "the line break is part of the value");
+    assert_eq!(data.labels, vec![1.0, 0.0, 1.0]);
+    // the record after a two-line one starts on line 4
+    let bad = format!("{header}1,a,x,1,20,\"line one\nline two\"\n0,b,x,cheap,20,\n");
+    let p = write(&d.join("bad.csv"), &bad);
+    let err = fit_err(&cfg(CSV_SCHEMA, &p));
+    assert!(err.contains("bad.csv:4: column price: value \"cheap\" is not a number"), "{err}");
+}
+
 #[test]
 fn bucket_conventions() {
     assert_eq!(bucket(0.0, Transform::Log2Bucket, &[]), 0);
@@ -247,7 +266,10 @@ fn bad_numbers_labels_and_empty_files_name_file_line_and_column() {
         (format!("{header}{good}2,b,x,1,20,\n"), "bad.csv:3: column click: label 2 is not 0/1"),
         (format!("{header}{good},b,x,1,20,\n"), "bad.csv:3: column click: the label is empty"),
         (format!("{header}{good}1,b,x,1\n"), "bad.csv:3: expected 6 columns, found 4"),
-        (format!("{header}{good}1,\"b,x,1,20,\n"), "bad.csv:3: column 2: unterminated quoted field"),
+        (
+            format!("{header}{good}1,\"b,x,1,20,\n"),
+            "bad.csv:3: expected 6 columns, found 2 (a quoted field holds a line break: an unterminated quote?)",
+        ),
         (header.to_string(), "bad.csv: no data rows"),
         (String::new(), "bad.csv: empty file (no header line)"),
     ];

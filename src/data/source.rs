@@ -128,10 +128,10 @@ fn open_format(path: &Path, format: Format, cfg: &DataConfig) -> Result<Box<dyn 
         Format::Libfm | Format::Libsvm => Box::new(LibfmSource::open(path, cfg)?),
         Format::Criteo => {
             let names = if cfg.columns.is_empty() { criteo_columns() } else { cfg.columns.clone() };
-            Box::new(DelimitedSource::open(path, b'\t', cfg.header.unwrap_or(false), names)?)
+            Box::new(DelimitedSource::open(path, b'\t', false, cfg.header.unwrap_or(false), names)?)
         }
-        Format::Csv => Box::new(DelimitedSource::open(path, b',', cfg.header.unwrap_or(true), cfg.columns.clone())?),
-        Format::Tsv => Box::new(DelimitedSource::open(path, b'\t', cfg.header.unwrap_or(true), cfg.columns.clone())?),
+        Format::Csv => Box::new(DelimitedSource::open(path, b',', true, cfg.header.unwrap_or(true), cfg.columns.clone())?),
+        Format::Tsv => Box::new(DelimitedSource::open(path, b'\t', true, cfg.header.unwrap_or(true), cfg.columns.clone())?),
         Format::Parquet => Box::new(ParquetSource::open(path)?),
     })
 }
@@ -141,33 +141,34 @@ fn open_format(path: &Path, format: Format, cfg: &DataConfig) -> Result<Box<dyn 
 
 pub struct DelimitedSource {
     path: PathBuf,
-    reader: Box<dyn BufRead + Send>,
-    delim: u8,
+    reader: csv::Reader<Box<dyn BufRead + Send>>,
+    record: csv::ByteRecord,
     columns: Vec<String>,
-    line: Vec<u8>,
-    unquoted: Vec<u8>,
-    lineno: usize,
-    bytes: u64,
+    /// Line where the last record started (a quoted field may span several).
+    line: u64,
 }
 
 impl DelimitedSource {
-    pub fn open(path: &Path, delim: u8, header: bool, names: Vec<String>) -> Result<Self> {
-        let reader = open_maybe_gz(path)?;
-        let mut s =
-            Self { path: path.to_path_buf(), reader, delim, columns: names, line: Vec::new(), unquoted: Vec::new(), lineno: 0, bytes: 0 };
+    /// `quoting`: RFC 4180 quoted fields (quoted delimiters, `""`, line breaks) for CSV/TSV;
+    /// Criteo's TSV has no quoting, so a quote character there is plain text.
+    pub fn open(path: &Path, delim: u8, quoting: bool, header: bool, names: Vec<String>) -> Result<Self> {
+        let reader = csv::ReaderBuilder::new()
+            .delimiter(delim)
+            .quoting(quoting)
+            .has_headers(false) // read below, so line numbers and errors stay ours
+            .flexible(true) // a row with the wrong column count is a bad row, reported by `next`
+            .buffer_capacity(1 << 20)
+            .from_reader(open_maybe_gz(path)?);
+        let mut s = Self { path: path.to_path_buf(), reader, record: csv::ByteRecord::new(), columns: names, line: 0 };
         if header {
-            if !s.read_line()? {
+            if !s.read_record()? {
                 bail!("{}: empty file (no header line)", path.display());
             }
-            let mut rec = Record::default();
-            if let Err(msg) = s.split(&mut rec) {
-                bail!("{}:1: header: {msg}", path.display());
-            }
-            let from_file: Vec<String> = rec.cells.iter().map(|&c| String::from_utf8_lossy(rec.text(c)).trim().to_string()).collect();
+            let from_file: Vec<String> = s.record.iter().map(|c| String::from_utf8_lossy(c).trim().to_string()).collect();
             if s.columns.is_empty() {
                 s.columns = from_file;
             } else if s.columns.len() != from_file.len() {
-                bail!("{}:1: header has {} columns, data.columns names {}", path.display(), from_file.len(), s.columns.len());
+                bail!("{}:{}: header has {} columns, data.columns names {}", path.display(), s.line, from_file.len(), s.columns.len());
             }
         }
         if s.columns.is_empty() {
@@ -176,74 +177,17 @@ impl DelimitedSource {
         Ok(s)
     }
 
-    /// Reads one line (without its line ending) into `self.line`; false at the end.
-    fn read_line(&mut self) -> Result<bool> {
-        self.line.clear();
-        let n = self
-            .reader
-            .read_until(b'\n', &mut self.line)
-            .with_context(|| format!("{}:{}: read error (truncated or corrupt file?)", self.path.display(), self.lineno + 1))?;
-        if n == 0 {
-            return Ok(false);
+    /// Reads the next record into `self.record`; false at the end. Only I/O fails here (a
+    /// truncated gzip stream, a read error): byte records have no UTF-8 or length errors.
+    fn read_record(&mut self) -> Result<bool> {
+        let more = self.reader.read_byte_record(&mut self.record).map_err(|e| {
+            let line = self.reader.position().line();
+            anyhow::anyhow!("{}:{line}: read error (truncated or corrupt file?): {e}", self.path.display())
+        })?;
+        if more {
+            self.line = self.record.position().map_or(self.line + 1, |p| p.line());
         }
-        self.bytes += n as u64;
-        self.lineno += 1;
-        while matches!(self.line.last(), Some(b'\n' | b'\r')) {
-            self.line.pop();
-        }
-        Ok(true)
-    }
-
-    /// Splits `self.line` into cells; quoted fields (`"a,b"`, `""` for a quote) are unquoted.
-    fn split(&mut self, rec: &mut Record) -> std::result::Result<(), String> {
-        rec.clear();
-        let line = &self.line;
-        if !line.contains(&b'"') {
-            for part in line.split(|&b| b == self.delim) {
-                rec.push_text(part);
-            }
-            return Ok(());
-        }
-        let mut i = 0;
-        loop {
-            self.unquoted.clear();
-            if line.get(i) == Some(&b'"') {
-                i += 1;
-                loop {
-                    match line.get(i) {
-                        None => return Err(format!("column {}: unterminated quoted field", rec.cells.len() + 1)),
-                        Some(b'"') if line.get(i + 1) == Some(&b'"') => {
-                            self.unquoted.push(b'"');
-                            i += 2;
-                        }
-                        Some(b'"') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(&b) => {
-                            self.unquoted.push(b);
-                            i += 1;
-                        }
-                    }
-                }
-                if i < line.len() && line[i] != self.delim {
-                    return Err(format!("column {}: text after a closing quote", rec.cells.len() + 1));
-                }
-            } else {
-                let end = line[i..].iter().position(|&b| b == self.delim).map_or(line.len(), |p| i + p);
-                self.unquoted.extend_from_slice(&line[i..end]);
-                i = end;
-            }
-            rec.push_text(&self.unquoted);
-            if i >= line.len() {
-                return Ok(());
-            }
-            i += 1; // the delimiter
-            if i == line.len() {
-                rec.push_text(b"");
-                return Ok(());
-            }
-        }
+        Ok(more)
     }
 }
 
@@ -253,29 +197,36 @@ impl RecordSource for DelimitedSource {
     }
 
     fn next(&mut self, rec: &mut Record) -> Result<Next> {
+        rec.clear();
         loop {
-            if !self.read_line()? {
+            if !self.read_record()? {
                 return Ok(Next::End);
             }
-            if !self.line.iter().all(|b| b.is_ascii_whitespace()) {
+            // blank lines are skipped (the reader drops empty ones; these hold only spaces)
+            if !(self.record.len() == 1 && self.record[0].iter().all(u8::is_ascii_whitespace)) {
                 break;
             }
         }
-        if let Err(msg) = self.split(rec) {
-            return Ok(Next::Bad(msg));
+        if self.record.len() != self.columns.len() {
+            let span = if self.record.iter().any(|f| f.contains(&b'\n')) {
+                " (a quoted field holds a line break: an unterminated quote?)"
+            } else {
+                ""
+            };
+            return Ok(Next::Bad(format!("expected {} columns, found {}{span}", self.columns.len(), self.record.len())));
         }
-        if rec.cells.len() != self.columns.len() {
-            return Ok(Next::Bad(format!("expected {} columns, found {}", self.columns.len(), rec.cells.len())));
+        for field in self.record.iter() {
+            rec.push_text(field);
         }
         Ok(Next::Row)
     }
 
     fn location(&self) -> String {
-        format!("{}:{}", self.path.display(), self.lineno)
+        format!("{}:{}", self.path.display(), self.line)
     }
 
     fn bytes_read(&self) -> u64 {
-        self.bytes
+        self.reader.position().byte()
     }
 }
 
