@@ -347,29 +347,91 @@ impl RecordSource for LibfmSource {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Parquet, through the parquet crate's row API (any codec compiled in: brotli, snappy, gzip, lz4, zstd).
+// Parquet, decoded column-wise into Arrow record batches (any codec compiled in: brotli, snappy,
+// gzip, lz4, zstd). Each batch's columns are cast once to one of four kinds; rows then take
+// their cells from those arrays.
+
+/// A batch column in the kind the schema reads.
+enum ArrowColumn {
+    Int(arrow_array::Int64Array),
+    Float(arrow_array::Float64Array),
+    Text(arrow_array::LargeStringArray),
+    Bytes(arrow_array::LargeBinaryArray),
+}
+
+impl ArrowColumn {
+    /// Integers and booleans → i64, floats → f64, strings (plain, large, view, dictionary) →
+    /// text, binaries → bytes, anything else (dates, decimals, lists…) → its text form.
+    fn of(array: &arrow_array::ArrayRef, name: &str) -> Result<Self> {
+        use arrow_array::cast::AsArray;
+        use arrow_schema::DataType as T;
+        let mut t = array.data_type().clone();
+        if let T::Dictionary(_, values) = &t {
+            t = (**values).clone();
+        }
+        let (target, kind) = match t {
+            T::Boolean | T::Int8 | T::Int16 | T::Int32 | T::Int64 | T::UInt8 | T::UInt16 | T::UInt32 | T::UInt64 => (T::Int64, 0),
+            T::Float16 | T::Float32 | T::Float64 => (T::Float64, 1),
+            T::Binary | T::LargeBinary | T::BinaryView | T::FixedSizeBinary(_) => (T::LargeBinary, 3),
+            _ => (T::LargeUtf8, 2),
+        };
+        let cast =
+            arrow_cast::cast(array, &target).with_context(|| format!("column {name}: cannot read Parquet type {}", array.data_type()))?;
+        Ok(match kind {
+            0 => Self::Int(cast.as_primitive::<arrow_array::types::Int64Type>().clone()),
+            1 => Self::Float(cast.as_primitive::<arrow_array::types::Float64Type>().clone()),
+            2 => Self::Text(cast.as_string::<i64>().clone()),
+            _ => Self::Bytes(cast.as_binary::<i64>().clone()),
+        })
+    }
+
+    fn push(&self, rec: &mut Record, i: usize) {
+        use arrow_array::Array;
+        let cell_is_null = match self {
+            Self::Int(a) => a.is_null(i),
+            Self::Float(a) => a.is_null(i),
+            Self::Text(a) => a.is_null(i),
+            Self::Bytes(a) => a.is_null(i),
+        };
+        if cell_is_null {
+            rec.cells.push(Cell::Null);
+            return;
+        }
+        match self {
+            Self::Int(a) => rec.cells.push(Cell::Int(a.value(i))),
+            Self::Float(a) => rec.cells.push(Cell::Float(a.value(i))),
+            Self::Text(a) => rec.push_text(a.value(i).as_bytes()),
+            Self::Bytes(a) => rec.push_text(a.value(i)),
+        }
+    }
+}
 
 pub struct ParquetSource {
     path: PathBuf,
     columns: Vec<String>,
-    rows: parquet::record::reader::RowIter<'static>,
+    batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    batch: Vec<ArrowColumn>,
+    batch_rows: usize,
+    /// Next row of the current batch.
+    at: usize,
     row: usize,
     bytes_per_row: f64,
 }
 
 impl ParquetSource {
     pub fn open(path: &Path) -> Result<Self> {
-        use parquet::file::reader::{FileReader, SerializedFileReader};
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
         let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         // SAFETY: the map is read-only; a file truncated by another process while mapped would
         // fault, as reading any input that changes underneath would be undefined for training.
         let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let reader = SerializedFileReader::new(bytes::Bytes::from_owner(map))
+        let builder = std::panic::catch_unwind(|| ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from_owner(map)))
+            .map_err(|_| anyhow::anyhow!("{}: the parquet decoder failed on the metadata (corrupt file?)", path.display()))?
             .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
         // The parquet crate asserts (panics) on some corrupt metadata when it reads a column
         // chunk; check the chunks' byte ranges against the file first (found by fuzzing).
-        for (r, rg) in reader.metadata().row_groups().iter().enumerate() {
+        for (r, rg) in builder.metadata().row_groups().iter().enumerate() {
             for (c, col) in rg.columns().iter().enumerate() {
                 let start = col.dictionary_page_offset().unwrap_or(col.data_page_offset());
                 let len = col.compressed_size();
@@ -382,11 +444,38 @@ impl ParquetSource {
                 }
             }
         }
-        let meta = reader.metadata().file_metadata();
-        let columns = meta.schema_descr().root_schema().get_fields().iter().map(|f| f.name().to_string()).collect();
-        let n = meta.num_rows().max(1) as f64;
-        let rows = parquet::record::reader::RowIter::from_file_into(Box::new(reader));
-        Ok(Self { path: path.to_path_buf(), columns, rows, row: 0, bytes_per_row: size as f64 / n })
+        let columns = builder.schema().fields().iter().map(|f| f.name().to_string()).collect();
+        let n = builder.metadata().file_metadata().num_rows().max(1) as f64;
+        let batches = builder.with_batch_size(8192).build().with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            columns,
+            batches,
+            batch: Vec::new(),
+            batch_rows: 0,
+            at: 0,
+            row: 0,
+            bytes_per_row: size as f64 / n,
+        })
+    }
+
+    /// Decodes the next record batch; false at the end of the file.
+    fn next_batch(&mut self) -> Result<bool> {
+        // A safety net: the parquet crate is not panic-free on every corrupt file.
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.batches.next()))
+            .map_err(|_| anyhow::anyhow!("{}: after row {}: the parquet decoder failed (corrupt file?)", self.path.display(), self.row))?;
+        let Some(batch) = next else { return Ok(false) };
+        let batch = batch.with_context(|| format!("{}: after row {}: cannot decode", self.path.display(), self.row))?;
+        self.batch = batch
+            .columns()
+            .iter()
+            .zip(&self.columns)
+            .map(|(a, name)| ArrowColumn::of(a, name))
+            .collect::<Result<_>>()
+            .with_context(|| format!("{}", self.path.display()))?;
+        self.batch_rows = batch.num_rows();
+        self.at = 0;
+        Ok(true)
     }
 }
 
@@ -396,33 +485,17 @@ impl RecordSource for ParquetSource {
     }
 
     fn next(&mut self, rec: &mut Record) -> Result<Next> {
-        use parquet::record::Field;
         rec.clear();
-        // A safety net: the parquet crate is not panic-free on every corrupt file.
-        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.rows.next()))
-            .map_err(|_| anyhow::anyhow!("{}: row {}: the parquet decoder failed (corrupt file?)", self.path.display(), self.row + 1))?;
-        let Some(row) = next else { return Ok(Next::End) };
-        self.row += 1;
-        let row = row.with_context(|| format!("{}: row {}: cannot decode", self.path.display(), self.row))?;
-        for (_, field) in row.get_column_iter() {
-            match field {
-                Field::Null => rec.cells.push(Cell::Null),
-                Field::Bool(b) => rec.cells.push(Cell::Int(*b as i64)),
-                Field::Byte(v) => rec.cells.push(Cell::Int(*v as i64)),
-                Field::Short(v) => rec.cells.push(Cell::Int(*v as i64)),
-                Field::Int(v) => rec.cells.push(Cell::Int(*v as i64)),
-                Field::Long(v) => rec.cells.push(Cell::Int(*v)),
-                Field::UByte(v) => rec.cells.push(Cell::Int(*v as i64)),
-                Field::UShort(v) => rec.cells.push(Cell::Int(*v as i64)),
-                Field::UInt(v) => rec.cells.push(Cell::Int(*v as i64)),
-                Field::ULong(v) => rec.cells.push(Cell::Int(*v as i64)),
-                Field::Float(v) => rec.cells.push(Cell::Float(*v as f64)),
-                Field::Double(v) => rec.cells.push(Cell::Float(*v)),
-                Field::Str(s) => rec.push_text(s.as_bytes()),
-                Field::Bytes(b) => rec.push_text(b.data()),
-                other => rec.push_text(other.to_string().as_bytes()),
+        while self.at >= self.batch_rows {
+            if !self.next_batch()? {
+                return Ok(Next::End);
             }
         }
+        for col in &self.batch {
+            col.push(rec, self.at);
+        }
+        self.at += 1;
+        self.row += 1;
         Ok(Next::Row)
     }
 
