@@ -62,14 +62,7 @@ impl RunView {
         let scores = match loaded.encode(data) {
             Ok(split) => {
                 let crate::data::SplitData::Memory(d) = &split else { bail!("scoring needs the split in memory") };
-                let logits = crate::train::predict_logits(
-                    &loaded.model,
-                    &split,
-                    &loaded.encoder,
-                    loaded.config.train.eval_batch_size,
-                    loaded.config.train.precision,
-                    &dev,
-                )?;
+                let logits = loaded.predict_logits(&split, &dev)?;
                 logits.iter().zip(&d.labels).map(|(&z, &y)| (1.0 / (1.0 + (-z as f64).exp()), y >= 0.5)).collect()
             }
             Err(e) => {

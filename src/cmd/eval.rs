@@ -5,7 +5,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use super::load_run_and_data;
-use wukong::train;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -19,8 +18,7 @@ pub struct EvalArgs {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let (dev, loaded, enc) = load_run_and_data(&a.run, a.data, &a.device)?;
-    let m =
-        train::evaluate(&loaded.model, &enc, &loaded.encoder, loaded.config.train.eval_batch_size, loaded.config.train.precision, &dev)?;
+    let m = loaded.evaluate(&enc, &dev)?;
     println!("AUC {:.6} LogLoss {:.6} ({} examples)", m.auc, m.logloss, m.count);
     Ok(())
 }
@@ -40,14 +38,7 @@ pub struct PredictArgs {
 
 pub fn predict(a: PredictArgs) -> Result<()> {
     let (dev, loaded, enc) = load_run_and_data(&a.run, a.data, &a.device)?;
-    let logits = train::predict_logits(
-        &loaded.model,
-        &enc,
-        &loaded.encoder,
-        loaded.config.train.eval_batch_size,
-        loaded.config.train.precision,
-        &dev,
-    )?;
+    let logits = loaded.predict_logits(&enc, &dev)?;
     let mut w: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),

@@ -99,6 +99,18 @@ pub struct LoadedRun {
 }
 
 impl LoadedRun {
+    /// Logits of every example of `split`, in file order, with the run's batch size and precision.
+    pub fn predict_logits(&self, split: &crate::data::SplitData, device: &Device) -> Result<Vec<f32>> {
+        let t = &self.config.train;
+        super::predict_logits(&self.model, split, &self.encoder, t.eval_batch_size, t.precision, device)
+    }
+
+    /// AUC and LogLoss on `split` (labelled, in memory).
+    pub fn evaluate(&self, split: &crate::data::SplitData, device: &Device) -> Result<crate::metrics::Metrics> {
+        let t = &self.config.train;
+        super::evaluate(&self.model, split, &self.encoder, t.eval_batch_size, t.precision, device)
+    }
+
     /// A labelled file encoded with the run's saved encoder: `data`, or else the run's test split.
     pub fn encode(&self, data: Option<PathBuf>) -> Result<crate::data::SplitData> {
         use crate::data::pipeline;
