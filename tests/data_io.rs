@@ -399,7 +399,7 @@ fn seeded_split_is_deterministic_disjoint_and_proportional() {
 fn memory(d: &SplitData) -> &EncodedDataset {
     match d {
         SplitData::Memory(m) => m,
-        SplitData::Stream(_) => panic!("expected an in-memory split"),
+        _ => panic!("expected an in-memory split"),
     }
 }
 

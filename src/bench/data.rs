@@ -7,23 +7,11 @@ use std::path::Path;
 
 use super::Spec;
 use crate::data::EncodedDataset;
+use crate::data::world::power_law_rank;
 use crate::rng::SplitMix64 as Rng;
 
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
-}
-
-/// Rank `r` of a bounded power law over `v` rows (rank 0 the most frequent), by inverse CDF.
-fn power_law_rank(u: f64, v: usize, s: f64) -> usize {
-    let top = (v + 1) as f64;
-    let x = if s == 0.0 {
-        1.0 + u * v as f64
-    } else if (s - 1.0).abs() < 1e-9 {
-        top.powf(u)
-    } else {
-        (1.0 + u * (top.powf(1.0 - s) - 1.0)).powf(1.0 / (1.0 - s))
-    };
-    (x as usize).saturating_sub(1).min(v - 1)
 }
 
 /// Generates the spec's data: global table rows `[examples, fields]` (each field's hot rows

@@ -14,6 +14,11 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = ExperimentConfig::load(&a.config)?;
+    if cfg.data.format == wukong::data::schema::Format::Synthetic {
+        let enc = wukong::data::world::World::new(&cfg.data.world())?.encoder();
+        println!("{}", wukong::flops::report(&cfg.model, enc.num_fields(), enc.num_dense(), Some(enc.total_rows())));
+        return Ok(());
+    }
     let train_src = &pipeline::split_sources(&cfg.data)[0];
     let (fields, dense, rows) = match pipeline::fit_in_memory(&cfg.data, train_src) {
         Ok((enc, _, _)) => (enc.num_fields(), enc.num_dense(), Some(enc.total_rows())),

@@ -228,6 +228,26 @@ impl Encoder {
         self
     }
 
+    /// An encoder whose vocabularies are ranges, not fitted: field `(name, slots, values)` owns
+    /// rows `offset + 1 ..= offset + values` (its values' ids, in hash-bucket form), plus its OOV
+    /// row; dense columns are passed through (generated data, [`super::world`]).
+    pub fn fixed(fields: Vec<(String, usize, usize)>, dense: Vec<String>) -> Self {
+        let fields = fields
+            .into_iter()
+            .map(|(name, width, values)| FieldVocab {
+                name,
+                width,
+                pooling: Pooling::Sum,
+                min_count: 1,
+                hash_buckets: values as u32,
+                vocab: Vec::new(),
+                lookup: KeyMap::default(),
+            })
+            .collect();
+        let dense = dense.into_iter().map(|name| DenseColumn { name, shift: 0.0, scale: 1.0 }).collect();
+        Self { fields, dense, layout: Vec::new() }.with_lookup()
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         crate::runtime::write_atomic(path, serde_json::to_string(self)?.as_bytes())
     }

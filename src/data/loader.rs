@@ -161,6 +161,28 @@ impl BatchLoader {
                     }
                 });
             }
+            SplitData::Generated { world, stream, rows } => {
+                let (world, stream, rows) = (Arc::clone(world), *stream, *rows);
+                // whole batches per chunk, so no batch spans two chunks; iid examples need no shuffle
+                let chunk = batch_size * (self.chunk_rows / batch_size).max(1);
+                std::thread::spawn(move || {
+                    sink.next = skip;
+                    let mut start = (skip * batch_size).min(rows);
+                    while start < rows {
+                        let n = chunk.min(rows - start);
+                        let (part, _) = world.generate(stream, start as u64, n);
+                        match sink.send_all(&part, &(0..n).collect::<Vec<_>>(), batch_size) {
+                            Ok(true) => {}
+                            Ok(false) => return,
+                            Err(e) => {
+                                sink.tx.send(Err(e)).ok();
+                                return;
+                            }
+                        }
+                        start += n;
+                    }
+                });
+            }
             SplitData::Stream(cache) => {
                 let cache = cache.clone();
                 let (chunk_rows, group) = (self.chunk_rows, self.shuffle_chunks);

@@ -13,6 +13,7 @@ pub mod probe;
 pub mod schema;
 pub mod source;
 pub mod synth;
+pub mod world;
 
 pub use dataset::EncodedDataset;
 pub use encoder::Encoder;

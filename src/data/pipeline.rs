@@ -13,7 +13,8 @@ use super::cache::{CacheHeader, CacheReader, CacheWriter, SourceId, VERSION, wri
 use super::dataset::EncodedDataset;
 use super::encoder::{EncodeStats, Encoder, Fitter, Remap, check_compatible};
 use super::extract::{Extractor, LABEL_HINT, ParsedChunk, hash_bytes};
-use super::schema::{DataConfig, SplitSpec};
+use super::schema::{DataConfig, Format, SplitSpec};
+use super::world::{self, World, WorldConfig};
 use super::source::BadLines;
 use super::source::{Next, Record, RecordSource, open_source};
 
@@ -30,6 +31,12 @@ pub struct SplitLog {
     pub bytes: u64,
     pub seconds: f64,
     pub from_cache: bool,
+    /// Synthetic data: the LogLoss of the teacher's own probabilities on this split (the
+    /// Bayes-optimal LogLoss) and their mean entropy (its expectation over label draws).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bayes_logloss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_entropy: Option<f64>,
 }
 
 /// Which file and which part of it a split is.
@@ -294,6 +301,8 @@ pub fn schema_hash(cfg: &DataConfig) -> Result<String> {
 pub enum SplitData {
     Memory(Arc<EncodedDataset>),
     Stream(CacheReader),
+    /// Examples `0 .. rows` of a synthetic stream, generated as they are batched.
+    Generated { world: Arc<World>, stream: u64, rows: usize },
 }
 
 impl SplitData {
@@ -301,6 +310,7 @@ impl SplitData {
         match self {
             SplitData::Memory(d) => d.len(),
             SplitData::Stream(c) => c.len(),
+            SplitData::Generated { rows, .. } => *rows,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -395,6 +405,7 @@ fn header_log(h: &CacheHeader, secs: f64, positive_rate: f64) -> SplitLog {
         bytes: 0,
         seconds: secs,
         from_cache: true,
+        ..Default::default()
     }
 }
 
@@ -411,6 +422,9 @@ fn finish_cache(dir: &Path, mut want: CacheHeader, log: &SplitLog, slots: usize,
 
 /// Reads (or takes from the cache) every split: fits the encoder on train, encodes the rest.
 pub fn prepare(cfg: &DataConfig, policy: CachePolicy) -> Result<Prepared> {
+    if cfg.format == Format::Synthetic {
+        return prepare_world(&cfg.world());
+    }
     let sources = split_sources(cfg);
     let Some(cache) = &cfg.cache_dir else {
         let mut it = sources.iter();
@@ -494,6 +508,37 @@ pub fn prepare(cfg: &DataConfig, policy: CachePolicy) -> Result<Prepared> {
             SplitData::Memory(Arc::new(d))
         };
         splits.push((name, data, log));
+    }
+    Ok(Prepared { encoder, splits })
+}
+
+/// A held-out split of a synthetic stream, generated into memory, with its Bayes limit.
+pub fn world_split(world: &World, stream: u64, rows: usize) -> (SplitData, SplitLog) {
+    let start = Instant::now();
+    let (data, probs) = world.generate(stream, 0, rows);
+    let log = SplitLog {
+        rows: rows as u64,
+        positive_rate: data.labels.iter().map(|&y| y as f64).sum::<f64>() / rows.max(1) as f64,
+        seconds: start.elapsed().as_secs_f64(),
+        bayes_logloss: Some(world::logloss(&probs, &data.labels)),
+        teacher_entropy: Some(world::mean_entropy(&probs)),
+        ..Default::default()
+    };
+    (SplitData::Memory(Arc::new(data)), log)
+}
+
+/// The synthetic world's splits: training generated as it is batched, valid and test (other
+/// streams of the same teacher) generated into memory with their Bayes limits.
+fn prepare_world(cfg: &WorldConfig) -> Result<Prepared> {
+    let world = Arc::new(World::new(cfg)?);
+    let encoder = world.encoder();
+    let train_log = SplitLog { rows: cfg.train_examples as u64, positive_rate: f64::NAN, ..Default::default() };
+    let mut splits = vec![("train", SplitData::Generated { world: Arc::clone(&world), stream: world::TRAIN_STREAM, rows: cfg.train_examples }, train_log)];
+    let (valid, log) = world_split(&world, world::VALID_STREAM, cfg.valid_examples);
+    splits.push(("valid", valid, log));
+    if cfg.test_examples > 0 {
+        let (test, log) = world_split(&world, world::TEST_STREAM, cfg.test_examples);
+        splits.push(("test", test, log));
     }
     Ok(Prepared { encoder, splits })
 }

@@ -33,6 +33,15 @@ pub enum Format {
     /// Tab-separated, header line by default.
     Tsv,
     Parquet,
+    /// No file: the generated stream of `[data.world]` (synthetic, with a known Bayes limit).
+    Synthetic,
+}
+
+impl DataConfig {
+    /// The synthetic world's settings (defaults when `[data.world]` is omitted).
+    pub fn world(&self) -> super::world::WorldConfig {
+        self.world.clone().unwrap_or_default()
+    }
 }
 
 impl Format {
@@ -46,6 +55,8 @@ impl Format {
 pub struct DataConfig {
     #[serde(default)]
     pub format: Format,
+    /// The training file (unused by `format = "synthetic"`).
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub train: PathBuf,
     /// Omitted when `split` carves valid/test out of `train`.
     pub valid: Option<PathBuf>,
@@ -103,6 +114,13 @@ pub struct DataConfig {
     /// Streaming: chunks held and shuffled together (memory ≈ this × chunk_rows rows).
     #[serde(default = "default_shuffle_chunks")]
     pub shuffle_chunks: usize,
+    /// `format = "synthetic"`: the teacher and stream sizes (defaults when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world: Option<super::world::WorldConfig>,
+}
+
+fn is_empty_path(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 fn default_label() -> String {
@@ -208,6 +226,19 @@ pub struct FieldSpec {
 
 impl DataConfig {
     pub fn validate(&self) -> Result<()> {
+        if self.format == Format::Synthetic {
+            ensure!(
+                is_empty_path(&self.train) && self.valid.is_none() && self.test.is_none() && self.split.is_none(),
+                "synthetic data is generated: give no data.train, data.valid, data.test or data.split (sizes are in [data.world])"
+            );
+            ensure!(
+                self.fields.is_empty() && self.join.is_empty() && self.cache_dir.is_none(),
+                "synthetic data has its own schema: data.fields, data.join and data.cache_dir do not apply"
+            );
+            return self.world().validate();
+        }
+        ensure!(self.world.is_none(), "data.world applies to format = \"synthetic\" only");
+        ensure!(!is_empty_path(&self.train), "data.train is missing");
         match (&self.split, &self.valid) {
             (Some(s), _) => {
                 ensure!(

@@ -133,6 +133,7 @@ fn open_format(path: &Path, format: Format, cfg: &DataConfig) -> Result<Box<dyn 
         Format::Csv => Box::new(DelimitedSource::open(path, b',', true, cfg.header.unwrap_or(true), cfg.columns.clone())?),
         Format::Tsv => Box::new(DelimitedSource::open(path, b'\t', true, cfg.header.unwrap_or(true), cfg.columns.clone())?),
         Format::Parquet => Box::new(ParquetSource::open(path)?),
+        Format::Synthetic => bail!("{}: synthetic data is generated, not read from a file", path.display()),
     })
 }
 

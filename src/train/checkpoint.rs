@@ -114,6 +114,13 @@ impl LoadedRun {
     /// A labelled file encoded with the run's saved encoder: `data`, or else the run's test split.
     pub fn encode(&self, data: Option<PathBuf>) -> Result<crate::data::SplitData> {
         use crate::data::pipeline;
+        if data.is_none() && self.config.data.format == crate::data::schema::Format::Synthetic {
+            // the run's held-out test stream, regenerated (or its validation stream when it has none)
+            use crate::data::world::{TEST_STREAM, VALID_STREAM, World};
+            let w = self.config.data.world();
+            let (stream, rows) = if w.test_examples > 0 { (TEST_STREAM, w.test_examples) } else { (VALID_STREAM, w.valid_examples) };
+            return Ok(pipeline::world_split(&World::new(&w)?, stream, rows).0);
+        }
         let src = match data {
             Some(path) => pipeline::SplitSource { name: "data", path, part: None },
             None => pipeline::split_sources(&self.config.data)

@@ -229,11 +229,21 @@ pub struct RunOptions {
     pub cache: crate::data::CachePolicy,
     /// Fault injection (tests only; `WUKONG_FAULT` at the CLI).
     pub faults: Faults,
+    /// Create the run in exactly this directory (which must not exist) instead of a new
+    /// `<out_dir>/<name>-seed<seed>-<time>` (the experiment runner names its points' runs).
+    pub run_dir: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { device: "cpu".into(), out_dir: PathBuf::from("runs"), verbose: false, cache: Default::default(), faults: Faults::default() }
+        Self {
+            device: "cpu".into(),
+            out_dir: PathBuf::from("runs"),
+            verbose: false,
+            cache: Default::default(),
+            faults: Faults::default(),
+            run_dir: None,
+        }
     }
 }
 
@@ -536,6 +546,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let prepared = crate::data::prepare(&cfg.data, opts.cache)?;
     let encoder = prepared.encoder;
     let mut data_log = serde_json::Map::new();
+    let mut bayes = serde_json::Map::new();
     let mut splits = std::collections::HashMap::new();
     for (name, data, l) in prepared.splits {
         log(
@@ -552,6 +563,10 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                 if l.from_cache { ", from cache" } else { "" }
             ),
         );
+        if let Some(b) = l.bayes_logloss {
+            log(v, format!("{name}: Bayes-optimal LogLoss {b:.6} (synthetic data: the teacher's own probabilities)"));
+            bayes.insert(name.to_string(), b.into());
+        }
         data_log.insert(name.to_string(), serde_json::to_value(&l)?);
         splits.insert(name, data);
     }
@@ -578,7 +593,14 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             dir.clone()
         }
         None => {
-            let dir = new_run_dir(&opts.out_dir, &format!("{}-seed{}", cfg.name, t.seed))?;
+            let dir = match &opts.run_dir {
+                Some(d) => {
+                    anyhow::ensure!(!d.exists(), "run directory {} exists already", d.display());
+                    std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+                    d.clone()
+                }
+                None => new_run_dir(&opts.out_dir, &format!("{}-seed{}", cfg.name, t.seed))?,
+            };
             crate::runtime::write_atomic(&dir.join(checkpoint::CONFIG), cfg.to_toml().as_bytes())?;
             encoder.save(&dir.join(checkpoint::ENCODER))?;
             let mut env = crate::runtime::env_info(&opts.device);
@@ -810,6 +832,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         "stop_reason": lp.state.stop_reason, "guard_rollbacks": lp.state.guard.rollbacks, "guard_events": guard_events,
         "checkpoints_written": lp.state.checkpoints, "checkpoint_seconds": lp.state.checkpoint_seconds,
         "best_weights_digest": checkpoint::weights_digest(&best)?, "final_weights_digest": checkpoint::weights_digest(lp.stepper.model())?,
+        "bayes_logloss": bayes,
     });
     crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
     Ok(TrainOutcome { run_dir, best_epoch: best_eval.epoch, epochs_run, valid, test, seconds, guard_events })

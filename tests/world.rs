@@ -1,0 +1,128 @@
+//! The synthetic stream (`format = "synthetic"`): deterministic by (seed, stream, index), no
+//! example repeated, labels drawn from the teacher's probabilities, and the Bayes limit equal to
+//! what our own metrics give the teacher's probabilities.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use wukong::config::ExperimentConfig;
+use wukong::data::pipeline::{SplitData, world_split};
+use wukong::data::world::{self, TRAIN_STREAM, VALID_STREAM, World, WorldConfig};
+use wukong::data::{BatchLoader, EncodedDataset};
+use wukong::metrics::MetricAccumulator;
+
+fn small() -> WorldConfig {
+    WorldConfig { fields: 8, multi_hot_fields: 1, max_bag: 3, vocab_max: 5_000, dense: 3, terms: 256, ..Default::default() }
+}
+
+fn row(d: &EncodedDataset, i: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let (s, n) = (d.num_slots, d.num_dense);
+    (
+        d.rows[i * s..(i + 1) * s].to_vec(),
+        d.values[i * s..(i + 1) * s].iter().map(|v| v.to_bits()).collect(),
+        d.dense[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect(),
+    )
+}
+
+#[test]
+fn examples_are_a_function_of_seed_stream_and_index_and_never_repeat() {
+    let w = World::new(&small()).unwrap();
+    let (a, pa) = w.generate(TRAIN_STREAM, 0, 3_000);
+    let (b, pb) = w.generate(TRAIN_STREAM, 1_000, 500);
+    for i in 0..500 {
+        assert_eq!(row(&a, 1_000 + i), row(&b, i), "example {} differs when generated from another start", 1_000 + i);
+        assert_eq!(a.labels[1_000 + i], b.labels[i]);
+        assert_eq!(pa[1_000 + i], pb[i]);
+    }
+    // a rebuilt world (same seed) gives the same stream; another seed another one
+    let again = World::new(&small()).unwrap();
+    assert_eq!(again.generate(TRAIN_STREAM, 0, 100).1, pa[..100].to_vec());
+    let other = World::new(&WorldConfig { seed: 2, ..small() }).unwrap();
+    assert_ne!(other.generate(TRAIN_STREAM, 0, 100).1, pa[..100].to_vec());
+    // 50,000 training examples and the validation stream: no example twice
+    let (t, _) = w.generate(TRAIN_STREAM, 0, 50_000);
+    let (v, _) = w.generate(VALID_STREAM, 0, 10_000);
+    let mut seen = HashSet::new();
+    for i in 0..t.len() {
+        assert!(seen.insert(row(&t, i)), "training example {i} repeats an earlier one");
+    }
+    for i in 0..v.len() {
+        assert!(seen.insert(row(&v, i)), "validation example {i} also occurs in training");
+    }
+    // rows stay inside each field's block of the table; bag padding has weight 0
+    let enc = w.encoder();
+    assert_eq!(enc.num_slots(), t.num_slots);
+    assert!(t.rows.iter().all(|&r| (r as usize) < enc.total_rows()));
+    assert!(t.values.iter().all(|&v| v == 0.0 || v == 1.0));
+}
+
+#[test]
+fn bayes_limit_is_the_logloss_our_metrics_give_the_teacher_and_labels_follow_it() {
+    let w = World::new(&small()).unwrap();
+    let (split, log) = world_split(&w, VALID_STREAM, 40_000);
+    let SplitData::Memory(d) = &split else { panic!("held-out splits live in memory") };
+    let (_, p) = w.generate(VALID_STREAM, 0, 40_000);
+    // a "model" that outputs the teacher's logit gets exactly the Bayes LogLoss through our metrics
+    let mut acc = MetricAccumulator::new();
+    for (&p, &y) in p.iter().zip(&d.labels) {
+        acc.push((p / (1.0 - p)).ln() as f32, y);
+    }
+    let m = acc.finish().unwrap();
+    let bayes = log.bayes_logloss.unwrap();
+    assert!((m.logloss - bayes).abs() < 1e-5, "metrics {} vs Bayes {bayes}", m.logloss);
+    // the realised LogLoss is near its expectation (the mean entropy): within 4 standard errors
+    let entropy = log.teacher_entropy.unwrap();
+    assert!((bayes - entropy).abs() < 4.0 * 0.6 / (40_000f64).sqrt(), "Bayes {bayes} vs entropy {entropy}");
+    assert!((world::logloss(&p, &d.labels) - bayes).abs() < 1e-12);
+    // the offset hits the positive rate; labels are calibrated to p (deciles of p)
+    assert!((log.positive_rate - 0.25).abs() < 0.015, "positive rate {}", log.positive_rate);
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    for decile in idx.chunks(4_000) {
+        let mean_p = decile.iter().map(|&i| p[i]).sum::<f64>() / decile.len() as f64;
+        let rate = decile.iter().map(|&i| d.labels[i] as f64).sum::<f64>() / decile.len() as f64;
+        let se = (mean_p * (1.0 - mean_p) / decile.len() as f64).sqrt();
+        assert!((rate - mean_p).abs() < 5.0 * se + 0.01, "observed {rate} vs predicted {mean_p}");
+    }
+    // the teacher is informative (well below the entropy of the base rate) and not deterministic
+    let base = -(0.25f64 * 0.25f64.ln() + 0.75 * 0.75f64.ln());
+    assert!(bayes < base - 0.05 && bayes > 0.05, "Bayes {bayes}, base-rate entropy {base}");
+}
+
+#[test]
+fn the_loader_batches_the_generated_stream_in_order_and_resumes_inside_it() {
+    let w = Arc::new(World::new(&small()).unwrap());
+    let rows = w.encoder().total_rows();
+    let split = SplitData::Generated { world: Arc::clone(&w), stream: TRAIN_STREAM, rows: 2_500 };
+    let loader = BatchLoader::from_split(split, rows, 256, 1_000, 1);
+    assert_eq!(loader.num_batches(), 10);
+    let batches: Vec<_> = loader.epoch(Some(7)).map(|b| b.unwrap()).collect();
+    assert_eq!(batches.len(), 10);
+    assert_eq!(batches.iter().map(|b| b.size).sum::<usize>(), 2_500);
+    let (d, _) = w.generate(TRAIN_STREAM, 0, 2_500);
+    let labels: Vec<f32> = batches.iter().flat_map(|b| b.labels.clone()).collect();
+    assert_eq!(labels, d.labels, "examples arrive in stream order, every one once");
+    let resumed: Vec<_> = loader.epoch_from(Some(7), 6).map(|b| b.unwrap()).collect();
+    assert_eq!(resumed.len(), 4);
+    assert_eq!(resumed[0].labels, batches[6].labels);
+    assert_eq!(resumed[0].unique_rows, batches[6].unique_rows);
+}
+
+#[test]
+fn synthetic_configs_refuse_files_and_check_their_keys() {
+    let parse = |extra: &str| -> anyhow::Result<ExperimentConfig> {
+        let text = format!("name = \"s\"\n[data]\nformat = \"synthetic\"\n{extra}\n[model]\nname = \"lr\"\n");
+        let cfg: ExperimentConfig = toml::from_str(&text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    };
+    let ok = parse("[data.world]\ntrain_examples = 1000").unwrap();
+    assert_eq!(ok.data.world().train_examples, 1000);
+    assert_eq!(ok.data.world().fields, WorldConfig::default().fields, "unset keys take their defaults");
+    let err = |extra: &str| format!("{:#}", parse(extra).expect_err(extra));
+    assert!(err("train = \"x.tsv\"").contains("synthetic data is generated"));
+    assert!(err("[data.world]\nmax_order = 1").contains("data.world.max_order"));
+    assert!(err("[data.world]\npositive_rate = 1.5").contains("data.world.positive_rate"));
+    assert!(err("[data.world]\nvocab_min = 100\nvocab_max = 10").contains("data.world.vocab_max"));
+    assert!(err("[data.world]\nnot_a_key = 1").contains("not_a_key"));
+}
