@@ -53,6 +53,10 @@ enum Command {
     Cache(cmd::cache::Args),
     /// Train several configs (and/or read finished runs) and write a Table-2-style comparison.
     Compare(cmd::compare::Args),
+    /// Sweep model families over compute (resumable): per point GFLOP/example, parameters,
+    /// PF-days, LogLoss, excess over the Bayes limit (synthetic data), relative LogLoss; a power
+    /// law fitted per family; markdown/CSV tables and PNG plots.
+    Scale(cmd::scale::Args),
     /// Write a synthetic Criteo-format TSV (label, I1–I13, C1–C26) with a learnable signal.
     GenCriteo(cmd::gen_criteo::Args),
 }
@@ -76,6 +80,7 @@ fn main() {
         Command::Flops(a) => cmd::flops::run(a),
         Command::Cache(a) => cmd::cache::run(a),
         Command::Compare(a) => cmd::compare::run(a),
+        Command::Scale(a) => cmd::scale::run(a),
         Command::GenCriteo(a) => cmd::gen_criteo::run(a),
     };
     if let Err(e) = result {

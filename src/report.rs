@@ -15,7 +15,7 @@ use crate::train::checkpoint;
 /// on every machine, with no system font library.
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The bytes are a valid TTF (checked by the report test); a failure would only mean no text.
@@ -122,7 +122,7 @@ pub fn reliability(scores: &[(f64, bool)], bins: usize) -> Vec<(f64, f64, usize)
         .collect()
 }
 
-fn color(i: usize) -> RGBColor {
+pub(crate) fn color(i: usize) -> RGBColor {
     const C: [RGBColor; 6] = [
         RGBColor(31, 119, 180),
         RGBColor(214, 39, 40),
@@ -136,7 +136,7 @@ fn color(i: usize) -> RGBColor {
 
 type DrawResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(crate) fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     if !lo.is_finite() {
         return (0.0, 1.0);

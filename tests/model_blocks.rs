@@ -109,9 +109,10 @@ fn residual_projection_exactly_when_counts_differ() {
     let x = Tensor::<3>::random([2, 8, 4], Distribution::Normal(0.0, 1.0), &device);
     let zero_lcb = LinearCompress { weight: burn::module::Param::from_tensor(Tensor::zeros([8, 3], &device)) };
     let mut layer = same;
-    layer.lcb = zero_lcb;
-    layer.fmb.mlp.output.weight = burn::module::Param::from_tensor(Tensor::zeros([16, 5 * 4], &device));
-    layer.fmb.mlp.output.bias = Some(burn::module::Param::from_tensor(Tensor::zeros([5 * 4], &device)));
+    layer.lcb = Some(zero_lcb);
+    let fmb = layer.fmb.as_mut().unwrap();
+    fmb.mlp.output.weight = burn::module::Param::from_tensor(Tensor::zeros([16, 5 * 4], &device));
+    fmb.mlp.output.bias = Some(burn::module::Param::from_tensor(Tensor::zeros([5 * 4], &device)));
     let got = to_vec(layer.forward(x.clone(), &Pass::f32()));
     // LN over d of [0 (fmb) ; 0 (lcb)] + X = LN(X)
     let want = to_vec(layer.norm.forward(x));
@@ -220,13 +221,13 @@ fn dense_features_become_extra_embeddings() {
     let x = Tensor::<3>::random([5, 6, 4], Distribution::Normal(0.0, 1.0), &device);
     let dense = Tensor::<2>::random([5, 3], Distribution::Normal(0.0, 1.0), &device);
     assert_eq!(m.forward(Some(x), Some(dense.clone()), &Pass::f32()).dims(), [5]);
-    assert_eq!(m.layers[0].fmb.projection.as_ref().unwrap().dims(), [8, 2]);
+    assert_eq!(m.layers[0].fmb.as_ref().unwrap().projection.as_ref().unwrap().dims(), [8, 2]);
     // all-dense data (no categorical field): the dense embeddings alone enter the stack
     let only = DataShape { fields: 0, dense: 3, table_rows: 1 };
     assert_eq!(cfg.n0(&only), 2);
     let m = cfg.init(&only, &device);
     assert_eq!(m.forward(None, Some(dense), &Pass::f32()).dims(), [5]);
-    assert_eq!(m.layers[0].fmb.projection.as_ref().unwrap().dims(), [2, 2]);
+    assert_eq!(m.layers[0].fmb.as_ref().unwrap().projection.as_ref().unwrap().dims(), [2, 2]);
 }
 
 #[test]
@@ -253,4 +254,64 @@ fn dropout_keeps_the_expected_fraction_scaled_and_is_off_in_inference() {
     let (a, b, c) = (mask(1), mask(1), mask(2));
     assert_eq!(a, b);
     assert_ne!(a, c);
+}
+
+/// The ablation switches zero exactly their part: an ablated FMB or LCB contributes zeros (and
+/// has no parameters or FLOPs), an ablated residual is not added.
+#[test]
+fn ablations_zero_exactly_what_they_say() {
+    use wukong::model::layers::LayerParts;
+    use wukong::model::wukong::Ablation;
+    let device = dev();
+    let s = spec(FmKind::Static, 8, 5);
+    let full = WukongLayer::new(&s, 3, &device);
+    let x = Tensor::<3>::random([2, 8, 4], Distribution::Normal(0.0, 1.0), &device);
+    let pass = Pass::f32();
+    let fmb = full.fmb.as_ref().unwrap().forward(x.clone(), &pass);
+    let lcb = full.lcb.as_ref().unwrap().forward(x.clone());
+    let zeros = |n: usize| Tensor::<3>::zeros([2, n, 4], &device);
+    let cases = [
+        (LayerParts { fmb: false, ..LayerParts::ALL }, Tensor::cat(vec![zeros(5), lcb.clone()], 1) + x.clone()),
+        (LayerParts { lcb: false, ..LayerParts::ALL }, Tensor::cat(vec![fmb.clone(), zeros(3)], 1) + x.clone()),
+        (LayerParts { residual: false, ..LayerParts::ALL }, Tensor::cat(vec![fmb.clone(), lcb.clone()], 1)),
+        (LayerParts { fmb: false, lcb: false, residual: true }, Tensor::cat(vec![zeros(5), zeros(3)], 1) + x.clone()),
+    ];
+    for (parts, pre_norm) in cases {
+        // the same weights as `full` for the parts that remain
+        let mut layer = WukongLayer::with_parts(&s, 3, parts, &device);
+        if parts.fmb {
+            layer.fmb = full.fmb.clone();
+        }
+        if parts.lcb {
+            layer.lcb = full.lcb.clone();
+        }
+        layer.norm = full.norm.clone();
+        assert_eq!(layer.fmb.is_some(), parts.fmb);
+        assert_eq!(layer.lcb.is_some(), parts.lcb);
+        let got = to_vec(layer.forward(x.clone(), &pass));
+        let want = to_vec(full.norm.forward(pre_norm));
+        assert!(max_abs_diff(&got, &want) < 1e-5, "{parts:?}");
+    }
+    // the whole model: parameters and FLOPs drop by exactly the ablated blocks
+    let shape = DataShape { fields: 6, dense: 0, table_rows: 20 };
+    let base = WukongConfig {
+        embedding_dim: 4,
+        num_layers: 2,
+        num_fmb: 3,
+        num_lcb: 2,
+        fm_rank: 2,
+        fmb_mlp: vec![8],
+        top_mlp: vec![8],
+        ..Default::default()
+    };
+    let no_fmb = WukongConfig { ablate: vec![Ablation::Fmb], ..base.clone() };
+    let (a, b) = (base.init(&shape, &device), no_fmb.init(&shape, &device));
+    let fmb_params: usize = a.layers.iter().map(|l| l.fmb.as_ref().unwrap().num_params()).sum();
+    assert_eq!(a.num_params() - b.num_params(), fmb_params);
+    let fmb_flops: u64 =
+        base.layer_specs(&shape).iter().map(|s| 4 * (s.n_in * s.rank * 4) as u64 + 2 * (s.fm_width() * 8 + 8 * s.n_out * 4) as u64).sum();
+    assert_eq!(ModelConfig::Wukong(base).forward_flops(&shape) - ModelConfig::Wukong(no_fmb.clone()).forward_flops(&shape), fmb_flops);
+    let text = toml::to_string(&ModelConfig::Wukong(no_fmb)).unwrap();
+    assert!(text.contains("ablate = [\"fmb\"]"), "{text}");
+    assert!(toml::from_str::<ModelConfig>("name = \"wukong\"\nablate = [\"attention\"]").is_err());
 }

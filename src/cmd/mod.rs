@@ -8,6 +8,7 @@ pub mod eval;
 pub mod flops;
 pub mod gen_criteo;
 pub mod report;
+pub mod scale;
 pub mod train;
 
 use anyhow::Result;

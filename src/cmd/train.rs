@@ -46,8 +46,14 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let opts =
-        RunOptions { device: a.device, out_dir: a.out, verbose: true, cache: a.cache.policy(), faults: checkpoint::Faults::from_env()?, run_dir: None };
+    let opts = RunOptions {
+        device: a.device,
+        out_dir: a.out,
+        verbose: true,
+        cache: a.cache.policy(),
+        faults: checkpoint::Faults::from_env()?,
+        run_dir: None,
+    };
     let outcome = match (a.resume, a.config) {
         (Some(dir), _) => {
             anyhow::ensure!(a.paths.is_empty(), "--resume uses the run's saved config: give no --train/--valid/--test");

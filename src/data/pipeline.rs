@@ -14,9 +14,9 @@ use super::dataset::EncodedDataset;
 use super::encoder::{EncodeStats, Encoder, Fitter, Remap, check_compatible};
 use super::extract::{Extractor, LABEL_HINT, ParsedChunk, hash_bytes};
 use super::schema::{DataConfig, Format, SplitSpec};
-use super::world::{self, World, WorldConfig};
 use super::source::BadLines;
 use super::source::{Next, Record, RecordSource, open_source};
+use super::world::{self, World, WorldConfig};
 
 pub const SPLITS: [&str; 3] = ["train", "valid", "test"];
 
@@ -302,7 +302,11 @@ pub enum SplitData {
     Memory(Arc<EncodedDataset>),
     Stream(CacheReader),
     /// Examples `0 .. rows` of a synthetic stream, generated as they are batched.
-    Generated { world: Arc<World>, stream: u64, rows: usize },
+    Generated {
+        world: Arc<World>,
+        stream: u64,
+        rows: usize,
+    },
 }
 
 impl SplitData {
@@ -533,7 +537,11 @@ fn prepare_world(cfg: &WorldConfig) -> Result<Prepared> {
     let world = Arc::new(World::new(cfg)?);
     let encoder = world.encoder();
     let train_log = SplitLog { rows: cfg.train_examples as u64, positive_rate: f64::NAN, ..Default::default() };
-    let mut splits = vec![("train", SplitData::Generated { world: Arc::clone(&world), stream: world::TRAIN_STREAM, rows: cfg.train_examples }, train_log)];
+    let mut splits = vec![(
+        "train",
+        SplitData::Generated { world: Arc::clone(&world), stream: world::TRAIN_STREAM, rows: cfg.train_examples },
+        train_log,
+    )];
     let (valid, log) = world_split(&world, world::VALID_STREAM, cfg.valid_examples);
     splits.push(("valid", valid, log));
     if cfg.test_examples > 0 {

@@ -330,29 +330,67 @@ impl FmBlock {
     }
 }
 
+/// Which parts of a Wukong layer exist (all, unless ablated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerParts {
+    pub fmb: bool,
+    pub lcb: bool,
+    pub residual: bool,
+}
+
+impl LayerParts {
+    pub const ALL: Self = Self { fmb: true, lcb: true, residual: true };
+}
+
 /// One Wukong layer: `X' = LN(concat(FMB(X), LCB(X)) + residual(X))`, the residual projected
-/// by a [`LinearCompress`] exactly when `n_in ≠ n_F + n_L`.
+/// by a [`LinearCompress`] exactly when `n_in ≠ n_F + n_L`. An ablated block is absent and its
+/// embeddings are zeros; an ablated residual is not added.
 #[derive(Module, Debug)]
 pub struct WukongLayer {
-    pub fmb: FmBlock,
-    pub lcb: LinearCompress,
+    pub fmb: Option<FmBlock>,
+    pub lcb: Option<LinearCompress>,
     pub residual: Option<LinearCompress>,
     pub norm: LayerNorm,
+    /// Embeddings of each block (kept for the zeros of an ablated one).
+    n_fmb: usize,
+    n_lcb: usize,
+    /// Whether the residual is added at all.
+    add_residual: bool,
 }
 
 impl WukongLayer {
     pub fn new(fm: &FmBlockSpec, n_lcb: usize, device: &Device) -> Self {
+        Self::with_parts(fm, n_lcb, LayerParts::ALL, device)
+    }
+
+    pub fn with_parts(fm: &FmBlockSpec, n_lcb: usize, parts: LayerParts, device: &Device) -> Self {
         let n_out = fm.n_out + n_lcb;
         Self {
-            fmb: FmBlock::new(fm, device),
-            lcb: LinearCompress::new(fm.n_in, n_lcb, device),
-            residual: (fm.n_in != n_out).then(|| LinearCompress::new(fm.n_in, n_out, device)),
+            fmb: parts.fmb.then(|| FmBlock::new(fm, device)),
+            lcb: parts.lcb.then(|| LinearCompress::new(fm.n_in, n_lcb, device)),
+            residual: (parts.residual && fm.n_in != n_out).then(|| LinearCompress::new(fm.n_in, n_out, device)),
             norm: LayerNormConfig::new(fm.dim).init(device),
+            n_fmb: fm.n_out,
+            n_lcb,
+            add_residual: parts.residual,
         }
     }
 
     pub fn forward(&self, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
-        let out = Tensor::cat(vec![self.fmb.forward(x.clone(), pass), self.lcb.forward(x.clone())], 1);
+        let [b, _, d] = x.dims();
+        let zeros = |n: usize| Tensor::<3>::zeros([b, n, d], &x.device());
+        let f = match &self.fmb {
+            Some(fmb) => fmb.forward(x.clone(), pass),
+            None => zeros(self.n_fmb),
+        };
+        let l = match &self.lcb {
+            Some(lcb) => lcb.forward(x.clone()),
+            None => zeros(self.n_lcb),
+        };
+        let out = Tensor::cat(vec![f, l], 1);
+        if !self.add_residual {
+            return super::fused::layer_norm(&self.norm, out);
+        }
         let res = match &self.residual {
             Some(proj) => proj.forward(x),
             None => x,

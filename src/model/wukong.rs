@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
-use super::layers::{FmBlockSpec, FmKind, Mlp, WukongLayer, mlp_dims};
+use super::layers::{FmBlockSpec, FmKind, LayerParts, Mlp, WukongLayer, mlp_dims};
 use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp};
 use super::{Pass, TableStorage};
 use crate::profile::{Phase, mark};
@@ -48,6 +48,20 @@ pub struct WukongConfig {
     pub dense_mlp: Vec<usize>,
     /// Embeddings the dense MLP produces (when the data has dense features).
     pub num_dense_embeddings: usize,
+    /// Ablations (the paper's Fig. 4): `"fmb"`, `"lcb"` and/or `"residual"` replace that part of
+    /// every layer by zeros (the FMB's n_F or the LCB's n_L embeddings become zeros; without the
+    /// residual, X' = LN(concat(FMB, LCB))). Their parameters and FLOPs are not built or counted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ablate: Vec<Ablation>,
+}
+
+/// A part of the Wukong layer that an ablation removes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Ablation {
+    Fmb,
+    Lcb,
+    Residual,
 }
 
 impl Default for WukongConfig {
@@ -68,6 +82,7 @@ impl Default for WukongConfig {
             embedding_init_std: 0.01,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            ablate: Vec::new(),
         }
     }
 }
@@ -133,7 +148,9 @@ impl WukongConfig {
     /// The model with its embedding table stored as `storage`.
     pub fn init_in(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Wukong {
         let d = self.embedding_dim;
-        let layers = self.layer_specs(shape).iter().map(|s| WukongLayer::new(s, self.num_lcb, device)).collect();
+        let ablated = |a| self.ablate.contains(&a);
+        let parts = LayerParts { fmb: !ablated(Ablation::Fmb), lcb: !ablated(Ablation::Lcb), residual: !ablated(Ablation::Residual) };
+        let layers = self.layer_specs(shape).iter().map(|s| WukongLayer::with_parts(s, self.num_lcb, parts, device)).collect();
         Wukong {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
@@ -153,18 +170,23 @@ impl WukongConfig {
         }
         for s in self.layer_specs(shape) {
             let (n, k) = (s.n_in as u64, s.rank as u64);
-            total += match s.kind {
-                FmKind::Static => 4 * n * k * d,
-                FmKind::Attentive => {
-                    let c = s.attention_compress as u64;
-                    2 * n * c * d + mlp(mlp_dims(s.attention_compress * s.dim, &s.attention_hidden, s.n_in * s.rank)) + 4 * n * k * d
-                }
-                FmKind::Full => 2 * n * n * d,
-            };
-            total += mlp(mlp_dims(s.fm_width(), &s.mlp_hidden, s.n_out * s.dim));
+            let keep = |a| !self.ablate.contains(&a);
+            if keep(Ablation::Fmb) {
+                total += match s.kind {
+                    FmKind::Static => 4 * n * k * d,
+                    FmKind::Attentive => {
+                        let c = s.attention_compress as u64;
+                        2 * n * c * d + mlp(mlp_dims(s.attention_compress * s.dim, &s.attention_hidden, s.n_in * s.rank)) + 4 * n * k * d
+                    }
+                    FmKind::Full => 2 * n * n * d,
+                };
+                total += mlp(mlp_dims(s.fm_width(), &s.mlp_hidden, s.n_out * s.dim));
+            }
             let n_out = (self.num_fmb + self.num_lcb) as u64;
-            total += 2 * n * self.num_lcb as u64 * d; // LCB
-            if n != n_out {
+            if keep(Ablation::Lcb) {
+                total += 2 * n * self.num_lcb as u64 * d; // LCB
+            }
+            if n != n_out && keep(Ablation::Residual) {
                 total += 2 * n * n_out * d; // residual projection
             }
         }

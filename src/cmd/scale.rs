@@ -1,0 +1,49 @@
+//! `wukong scale`: a sweep of model families over compute (resumable), its table, fits and plots.
+
+use anyhow::Result;
+use std::path::PathBuf;
+
+use wukong::train::{RunOptions, checkpoint};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The sweep file (configs/scale/*.toml).
+    sweep: PathBuf,
+    /// Where the points' runs, the table and the plots go; a second invocation with the same
+    /// directory continues the sweep (finished points are read back, an interrupted one resumes).
+    #[arg(long)]
+    out: PathBuf,
+    /// Only write the table, fits and plots from the finished points (train nothing).
+    #[arg(long)]
+    report_only: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let opts = RunOptions {
+        device: a.device,
+        out_dir: a.out.clone(),
+        verbose: true,
+        faults: checkpoint::Faults::from_env()?,
+        ..Default::default()
+    };
+    let written = if a.report_only {
+        let (sweep, points) = wukong::scale::points(&a.sweep)?;
+        let done: Vec<_> = points
+            .iter()
+            .filter(|p| {
+                wukong::experiment::state(&wukong::experiment::point_dir(&a.out, &p.id)) == wukong::experiment::PointState::Finished
+            })
+            .map(|p| wukong::experiment::run_point(p, &a.out, &opts))
+            .collect::<Result<_>>()?;
+        anyhow::ensure!(!done.is_empty(), "no finished points in {}", a.out.display());
+        wukong::scale::write_report(&sweep, &done, &a.out)?
+    } else {
+        wukong::scale::run(&a.sweep, &a.out, &opts)?
+    };
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! The experiment runner: trains a list of named points (configs), each in its own run directory
+//! `<out>/points/<id>`, and survives being stopped. A finished point (its `result.json` exists) is
+//! read back, not retrained; an interrupted one resumes from its newest checkpoint (so a crash
+//! loses minutes, not the point); a point whose saved config differs from the one asked for is
+//! an error naming it (its result would silently belong to another config). Sweeps (`wukong
+//! scale`) run through it; searches and comparisons are meant to as well.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+
+use crate::config::ExperimentConfig;
+use crate::train::{self, RunOptions, checkpoint};
+
+/// One configuration to train.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// Stable name: its run directory and its row in every table.
+    pub id: String,
+    /// The group it is plotted and fitted with (a model family).
+    pub family: String,
+    pub config: ExperimentConfig,
+}
+
+/// A finished point.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub id: String,
+    pub family: String,
+    pub dir: PathBuf,
+    /// The run's `result.json`.
+    pub result: serde_json::Value,
+    /// Whether this invocation trained (or resumed) it, rather than finding it finished.
+    pub trained_now: bool,
+}
+
+/// Where a point's run lives.
+pub fn point_dir(out: &Path, id: &str) -> PathBuf {
+    out.join("points").join(id)
+}
+
+/// What to do with a point, from its directory.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PointState {
+    New,
+    /// Started, with checkpoints to resume from.
+    Interrupted,
+    Finished,
+}
+
+pub fn state(dir: &Path) -> PointState {
+    if dir.join(checkpoint::RESULT).exists() {
+        PointState::Finished
+    } else if dir.join(checkpoint::CONFIG).exists() && dir.join("checkpoints").is_dir() {
+        PointState::Interrupted
+    } else {
+        PointState::New
+    }
+}
+
+/// Trains (or resumes, or reads) one point.
+pub fn run_point(p: &Point, out: &Path, opts: &RunOptions) -> Result<Finished> {
+    let dir = point_dir(out, &p.id);
+    let st = state(&dir);
+    if st != PointState::New {
+        let saved =
+            std::fs::read_to_string(dir.join(checkpoint::CONFIG)).with_context(|| format!("point {}: cannot read its config", p.id))?;
+        let saved: ExperimentConfig = toml::from_str(&saved).with_context(|| format!("point {}: its saved config is unreadable", p.id))?;
+        if saved != p.config {
+            bail!(
+                "point {}: {} holds a run of another config (the sweep changed since it ran); remove that directory or use another output directory",
+                p.id,
+                dir.display()
+            );
+        }
+    }
+    let trained_now = match st {
+        PointState::Finished => false,
+        PointState::Interrupted => {
+            tracing::info!("point {}: resuming {}", p.id, dir.display());
+            train::resume(&dir, opts).with_context(|| format!("point {}", p.id))?;
+            true
+        }
+        PointState::New => {
+            if dir.exists() {
+                // created but stopped before its first checkpoint: nothing to keep
+                std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+            }
+            let opts = RunOptions { run_dir: Some(dir.clone()), ..opts.clone() };
+            train::train(&p.config, &opts).with_context(|| format!("point {}", p.id))?;
+            true
+        }
+    };
+    let text = std::fs::read_to_string(dir.join(checkpoint::RESULT)).with_context(|| format!("point {}: no result.json", p.id))?;
+    let result = serde_json::from_str(&text).with_context(|| format!("point {}: unreadable result.json", p.id))?;
+    Ok(Finished { id: p.id.clone(), family: p.family.clone(), dir, result, trained_now })
+}
+
+/// Runs every point in order; `after` sees each finished one (to rewrite tables as it goes).
+pub fn run_all(points: &[Point], out: &Path, opts: &RunOptions, mut after: impl FnMut(&[Finished]) -> Result<()>) -> Result<Vec<Finished>> {
+    let mut seen = std::collections::HashSet::new();
+    for p in points {
+        anyhow::ensure!(seen.insert(&p.id), "two points are named {}", p.id);
+    }
+    let mut done = Vec::with_capacity(points.len());
+    for (i, p) in points.iter().enumerate() {
+        let st = state(&point_dir(out, &p.id));
+        tracing::info!(
+            "== point {}/{}: {} ({})",
+            i + 1,
+            points.len(),
+            p.id,
+            match st {
+                PointState::Finished => "finished, read back",
+                PointState::Interrupted => "interrupted, resuming",
+                PointState::New => "training",
+            }
+        );
+        done.push(run_point(p, out, opts)?);
+        after(&done)?;
+    }
+    Ok(done)
+}
