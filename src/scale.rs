@@ -33,8 +33,20 @@ pub struct SweepFile {
     /// Only these families (default: all).
     #[serde(default)]
     pub only: Vec<String>,
+    /// Training order: `compute` (default: cheapest point first, so a stopped sweep has the
+    /// small end of every family) or `file`.
+    #[serde(default)]
+    pub order: Order,
     #[serde(rename = "family")]
     pub families: Vec<Family>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    #[default]
+    Compute,
+    File,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -477,7 +489,10 @@ fn draw_examples(done: &[Finished], family: &str, bayes: Option<f64>, path: &Pat
 /// Writes `scale.md`, `scale.csv`, `fits.json` and the PNGs into `out`; returns the paths.
 pub fn write_report(sweep: &SweepFile, done: &[Finished], out: &Path) -> Result<Vec<PathBuf>> {
     let reference = sweep.reference.clone().or_else(|| done.first().map(|d| d.id.clone())).unwrap_or_default();
-    let rows = rows(done, Some(&reference));
+    let mut rows = rows(done, Some(&reference));
+    // grouped by family (in the sweep file's order), cheapest first
+    let family_index = |f: &str| sweep.families.iter().position(|x| x.name == f).unwrap_or(usize::MAX);
+    rows.sort_by(|a, b| family_index(&a.family).cmp(&family_index(&b.family)).then(a.gflop_per_example.total_cmp(&b.gflop_per_example)));
     let fits = fits(&rows);
     let synthetic = rows.iter().any(|r| r.bayes.is_some());
     let mut written = Vec::new();
@@ -514,6 +529,59 @@ pub fn write_report(sweep: &SweepFile, done: &[Finished], out: &Path) -> Result<
     Ok(written)
 }
 
+/// The model-facing shape of a config's data and the examples of one training pass.
+fn data_shape(data: &crate::data::DataConfig) -> Result<(crate::model::DataShape, usize)> {
+    if data.format == crate::data::schema::Format::Synthetic {
+        let w = data.world();
+        return Ok((crate::model::DataShape::of(&crate::data::world::World::new(&w)?.encoder()), w.train_examples));
+    }
+    let src = &crate::data::pipeline::split_sources(data)[0];
+    let (enc, d, _) = crate::data::pipeline::fit_in_memory(data, src)?;
+    Ok((crate::model::DataShape::of(&enc), d.len()))
+}
+
+/// The points in training order (see [`Order`]).
+pub fn in_order(sweep: &SweepFile, mut points: Vec<Point>) -> Result<Vec<Point>> {
+    if sweep.order == Order::Compute && !points.is_empty() {
+        let (shape, _) = data_shape(&points[0].config.data)?;
+        points.sort_by_key(|p| p.config.model.forward_flops(&shape)); // stable: file order among equals
+    }
+    Ok(points)
+}
+
+/// The sweep's plan, without training: per point the forward MFLOP/example, training
+/// GFLOP/example, dense parameters, examples per pass and the compute of one pass in PF-days
+/// (what a preset costs before it is run, here or on a cluster).
+pub fn plan(path: &Path) -> Result<String> {
+    let (sweep, points) = points(path)?;
+    let mut s = format!(
+        "# Plan of sweep `{}`\n\n| point | model | forward MFLOP/ex | training GFLOP/ex | dense params | examples/pass | PF-days/pass |\n|---|---|---|---|---|---|---|\n",
+        sweep.name
+    );
+    let mut total = 0.0;
+    for p in &points {
+        let (shape, examples) = data_shape(&p.config.data)?;
+        let fwd = p.config.model.forward_flops(&shape) as f64;
+        let device = burn::tensor::Device::flex();
+        let model = p.config.model.init(&shape, &device);
+        let (_, dense) = model.param_counts();
+        let pf = 3.0 * fwd * examples as f64 / 1e15 / 86_400.0;
+        total += pf;
+        s.push_str(&format!(
+            "| {} | {} | {:.4} | {:.3e} | {} | {} | {:.3e} |\n",
+            p.id,
+            p.config.model.name(),
+            fwd / 1e6,
+            3.0 * fwd / 1e9,
+            dense,
+            examples,
+            pf
+        ));
+    }
+    s.push_str(&format!("\nTotal: {total:.3e} PF-days for one pass of every point.\n"));
+    Ok(s)
+}
+
 /// Runs (or continues) a sweep and writes its report after every point.
 pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions) -> Result<Vec<PathBuf>> {
     let (sweep, points) = points(path)?;
@@ -528,6 +596,7 @@ pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions) -> Result<V
         }
     }
     crate::runtime::write_atomic(&out.join("sweep.toml"), &std::fs::read(path)?)?;
+    let points = in_order(&sweep, points)?;
     let done = experiment::run_all(&points, out, opts, |done| write_report(&sweep, done, out).map(|_| ()))?;
     if done.is_empty() {
         bail!("no points ran");

@@ -112,3 +112,22 @@ fn sweep_files_are_checked() {
     );
     assert!(bad("name = \"x\"\nbase = \"missing.toml\"\n[[family]]\nname = \"lr\"\nmodel = { name = \"lr\" }\n").contains("missing.toml"));
 }
+
+/// Every shipped sweep parses into valid points, and every base config is a valid experiment.
+#[test]
+fn shipped_sweeps_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/scale");
+    let mut sweeps = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = e.path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.contains("[[family]]") {
+            let (_, points) = scale::points(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            assert!(!points.is_empty());
+            sweeps += 1;
+        } else {
+            wukong::config::ExperimentConfig::parse(&text).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        }
+    }
+    assert!(sweeps >= 5, "found {sweeps} sweeps");
+}

@@ -11,8 +11,11 @@ pub struct Args {
     sweep: PathBuf,
     /// Where the points' runs, the table and the plots go; a second invocation with the same
     /// directory continues the sweep (finished points are read back, an interrupted one resumes).
+    #[arg(long, required_unless_present = "plan")]
+    out: Option<PathBuf>,
+    /// Print each point's FLOPs, parameters and compute per pass, and train nothing.
     #[arg(long)]
-    out: PathBuf,
+    plan: bool,
     /// Only write the table, fits and plots from the finished points (train nothing).
     #[arg(long)]
     report_only: bool,
@@ -21,26 +24,24 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let opts = RunOptions {
-        device: a.device,
-        out_dir: a.out.clone(),
-        verbose: true,
-        faults: checkpoint::Faults::from_env()?,
-        ..Default::default()
-    };
+    if a.plan {
+        print!("{}", wukong::scale::plan(&a.sweep)?);
+        return Ok(());
+    }
+    let out = a.out.expect("clap requires --out without --plan");
+    let opts =
+        RunOptions { device: a.device, out_dir: out.clone(), verbose: true, faults: checkpoint::Faults::from_env()?, ..Default::default() };
     let written = if a.report_only {
         let (sweep, points) = wukong::scale::points(&a.sweep)?;
         let done: Vec<_> = points
             .iter()
-            .filter(|p| {
-                wukong::experiment::state(&wukong::experiment::point_dir(&a.out, &p.id)) == wukong::experiment::PointState::Finished
-            })
-            .map(|p| wukong::experiment::run_point(p, &a.out, &opts))
+            .filter(|p| wukong::experiment::state(&wukong::experiment::point_dir(&out, &p.id)) == wukong::experiment::PointState::Finished)
+            .map(|p| wukong::experiment::run_point(p, &out, &opts))
             .collect::<Result<_>>()?;
-        anyhow::ensure!(!done.is_empty(), "no finished points in {}", a.out.display());
-        wukong::scale::write_report(&sweep, &done, &a.out)?
+        anyhow::ensure!(!done.is_empty(), "no finished points in {}", out.display());
+        wukong::scale::write_report(&sweep, &done, &out)?
     } else {
-        wukong::scale::run(&a.sweep, &a.out, &opts)?
+        wukong::scale::run(&a.sweep, &out, &opts)?
     };
     for p in written {
         println!("wrote {}", p.display());
