@@ -57,6 +57,9 @@ enum Command {
     /// PF-days, LogLoss, excess over the Bayes limit (synthetic data), relative LogLoss; a power
     /// law fitted per family; markdown/CSV tables and PNG plots.
     Scale(cmd::scale::Args),
+    /// Write a split of a config's synthetic stream (`format = "synthetic"`) as a TSV file, for
+    /// other tools (readable back with `format = "tsv"`).
+    GenWorld(cmd::gen_world::Args),
     /// Write a synthetic Criteo-format TSV (label, I1–I13, C1–C26) with a learnable signal.
     GenCriteo(cmd::gen_criteo::Args),
 }
@@ -82,6 +85,7 @@ fn main() {
         Command::Compare(a) => cmd::compare::run(a),
         Command::Scale(a) => cmd::scale::run(a),
         Command::GenCriteo(a) => cmd::gen_criteo::run(a),
+        Command::GenWorld(a) => cmd::gen_world::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -7,6 +7,7 @@ pub mod compare;
 pub mod eval;
 pub mod flops;
 pub mod gen_criteo;
+pub mod gen_world;
 pub mod report;
 pub mod scale;
 pub mod train;

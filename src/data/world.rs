@@ -347,6 +347,54 @@ impl World {
     }
 }
 
+impl World {
+    /// Writes examples `start .. start + n` of stream `s` as a tab-separated file with a header
+    /// (`label`, `d0…` dense values in log space, `c0…` value ids; a bag's ids joined by `|`),
+    /// readable by other tools and by `format = "tsv"` (fields `c*` categorical, the bags
+    /// `multi_hot` with separator `|`, `d*` numeric). Gzip when the name ends in `.gz`.
+    pub fn write_tsv(&self, s: u64, start: u64, n: usize, path: &std::path::Path) -> Result<()> {
+        use anyhow::Context;
+        use std::io::Write;
+        let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let mut w: Box<dyn Write> = if path.extension().is_some_and(|e| e == "gz") {
+            Box::new(flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast()))
+        } else {
+            Box::new(std::io::BufWriter::with_capacity(1 << 20, file))
+        };
+        let cfg = &self.cfg;
+        let mut header = vec!["label".to_string()];
+        header.extend((0..cfg.dense).map(|k| format!("d{k}")));
+        header.extend((0..cfg.fields).map(|f| format!("c{f}")));
+        writeln!(w, "{}", header.join("\t"))?;
+        let offsets = self.table_offsets();
+        let widths = self.widths();
+        const CHUNK: usize = 65_536;
+        let mut line = String::new();
+        for c in (0..n).step_by(CHUNK) {
+            let (d, _) = self.generate(s, start + c as u64, CHUNK.min(n - c));
+            for i in 0..d.len() {
+                line.clear();
+                line.push_str(if d.labels[i] >= 0.5 { "1" } else { "0" });
+                for k in 0..cfg.dense {
+                    line.push_str(&format!("\t{}", d.dense[i * cfg.dense + k]));
+                }
+                let mut slot = i * d.num_slots;
+                for (f, &width) in widths.iter().enumerate() {
+                    line.push('\t');
+                    let ids: Vec<String> =
+                        (slot..slot + width).filter(|&j| d.values[j] != 0.0).map(|j| (d.rows[j] - offsets[f] - 1).to_string()).collect();
+                    line.push_str(&ids.join("|"));
+                    slot += width;
+                }
+                line.push('\n');
+                w.write_all(line.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+            }
+        }
+        w.flush()?;
+        Ok(())
+    }
+}
+
 /// LogLoss of probabilities `p` on labels `y` (the Bayes-optimal LogLoss when `p` is the teacher's).
 pub fn logloss(p: &[f64], y: &[f32]) -> f64 {
     let eps = 1e-15;
