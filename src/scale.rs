@@ -37,6 +37,10 @@ pub struct SweepFile {
     /// small end of every family) or `file`.
     #[serde(default)]
     pub order: Order,
+    /// Second mode: every point gets the same training compute instead of the same examples —
+    /// a point of F training FLOPs/example trains on `budget_pf_days · 8.64e19 / F` examples of
+    /// the stream (synthetic data only: a file has the examples it has).
+    pub budget_pf_days: Option<f64>,
     #[serde(rename = "family")]
     pub families: Vec<Family>,
 }
@@ -99,7 +103,20 @@ pub fn points(path: &Path) -> Result<(SweepFile, Vec<Point>)> {
             }
             let id = format!("{}-{}", fam.name, i + 1);
             table.insert("name".into(), toml::Value::String(format!("{}-{id}", sweep.name)));
-            let config = ExperimentConfig::parse(&toml::to_string(&table)?).with_context(|| format!("sweep point {id}"))?;
+            let mut config = ExperimentConfig::parse(&toml::to_string(&table)?).with_context(|| format!("sweep point {id}"))?;
+            if let Some(budget) = sweep.budget_pf_days {
+                ensure!(budget > 0.0 && budget.is_finite(), "budget_pf_days must be positive");
+                ensure!(
+                    config.data.format == crate::data::schema::Format::Synthetic,
+                    "budget_pf_days needs synthetic data (a file has a fixed size)"
+                );
+                let (shape, _) = data_shape(&config.data)?;
+                let train_flops = 3.0 * config.model.forward_flops(&shape).max(1) as f64;
+                let mut world = config.data.world();
+                world.train_examples = ((budget * 1e15 * 86_400.0 / train_flops) as usize).max(config.train.batch_size);
+                config.data.world = Some(world);
+                config.validate().with_context(|| format!("sweep point {id} under the compute budget"))?;
+            }
             out.push(Point { id, family: fam.name.clone(), config });
         }
     }

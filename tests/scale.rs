@@ -131,3 +131,26 @@ fn shipped_sweeps_parse() {
     }
     assert!(sweeps >= 5, "found {sweeps} sweeps");
 }
+
+/// Under `budget_pf_days` every point gets the same training compute: examples × training
+/// FLOPs/example is the budget (to rounding), so bigger models see fewer examples.
+#[test]
+fn a_compute_budget_sets_each_points_examples() {
+    let dir = common::workdir("scale-budget");
+    write_sweep(&dir, "0.01");
+    let text = std::fs::read_to_string(dir.join("sweep.toml"))
+        .unwrap()
+        .replace("reference = \"lr-1\"\n", "reference = \"lr-1\"\nbudget_pf_days = 1e-12\n");
+    std::fs::write(dir.join("budget.toml"), text).unwrap();
+    let (_, points) = scale::points(&dir.join("budget.toml")).unwrap();
+    let world = wukong::data::world::World::new(&points[1].config.data.world()).unwrap();
+    let shape = wukong::model::DataShape::of(&world.encoder());
+    let mut examples = Vec::new();
+    for p in &points[1..] {
+        let n = p.config.data.world().train_examples;
+        let spent = n as f64 * 3.0 * p.config.model.forward_flops(&shape) as f64 / 1e15 / 86_400.0;
+        assert!((spent - 1e-12).abs() < 1e-12 * 1e-3, "{}: {n} examples spend {spent} PF-days", p.id);
+        examples.push(n);
+    }
+    assert!(examples.windows(2).all(|w| w[0] > w[1]), "{examples:?}");
+}
