@@ -19,3 +19,4 @@ pub mod rng;
 pub mod runtime;
 pub mod scale;
 pub mod train;
+pub mod tune;

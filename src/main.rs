@@ -57,6 +57,10 @@ enum Command {
     /// PF-days, LogLoss, excess over the Bayes limit (synthetic data), relative LogLoss; a power
     /// law fitted per family; markdown/CSV tables and PNG plots.
     Scale(cmd::scale::Args),
+    /// Hyperparameter search over any config keys (random or grid, a trial budget, resumable),
+    /// selected by the validation metric; the best config re-run with several seeds (mean ± std
+    /// of the test metrics); leaderboard.md/.csv and summary.json.
+    Tune(cmd::tune::Args),
     /// Write a split of a config's synthetic stream (`format = "synthetic"`) as a TSV file, for
     /// other tools (readable back with `format = "tsv"`).
     GenWorld(cmd::gen_world::Args),
@@ -86,6 +90,7 @@ fn main() {
         Command::Scale(a) => cmd::scale::run(a),
         Command::GenCriteo(a) => cmd::gen_criteo::run(a),
         Command::GenWorld(a) => cmd::gen_world::run(a),
+        Command::Tune(a) => cmd::tune::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -11,6 +11,7 @@ pub mod gen_world;
 pub mod report;
 pub mod scale;
 pub mod train;
+pub mod tune;
 
 use anyhow::Result;
 use std::path::{Path, PathBuf};

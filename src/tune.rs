@@ -1,0 +1,293 @@
+//! `wukong tune`: hyperparameter search over any config keys through the experiment runner
+//! (resumable: trials are regenerated from the seed and finished ones read back), selection by
+//! the validation metric only, then the best config re-run with several seeds and reported as
+//! mean ± std of the test metrics. A space file:
+//! ```toml
+//! name = "frappe-wukong"
+//! base = "../frappe_wukong.toml"    # relative to this file
+//! trials = 20                       # the budget (a grid larger than this is cut)
+//! search = "random"                 # or "grid" (choices only)
+//! seed = 1
+//! metric = "auc"                    # validation metric: auc (higher) or logloss (lower)
+//! seeds = [1, 2, 3]                 # final re-runs of the best trial
+//! [space]
+//! "train.lr" = { loguniform = [1e-4, 1e-2] }
+//! "model.dropout" = { uniform = [0.0, 0.3] }
+//! "model.embedding_dim" = { choice = [16, 32, 64] }
+//! "model.num_layers" = { int = [1, 4] }
+//! ```
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::ExperimentConfig;
+use crate::experiment::{self, Finished, Point};
+use crate::rng::SplitMix64;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpaceFile {
+    pub name: String,
+    pub base: PathBuf,
+    pub trials: usize,
+    #[serde(default)]
+    pub search: Search,
+    #[serde(default = "one")]
+    pub seed: u64,
+    #[serde(default)]
+    pub metric: Metric,
+    /// Seeds of the final re-runs of the best trial (empty: none).
+    #[serde(default)]
+    pub seeds: Vec<u64>,
+    pub space: BTreeMap<String, Domain>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Search {
+    #[default]
+    Random,
+    Grid,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    #[default]
+    Auc,
+    Logloss,
+}
+
+/// The values a key may take.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Domain {
+    Choice(Vec<toml::Value>),
+    Uniform([f64; 2]),
+    Loguniform([f64; 2]),
+    Int([i64; 2]),
+}
+
+impl Domain {
+    fn check(&self, key: &str) -> Result<()> {
+        match self {
+            Domain::Choice(v) => ensure!(!v.is_empty(), "space.{key}: an empty choice"),
+            Domain::Uniform([a, b]) => ensure!(a.is_finite() && b.is_finite() && a <= b, "space.{key}: uniform needs lo ≤ hi"),
+            Domain::Loguniform([a, b]) => ensure!(*a > 0.0 && a <= b && b.is_finite(), "space.{key}: loguniform needs 0 < lo ≤ hi"),
+            Domain::Int([a, b]) => ensure!(a <= b, "space.{key}: int needs lo ≤ hi"),
+        }
+        Ok(())
+    }
+
+    fn sample(&self, rng: &mut SplitMix64) -> toml::Value {
+        match self {
+            Domain::Choice(v) => v[(rng.next_u64() % v.len() as u64) as usize].clone(),
+            Domain::Uniform([a, b]) => toml::Value::Float(a + (b - a) * rng.unit()),
+            Domain::Loguniform([a, b]) => toml::Value::Float((a.ln() + (b.ln() - a.ln()) * rng.unit()).exp()),
+            Domain::Int([a, b]) => toml::Value::Integer(a + (rng.next_u64() % (b - a + 1) as u64) as i64),
+        }
+    }
+
+    /// Grid values (choices, or every integer of a small range).
+    fn grid(&self, key: &str) -> Result<Vec<toml::Value>> {
+        match self {
+            Domain::Choice(v) => Ok(v.clone()),
+            Domain::Int([a, b]) if b - a < 1000 => Ok((*a..=*b).map(toml::Value::Integer).collect()),
+            _ => bail!("space.{key}: a grid needs choice or a small int range"),
+        }
+    }
+}
+
+/// Sets `section.key` (e.g. `train.lr`, `model.dropout`, `data.world.vocab_max`) in a config table.
+fn set(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().context("empty key")?;
+    ensure!(!parts.is_empty(), "space key {key:?} needs its section (train.…, model.…, data.…)");
+    let mut t = table;
+    for p in parts {
+        t = t
+            .entry(p)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .with_context(|| format!("{key}: {p} is not a table"))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// One trial's settings, in key order.
+pub type Settings = BTreeMap<String, toml::Value>;
+
+/// The space file, the trials' settings (deterministic from the seed) and their points.
+pub fn trials(path: &Path) -> Result<(SpaceFile, Vec<(Settings, Point)>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let space: SpaceFile = toml::from_str(&text).with_context(|| format!("invalid space {}", path.display()))?;
+    ensure!(space.trials > 0, "trials must be positive");
+    ensure!(!space.space.is_empty(), "the space is empty");
+    for (k, d) in &space.space {
+        d.check(k)?;
+    }
+    let base_path = path.parent().unwrap_or(Path::new(".")).join(&space.base);
+    let base: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&base_path).with_context(|| format!("cannot read {}", base_path.display()))?)
+            .with_context(|| format!("invalid base config {}", base_path.display()))?;
+    let settings: Vec<Settings> = match space.search {
+        Search::Random => {
+            let mut rng = SplitMix64(crate::rng::mix(space.seed ^ 0x7E5E_A4C4));
+            (0..space.trials).map(|_| space.space.iter().map(|(k, d)| (k.clone(), d.sample(&mut rng))).collect()).collect()
+        }
+        Search::Grid => {
+            let mut grid: Vec<Settings> = vec![Settings::new()];
+            for (k, d) in &space.space {
+                let values = d.grid(k)?;
+                grid = grid
+                    .into_iter()
+                    .flat_map(|s| values.iter().map(move |v| (s.clone(), v.clone())))
+                    .map(|(mut s, v)| {
+                        s.insert(k.clone(), v);
+                        s
+                    })
+                    .collect();
+            }
+            if grid.len() > space.trials {
+                tracing::warn!("the grid has {} points; the budget runs the first {}", grid.len(), space.trials);
+                grid.truncate(space.trials);
+            }
+            grid
+        }
+    };
+    let mut out = Vec::with_capacity(settings.len());
+    for (i, s) in settings.into_iter().enumerate() {
+        let id = format!("trial-{:03}", i + 1);
+        let mut table = base.clone();
+        for (k, v) in &s {
+            set(&mut table, k, v.clone())?;
+        }
+        table.insert("name".into(), toml::Value::String(format!("{}-{id}", space.name)));
+        let config = ExperimentConfig::parse(&toml::to_string(&table)?).with_context(|| format!("{id} ({})", describe(&s)))?;
+        out.push((s, Point { id, family: "trial".into(), config }));
+    }
+    Ok((space, out))
+}
+
+fn describe(s: &Settings) -> String {
+    s.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", ")
+}
+
+fn metric_of(r: &serde_json::Value, key: &str) -> f64 {
+    r[key].as_f64().unwrap_or(f64::NAN)
+}
+
+/// A trial's place on the leaderboard: better first (NaN last).
+fn better(metric: Metric) -> impl Fn(&f64, &f64) -> std::cmp::Ordering {
+    move |a, b| {
+        let (a, b) = if metric == Metric::Auc { (-a, -b) } else { (*a, *b) };
+        a.partial_cmp(&b).unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
+    }
+}
+
+/// The outcome: leaderboard rows (best first) and the seeds' summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub best: String,
+    pub best_settings: BTreeMap<String, String>,
+    pub seeds: Vec<u64>,
+    pub test_auc_mean: Option<f64>,
+    pub test_auc_std: Option<f64>,
+    pub test_logloss_mean: Option<f64>,
+    pub test_logloss_std: Option<f64>,
+}
+
+fn mean_std(v: &[f64]) -> Option<(f64, f64)> {
+    if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64 } else { 0.0 };
+    Some((m, var.sqrt()))
+}
+
+/// Markdown and CSV leaderboards of the finished trials, best first by the validation metric.
+pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result<(String, String)> {
+    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
+    let mut order: Vec<usize> = (0..trials.len()).collect();
+    order.sort_by(|&a, &b| better(space.metric)(&metric_of(&trials[a].1.result, key), &metric_of(&trials[b].1.result, key)));
+    let keys: Vec<&String> = space.space.keys().collect();
+    let mut md = format!("# Tuning `{}` — {} trials, selected by validation {}\n\n| rank | trial |", space.name, trials.len(), key);
+    for k in &keys {
+        md.push_str(&format!(" {k} |"));
+    }
+    md.push_str(" valid AUC | valid LogLoss | test AUC | test LogLoss | seconds |\n|---|---|");
+    md.push_str(&"---|".repeat(keys.len() + 5));
+    md.push('\n');
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut header = vec!["rank".to_string(), "trial".to_string()];
+    header.extend(keys.iter().map(|k| k.to_string()));
+    header.extend(["valid_auc", "valid_logloss", "test_auc", "test_logloss", "seconds"].map(String::from));
+    w.write_record(&header)?;
+    for (rank, &i) in order.iter().enumerate() {
+        let (s, f) = &trials[i];
+        let r = &f.result;
+        let nums = ["valid_auc", "valid_logloss", "test_auc", "test_logloss"].map(|k| metric_of(r, k));
+        let mut rec = vec![(rank + 1).to_string(), f.id.clone()];
+        rec.extend(keys.iter().map(|k| s[*k].to_string()));
+        rec.extend(nums.iter().map(|x| format!("{x:.6}")));
+        rec.push(format!("{:.1}", metric_of(r, "seconds")));
+        md.push_str(&format!("| {} |\n", rec.join(" | ")));
+        w.write_record(&rec)?;
+    }
+    Ok((md, String::from_utf8(w.into_inner()?)?))
+}
+
+/// Runs (or continues) the search, then the seeds of the best trial; writes `leaderboard.md`,
+/// `leaderboard.csv` and `summary.json` into `out` after every trial.
+pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions) -> Result<Summary> {
+    let (space, trials) = trials(path)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let points: Vec<Point> = trials.iter().map(|(_, p)| p.clone()).collect();
+    let write = |done: &[Finished]| -> Result<()> {
+        let pairs: Vec<(Settings, Finished)> =
+            done.iter().map(|f| (trials.iter().find(|(_, p)| p.id == f.id).expect("a trial").0.clone(), f.clone())).collect();
+        let (md, csv) = leaderboard(&space, &pairs)?;
+        crate::runtime::write_atomic(&out.join("leaderboard.md"), md.as_bytes())?;
+        crate::runtime::write_atomic(&out.join("leaderboard.csv"), csv.as_bytes())
+    };
+    let done = experiment::run_all(&points, out, opts, write)?;
+    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
+    let best = done
+        .iter()
+        .min_by(|a, b| better(space.metric)(&metric_of(&a.result, key), &metric_of(&b.result, key)))
+        .context("no trial finished")?;
+    let best_trial = trials.iter().find(|(_, p)| p.id == best.id).expect("a trial");
+    // the best config with each seed (its trial seed included if listed: a separate run anyway)
+    let seed_points: Vec<Point> = space
+        .seeds
+        .iter()
+        .map(|&s| {
+            let mut config = best_trial.1.config.clone();
+            config.train.seed = s;
+            config.name = format!("{}-best-seed{s}", space.name);
+            Point { id: format!("best-seed{s}"), family: "best".into(), config }
+        })
+        .collect();
+    let seeded = experiment::run_all(&seed_points, out, opts, |_| Ok(()))?;
+    let col = |k: &str| seeded.iter().map(|f| metric_of(&f.result, k)).collect::<Vec<_>>();
+    let (auc, ll) = (mean_std(&col("test_auc")), mean_std(&col("test_logloss")));
+    let summary = Summary {
+        best: best.id.clone(),
+        best_settings: best_trial.0.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+        seeds: space.seeds.clone(),
+        test_auc_mean: auc.map(|x| x.0),
+        test_auc_std: auc.map(|x| x.1),
+        test_logloss_mean: ll.map(|x| x.0),
+        test_logloss_std: ll.map(|x| x.1),
+    };
+    crate::runtime::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    Ok(summary)
+}

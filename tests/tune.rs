@@ -1,0 +1,97 @@
+//! `wukong tune`: seeded trials (the same on a restart), a leaderboard ordered by the validation
+//! metric only, resumption, grids, and the best config re-run with seeds (mean ± std).
+
+use std::path::Path;
+
+use wukong::train::RunOptions;
+use wukong::tune;
+
+mod common;
+
+fn write(dir: &Path, space: &str) {
+    std::fs::write(
+        dir.join("base.toml"),
+        "name = \"base\"\n[data]\nformat = \"synthetic\"\n[data.world]\nfields = 6\nmulti_hot_fields = 1\nmax_bag = 2\nvocab_max = 500\ndense = 2\nterms = 64\n\
+         train_examples = 3000\nvalid_examples = 1500\ntest_examples = 1500\n[model]\nname = \"wukong\"\nembedding_dim = 4\nnum_layers = 1\nnum_fmb = 2\n\
+         num_lcb = 2\nfm_rank = 2\nfmb_mlp = [8]\ntop_mlp = [8]\n[train]\nepochs = 1\nbatch_size = 500\neval_batch_size = 1500\nwarmup_steps = 0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("space.toml"), space).unwrap();
+}
+
+const SPACE: &str = "name = \"t\"\nbase = \"base.toml\"\ntrials = 4\nseed = 3\nseeds = [1, 2]\n[space]\n\
+    \"train.lr\" = { loguniform = [1e-4, 3e-2] }\n\"model.dropout\" = { uniform = [0.0, 0.2] }\n\"model.num_fmb\" = { choice = [2, 4] }\n\"model.num_layers\" = { int = [1, 2] }\n";
+
+#[test]
+fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
+    let dir = common::workdir("tune");
+    write(&dir, SPACE);
+    let (_, a) = tune::trials(&dir.join("space.toml")).unwrap();
+    let (_, b) = tune::trials(&dir.join("space.toml")).unwrap();
+    assert_eq!(
+        a.iter().map(|t| t.0.clone()).collect::<Vec<_>>(),
+        b.iter().map(|t| t.0.clone()).collect::<Vec<_>>(),
+        "trials are a function of the seed"
+    );
+    assert_eq!(a.len(), 4);
+    for (s, p) in &a {
+        let lr = s["train.lr"].as_float().unwrap();
+        assert!((1e-4..=3e-2).contains(&lr) && p.config.train.lr == lr, "the sampled value reaches the config");
+        let layers = s["model.num_layers"].as_integer().unwrap();
+        assert!((1..=2).contains(&layers));
+    }
+    let out = dir.join("out");
+    let opts = RunOptions { out_dir: out.clone(), ..Default::default() };
+    let summary = tune::run(&dir.join("space.toml"), &out, &opts).unwrap();
+    // the leaderboard is ordered by validation AUC, best first, and the summary names its top
+    let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
+    let mut rdr = csv::Reader::from_reader(csv.as_bytes());
+    let header = rdr.headers().unwrap().clone();
+    let col = header.iter().position(|h| h == "valid_auc").unwrap();
+    let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.unwrap()).collect();
+    assert_eq!(rows.len(), 4);
+    let aucs: Vec<f64> = rows.iter().map(|r| r[col].parse().unwrap()).collect();
+    assert!(aucs.windows(2).all(|w| w[0] >= w[1]), "{aucs:?}");
+    assert_eq!(&rows[0][1], summary.best.as_str());
+    assert!(std::fs::read_to_string(out.join("leaderboard.md")).unwrap().contains("| 1 | trial-"));
+    // two seeds of the best config: mean ± std from their test metrics
+    let seed_auc: Vec<f64> = [1, 2]
+        .iter()
+        .map(|s| {
+            let r: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join(format!("points/best-seed{s}/result.json"))).unwrap()).unwrap();
+            r["test_auc"].as_f64().unwrap()
+        })
+        .collect();
+    let mean = (seed_auc[0] + seed_auc[1]) / 2.0;
+    assert!((summary.test_auc_mean.unwrap() - mean).abs() < 1e-12);
+    assert!((summary.test_auc_std.unwrap() - (seed_auc[0] - seed_auc[1]).abs() / 2f64.sqrt()).abs() < 1e-12);
+    // a second invocation trains nothing again
+    let before = std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap();
+    let again = tune::run(&dir.join("space.toml"), &out, &opts).unwrap();
+    assert_eq!(again.best, summary.best);
+    assert_eq!(std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap(), before);
+}
+
+#[test]
+fn grids_and_bad_spaces() {
+    let dir = common::workdir("tune-grid");
+    write(
+        &dir,
+        "name = \"g\"\nbase = \"base.toml\"\ntrials = 5\nsearch = \"grid\"\n[space]\n\"model.num_fmb\" = { choice = [2, 4] }\n\"model.num_layers\" = { int = [1, 3] }\n",
+    );
+    let (_, t) = tune::trials(&dir.join("space.toml")).unwrap();
+    assert_eq!(t.len(), 5, "a 2 × 3 grid cut to the budget of 5");
+    let pairs: std::collections::HashSet<(i64, i64)> =
+        t.iter().map(|(s, _)| (s["model.num_fmb"].as_integer().unwrap(), s["model.num_layers"].as_integer().unwrap())).collect();
+    assert_eq!(pairs.len(), 5, "no grid point twice");
+    let bad = |space: &str| {
+        std::fs::write(dir.join("bad.toml"), format!("name = \"b\"\nbase = \"base.toml\"\ntrials = 2\n{space}")).unwrap();
+        format!("{:#}", tune::trials(&dir.join("bad.toml")).unwrap_err())
+    };
+    assert!(bad("search = \"grid\"\n[space]\n\"train.lr\" = { uniform = [0.1, 0.2] }\n").contains("a grid needs choice"));
+    assert!(bad("[space]\n\"train.lr\" = { loguniform = [0.0, 0.2] }\n").contains("loguniform needs 0 < lo"));
+    assert!(bad("[space]\n\"lr\" = { choice = [0.1] }\n").contains("needs its section"));
+    assert!(bad("[space]\n\"model.dropout\" = { choice = [1.5] }\n").contains("model.dropout"));
+    assert!(bad("[space]\n\"train.nope\" = { choice = [1] }\n").contains("nope"));
+}
