@@ -236,3 +236,34 @@ fn report_renders_for_tiny_runs() {
     let bad = bin().args(["report"]).arg(dir.join("nope")).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("is not a run directory"));
 }
+
+/// `compare --config` trains through the experiment runner: a second invocation reads the
+/// finished run back instead of training it again, and the table names the same directory.
+#[test]
+fn compare_resumes_through_the_experiment_runner() {
+    let dir = workdir("compare-runner");
+    std::fs::write(
+        dir.join("syn_lr.toml"),
+        "name = \"syn-lr\"\n[data]\nformat = \"synthetic\"\n[data.world]\nfields = 4\nmulti_hot_fields = 0\nvocab_max = 100\ndense = 1\nterms = 16\nmax_order = 4\n\
+         train_examples = 2000\nvalid_examples = 1000\ntest_examples = 1000\n[model]\nname = \"lr\"\n[train]\nepochs = 1\nbatch_size = 500\nwarmup_steps = 0\n",
+    )
+    .unwrap();
+    let run = || {
+        let out = bin()
+            .args(["--threads", "1", "compare", "--config"])
+            .arg(dir.join("syn_lr.toml"))
+            .arg("--runs-dir")
+            .arg(dir.join("runs"))
+            .output()
+            .unwrap();
+        let (so, se) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+        assert!(out.status.success(), "{so}\n{se}");
+        (so, se)
+    };
+    let (first, err1) = run();
+    assert!(err1.contains("syn_lr (training)"), "{err1}");
+    let (second, err2) = run();
+    assert!(err2.contains("syn_lr (finished, read back)"), "{err2}");
+    let dir_line = |t: &str| t.lines().find(|l| l.contains("points/syn_lr")).map(str::to_string);
+    assert!(dir_line(&first).is_some() && dir_line(&first) == dir_line(&second), "{first}\n{second}");
+}

@@ -4,7 +4,8 @@ use anyhow::Result;
 use std::path::PathBuf;
 
 use wukong::config::ExperimentConfig;
-use wukong::train::{self, RunOptions};
+use wukong::experiment::{self, Point};
+use wukong::train::RunOptions;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,21 +18,24 @@ pub struct Args {
     /// Also write the table to this markdown file.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Where new run directories are created.
-    #[arg(long, default_value = "runs")]
+    /// Where the trained configs' runs live (`<dir>/points/<config file stem>`): a second
+    /// invocation reads finished ones back and resumes an interrupted one.
+    #[arg(long, default_value = "runs/compare")]
     runs_dir: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let mut dirs = Vec::new();
+    let mut points = Vec::new();
     for path in &a.config {
-        let cfg = ExperimentConfig::load(path)?;
-        println!("== training {} ({})", cfg.name, path.display());
-        let opts = RunOptions { device: a.device.clone(), out_dir: a.runs_dir.clone(), verbose: true, ..Default::default() };
-        dirs.push(train::train(&cfg, &opts)?.run_dir);
+        let config = ExperimentConfig::load(path)?;
+        let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| config.name.clone());
+        let id = if points.iter().any(|p: &Point| p.id == stem) { format!("{stem}-{}", points.len() + 1) } else { stem };
+        points.push(Point { id, family: config.model.name().to_string(), config });
     }
+    let opts = RunOptions { device: a.device.clone(), out_dir: a.runs_dir.clone(), verbose: true, ..Default::default() };
+    let mut dirs: Vec<PathBuf> = experiment::run_all(&points, &a.runs_dir, &opts, |_| Ok(()))?.into_iter().map(|f| f.dir).collect();
     dirs.extend(a.run);
     anyhow::ensure!(!dirs.is_empty(), "give --config and/or --run");
     let rows = dirs.iter().map(|d| wukong::compare::read_run(d)).collect::<Result<Vec<_>>>()?;
