@@ -252,6 +252,14 @@ pub enum Monitor {
 }
 
 impl Monitor {
+    /// The metric this one is not.
+    pub fn other(self) -> Self {
+        match self {
+            Monitor::Auc => Monitor::Logloss,
+            Monitor::Logloss => Monitor::Auc,
+        }
+    }
+
     /// The metric as a score where larger is better.
     pub fn score(self, m: &crate::metrics::Metrics) -> f64 {
         match self {

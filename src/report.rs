@@ -103,25 +103,6 @@ pub fn roc_points(scores: &[(f64, bool)], max_points: usize) -> Vec<(f64, f64)> 
     out
 }
 
-/// Reliability diagram: `bins` groups of equal size by predicted probability; each gives (mean
-/// predicted, observed positive rate, count).
-pub fn reliability(scores: &[(f64, bool)], bins: usize) -> Vec<(f64, f64, usize)> {
-    let mut s: Vec<(f64, bool)> = scores.to_vec();
-    s.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let n = s.len();
-    (0..bins)
-        .filter_map(|b| {
-            let (lo, hi) = (b * n / bins, (b + 1) * n / bins);
-            (hi > lo).then(|| {
-                let part = &s[lo..hi];
-                let mean = part.iter().map(|x| x.0).sum::<f64>() / part.len() as f64;
-                let rate = part.iter().filter(|x| x.1).count() as f64 / part.len() as f64;
-                (mean, rate, part.len())
-            })
-        })
-        .collect()
-}
-
 pub(crate) fn color(i: usize) -> RGBColor {
     const C: [RGBColor; 6] = [
         RGBColor(31, 119, 180),
@@ -232,7 +213,7 @@ fn draw_roc_and_reliability(runs: &[RunView], path: &Path) -> DrawResult<()> {
     rel.draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))?;
     for (i, run) in runs.iter().enumerate().filter(|(_, r)| !r.scores.is_empty()) {
         let c = color(i);
-        let pts: Vec<(f64, f64)> = reliability(&run.scores, 10).iter().map(|&(p, o, _)| (p, o)).collect();
+        let pts: Vec<(f64, f64)> = crate::metrics::reliability(&run.scores, 10).iter().map(|&(p, o, _)| (p, o)).collect();
         rel.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
             .label(run.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
@@ -327,7 +308,7 @@ mod tests {
         let tied = [(0.5, true), (0.5, false)];
         assert_eq!(roc_points(&tied, 100), vec![(0.0, 0.0), (1.0, 1.0)]);
         // two bins of two: mean predictions and observed rates
-        let rel = reliability(&s, 2);
+        let rel = crate::metrics::reliability(&s, 2);
         assert_eq!(rel.len(), 2);
         assert!((rel[0].0 - 0.2).abs() < 1e-12 && rel[0].1 == 0.0 && rel[0].2 == 2);
         assert!((rel[1].0 - 0.85).abs() < 1e-12 && rel[1].1 == 1.0);

@@ -169,3 +169,29 @@ fn the_stream_written_as_tsv_reads_back() {
         assert!(pairs.len() == a.len() && pairs.len() == b.len(), "slot {slot}: the value partition differs");
     }
 }
+
+/// A run reports both selections (best validation AUC and best validation LogLoss, each scored on
+/// test) and writes the reliability table of its test predictions.
+#[test]
+fn runs_report_both_selections_and_a_reliability_table() {
+    use wukong::train::{self, RunOptions};
+    let dir = std::env::temp_dir().join(format!("wukong-world-select-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = "name = \"sel\"\n[data]\nformat = \"synthetic\"\n[data.world]\nfields = 6\nmulti_hot_fields = 1\nmax_bag = 2\nvocab_max = 500\ndense = 2\nterms = 64\n\
+                train_examples = 4000\nvalid_examples = 1500\ntest_examples = 2000\n[model]\nname = \"wukong\"\nembedding_dim = 4\nnum_layers = 1\nnum_fmb = 2\n\
+                num_lcb = 2\nfm_rank = 2\nfmb_mlp = [8]\ntop_mlp = [8]\n[train]\nepochs = 3\nbatch_size = 500\neval_every_steps = 2\nwarmup_steps = 0\npatience = 100\nlr = 0.02\n";
+    let cfg = ExperimentConfig::parse(text).unwrap();
+    let out = train::train(&cfg, &RunOptions { out_dir: dir.clone(), ..Default::default() }).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.run_dir.join("result.json")).unwrap()).unwrap();
+    let (auc, ll) = (&r["selected_by"]["auc"], &r["selected_by"]["logloss"]);
+    assert_eq!(auc["test_auc"], r["test_auc"], "the monitored selection is the run's headline");
+    assert_eq!(auc["step"], r["best_step"]);
+    assert!(ll["test_logloss"].as_f64().is_some() && ll["valid_logloss"].as_f64().unwrap() <= auc["valid_logloss"].as_f64().unwrap());
+    assert!(ll["valid_auc"].as_f64().unwrap() <= auc["valid_auc"].as_f64().unwrap());
+    // the reliability table: 10 deciles over the 2,000 test examples, increasing predictions
+    let table = std::fs::read_to_string(out.run_dir.join("reliability.csv")).unwrap();
+    let rows: Vec<Vec<f64>> = table.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap()).collect()).collect();
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows.iter().map(|r| r[3]).sum::<f64>(), 2000.0);
+    assert!(rows.windows(2).all(|w| w[0][1] <= w[1][1]));
+}

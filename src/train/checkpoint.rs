@@ -30,6 +30,10 @@ pub const ENCODER: &str = "encoder.json";
 pub const MODEL: &str = "model.bpk";
 pub const METRICS: &str = "metrics.jsonl";
 pub const RESULT: &str = "result.json";
+/// Best weights by the validation metric `monitor` does not select on.
+pub const MODEL_OTHER: &str = "model-other.bpk";
+/// Predicted against observed positive rate per decile of the test predictions (best weights).
+pub const RELIABILITY: &str = "reliability.csv";
 pub const ENV: &str = "env.json";
 pub const CHECKPOINTS: &str = "checkpoints";
 

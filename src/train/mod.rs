@@ -317,6 +317,10 @@ pub struct TrainState {
     /// Evaluations without improvement (early stopping).
     pub bad_evals: usize,
     pub best: Option<BestEval>,
+    /// The best evaluation by the metric `monitor` does not select on (its weights are kept in
+    /// [`checkpoint::MODEL_OTHER`]), so both selections are reported.
+    #[serde(default)]
+    pub best_other: Option<BestEval>,
     pub evals: usize,
     pub last_eval_step: Option<u64>,
     /// Position of the dropout mask stream.
@@ -344,6 +348,7 @@ impl TrainState {
             lr_scale: 1.0,
             bad_evals: 0,
             best: None,
+            best_other: None,
             evals: 0,
             last_eval_step: None,
             dropout_stream: 0,
@@ -503,6 +508,11 @@ impl Loop<'_> {
         } else if s.step > self.warmup {
             s.bad_evals += 1;
             s.lr_scale *= t.plateau_lr_factor;
+        }
+        let other = t.monitor.other();
+        if s.best_other.as_ref().is_none_or(|b| other.score(&valid) > other.score(&b.metrics())) {
+            s.best_other = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
+            checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL_OTHER))?;
         }
         let line = serde_json::json!({
             "epoch": epoch, "step": s.step, "examples": s.examples, "end_of_epoch": end_of_epoch,
@@ -815,6 +825,47 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         None => None,
     };
     let valid = best_eval.metrics();
+    // The other selection (by the metric not monitored), scored on test too; and the reliability
+    // of the monitored one (predicted vs observed rate per decile of the test predictions).
+    let mut selections = serde_json::Map::new();
+    let describe_sel = |b: &BestEval, m: Option<Metrics>| {
+        serde_json::json!({ "epoch": b.epoch, "step": b.step, "valid_auc": b.valid_auc, "valid_logloss": b.valid_logloss,
+            "test_auc": m.map(|m| m.auc), "test_logloss": m.map(|m| m.logloss) })
+    };
+    selections.insert(format!("{:?}", t.monitor).to_lowercase(), describe_sel(&best_eval, test));
+    if let Some(other) = lp.state.best_other {
+        let path = run_dir.join(checkpoint::MODEL_OTHER);
+        let m = match (&test_data, path.exists()) {
+            (Some(d), true) => {
+                let model = checkpoint::load_model(cfg, &lp.encoder, &path, &device)?;
+                Some(evaluate(&model, d, &lp.encoder, t.eval_batch_size, t.precision, &device)?)
+            }
+            _ => None,
+        };
+        selections.insert(format!("{:?}", t.monitor.other()).to_lowercase(), describe_sel(&other, m));
+        if let Some(m) = m {
+            log(
+                v,
+                format!(
+                    "selected by {:?} instead (step {}): test AUC {:.6} LogLoss {:.6}",
+                    t.monitor.other(),
+                    other.step,
+                    m.auc,
+                    m.logloss
+                ),
+            );
+        }
+    }
+    if let Some(d @ SplitData::Memory(data)) = &test_data {
+        let logits = predict_logits(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device)?;
+        let scores: Vec<(f64, bool)> =
+            logits.iter().zip(&data.labels).map(|(&z, &y)| (1.0 / (1.0 + (-z as f64).exp()), y >= 0.5)).collect();
+        let mut table = String::from("decile,mean_predicted,observed_rate,count\n");
+        for (i, (p, o, n)) in crate::metrics::reliability(&scores, 10).into_iter().enumerate() {
+            table.push_str(&format!("{},{p:.6},{o:.6},{n}\n", i + 1));
+        }
+        crate::runtime::write_atomic(&run_dir.join(checkpoint::RELIABILITY), table.as_bytes())?;
+    }
     let seconds = lp.seconds();
     let epochs_run = if lp.state.batch > 0 { lp.state.epoch } else { lp.state.epoch - 1 }.max(1);
     let guard_events = lp.state.guard.events.clone();
@@ -832,7 +883,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         "stop_reason": lp.state.stop_reason, "guard_rollbacks": lp.state.guard.rollbacks, "guard_events": guard_events,
         "checkpoints_written": lp.state.checkpoints, "checkpoint_seconds": lp.state.checkpoint_seconds,
         "best_weights_digest": checkpoint::weights_digest(&best)?, "final_weights_digest": checkpoint::weights_digest(lp.stepper.model())?,
-        "bayes_logloss": bayes,
+        "bayes_logloss": bayes, "selected_by": selections,
     });
     crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
     Ok(TrainOutcome { run_dir, best_epoch: best_eval.epoch, epochs_run, valid, test, seconds, guard_events })
