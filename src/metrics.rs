@@ -98,6 +98,25 @@ impl MetricAccumulator {
     }
 }
 
+/// Reliability diagram: `bins` groups of equal size by predicted probability; each gives (mean
+/// predicted, observed positive rate, count).
+pub fn reliability(scores: &[(f64, bool)], bins: usize) -> Vec<(f64, f64, usize)> {
+    let mut s: Vec<(f64, bool)> = scores.to_vec();
+    s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n = s.len();
+    (0..bins)
+        .filter_map(|b| {
+            let (lo, hi) = (b * n / bins, (b + 1) * n / bins);
+            (hi > lo).then(|| {
+                let part = &s[lo..hi];
+                let mean = part.iter().map(|x| x.0).sum::<f64>() / part.len() as f64;
+                let rate = part.iter().filter(|x| x.1).count() as f64 / part.len() as f64;
+                (mean, rate, part.len())
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,23 +185,4 @@ mod tests {
         assert!((bce_from_logit(-100.0, true) - 100.0).abs() < 1e-9);
         assert!(bce_from_logit(100.0, true) < 1e-40);
     }
-}
-
-/// Reliability diagram: `bins` groups of equal size by predicted probability; each gives (mean
-/// predicted, observed positive rate, count).
-pub fn reliability(scores: &[(f64, bool)], bins: usize) -> Vec<(f64, f64, usize)> {
-    let mut s: Vec<(f64, bool)> = scores.to_vec();
-    s.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let n = s.len();
-    (0..bins)
-        .filter_map(|b| {
-            let (lo, hi) = (b * n / bins, (b + 1) * n / bins);
-            (hi > lo).then(|| {
-                let part = &s[lo..hi];
-                let mean = part.iter().map(|x| x.0).sum::<f64>() / part.len() as f64;
-                let rate = part.iter().filter(|x| x.1).count() as f64 / part.len() as f64;
-                (mean, rate, part.len())
-            })
-        })
-        .collect()
 }
