@@ -240,11 +240,12 @@ fn linear_given_c(xs: &[f64], ys: &[f64], c: f64) -> (f64, f64, f64) {
     (a, b, sse)
 }
 
-/// Fits `y = a + b·x^c` (x > 0, at least 3 points): for each exponent the constant and scale are
+/// Fits `y = a + b·x^c` (x > 0, at least 4 points: three parameters through three points is an
+/// interpolation, not evidence of a law): for each exponent the constant and scale are
 /// a linear least-squares problem, so the search is one-dimensional over c (a grid, then golden
 /// sections around the best cell). Exact on noiseless points of such a law.
 pub fn fit_power_law(xs: &[f64], ys: &[f64]) -> Option<PowerLaw> {
-    if xs.len() < 3 || xs.len() != ys.len() || xs.iter().any(|&x| x.is_nan() || x <= 0.0) || ys.iter().any(|y| !y.is_finite()) {
+    if xs.len() < 4 || xs.len() != ys.len() || xs.iter().any(|&x| x.is_nan() || x <= 0.0) || ys.iter().any(|y| !y.is_finite()) {
         return None;
     }
     // work in x / geometric mean so x^c stays well scaled
@@ -358,7 +359,7 @@ pub fn markdown(sweep: &str, rows: &[Row], fits: &[FamilyFit], reference: &str, 
                 f.gain_per_4x.unwrap_or(f64::NAN),
                 f.gain_per_4x_pct.unwrap_or(f64::NAN)
             )),
-            None => s.push_str(&format!("| {} | {} | (fewer than 3 points) | – | – |\n", f.family, f.points)),
+            None => s.push_str(&format!("| {} | {} | (no fit: fewer than 4 points) | – | – |\n", f.family, f.points)),
         }
     }
     s

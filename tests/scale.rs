@@ -26,8 +26,8 @@ fn the_fit_recovers_a_known_law_from_noiseless_points() {
         }
         assert!(p.r2 > 0.999_999);
     }
-    assert!(fit_power_law(&[1.0, 2.0], &[1.0, 2.0]).is_none(), "two points do not fix three parameters");
-    assert!(fit_power_law(&[0.0, 1.0, 2.0], &[1.0, 2.0, 3.0]).is_none(), "x must be positive");
+    assert!(fit_power_law(&[1.0, 2.0, 3.0], &[1.0, 0.5, 0.4]).is_none(), "three points only interpolate three parameters");
+    assert!(fit_power_law(&[0.0, 1.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0]).is_none(), "x must be positive");
 }
 
 fn write_sweep(dir: &Path, lr: &str) {
@@ -45,7 +45,7 @@ fn write_sweep(dir: &Path, lr: &str) {
         "name = \"tiny\"\nbase = \"base.toml\"\nreference = \"lr-1\"\n\
          [[family]]\nname = \"lr\"\nmodel = { name = \"lr\" }\n\
          [[family]]\nname = \"wukong\"\nmodel = { name = \"wukong\", embedding_dim = 4, fmb_mlp = [8], top_mlp = [8] }\n\
-         grow = { num_layers = [1, 1, 2], num_fmb = [2, 4, 4], num_lcb = [2, 4, 4], fm_rank = [2, 2, 4] }\n",
+         grow = { num_layers = [1, 1, 2, 2], num_fmb = [2, 4, 4, 6], num_lcb = [2, 4, 4, 6], fm_rank = [2, 2, 4, 4] }\n",
     )
     .unwrap();
 }
@@ -63,9 +63,9 @@ fn a_sweep_runs_reports_and_resumes_where_it_stopped() {
     let png = std::fs::read(out.join("scale_compute.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let md = std::fs::read_to_string(out.join("scale.md")).unwrap();
-    assert!(md.contains("**synthetic**") && md.contains("| lr-1 | lr |") && md.contains("| wukong-3 | wukong |"), "{md}");
+    assert!(md.contains("**synthetic**") && md.contains("| lr-1 | lr |") && md.contains("| wukong-4 | wukong |"), "{md}");
     let (_, points) = scale::points(&dir.join("sweep.toml")).unwrap();
-    assert_eq!(points.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["lr-1", "wukong-1", "wukong-2", "wukong-3"]);
+    assert_eq!(points.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["lr-1", "wukong-1", "wukong-2", "wukong-3", "wukong-4"]);
     let done: Vec<_> = points.iter().map(|p| experiment::run_point(p, &out, &opts).unwrap()).collect();
     assert!(done.iter().all(|d| !d.trained_now), "a finished sweep trains nothing again");
     let rows = scale::rows(&done, Some("lr-1"));
@@ -74,7 +74,7 @@ fn a_sweep_runs_reports_and_resumes_where_it_stopped() {
     let flops: Vec<f64> = rows[1..].iter().map(|r| r.gflop_per_example).collect();
     assert!(flops.windows(2).all(|w| w[0] < w[1]), "the grown points grow: {flops:?}");
     let fits = scale::fits(&rows);
-    assert!(fits.iter().find(|f| f.family == "wukong").unwrap().fit.is_some(), "three points are fitted");
+    assert!(fits.iter().find(|f| f.family == "wukong").unwrap().fit.is_some(), "four points are fitted");
 
     // an interrupted point (its result gone, its checkpoints there) resumes; the others are read
     let victim = experiment::point_dir(&out, "wukong-2");
