@@ -381,14 +381,27 @@ fn draw_compute(rows: &[Row], fits: &[FamilyFit], path: &Path, x_of: impl Fn(&Ro
     crate::report::register_font();
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let xs: Vec<f64> = rows.iter().map(&x_of).filter(|x| *x > 0.0).collect();
+    // A family whose points all sit far left of the rest (LR: ~no FLOPs) would squeeze the
+    // axis: it is drawn as a horizontal reference line instead.
+    let top = rows.iter().map(&x_of).fold(0.0, f64::max);
+    let is_reference = |fam: &str| rows.iter().filter(|r| r.family == fam).all(|r| x_of(r) < 1e-3 * top);
+    let xs: Vec<f64> = rows.iter().filter(|r| !is_reference(&r.family)).map(&x_of).filter(|x| *x > 0.0).collect();
     let (xlo, xhi) = (xs.iter().cloned().fold(f64::INFINITY, f64::min) / 1.5, xs.iter().cloned().fold(0.0, f64::max) * 1.5);
+    // the y range follows the models; the Bayes limit is drawn when near, else named in the caption
     let bayes = rows.iter().filter_map(|r| r.bayes).next();
-    let (mut lo, mut hi) = crate::report::range(rows.iter().map(|r| r.logloss).chain(bayes));
-    let pad = 0.05 * (hi - lo).max(1e-4);
-    (lo, hi) = (lo - pad, hi + pad);
+    let (mut lo, mut hi) = crate::report::range(rows.iter().map(|r| r.logloss));
+    let span = (hi - lo).max(1e-4);
+    let bayes_in = bayes.filter(|b| *b >= lo - 0.5 * span);
+    if let Some(b) = bayes_in {
+        lo = lo.min(b);
+    }
+    (lo, hi) = (lo - 0.05 * span, hi + 0.05 * span);
+    let caption = match (bayes, bayes_in) {
+        (Some(b), None) => format!("test LogLoss against compute (Bayes limit {b:.4}, below the axis)"),
+        _ => "test LogLoss against compute".to_string(),
+    };
     let mut chart = ChartBuilder::on(&root)
-        .caption("test LogLoss against compute", ("sans-serif", 20))
+        .caption(caption, ("sans-serif", 20))
         .margin(14)
         .x_label_area_size(44)
         .y_label_area_size(70)
@@ -401,7 +414,7 @@ fn draw_compute(rows: &[Row], fits: &[FamilyFit], path: &Path, x_of: impl Fn(&Ro
         .x_label_formatter(&|x| format!("{x:.1e}"))
         .y_label_formatter(&|y| format!("{y:.4}"))
         .draw()?;
-    if let Some(b) = bayes {
+    if let Some(b) = bayes_in {
         chart
             .draw_series(LineSeries::new(vec![(xlo, b), (xhi, b)], BLACK.mix(0.6).stroke_width(1)))?
             .label(format!("Bayes limit {b:.4}"))
@@ -410,6 +423,16 @@ fn draw_compute(rows: &[Row], fits: &[FamilyFit], path: &Path, x_of: impl Fn(&Ro
     for (i, fam) in fits.iter().enumerate() {
         let c = crate::report::color(i);
         let pts: Vec<(f64, f64)> = rows.iter().filter(|r| r.family == fam.family).map(|r| (x_of(r), r.logloss)).collect();
+        if is_reference(&fam.family) {
+            let y = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+            if (lo..hi).contains(&y) {
+                chart
+                    .draw_series(LineSeries::new(vec![(xlo, y), (xhi, y)], c.stroke_width(1)))?
+                    .label(format!("{} (≈0 FLOPs) {y:.4}", fam.family))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(1)));
+            }
+            continue;
+        }
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))?
             .label(fam.family.clone())
