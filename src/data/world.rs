@@ -151,6 +151,8 @@ pub struct World {
     inter_norm: f64,
     /// The logit offset that gives `positive_rate`.
     pub offset: f64,
+    /// Per dense feature and channel, the phase of its bounded feature `√2·sin(z + phase)`.
+    dense_phase: Vec<f64>,
 }
 
 /// √3: a uniform on [−√3, √3] has unit variance.
@@ -211,6 +213,9 @@ impl World {
             main_norm: 1.0 / (f as f64).sqrt(),
             inter_norm: if inter_var > 0.0 { 1.0 / inter_var.sqrt() } else { 0.0 },
             offset: 0.0,
+            dense_phase: (0..cfg.dense * cfg.channels)
+                .map(|i| unit(mix(cfg.seed ^ (((i / cfg.channels) as u64) << 20) ^ (i % cfg.channels) as u64)) * std::f64::consts::TAU)
+                .collect(),
         };
         world.offset = world.calibrate_offset();
         Ok(world)
@@ -284,8 +289,7 @@ impl World {
             out.dense.push(z as f32);
             for c in 0..ch {
                 // each channel of a dense feature is a fixed bounded function of it
-                let phase = unit(mix(self.cfg.seed ^ ((k as u64) << 20) ^ c as u64)) * std::f64::consts::TAU;
-                h[(cfg.fields + k) * ch + c] = (z + phase).sin() * std::f64::consts::SQRT_2;
+                h[(cfg.fields + k) * ch + c] = (z + self.dense_phase[k * ch + c]).sin() * std::f64::consts::SQRT_2;
             }
         }
         (self.raw_logit(h), rng)

@@ -63,13 +63,26 @@ pub fn evaluate(
     precision: Precision,
     device: &Device,
 ) -> Result<Metrics> {
+    Ok(score(model, data, encoder, batch_size, precision, device)?.0)
+}
+
+/// [`evaluate`] that also returns the logits it computed (scored once, used twice at the end of
+/// a run: metrics and the reliability table).
+fn score(
+    model: &Model,
+    data: &SplitData,
+    encoder: &Encoder,
+    batch_size: usize,
+    precision: Precision,
+    device: &Device,
+) -> Result<(Metrics, Vec<f32>)> {
     let SplitData::Memory(d) = data else { anyhow::bail!("evaluation needs the split in memory") };
     let logits = predict_logits(model, data, encoder, batch_size, precision, device)?;
     let mut acc = MetricAccumulator::new();
     for (z, y) in logits.iter().zip(&d.labels) {
         acc.push(*z, *y);
     }
-    acc.finish()
+    Ok((acc.finish()?, logits))
 }
 
 /// One training step's machinery: the model, Adam for its dense parameters, row-wise Adagrad
@@ -820,9 +833,12 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     // Restore the best weights and score the test split with them.
     let best_eval = lp.state.best.context("no evaluation was made")?;
     let best = checkpoint::load_model(cfg, &lp.encoder, &run_dir.join(checkpoint::MODEL), &device)?;
-    let test = match &test_data {
-        Some(d) => Some(evaluate(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device)?),
-        None => None,
+    let (test, test_logits) = match &test_data {
+        Some(d) => {
+            let (m, logits) = score(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device)?;
+            (Some(m), Some(logits))
+        }
+        None => (None, None),
     };
     let valid = best_eval.metrics();
     // The other selection (by the metric not monitored), scored on test too; and the reliability
@@ -856,8 +872,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             );
         }
     }
-    if let Some(d @ SplitData::Memory(data)) = &test_data {
-        let logits = predict_logits(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device)?;
+    if let (Some(SplitData::Memory(data)), Some(logits)) = (&test_data, &test_logits) {
         let scores: Vec<(f64, bool)> =
             logits.iter().zip(&data.labels).map(|(&z, &y)| (1.0 / (1.0 + (-z as f64).exp()), y >= 0.5)).collect();
         let mut table = String::from("decile,mean_predicted,observed_rate,count\n");
