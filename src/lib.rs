@@ -18,5 +18,6 @@ pub mod report;
 pub mod rng;
 pub mod runtime;
 pub mod scale;
+pub mod serve;
 pub mod train;
 pub mod tune;

@@ -1,4 +1,4 @@
-//! The `wukong` command line: train, eval, predict, flops, cache, gen-criteo.
+//! The `wukong` command line: train, eval, predict, serve, flops, cache, scale, tune, ….
 
 /// A training step allocates and frees hundreds of large tensors; glibc's malloc unmapped them
 /// on free and page-faulted them back in on the next step (a fifth of a step in `perf`).
@@ -45,8 +45,15 @@ enum Command {
     Report(cmd::report::Args),
     /// AUC and LogLoss of a trained run on a labelled file (default: the run's test split).
     Eval(cmd::eval::EvalArgs),
-    /// Click probabilities for a file, one per line.
+    /// Click probabilities for a file (labelled or not), one output row per input row; ids and
+    /// other columns copied through; plain, CSV, TSV or JSON lines.
     Predict(cmd::eval::PredictArgs),
+    /// Serve a run over HTTP: POST /v1/score, /healthz, /v1/model, /metrics, /openapi.json,
+    /// POST /admin/reload (or SIGHUP); micro-batching, bounded queue (503), graceful shutdown.
+    Serve(cmd::serve::ServeArgs),
+    /// Load a scoring server: rows per request × concurrent clients for a fixed time; QPS,
+    /// rows/s, latency percentiles, errors.
+    Loadtest(cmd::serve::LoadtestArgs),
     /// Parameter count and analytic FLOPs per example of a config.
     Flops(cmd::flops::Args),
     /// Encode a config's splits into its binary cache (`data.cache_dir`) and report throughput.
@@ -84,6 +91,8 @@ fn main() {
         Command::Report(a) => cmd::report::run(a),
         Command::Eval(a) => cmd::eval::eval(a),
         Command::Predict(a) => cmd::eval::predict(a),
+        Command::Serve(a) => cmd::serve::serve(a),
+        Command::Loadtest(a) => cmd::serve::loadtest(a),
         Command::Flops(a) => cmd::flops::run(a),
         Command::Cache(a) => cmd::cache::run(a),
         Command::Compare(a) => cmd::compare::run(a),

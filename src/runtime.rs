@@ -92,6 +92,19 @@ pub fn cpu_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
+/// The CPU model, cores and SIMD/bf16/AMX flags (from /proc/cpuinfo), for benchmark headers:
+/// figures are only comparable on the same machine.
+pub fn cpu_line() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| info.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string());
+    let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let flags = field("flags").unwrap_or_default();
+    let wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"];
+    let have: Vec<&str> = wanted.iter().copied().filter(|w| flags.split_whitespace().any(|f| f == *w)).collect();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("CPU: {model}, {cores} logical cores, flags: {}", if have.is_empty() { "none of avx2/avx512/bf16/amx".into() } else { have.join(" ") })
+}
+
 pub fn env_info(device: &str) -> serde_json::Value {
     serde_json::json!({
         "wukong_version": env!("CARGO_PKG_VERSION"),

@@ -10,6 +10,7 @@ pub mod gen_criteo;
 pub mod gen_world;
 pub mod report;
 pub mod scale;
+pub mod serve;
 pub mod train;
 pub mod tune;
 

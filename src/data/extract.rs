@@ -134,7 +134,8 @@ pub const LABEL_HINT: &str = " [label values]";
 /// Pulls label, field values and dense numbers out of a [`Record`], per the schema.
 #[derive(Debug, Clone)]
 pub struct Extractor {
-    label: usize,
+    /// `None` when scoring rows that have no label (`predict` on unlabeled files, `serve`).
+    label: Option<usize>,
     label_name: String,
     threshold: Option<f64>,
     /// String labels (`data.positive` / `data.negative`), trimmed.
@@ -147,15 +148,36 @@ pub struct Extractor {
 impl Extractor {
     /// Binds `cfg`'s schema to `columns` (the file's column names, joins included).
     pub fn bind(cfg: &DataConfig, columns: &[String]) -> Result<Self> {
+        Self::bind_with(cfg, columns, true)
+    }
+
+    /// [`Self::bind`] for scoring: the label column may be absent (then every row's label is 0
+    /// and is never looked at); when present it is still parsed, so a bad one is reported.
+    pub fn bind_for_scoring(cfg: &DataConfig, columns: &[String]) -> Result<Self> {
+        Self::bind_with(cfg, columns, false)
+    }
+
+    /// Whether rows carry a label.
+    pub fn has_label(&self) -> bool {
+        self.label.is_some()
+    }
+
+    fn bind_with(cfg: &DataConfig, columns: &[String], label_required: bool) -> Result<Self> {
         let col = |name: &str| {
             columns
                 .iter()
                 .position(|c| c == name)
                 .with_context(|| format!("no column {name:?} in the data (columns: {})", columns.join(", ")))
         };
-        let label = col(&cfg.label).context("data.label")?;
-        for c in &cfg.ignore {
-            col(c).context("data.ignore")?;
+        let label = match col(&cfg.label).context("data.label") {
+            Ok(i) => Some(i),
+            Err(e) if label_required => return Err(e),
+            Err(_) => None,
+        };
+        if label_required {
+            for c in &cfg.ignore {
+                col(c).context("data.ignore")?;
+            }
         }
         let (mut fields, mut dense) = (Vec::new(), Vec::new());
         if cfg.format.is_libfm() {
@@ -249,15 +271,15 @@ impl Extractor {
 
     /// The label cell as text (trimmed), for messages.
     pub fn label_text(&self, rec: &Record) -> String {
-        match rec.cells.get(self.label) {
+        match self.label.and_then(|l| rec.cells.get(l)) {
             Some(&c) => String::from_utf8_lossy(crate::data::source::cell_key(rec, c).trim_ascii()).to_string(),
             None => String::new(),
         }
     }
 
     /// The label from a string value under `data.positive`/`negative`.
-    fn string_label(&self, rec: &Record) -> std::result::Result<f32, String> {
-        let key = crate::data::source::cell_key(rec, rec.cells[self.label]);
+    fn string_label(&self, rec: &Record, label_col: usize) -> std::result::Result<f32, String> {
+        let key = crate::data::source::cell_key(rec, rec.cells[label_col]);
         let key = key.trim_ascii();
         if self.positive.iter().any(|p| p == key) {
             Ok(1.0)
@@ -273,11 +295,14 @@ impl Extractor {
     }
 
     fn extract_into(&self, rec: &Record, out: &mut ParsedChunk) -> std::result::Result<(), String> {
+        let Some(label_col) = self.label else {
+            return self.extract_features(rec, out, 0.0);
+        };
         if !self.positive.is_empty() {
-            let label = self.string_label(rec)?;
+            let label = self.string_label(rec, label_col)?;
             return self.extract_features(rec, out, label);
         }
-        let y = cell_number(rec, rec.cells[self.label]).map_err(|m| {
+        let y = cell_number(rec, rec.cells[label_col]).map_err(|m| {
             format!("column {}: {m}; string labels need data.positive = [...] (the values that mean 1){LABEL_HINT}", self.label_name)
         })?;
         let label = match (y, self.threshold) {
@@ -364,4 +389,34 @@ pub fn bucket(x: f64, transform: Transform, boundaries: &[f64]) -> i64 {
         Transform::LogSquareBucket if x > 2.0 => x.ln().powi(2).floor() as i64,
         _ => x.floor() as i64,
     }
+}
+
+/// The columns rows of `cfg`'s schema are read from, when rows arrive by name (JSON requests):
+/// the label, then every column a field or dense feature reads, each once, with the separator
+/// of multi-hot columns (a JSON array is joined with it); `data.ignore` columns are accepted and
+/// unused. libfm fields are named as the run's encoder names them (`libfm_fields`).
+pub fn schema_columns(cfg: &DataConfig, libfm_fields: &[String]) -> Vec<(String, Option<u8>)> {
+    let mut out: Vec<(String, Option<u8>)> = vec![(cfg.label.clone(), None)];
+    let mut add = |name: &str, sep: Option<u8>| {
+        if !out.iter().any(|(c, _)| c == name) {
+            out.push((name.to_string(), sep));
+        }
+    };
+    cfg.ignore.iter().for_each(|c| add(c, None));
+    if cfg.format.is_libfm() {
+        for f in libfm_fields {
+            add(f, None);
+        }
+    }
+    for spec in &cfg.fields {
+        for name in spec.name.iter().chain(&spec.names) {
+            let col = spec.column.as_ref().filter(|_| spec.name.is_some()).unwrap_or(name);
+            match spec.kind {
+                Some(FieldKind::Flags) => spec.columns.iter().for_each(|c| add(c, None)),
+                Some(FieldKind::MultiHot) => add(col, spec.separator.as_deref().map(|s| s.as_bytes()[0])),
+                _ => add(col, None),
+            }
+        }
+    }
+    out
 }

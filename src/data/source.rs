@@ -64,7 +64,8 @@ impl Record {
         }
     }
 
-    fn push_text(&mut self, bytes: &[u8]) {
+    /// Appends a text cell (empty text is a null cell, as in files).
+    pub fn push_text(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             self.cells.push(Cell::Null);
         } else {
@@ -74,7 +75,7 @@ impl Record {
         }
     }
 
-    fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.cells.clear();
         self.buf.clear();
         self.weights.clear();
