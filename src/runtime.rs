@@ -102,7 +102,10 @@ pub fn cpu_line() -> String {
     let wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"];
     let have: Vec<&str> = wanted.iter().copied().filter(|w| flags.split_whitespace().any(|f| f == *w)).collect();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    format!("CPU: {model}, {cores} logical cores, flags: {}", if have.is_empty() { "none of avx2/avx512/bf16/amx".into() } else { have.join(" ") })
+    format!(
+        "CPU: {model}, {cores} logical cores, flags: {}",
+        if have.is_empty() { "none of avx2/avx512/bf16/amx".into() } else { have.join(" ") }
+    )
 }
 
 pub fn env_info(device: &str) -> serde_json::Value {

@@ -67,6 +67,9 @@ fn train_eval_predict_flops() {
     assert_eq!(probs.len(), 600);
     assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
 
+    // serve as a process: score over HTTP (same as predict), SIGHUP reloads, SIGTERM exits cleanly
+    serve_process(&run_dir, &probs);
+
     // compare: a Table-2-style row from the finished run, with its numbers and directory
     let table_path = dir.join("table.md");
     let table = run_ok(bin().args(["compare", "--run", &run_dir, "--out"]).arg(&table_path));
@@ -132,6 +135,35 @@ fn criteo_tsv_generate_cache_train_stream_eval() {
     let eval = run_ok(bin().current_dir(&dir).args(["eval", "--run", &run_dir]));
     let eval_auc: f64 = eval.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!((eval_auc - auc).abs() < 1e-6, "eval {eval_auc} vs train {auc}");
+
+    // a real Criteo test file has no label column: predict scores it with --unlabeled, the same
+    // probabilities as the labelled file; without the flag the error says what to do
+    let unlabeled: String = std::fs::read_to_string(dir.join("criteo_test.tsv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split_once('\t').unwrap().1.to_string() + "\n")
+        .collect();
+    std::fs::write(dir.join("unlabeled.tsv"), unlabeled).unwrap();
+    run_ok(bin().current_dir(&dir).args(["predict", "--run", &run_dir, "--out", "labelled.txt"]));
+    run_ok(bin().current_dir(&dir).args([
+        "predict",
+        "--run",
+        &run_dir,
+        "--data",
+        "unlabeled.tsv",
+        "--unlabeled",
+        "--out",
+        "unlabeled.txt",
+    ]));
+    let (a, b) = (std::fs::read_to_string(dir.join("labelled.txt")).unwrap(), std::fs::read_to_string(dir.join("unlabeled.txt")).unwrap());
+    assert_eq!(a.lines().count(), 4000);
+    assert_eq!(a, b);
+    let out = bin().current_dir(&dir).args(["predict", "--run", &run_dir, "--data", "unlabeled.tsv"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unlabeled.tsv:1: expected 40 columns, found 39") && err.contains("--unlabeled"),
+        "{err}"
+    );
 
     // streamed from the cache in chunks: trains to a comparable AUC
     let streamed_cfg = std::fs::read_to_string(&cfg)
@@ -266,4 +298,49 @@ fn compare_resumes_through_the_experiment_runner() {
     assert!(err2.contains("syn_lr (finished, read back)"), "{err2}");
     let dir_line = |t: &str| t.lines().find(|l| l.contains("points/syn_lr")).map(str::to_string);
     assert!(dir_line(&first).is_some() && dir_line(&first) == dir_line(&second), "{first}\n{second}");
+}
+
+/// `wukong serve` as an operator runs it: the address line, a score equal to `predict`'s, a
+/// reload on SIGHUP, a clean exit on SIGTERM.
+fn serve_process(run_dir: &str, predicted: &[f64]) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = bin()
+        .args(["--threads", "1", "serve", "--run", run_dir, "--addr", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit_once("http://").unwrap_or_else(|| panic!("no address in {line:?}")).1.to_string();
+    // the first test row of write_data: i = 0, shift 13 → user 13, item 100 + 39 % 15
+    let body = r#"{"rows": [{"f0": 13, "f1": 109}]}"#;
+    let http = |body: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    let resp = http(body);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let json: serde_json::Value = serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let score = json["scores"][0].as_f64().unwrap();
+    assert!((score - predicted[0]).abs() < 1e-6, "served {score} vs predict {}", predicted[0]);
+    let kill = |sig: &str| assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+    kill("-HUP");
+    line.clear();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("SIGHUP: reloaded (version 2)"), "{line}");
+    assert!(http(body).starts_with("HTTP/1.1 200"));
+    kill("-TERM");
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(status.success() && rest.contains("shutting down"), "{status}: {rest}");
 }

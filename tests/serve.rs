@@ -90,7 +90,12 @@ fn client() -> HttpClient {
 
 /// (status, Retry-After header, body as JSON or as a string)
 async fn request(c: &HttpClient, method: &str, url: String, body: Vec<u8>) -> (u16, Option<String>, Value) {
-    let req = hyper::Request::builder().method(method).uri(url).header("content-type", "application/json").body(Full::new(Bytes::from(body))).unwrap();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
     let resp = c.request(req).await.unwrap();
     let status = resp.status().as_u16();
     let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
@@ -246,7 +251,13 @@ fn bad_requests_get_clear_4xx_and_the_server_keeps_answering() {
     let (s, metrics) = get(&server, "/metrics");
     let text = metrics.as_str().unwrap();
     assert_eq!(s, 200);
-    for needle in ["wukong_http_requests_total{route=\"/v1/score\",code=\"400\"}", "wukong_errors_total{kind=\"too_large\"} 3", "wukong_score_latency_seconds_bucket", "wukong_batch_rows_bucket", "wukong_queue_rows"] {
+    for needle in [
+        "wukong_http_requests_total{route=\"/v1/score\",code=\"400\"}",
+        "wukong_errors_total{kind=\"too_large\"} 3",
+        "wukong_score_latency_seconds_bucket",
+        "wukong_batch_rows_bucket",
+        "wukong_queue_rows",
+    ] {
         assert!(text.contains(needle), "no {needle} in\n{text}");
     }
     // still answering
@@ -279,10 +290,14 @@ fn a_flood_against_a_tiny_queue_gets_503s_not_a_crash() {
     let rt = rt();
     let c = client();
     let results: Vec<(u16, Option<String>, Value)> = rt.block_on(async {
-        let tasks: Vec<_> = (0..64).map(|_| tokio::spawn({
-            let (c, url, body) = (c.clone(), url.clone(), body.clone());
-            async move { request(&c, "POST", url, body).await }
-        })).collect();
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                tokio::spawn({
+                    let (c, url, body) = (c.clone(), url.clone(), body.clone());
+                    async move { request(&c, "POST", url, body).await }
+                })
+            })
+            .collect();
         let mut out = Vec::new();
         for t in tasks {
             out.push(t.await.unwrap());
@@ -322,7 +337,8 @@ fn hot_reload_under_load_fails_no_request_and_switches_the_model() {
             rt.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let (s, _, v) = request(&c, "POST", url.clone(), body.clone()).await;
-                    let scores: Vec<f64> = v["scores"].as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap()).collect()).unwrap_or_default();
+                    let scores: Vec<f64> =
+                        v["scores"].as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap()).collect()).unwrap_or_default();
                     let is = |p: &[f64]| scores.len() == 8 && scores.iter().zip(p).all(|(a, b)| (a - b).abs() < 1e-6);
                     if s == 200 && (is(&p1) || is(&p2)) {
                         oks.fetch_add(1, Ordering::Relaxed);
@@ -396,20 +412,22 @@ fn predict_without_labels_with_ids_and_skipped_rows_in_place() {
 
     // header-less: --unlabeled with the config's column names
     let scorer = Scorer::load(run, &burn::tensor::Device::flex()).unwrap();
-    let opts = |format, bad_lines| PredictOptions { unlabeled: false, keep: vec!["id".into()], format, batch_rows: 7, part: None, bad_lines };
+    let opts =
+        |format, bad_lines| PredictOptions { unlabeled: false, keep: vec!["id".into()], format, batch_rows: 7, part: None, bad_lines };
     // bad rows: line 4 (row 3) has a non-number price, line 6 (row 5) too few columns
     let mut lines: Vec<String> = unlabeled.lines().map(str::to_string).collect();
     lines[3] = lines[3].rsplit_once(',').map(|(a, _)| format!("{a},expensive")).unwrap();
     lines[5] = "only,three,cols".into();
     std::fs::write(f.dir.join("bad.csv"), lines.join("\n") + "\n").unwrap();
     let err = predict_file(&scorer, &f.dir.join("bad.csv"), &opts(OutFormat::Csv, None), &mut Vec::new()).unwrap_err().to_string();
-    assert!(err.contains("bad.csv:4") && err.contains("price") && err.contains("bad_lines"), "{err}");
+    assert!(err.contains("bad.csv:4") && err.contains("price") && err.contains("--bad-lines skip"), "{err}");
 
     let mut out = Vec::new();
     let log = predict_file(&scorer, &f.dir.join("bad.csv"), &opts(OutFormat::Csv, Some(wukong::data::BadLines::Skip)), &mut out).unwrap();
     assert_eq!((log.rows, log.scored, log.skipped, log.labelled), (200, 198, 2, false));
     let out = String::from_utf8(out).unwrap();
-    let rows: Vec<Vec<String>> = csv::Reader::from_reader(out.as_bytes()).records().map(|r| r.unwrap().iter().map(str::to_string).collect()).collect();
+    let rows: Vec<Vec<String>> =
+        csv::Reader::from_reader(out.as_bytes()).records().map(|r| r.unwrap().iter().map(str::to_string).collect()).collect();
     assert_eq!(out.lines().next(), Some("id,score,error"));
     assert_eq!(rows.len(), 200, "one output row per input row");
     for (i, r) in rows.iter().enumerate() {

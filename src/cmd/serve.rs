@@ -87,11 +87,16 @@ pub struct LoadtestArgs {
 }
 
 pub fn loadtest(a: LoadtestArgs) -> Result<()> {
-    let cfg = wukong::config::ExperimentConfig::load(&a.run.join("config.toml")).with_context(|| format!("{} is not a run directory", a.run.display()))?;
+    let cfg = wukong::config::ExperimentConfig::load(&a.run.join("config.toml"))
+        .with_context(|| format!("{} is not a run directory", a.run.display()))?;
     let encoder = wukong::data::Encoder::load(&a.run.join("encoder.json"))?;
     let path = match a.data {
         Some(p) => p,
-        None => wukong::data::pipeline::split_sources(&cfg.data).into_iter().find(|s| s.name == "test").map(|s| s.path).context("the run has no test file: give --data")?,
+        None => wukong::data::pipeline::split_sources(&cfg.data)
+            .into_iter()
+            .find(|s| s.name == "test")
+            .map(|s| s.path)
+            .context("the run has no test file: give --data")?,
     };
     let rows = loadtest::json_rows(&cfg.data, &encoder.field_names(), &path, 20_000)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(a.client_threads.max(1)).enable_all().build()?;
@@ -100,7 +105,8 @@ pub fn loadtest(a: LoadtestArgs) -> Result<()> {
     for &r in &a.rows {
         let bodies = loadtest::bodies(&rows, r, (rows.len() / r).clamp(1, 512));
         for &c in &a.concurrency {
-            let res = rt.block_on(loadtest::run(&a.url, &bodies, r, c, Duration::from_secs_f64(a.warmup), Duration::from_secs_f64(a.seconds)))?;
+            let res =
+                rt.block_on(loadtest::run(&a.url, &bodies, r, c, Duration::from_secs_f64(a.warmup), Duration::from_secs_f64(a.seconds)))?;
             eprintln!("{} rows × {} clients: {:.0} rows/s, p99 {:.3} ms, {} errors", r, c, res.rows_per_s, res.p99_ms, res.errors);
             results.push(res);
         }

@@ -262,6 +262,29 @@ fn stream_epoch(cache: &CacheReader, seed: Option<u64>, chunk_rows: usize, group
     Ok(())
 }
 
+/// One batch of all of `data`'s rows, in order, de-duplicated through a hash map: for scoring a
+/// few rows against a large table, where the loader's `stamp` arrays (one entry per table row)
+/// would cost more than the batch.
+pub fn batch_of(data: &EncodedDataset, total_rows: usize) -> Result<Batch> {
+    let (n, nf) = (data.len(), data.num_slots);
+    let mut slot_of = std::collections::HashMap::with_capacity(n * nf);
+    let mut unique_rows = Vec::with_capacity(n * nf);
+    let mut inverse = Vec::with_capacity(n * nf);
+    for (k, &r) in data.rows.iter().enumerate() {
+        if r as usize >= total_rows {
+            bail!("example {}, slot {}: embedding row {r} is outside the table ({total_rows} rows)", k / nf.max(1), k % nf.max(1));
+        }
+        let s = *slot_of.entry(r).or_insert_with(|| {
+            unique_rows.push(r as i64);
+            unique_rows.len() as i64 - 1
+        });
+        inverse.push(s);
+    }
+    let values = (!data.values.iter().all(|&v| v == 1.0)).then(|| data.values.clone());
+    let dense = (data.num_dense > 0).then(|| data.dense.clone());
+    Ok(Batch { size: n, labels: data.labels.clone(), unique_rows, inverse, values, dense })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,27 +349,4 @@ mod tests {
         assert!(items[0].is_ok());
         assert!(items[1].as_ref().unwrap_err().to_string().contains("injected read error"));
     }
-}
-
-/// One batch of all of `data`'s rows, in order, de-duplicated through a hash map: for scoring a
-/// few rows against a large table, where the loader's `stamp` arrays (one entry per table row)
-/// would cost more than the batch.
-pub fn batch_of(data: &EncodedDataset, total_rows: usize) -> Result<Batch> {
-    let (n, nf) = (data.len(), data.num_slots);
-    let mut slot_of = std::collections::HashMap::with_capacity(n * nf);
-    let mut unique_rows = Vec::with_capacity(n * nf);
-    let mut inverse = Vec::with_capacity(n * nf);
-    for (k, &r) in data.rows.iter().enumerate() {
-        if r as usize >= total_rows {
-            bail!("example {}, slot {}: embedding row {r} is outside the table ({total_rows} rows)", k / nf.max(1), k % nf.max(1));
-        }
-        let s = *slot_of.entry(r).or_insert_with(|| {
-            unique_rows.push(r as i64);
-            unique_rows.len() as i64 - 1
-        });
-        inverse.push(s);
-    }
-    let values = (!data.values.iter().all(|&v| v == 1.0)).then(|| data.values.clone());
-    let dense = (data.num_dense > 0).then(|| data.dense.clone());
-    Ok(Batch { size: n, labels: data.labels.clone(), unique_rows, inverse, values, dense })
 }

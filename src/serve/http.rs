@@ -234,7 +234,11 @@ pub fn serve_forever(run: PathBuf, addr: SocketAddr, cfg: ServeConfig, device: D
     })
 }
 
-async fn serve_until(listener: tokio::net::TcpListener, app: Arc<App>, signal: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+async fn serve_until(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let workers: Vec<_> = (0..app.cfg.workers.max(1))
         .map(|i| {
             let a = Arc::clone(&app);
@@ -292,19 +296,19 @@ impl App {
         Ok(version)
     }
 
-    /// Queues a job unless the queue is full (then `Err(job)`).
-    fn enqueue(&self, job: Job) -> std::result::Result<(), Job> {
+    /// Queues a job unless the queue is full (then `false`).
+    fn enqueue(&self, job: Job) -> bool {
         let mut q = self.queue.lock().unwrap();
         let n = job.data.len();
         if q.closed || (q.rows > 0 && q.rows + n > self.cfg.queue_rows) {
-            return Err(job);
+            return false;
         }
         q.rows += n;
         q.jobs.push_back(job);
         self.metrics.queue_rows.set(q.rows as i64);
         drop(q);
         self.ready.notify_one();
-        Ok(())
+        true
     }
 
     /// A scoring thread: takes a batch of jobs, one forward pass, replies to each.
@@ -433,13 +437,21 @@ async fn score(State(app): State<Arc<App>>, req: Request) -> Response {
     } else {
         let (tx, rx) = oneshot::channel();
         let job = Job { scorer, data, enqueued: Instant::now(), reply: tx };
-        if app.enqueue(job).is_err() {
-            return app.error(ROUTE, StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the scoring queue is full; retry later".into(), json!({}));
+        if !app.enqueue(job) {
+            return app.error(
+                ROUTE,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the scoring queue is full; retry later".into(),
+                json!({}),
+            );
         }
         match rx.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return app.error(ROUTE, StatusCode::INTERNAL_SERVER_ERROR, "internal", e, json!({})),
-            Err(_) => return app.error(ROUTE, StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down".into(), json!({})),
+            Err(_) => {
+                return app.error(ROUTE, StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down".into(), json!({}));
+            }
         }
     };
     app.metrics.rows.inc_by(n as u64);
@@ -519,7 +531,13 @@ async fn reload(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Respons
             app.count(ROUTE, StatusCode::OK);
             axum::Json(json!({ "status": "reloaded", "run": dir, "version": version })).into_response()
         }
-        Err(e) => app.error(ROUTE, StatusCode::UNPROCESSABLE_ENTITY, "reload_failed", format!("{e:#}; still serving the previous model"), json!({})),
+        Err(e) => app.error(
+            ROUTE,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reload_failed",
+            format!("{e:#}; still serving the previous model"),
+            json!({}),
+        ),
     }
 }
 

@@ -23,7 +23,8 @@ use crate::data::source::{Cell, Next, Record, cell_key, open_source};
 pub fn json_rows(cfg: &DataConfig, libfm_fields: &[String], path: &Path, limit: usize) -> Result<Vec<Value>> {
     let wanted: Vec<String> = schema_columns(cfg, libfm_fields).into_iter().skip(1).map(|(c, _)| c).collect();
     let mut src = open_source(path, cfg)?;
-    let at: Vec<(usize, String)> = wanted.iter().filter_map(|c| src.columns().iter().position(|x| x == c).map(|i| (i, c.clone()))).collect();
+    let at: Vec<(usize, String)> =
+        wanted.iter().filter_map(|c| src.columns().iter().position(|x| x == c).map(|i| (i, c.clone()))).collect();
     let (mut rec, mut out) = (Record::default(), Vec::new());
     while out.len() < limit {
         match src.next(&mut rec)? {
@@ -77,11 +78,19 @@ pub struct LoadResult {
 
 /// Runs `concurrency` closed-loop clients against `url` (…/v1/score) for `duration` after
 /// `warmup`; each answer must be 200 with one score per row to count as a success.
-pub async fn run(url: &str, bodies: &[Bytes], rows_per_request: usize, concurrency: usize, warmup: Duration, duration: Duration) -> Result<LoadResult> {
+pub async fn run(
+    url: &str,
+    bodies: &[Bytes],
+    rows_per_request: usize,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<LoadResult> {
     let uri: hyper::Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(concurrency.max(1)).build(connector);
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(concurrency.max(1)).build(connector);
     let start = Instant::now();
     let (measure_from, end) = (start + warmup, start + warmup + duration);
     let mut tasks = Vec::new();
@@ -141,7 +150,10 @@ pub async fn run(url: &str, bodies: &[Bytes], rows_per_request: usize, concurren
 
 /// One request; `Err` is the failure kind (status code, `io`, or `short` for a wrong score count).
 async fn send(client: &Client<HttpConnector, Full<Bytes>>, uri: &hyper::Uri, body: Bytes, rows: usize) -> std::result::Result<(), String> {
-    let req = hyper::Request::post(uri.clone()).header("content-type", "application/json").body(Full::new(body)).map_err(|_| "request".to_string())?;
+    let req = hyper::Request::post(uri.clone())
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .map_err(|_| "request".to_string())?;
     let resp = client.request(req).await.map_err(|_| "io".to_string())?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await.map_err(|_| "io".to_string())?.to_bytes();
@@ -160,7 +172,9 @@ async fn send(client: &Client<HttpConnector, Full<Bytes>>, uri: &hyper::Uri, bod
 
 /// The markdown table of a sweep.
 pub fn table(server: &str, results: &[LoadResult]) -> String {
-    let mut s = String::from("| server | rows/request | clients | QPS | rows/s | p50 ms | p90 ms | p99 ms | max ms | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut s = String::from(
+        "| server | rows/request | clients | QPS | rows/s | p50 ms | p90 ms | p99 ms | max ms | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     for r in results {
         let errs = if r.errors == 0 {
             "0".to_string()

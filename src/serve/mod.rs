@@ -13,11 +13,11 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::data::EncodedDataset;
 use crate::data::encoder::{EncodeStats, check_compatible};
 use crate::data::extract::{Extractor, ParsedChunk, schema_columns};
 use crate::data::loader::batch_of;
 use crate::data::source::{Cell, Record};
-use crate::data::EncodedDataset;
 use crate::model::embedding::{SlotLayout, SparseInput};
 use crate::model::layers::Pass;
 use crate::train::checkpoint::{LoadedRun, load_run};
@@ -162,7 +162,9 @@ impl Scorer {
                 Value::Bool(b) => Cell::Int(*b as i64),
                 Value::Number(n) => match n.as_i64() {
                     Some(k) => Cell::Int(k),
-                    None => Cell::Float(n.as_f64().filter(|x| x.is_finite()).ok_or_else(|| err(Some(name), format!("number {n} is out of range")))?),
+                    None => Cell::Float(
+                        n.as_f64().filter(|x| x.is_finite()).ok_or_else(|| err(Some(name), format!("number {n} is out of range")))?,
+                    ),
                 },
                 Value::String(s) => text_cell(rec, s.as_bytes()),
                 Value::Array(items) => {

@@ -88,18 +88,27 @@ pub fn predict_file(scorer: &Scorer, path: &Path, opts: &PredictOptions, w: &mut
         );
         cfg.columns.retain(|c| c != &cfg.label);
     }
-    anyhow::ensure!(opts.format != OutFormat::Plain || opts.keep.is_empty(), "--keep/--id-column need an output format with columns (csv, tsv or jsonl)");
+    anyhow::ensure!(
+        opts.format != OutFormat::Plain || opts.keep.is_empty(),
+        "--keep/--id-column need an output format with columns (csv, tsv or jsonl)"
+    );
     let mut source = open_source(path, &cfg)?;
-    let ex = Extractor::bind_for_scoring(&cfg, source.columns()).with_context(|| format!("{}: the schema does not fit the file", path.display()))?;
+    let ex = Extractor::bind_for_scoring(&cfg, source.columns())
+        .with_context(|| format!("{}: the schema does not fit the file", path.display()))?;
     check_compatible(&scorer.run.encoder, &ex).with_context(|| format!("{}: the run's encoder does not fit the schema", path.display()))?;
     let keep_at: Vec<usize> = opts
         .keep
         .iter()
         .map(|k| {
-            source.columns().iter().position(|c| c == k).with_context(|| format!("--keep {k:?}: no such column (columns: {})", source.columns().join(", ")))
+            source
+                .columns()
+                .iter()
+                .position(|c| c == k)
+                .with_context(|| format!("--keep {k:?}: no such column (columns: {})", source.columns().join(", ")))
         })
         .collect::<Result<_>>()?;
     let skip = cfg.bad_lines == BadLines::Skip;
+    let ncols = source.columns().len();
     let mut out = Output::new(opts.format, &opts.keep, skip, w)?;
     let mut log = PredictLog { labelled: ex.has_label(), ..Default::default() };
     let (mut rec, mut chunk, mut pending, mut index) = (Record::default(), scorer.new_chunk(), Vec::new(), 0u64);
@@ -124,8 +133,17 @@ pub fn predict_file(scorer: &Scorer, path: &Path, opts: &PredictOptions, w: &mut
             _ => ex.extract(&rec, &mut chunk).err(),
         };
         if let Some(msg) = &error {
+            // a first row one column short is a file without its label, not a bad row: said even
+            // under `skip` (which would otherwise report every row)
+            let no_label = log.rows == 1 && ex.has_label() && msg.contains(&format!("expected {} columns, found {}", ncols, ncols - 1));
+            if no_label {
+                bail!("{}: {msg} — a file without its label column? pass --unlabeled", source.location());
+            }
             if !skip {
-                bail!("{}: {msg} (set data.bad_lines = \"skip\" to score the other rows and report this one in the output)", source.location());
+                bail!(
+                    "{}: {msg} (with --bad-lines skip the other rows are scored and this one is reported in the output)",
+                    source.location()
+                );
             }
             log.skipped += 1;
         }
