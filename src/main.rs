@@ -76,9 +76,13 @@ enum Command {
 }
 
 fn main() {
-    keep_freed_memory();
     wukong::log::init();
     let cli = Cli::parse();
+    // a server runs for weeks with varying request sizes: there, freed memory goes back to the
+    // system (resident memory otherwise only ever grows to the high-water mark)
+    if !matches!(cli.command, Command::Serve(_)) {
+        keep_freed_memory();
+    }
     if let Some(n) = cli.threads {
         // Before any thread pool exists; burn's CPU backend uses rayon's global pool.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };

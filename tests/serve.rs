@@ -246,6 +246,12 @@ fn bad_requests_get_clear_4xx_and_the_server_keeps_answering() {
     let (s, api) = get(&server, "/openapi.json");
     assert_eq!((s, api["openapi"].as_str()), (200, Some("3.0.3")));
     assert!(api["paths"]["/v1/score"]["post"]["responses"]["413"].is_object());
+    // request rows are typed for this model: its fields, nothing else
+    let row = &api["components"]["schemas"]["Row"];
+    assert_eq!(row["additionalProperties"], false);
+    assert_eq!(row["properties"]["price"]["type"], "number");
+    assert!(row["properties"]["tags"]["oneOf"].as_array().unwrap().iter().any(|t| t["type"] == "array"));
+    assert!(row["properties"]["user"].is_object() && row["properties"]["label"].is_object() && row["properties"].get("usr").is_none());
     let (s, v) = get(&server, "/nope");
     assert_eq!((s, kind(&v).as_str()), (404, "not_found"));
     let (s, metrics) = get(&server, "/metrics");
@@ -461,4 +467,39 @@ fn the_fixture_models_learned_something() {
         let result: Value = serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
         assert!(result["test_auc"].as_f64().unwrap() > 0.6, "{model}: {}", result["test_auc"]);
     }
+}
+
+#[test]
+fn slow_clients_are_timed_out_and_cannot_block_shutdown() {
+    use std::io::{Read, Write};
+    let f = fixture();
+    let cfg = ServeConfig {
+        header_timeout: Duration::from_millis(300),
+        body_timeout: Duration::from_millis(300),
+        drain_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let server = start(&f.runs[0].1, cfg);
+    // headers never finished: the connection is closed after the header timeout
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.write_all(b"POST /v1/score HTTP/1.1\r\nHost: x\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(t.elapsed() < Duration::from_secs(3), "closed after {:?}", t.elapsed());
+    // a body that stops half-way: 408 after the body timeout
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.write_all(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"rows\": [").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = [0u8; 64];
+    let n = s.read(&mut reply).unwrap();
+    assert!(reply[..n].starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&reply[..n]));
+    // a client stuck mid-body does not hold shutdown beyond the drain timeout
+    let mut stuck = std::net::TcpStream::connect(server.addr).unwrap();
+    stuck.write_all(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let t = std::time::Instant::now();
+    server.stop().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "shutdown took {:?}", t.elapsed());
 }

@@ -18,8 +18,9 @@ pub struct ServeArgs {
     /// Rows per forward pass: concurrent requests are coalesced up to this.
     #[arg(long, default_value_t = 1024)]
     max_batch: usize,
-    /// Microseconds the oldest queued request waits for others to join its batch.
-    #[arg(long, default_value_t = 500)]
+    /// Microseconds the oldest queued request waits for others to join its batch (0: an idle
+    /// scoring thread takes what is queued at once; requests arriving meanwhile form the next batch).
+    #[arg(long, default_value_t = 0)]
     max_wait_us: u64,
     /// Scoring threads (each runs whole forward passes; --threads sets the compute threads).
     #[arg(long, default_value_t = 1)]
@@ -33,6 +34,12 @@ pub struct ServeArgs {
     /// Request body bytes (413 beyond).
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Seconds a client has to send its request headers, and again its body (408).
+    #[arg(long, default_value_t = 10.0)]
+    read_timeout_s: f64,
+    /// On SIGTERM/Ctrl-C, seconds open connections get to finish before the server exits anyway.
+    #[arg(long, default_value_t = 30.0)]
+    drain_timeout_s: f64,
     /// Threads of the async HTTP runtime (parsing, encoding, responses).
     #[arg(long, default_value_t = 1)]
     http_threads: usize,
@@ -49,6 +56,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         queue_rows: a.queue_rows.max(1),
         max_rows: a.max_rows.max(1),
         max_body_bytes: a.max_body_bytes,
+        header_timeout: Duration::from_secs_f64(a.read_timeout_s),
+        body_timeout: Duration::from_secs_f64(a.read_timeout_s),
+        drain_timeout: Duration::from_secs_f64(a.drain_timeout_s),
         ..ServeConfig::default()
     };
     serve_forever(a.run, a.addr, cfg, device, a.http_threads)
@@ -84,6 +94,10 @@ pub struct LoadtestArgs {
     /// Client threads.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
+    /// Write the request rows (JSON lines, one row object each) here and exit: example requests
+    /// for other clients.
+    #[arg(long)]
+    write_rows: Option<PathBuf>,
 }
 
 pub fn loadtest(a: LoadtestArgs) -> Result<()> {
@@ -99,6 +113,12 @@ pub fn loadtest(a: LoadtestArgs) -> Result<()> {
             .context("the run has no test file: give --data")?,
     };
     let rows = loadtest::json_rows(&cfg.data, &encoder.field_names(), &path, 20_000)?;
+    if let Some(p) = a.write_rows {
+        let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
+        std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {} rows to {}", rows.len(), p.display());
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(a.client_threads.max(1)).enable_all().build()?;
     let mut results = Vec::new();
     println!("{}", wukong::runtime::cpu_line());

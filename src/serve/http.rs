@@ -43,7 +43,10 @@ use crate::data::EncodedDataset;
 pub struct ServeConfig {
     /// Rows per forward pass (requests are coalesced up to this).
     pub max_batch: usize,
-    /// How long the oldest queued request may wait for others to join its batch.
+    /// How long the oldest queued request may wait for others to join its batch. 0 (the
+    /// default) batches opportunistically: an idle scoring thread takes whatever is queued at
+    /// once, and requests arriving during a forward pass form the next batch — no added
+    /// latency when idle, full batches under load.
     pub max_wait: Duration,
     /// Scoring threads (each runs whole forward passes).
     pub workers: usize,
@@ -55,18 +58,27 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// The `Retry-After` seconds of a 503.
     pub retry_after_s: u32,
+    /// A connection must send its request headers within this (hyper closes it otherwise).
+    pub header_timeout: Duration,
+    /// … and its request body within this (408 otherwise).
+    pub body_timeout: Duration,
+    /// On shutdown, how long open connections may take to finish.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             max_batch: 1024,
-            max_wait: Duration::from_micros(500),
+            max_wait: Duration::ZERO,
             workers: 1,
             queue_rows: 16_384,
             max_rows: 4096,
             max_body_bytes: 8 << 20,
             retry_after_s: 1,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -254,13 +266,59 @@ async fn serve_until(
         .route("/admin/reload", post(reload))
         .fallback(not_found)
         .with_state(Arc::clone(&app));
-    let served = axum::serve(listener, router).with_graceful_shutdown(signal).await;
+    let served = accept_loop(listener, router, signal, &app.cfg).await;
     app.queue.lock().unwrap().closed = true;
     app.ready.notify_all();
     for w in workers {
         let _ = w.join();
     }
     served.context("the HTTP server failed")
+}
+
+/// Serves connections (hyper's HTTP/1.1 with a header-read timeout, so a client that never
+/// finishes its headers cannot hold a connection forever) until `signal`; then stops accepting
+/// and lets open connections finish their requests, for at most `drain_timeout`.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+    cfg: &ServeConfig,
+) -> Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // out of file descriptors and the like: back off instead of spinning
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(TokioTimer::new()).header_read_timeout(cfg.header_timeout);
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut signal => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(cfg.drain_timeout) => {
+            tracing::warn!("connections still open after {:?}; exiting anyway", cfg.drain_timeout);
+        }
+    }
+    Ok(())
 }
 
 impl App {
@@ -408,7 +466,12 @@ async fn score(State(app): State<Arc<App>>, req: Request) -> Response {
     {
         return too_large(format!("the body has {n} bytes; the limit is {limit}"));
     }
-    let body = match axum::body::to_bytes(req.into_body(), limit).await {
+    let read = tokio::time::timeout(app.cfg.body_timeout, axum::body::to_bytes(req.into_body(), limit)).await;
+    let Ok(read) = read else {
+        let msg = format!("the body did not arrive within {:?}", app.cfg.body_timeout);
+        return app.error(ROUTE, StatusCode::REQUEST_TIMEOUT, "timeout", msg, json!({}));
+    };
+    let body = match read {
         Ok(b) => b,
         Err(e) if is_length_limit(&e) => return too_large(format!("the body is over the limit of {limit} bytes")),
         Err(e) => return app.error(ROUTE, StatusCode::BAD_REQUEST, "bad_body", format!("cannot read the body: {e}"), json!({})),
@@ -508,7 +571,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 
 async fn openapi(State(app): State<Arc<App>>) -> Response {
     app.count("/openapi.json", StatusCode::OK);
-    axum::Json(openapi_document(&app.cfg)).into_response()
+    axum::Json(openapi_document(&app.cfg, &app.current().scorer)).into_response()
 }
 
 async fn reload(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response {
@@ -551,8 +614,45 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// The OpenAPI 3.0 document of the API.
-pub fn openapi_document(cfg: &ServeConfig) -> Value {
+/// The JSON schema of a request row for the served model: one property per input column, typed
+/// by its kind (numbers for numeric and flag columns; strings, numbers or booleans for
+/// categorical values; also arrays for multi-hot ones); other names are refused.
+fn row_schema(scorer: &Scorer) -> Value {
+    use crate::data::schema::FieldKind;
+    let data = &scorer.run.config.data;
+    let scalar = json!({ "nullable": true, "oneOf": [ { "type": "string" }, { "type": "number" }, { "type": "boolean" } ] });
+    let number = json!({ "type": "number", "nullable": true });
+    // list items must not contain the field's separator
+    let list = |sep: &str| {
+        let item =
+            json!({ "type": "string", "pattern": format!("^[^{}]*$", sep.replace('\\', "\\\\").replace(']', "\\]").replace('^', "\\^")) });
+        json!({ "nullable": true, "oneOf": [ { "type": "string" }, { "type": "number" }, { "type": "boolean" },
+            { "type": "array", "items": { "oneOf": [ item, { "type": "number" } ] } } ] })
+    };
+    let mut props = serde_json::Map::new();
+    for name in scorer.input_names() {
+        props.insert(name, scalar.clone());
+    }
+    for spec in &data.fields {
+        for name in spec.name.iter().chain(&spec.names) {
+            let col = spec.column.as_ref().filter(|_| spec.name.is_some()).unwrap_or(name);
+            match spec.kind {
+                Some(FieldKind::Numeric) => drop(props.insert(col.clone(), number.clone())),
+                Some(FieldKind::Flags) => spec.columns.iter().for_each(|c| drop(props.insert(c.clone(), number.clone()))),
+                Some(FieldKind::MultiHot) => drop(props.insert(col.clone(), list(spec.separator.as_deref().unwrap_or(",")))),
+                _ => {}
+            }
+        }
+    }
+    let mut label = scalar.clone();
+    label["description"] = json!("the label: accepted and unused");
+    props.insert(data.label.clone(), label);
+    json!({ "type": "object", "additionalProperties": false, "properties": props,
+            "description": "Field values by name, as in the training data; absent or null = missing" })
+}
+
+/// The OpenAPI 3.0 document of the API (request rows typed for the served model).
+pub fn openapi_document(cfg: &ServeConfig, scorer: &Scorer) -> Value {
     let err = json!({ "$ref": "#/components/schemas/Error" });
     let err_resp = |d: &str| json!({ "description": d, "content": { "application/json": { "schema": err } } });
     json!({
@@ -591,11 +691,7 @@ pub fn openapi_document(cfg: &ServeConfig) -> Value {
         "components": { "schemas": {
             "ScoreRequest": { "type": "object", "additionalProperties": false, "required": ["rows"], "properties": {
                 "rows": { "type": "array", "maxItems": cfg.max_rows, "items": { "$ref": "#/components/schemas/Row" } } } },
-            "Row": { "type": "object", "description": "Field values by name, as in the training data; absent or null = missing",
-                     "additionalProperties": { "$ref": "#/components/schemas/Value" } },
-            "Value": { "nullable": true, "oneOf": [
-                { "type": "string" }, { "type": "number" }, { "type": "boolean" },
-                { "type": "array", "items": { "oneOf": [ { "type": "string" }, { "type": "number" } ] } } ] },
+            "Row": row_schema(scorer),
             "ScoreResponse": { "type": "object", "required": ["scores"], "properties": {
                 "scores": { "type": "array", "items": { "type": "number", "minimum": 0, "maximum": 1 } },
                 "model_version": { "type": "integer" } } },

@@ -162,7 +162,12 @@ async fn send(client: &Client<HttpConnector, Full<Bytes>>, uri: &hyper::Uri, bod
     }
     // count the scores without building a tree: `"scores":[a,b,...]`
     let text = std::str::from_utf8(&bytes).map_err(|_| "body".to_string())?;
-    let list = text.split_once("\"scores\":[").and_then(|(_, r)| r.split_once(']')).map(|(l, _)| l).ok_or("body")?;
+    let list = text
+        .split_once("\"scores\"")
+        .and_then(|(_, r)| r.split_once('['))
+        .and_then(|(_, r)| r.split_once(']'))
+        .map(|(l, _)| l)
+        .ok_or("body")?;
     let n = if list.trim().is_empty() { 0 } else { list.matches(',').count() + 1 };
     if n != rows {
         return Err("short".into());
