@@ -9,12 +9,12 @@ unsafe extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// Keeps freed memory mapped: by default mimalloc purges it after 10 ms, and the next step's
+/// Keeps freed memory mapped (for `purge_delay_ms`; -1 = for good): by default mimalloc purges it after 10 ms, and the next step's
 /// tensors fault it back in, zeroing 2 MiB huge pages (17% of a Frappe step in `perf`, gone
 /// with purging off; peak RSS 390 → 690 MiB on that config).
-fn keep_freed_memory() {
+fn keep_freed_memory(purge_delay_ms: std::ffi::c_long) {
     const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15; // `mi_option_purge_delay` in mimalloc.h (v2 and v3; the crate builds v3)
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, purge_delay_ms) };
 }
 
 mod cmd;
@@ -78,11 +78,11 @@ enum Command {
 fn main() {
     wukong::log::init();
     let cli = Cli::parse();
-    // a server runs for weeks with varying request sizes: there, freed memory goes back to the
-    // system (resident memory otherwise only ever grows to the high-water mark)
-    if !matches!(cli.command, Command::Serve(_)) {
-        keep_freed_memory();
-    }
+    // A server runs for weeks with varying request sizes: there, memory unused for a second goes
+    // back to the system (resident memory otherwise only grows, to the high-water mark), while
+    // back-to-back batches still reuse it (mimalloc's default 10 ms cost 30% of the rows/s of
+    // 256-row requests in `benchmarks/serve_bench.sh`).
+    keep_freed_memory(if matches!(cli.command, Command::Serve(_)) { 1000 } else { -1 });
     if let Some(n) = cli.threads {
         // Before any thread pool exists; burn's CPU backend uses rayon's global pool.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
