@@ -283,6 +283,29 @@ pub struct FamilyFit {
     pub fit: Option<PowerLaw>,
     pub gain_per_4x: Option<f64>,
     pub gain_per_4x_pct: Option<f64>,
+    /// The measured local slope: least squares of LogLoss on log₄(GFLOP) over the family's three
+    /// largest points (LogLoss per 4× compute, and in % of the largest point's LogLoss). Unlike
+    /// the fit, which the early steep steps dominate, it says what the last decade bought.
+    #[serde(default)]
+    pub tail_per_4x: Option<f64>,
+    #[serde(default)]
+    pub tail_per_4x_pct: Option<f64>,
+}
+
+/// Slope of `ys` against log₄(`xs`) over the three largest `xs` (None with fewer than 3 points
+/// or one compute value).
+pub fn tail_slope_per_4x(xs: &[f64], ys: &[f64]) -> Option<f64> {
+    let mut pts: Vec<(f64, f64)> =
+        xs.iter().zip(ys).filter(|(x, y)| **x > 0.0 && y.is_finite()).map(|(x, y)| (x.ln() / 4f64.ln(), *y)).collect();
+    if pts.len() < 3 {
+        return None;
+    }
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let tail = &pts[pts.len() - 3..];
+    let mx = tail.iter().map(|p| p.0).sum::<f64>() / 3.0;
+    let my = tail.iter().map(|p| p.1).sum::<f64>() / 3.0;
+    let sxx: f64 = tail.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    (sxx > 1e-12).then(|| tail.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / sxx)
 }
 
 pub fn fits(rows: &[Row]) -> Vec<FamilyFit> {
@@ -301,7 +324,11 @@ pub fn fits(rows: &[Row]) -> Vec<FamilyFit> {
             let fit = fit_power_law(&xs, &ys);
             let top = xs.iter().cloned().fold(f64::NAN, f64::max);
             let gain = fit.map(|p| p.at(4.0 * top) - p.at(top));
+            let tail = tail_slope_per_4x(&xs, &ys);
+            let top_y = pts.iter().max_by(|a, b| a.gflop_per_example.total_cmp(&b.gflop_per_example)).map(|r| r.logloss);
             FamilyFit {
+                tail_per_4x: tail,
+                tail_per_4x_pct: tail.zip(top_y).map(|(t, y)| 100.0 * t / y),
                 family: fam.to_string(),
                 points: pts.len(),
                 fit,
@@ -345,11 +372,15 @@ pub fn markdown(sweep: &str, rows: &[Row], fits: &[FamilyFit], reference: &str, 
             r.guard_rollbacks
         ));
     }
-    s.push_str("\n| family | points | fit LogLoss = a + b·GFLOP^c | R² | Δ LogLoss per 4× compute (at the largest point) |\n|---|---|---|---|---|\n");
+    s.push_str("\n| family | points | fit LogLoss = a + b·GFLOP^c | R² | Δ LogLoss per 4× compute (fit, at the largest point) | Δ per 4× measured (last 3 points) |\n|---|---|---|---|---|---|\n");
     for f in fits {
+        let tail = match (f.tail_per_4x, f.tail_per_4x_pct) {
+            (Some(t), Some(p)) => format!("{t:+.6} ({p:+.3}%)"),
+            _ => "–".into(),
+        };
         match f.fit {
             Some(p) => s.push_str(&format!(
-                "| {} | {} | {:.6} + {:.4e}·x^{:.4} | {:.4} | {:+.6} ({:+.3}%) |\n",
+                "| {} | {} | {:.6} + {:.4e}·x^{:.4} | {:.4} | {:+.6} ({:+.3}%) | {tail} |\n",
                 f.family,
                 f.points,
                 p.a,
@@ -359,7 +390,7 @@ pub fn markdown(sweep: &str, rows: &[Row], fits: &[FamilyFit], reference: &str, 
                 f.gain_per_4x.unwrap_or(f64::NAN),
                 f.gain_per_4x_pct.unwrap_or(f64::NAN)
             )),
-            None => s.push_str(&format!("| {} | {} | (no fit: fewer than 4 points) | – | – |\n", f.family, f.points)),
+            None => s.push_str(&format!("| {} | {} | (no fit: fewer than 4 points) | – | – | {tail} |\n", f.family, f.points)),
         }
     }
     s

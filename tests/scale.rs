@@ -30,6 +30,19 @@ fn the_fit_recovers_a_known_law_from_noiseless_points() {
     assert!(fit_power_law(&[0.0, 1.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0]).is_none(), "x must be positive");
 }
 
+#[test]
+fn the_tail_slope_is_the_change_per_4x_over_the_three_largest_points() {
+    // y = 0.5 − 0.001·log₄(x) exactly on the last three points, a steep first step before them
+    let xs = [1.0, 4.0, 16.0, 64.0, 0.25];
+    let ys = [0.5, 0.499, 0.498, 0.497, 0.6];
+    let t = scale::tail_slope_per_4x(&xs, &ys).unwrap();
+    assert!((t + 0.001).abs() < 1e-12, "{t}");
+    // order does not matter; a flat tail is 0; too few points or one compute value is None
+    assert!(scale::tail_slope_per_4x(&[64.0, 1.0, 16.0], &[0.3, 0.3, 0.3]).unwrap().abs() < 1e-15);
+    assert!(scale::tail_slope_per_4x(&[1.0, 2.0], &[0.3, 0.2]).is_none());
+    assert!(scale::tail_slope_per_4x(&[2.0, 2.0, 2.0], &[0.3, 0.2, 0.1]).is_none());
+}
+
 fn write_sweep(dir: &Path, lr: &str) {
     std::fs::write(
         dir.join("base.toml"),
