@@ -344,3 +344,29 @@ fn serve_process(run_dir: &str, predicted: &[f64]) {
     err.read_to_string(&mut rest).unwrap();
     assert!(status.success() && rest.contains("shutting down"), "{status}: {rest}");
 }
+
+/// Small failure paths: `gen-world` on a config without synthetic data or with an unknown split,
+/// and a run asked to write into a directory that exists.
+#[test]
+fn gen_world_and_run_dir_refusals() {
+    let dir = workdir("refusals");
+    write_data(&dir);
+    let cfg = dir.join("cfg.toml");
+    let out = bin().args(["gen-world", "--config"]).arg(&cfg).arg("--out").arg(dir.join("w.tsv")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has no synthetic data"), "{err}");
+    let world = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/scale/synthetic_base.toml");
+    let out = bin().args(["gen-world", "--config"]).arg(&world).args(["--split", "dev", "--out"]).arg(dir.join("w.tsv")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("unknown split \"dev\""), "{err}");
+    assert!(!dir.join("w.tsv").exists());
+
+    let config = wukong::config::ExperimentConfig::load(&cfg).unwrap();
+    let taken = dir.join("taken");
+    std::fs::create_dir_all(&taken).unwrap();
+    std::fs::write(taken.join("keep.txt"), "mine").unwrap();
+    let opts = wukong::train::RunOptions { run_dir: Some(taken.clone()), ..Default::default() };
+    let err = format!("{:#}", wukong::train::train(&config, &opts).unwrap_err());
+    assert!(err.contains("exists already") && err.contains("taken"), "{err}");
+    assert_eq!(std::fs::read_to_string(taken.join("keep.txt")).unwrap(), "mine", "nothing of the directory touched");
+}
