@@ -194,8 +194,7 @@ impl Extractor {
             }
         }
         for spec in &cfg.fields {
-            for name in spec.name.iter().chain(&spec.names) {
-                let col_name = spec.column.clone().filter(|_| spec.name.is_some()).unwrap_or_else(|| name.clone());
+            for (name, col_name) in spec.named_columns() {
                 let field = |extract, width| BoundField {
                     name: name.clone(),
                     col_name: col_name.clone(),
@@ -205,7 +204,7 @@ impl Extractor {
                     min_count: spec.min_count.unwrap_or(cfg.min_count),
                     hash_buckets: spec.hash_buckets.unwrap_or(cfg.hash_buckets),
                 };
-                let at = || col(&col_name).with_context(|| format!("field {name:?}"));
+                let at = || col(col_name).with_context(|| format!("field {name:?}"));
                 match spec.kind.expect("validated") {
                     FieldKind::Categorical => fields.push(field(Extract::Cat(at()?), 1)),
                     FieldKind::MultiHot => {
@@ -409,8 +408,7 @@ pub fn schema_columns(cfg: &DataConfig, libfm_fields: &[String]) -> Vec<(String,
         }
     }
     for spec in &cfg.fields {
-        for name in spec.name.iter().chain(&spec.names) {
-            let col = spec.column.as_ref().filter(|_| spec.name.is_some()).unwrap_or(name);
+        for (_, col) in spec.named_columns() {
             match spec.kind {
                 Some(FieldKind::Flags) => spec.columns.iter().for_each(|c| add(c, None)),
                 Some(FieldKind::MultiHot) => add(col, spec.separator.as_deref().map(|s| s.as_bytes()[0])),

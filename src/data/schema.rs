@@ -224,6 +224,14 @@ pub struct FieldSpec {
     pub hash_buckets: Option<u32>,
 }
 
+impl FieldSpec {
+    /// `(field name, column it reads)` for each field this entry declares: `name` reads `column`
+    /// when given, and every `names` entry reads its own column.
+    pub fn named_columns(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.name.iter().chain(&self.names).map(|name| (name, self.column.as_ref().filter(|_| self.name.is_some()).unwrap_or(name)))
+    }
+}
+
 impl DataConfig {
     pub fn validate(&self) -> Result<()> {
         if self.format == Format::Synthetic {

@@ -552,7 +552,7 @@ async fn model_info(State(app): State<Arc<App>>) -> Response {
         "loaded_at_unix": l.loaded_at,
         "inputs": l.scorer.input_names(),
         "label": run.config.data.label,
-        "encoder_fingerprint": run.encoder.fingerprint(),
+        "encoder_fingerprint": l.scorer.encoder_fingerprint,
         "encoder": run.encoder.describe(),
         "config": run.config,
         "metrics": l.scorer.result,
@@ -634,8 +634,7 @@ fn row_schema(scorer: &Scorer) -> Value {
         props.insert(name, scalar.clone());
     }
     for spec in &data.fields {
-        for name in spec.name.iter().chain(&spec.names) {
-            let col = spec.column.as_ref().filter(|_| spec.name.is_some()).unwrap_or(name);
+        for (_, col) in spec.named_columns() {
             match spec.kind {
                 Some(FieldKind::Numeric) => drop(props.insert(col.clone(), number.clone())),
                 Some(FieldKind::Flags) => spec.columns.iter().for_each(|c| drop(props.insert(c.clone(), number.clone()))),

@@ -18,8 +18,7 @@ use crate::data::encoder::{EncodeStats, check_compatible};
 use crate::data::extract::{Extractor, ParsedChunk, schema_columns};
 use crate::data::loader::batch_of;
 use crate::data::source::{Cell, Record};
-use crate::model::embedding::{SlotLayout, SparseInput};
-use crate::model::layers::Pass;
+use crate::model::embedding::SlotLayout;
 use crate::train::checkpoint::{LoadedRun, load_run};
 
 /// The click probability of a logit (f64, so that every path prints the same digits).
@@ -63,6 +62,8 @@ pub struct Scorer {
     json: JsonSchema,
     /// The run's `result.json` (metrics), when it has one.
     pub result: Option<Value>,
+    /// The encoder's fingerprint (a hash of all its vocabularies: computed once, at load).
+    pub encoder_fingerprint: String,
 }
 
 impl Scorer {
@@ -82,7 +83,8 @@ impl Scorer {
             label: run.config.data.label.clone(),
         };
         let result = std::fs::read_to_string(dir.join("result.json")).ok().and_then(|s| serde_json::from_str(&s).ok());
-        let scorer = Self { layout: SlotLayout::of(&run.encoder), run, device: device.clone(), json, result };
+        let encoder_fingerprint = run.encoder.fingerprint();
+        let scorer = Self { layout: SlotLayout::of(&run.encoder), run, device: device.clone(), json, result, encoder_fingerprint };
         let probe = scorer.score_json(&[Value::Object(Default::default())]).map_err(|e| anyhow::anyhow!("{e}"))?;
         anyhow::ensure!(probe[0].is_finite(), "{}: the model scores an empty row as {} (not finite)", dir.display(), probe[0]);
         Ok(scorer)
@@ -105,9 +107,7 @@ impl Scorer {
             return Ok(Vec::new());
         }
         let batch = batch_of(data, self.run.encoder.total_rows())?;
-        let input = SparseInput::from_batch(&batch, &self.layout, &self.device);
-        let (logits, _) = self.run.model.forward(&input, false, &Pass::new(self.run.config.train.precision, 0));
-        let out = logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let out = crate::train::batch_logits(&self.run.model, &batch, &self.layout, self.run.config.train.precision, &self.device)?;
         anyhow::ensure!(out.len() == data.len(), "scored {} of {} rows", out.len(), data.len());
         Ok(out)
     }

@@ -45,13 +45,23 @@ pub fn predict_logits(
     let loader = BatchLoader::from_split(data.clone(), encoder.total_rows(), batch_size, 65_536, 1);
     let mut out = Vec::with_capacity(data.len());
     for batch in loader.epoch(None) {
-        let batch = batch?;
-        let input = SparseInput::from_batch(&batch, &layout, device);
-        let (logits, _) = model.forward(&input, false, &Pass::new(precision, 0));
-        out.extend(logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        out.extend(batch_logits(model, &batch?, &layout, precision, device)?);
     }
     anyhow::ensure!(out.len() == data.len(), "scored {} of {} examples", out.len(), data.len());
     Ok(out)
+}
+
+/// Logits of one batch: an inference forward pass (no dropout, no gathered rows kept).
+pub fn batch_logits(
+    model: &Model,
+    batch: &crate::data::Batch,
+    layout: &SlotLayout,
+    precision: Precision,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let input = SparseInput::from_batch(batch, layout, device);
+    let (logits, _) = model.forward(&input, false, &Pass::new(precision, 0));
+    logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
 /// AUC and LogLoss of `model` (an inference copy: `model.valid()`) on an in-memory split.
