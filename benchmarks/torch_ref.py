@@ -190,9 +190,11 @@ class Clock:
         self.last = now
 
 
-def matmul_peak(device):
+def matmul_peak(device, precision="f32"):
     a = torch.randn(4096, 2048, device=device)
     b = torch.randn(2048, 2048, device=device)
+    if precision == "bf16":
+        a, b = a.bfloat16(), b.bfloat16()
     times = []
     for i in range(12):
         t = time.perf_counter()
@@ -213,13 +215,14 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu", help="cpu, or a GPU spec (vulkan:N / cuda:N map to cuda:N)")
     ap.add_argument("--matmul", action="store_true", help="measure the matrix-multiply peak only")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32", help="with --matmul: the operands' type")
     ap.add_argument("--sync-phases", action="store_true")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     dev = torch.device("cpu" if args.device in ("cpu", "flex") else "cuda:" + (args.device.split(":") + ["0"])[1])
     if args.matmul:
-        print("BENCH_RESULT " + json.dumps({"gflops": matmul_peak(dev)}))
+        print("BENCH_RESULT " + json.dumps({"gflops": matmul_peak(dev, args.precision)}))
         return
 
     spec = json.load(open(os.path.join(args.dir, "spec.json")))

@@ -258,7 +258,8 @@ pub fn warmup_factor(step: usize, warmup_steps: usize) -> f64 {
 }
 
 /// Our side, in this process: warm-up steps, timed steps with the phase clock, then scoring.
-pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_phases: bool) -> Result<Measurement> {
+/// `burn_adam`: step the dense parameters with burn's Adam instead of the fused one.
+pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_phases: bool, burn_adam: bool) -> Result<Measurement> {
     let setup = Instant::now();
     let device = crate::runtime::parse_device(device_spec)?;
     device.seed(spec.train.seed);
@@ -266,6 +267,9 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     let layout = SlotLayout::one_hot(shape.fields);
     let model = spec.model.init_with_storage(&shape, spec.train.emb_storage, &device.clone().autodiff());
     let mut stepper = Stepper::new(model, &spec.model, &spec.train, layout.clone(), &device);
+    if burn_adam {
+        stepper.set_dense_adam(crate::train::DenseAdam::burn(crate::train::AdamHyper::of(&spec.train)));
+    }
     let data = Arc::new(data);
     let loader = BatchLoader::new(Arc::clone(&data), spec.table_rows, spec.batch_size);
     let setup_s = setup.elapsed().as_secs_f64();
@@ -314,7 +318,7 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     let infer_examples_per_s = scored as f64 / start.elapsed().as_secs_f64();
 
     Ok(Measurement {
-        framework: "wukong-rs".into(),
+        framework: if burn_adam { "wukong-rs, burn Adam".into() } else { "wukong-rs".into() },
         version: format!("wukong {} / burn 0.22.1", env!("CARGO_PKG_VERSION")),
         device: device_spec.into(),
         threads: crate::runtime::cpu_threads(),
@@ -328,12 +332,23 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     })
 }
 
-/// Matrix-multiply throughput of the backend: `[m, k] × [k, n]` f32, median GFLOP/s.
-pub fn matmul_gflops(device_spec: &str, m: usize, k: usize, n: usize, reps: usize) -> Result<f64> {
-    use burn::tensor::{Distribution, Tensor};
+/// Matrix-multiply throughput of the backend: `[m, k] × [k, n]`, median GFLOP/s; with bf16 the
+/// operands are bf16 tensors (cast once, outside the timing), as our bf16 MLP products take them.
+pub fn matmul_gflops(
+    device_spec: &str,
+    m: usize,
+    k: usize,
+    n: usize,
+    reps: usize,
+    precision: crate::model::layers::Precision,
+) -> Result<f64> {
+    use burn::tensor::{DType, Distribution, Tensor};
     let device = crate::runtime::parse_device(device_spec)?;
-    let a = Tensor::<2>::random([m, k], Distribution::Default, &device);
-    let b = Tensor::<2>::random([k, n], Distribution::Default, &device);
+    let mut a = Tensor::<2>::random([m, k], Distribution::Default, &device);
+    let mut b = Tensor::<2>::random([k, n], Distribution::Default, &device);
+    if precision == crate::model::layers::Precision::Bf16 {
+        (a, b) = (a.cast(DType::BF16), b.cast(DType::BF16));
+    }
     let mut times = Vec::new();
     for i in 0..reps + 2 {
         let t = Instant::now();
@@ -360,6 +375,9 @@ pub struct ConfigResult {
     pub ours: std::result::Result<Measurement, String>,
     pub eager: std::result::Result<Measurement, String>,
     pub compiled: std::result::Result<Measurement, String>,
+    /// Ours again with burn's (unfused) Adam, when asked for (`--burn-adam`): the A/B of the
+    /// fused dense optimizer in the same invocation.
+    pub ours_burn_adam: Option<std::result::Result<Measurement, String>>,
 }
 
 fn fmt_rate(x: f64) -> String {
@@ -387,7 +405,12 @@ pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f6
             tags.push_str(&format!(", our table {:?}", r.spec.train.emb_storage).to_lowercase());
         }
         let label = format!("{} (b={}, {:.2} MFLOP/ex{tags})", r.spec.name, r.spec.batch_size, r.spec.forward_flops as f64 / 1e6);
-        for (name, m) in [("ours (burn Flex)", &r.ours), ("PyTorch eager", &r.eager), ("PyTorch compile", &r.compiled)] {
+        let burn_adam = r.ours_burn_adam.iter().map(|m| ("ours, burn's Adam", m));
+        for (name, m) in [("ours (burn Flex)", &r.ours)]
+            .into_iter()
+            .chain(burn_adam)
+            .chain([("PyTorch eager", &r.eager), ("PyTorch compile", &r.compiled)])
+        {
             match m {
                 Ok(m) => {
                     let med = m.median_ms();
@@ -411,7 +434,8 @@ pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f6
     s.push_str("\nShare of the timed steps per phase (forward phases, then the whole backward, then the optimizers):\n\n");
     s.push_str("| config | framework | data | embedding | interaction | mlp+loss | backward | dense opt | sparse opt |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
-        for (name, m) in [("ours", &r.ours), ("PyTorch eager", &r.eager)] {
+        let burn_adam = r.ours_burn_adam.iter().map(|m| ("ours, burn's Adam", m));
+        for (name, m) in [("ours", &r.ours)].into_iter().chain(burn_adam).chain([("PyTorch eager", &r.eager)]) {
             if let Ok(m) = m {
                 if m.phases.is_empty() {
                     continue;
@@ -434,7 +458,7 @@ pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f6
         }
     }
     if !peaks.is_empty() {
-        s.push_str("\nMatrix-multiply peak, f32 `[4096, 2048] × [2048, 2048]`, same threads:\n\n| backend | GFLOP/s |\n|---|---|\n");
+        s.push_str("\nMatrix-multiply peak, `[4096, 2048] × [2048, 2048]`, same threads (the physical limit a step's GFLOP/s is judged against):\n\n| backend | GFLOP/s |\n|---|---|\n");
         for (name, p) in peaks {
             match p {
                 Ok(g) => s.push_str(&format!("| {name} | {g:.1} |\n")),

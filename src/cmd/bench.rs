@@ -46,6 +46,9 @@ pub struct Args {
     /// Skip the matrix-multiply peak measurement.
     #[arg(long)]
     no_peak: bool,
+    /// Also measure ours with burn's unfused Adam (an extra row: the fused optimizer's A/B).
+    #[arg(long)]
+    burn_adam: bool,
     /// Synchronize the device at every phase boundary (GPU phase shares; slows the step).
     #[arg(long)]
     sync_phases: bool,
@@ -87,6 +90,11 @@ pub struct RunArgs {
     sync_phases: bool,
     #[arg(long)]
     matmul: bool,
+    /// With --matmul: the operands' precision.
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    #[arg(long)]
+    burn_adam: bool,
 }
 
 pub fn equivalence(a: EquivalenceArgs) -> Result<()> {
@@ -114,12 +122,17 @@ pub fn equivalence(a: EquivalenceArgs) -> Result<()> {
 
 pub fn bench_run(a: RunArgs) -> Result<()> {
     let m = if a.matmul {
-        let g = bench::matmul_gflops(&a.device, 4096, 2048, 2048, 10)?;
+        let precision = match a.precision.as_str() {
+            "f32" => wukong::model::layers::Precision::F32,
+            "bf16" => wukong::model::layers::Precision::Bf16,
+            p => anyhow::bail!("--precision {p}: expected f32 or bf16"),
+        };
+        let g = bench::matmul_gflops(&a.device, 4096, 2048, 2048, 10, precision)?;
         serde_json::json!({ "gflops": g })
     } else {
         let dir = a.dir.context("bench-run needs a work directory")?;
         let (spec, data) = bench::read_work_dir(&dir)?;
-        serde_json::to_value(bench::measure_ours(&spec, data, &a.device, a.sync_phases)?)?
+        serde_json::to_value(bench::measure_ours(&spec, data, &a.device, a.sync_phases, a.burn_adam)?)?
     };
     println!("BENCH_RESULT {m}");
     Ok(())
@@ -179,6 +192,10 @@ pub fn run(a: Args) -> Result<()> {
             ours_args.push("--sync-phases".into());
         }
         let ours = child(&exe, &ours_args).and_then(|o| bench::parse_result(&o).map_err(|e| e.to_string()));
+        let ours_burn_adam = a.burn_adam.then(|| {
+            let args: Vec<String> = ours_args.iter().cloned().chain(["--burn-adam".to_string()]).collect();
+            child(&exe, &args).and_then(|o| bench::parse_result(&o).map_err(|e| e.to_string()))
+        });
         let torch = |mode: &str| -> std::result::Result<bench::Measurement, String> {
             if !torch_ok {
                 return Err(if a.no_reference { "--no-reference".into() } else { format!("{} not found", a.reference.display()) });
@@ -203,7 +220,7 @@ pub fn run(a: Args) -> Result<()> {
                 Err(e) => tracing::warn!("   {name}: {e}"),
             }
         }
-        results.push(bench::ConfigResult { spec, ours, eager, compiled });
+        results.push(bench::ConfigResult { spec, ours, eager, compiled, ours_burn_adam });
     }
     let mut peaks = Vec::new();
     if !a.no_peak {
@@ -213,21 +230,44 @@ pub fn run(a: Args) -> Result<()> {
                 v["gflops"].as_f64().ok_or_else(|| "no gflops".to_string())
             })
         };
-        let ours = gflops(child(
-            &exe,
-            &["--threads".into(), threads.to_string(), "bench-run".into(), "--matmul".into(), "--device".into(), a.device.clone()],
-        ));
-        peaks.push(("burn 0.22.1 Flex (ours)".to_string(), ours));
-        if torch_ok {
-            let t = gflops(child(
-                &python,
-                &[script.clone(), "--matmul".into(), "--threads".into(), threads.to_string(), "--device".into(), a.device.clone()],
+        // Both precisions: f32, and bf16 operands (where a CPU has bf16 units, PyTorch's product
+        // runs on them; ours converts).
+        for precision in ["f32", "bf16"] {
+            let ours = gflops(child(
+                &exe,
+                &[
+                    "--threads".into(),
+                    threads.to_string(),
+                    "bench-run".into(),
+                    "--matmul".into(),
+                    "--precision".into(),
+                    precision.into(),
+                    "--device".into(),
+                    a.device.clone(),
+                ],
             ));
-            peaks.push(("PyTorch".to_string(), t));
+            peaks.push((format!("burn 0.22.1 Flex (ours), {precision}"), ours));
+            if torch_ok {
+                let t = gflops(child(
+                    &python,
+                    &[
+                        script.clone(),
+                        "--matmul".into(),
+                        "--precision".into(),
+                        precision.into(),
+                        "--threads".into(),
+                        threads.to_string(),
+                        "--device".into(),
+                        a.device.clone(),
+                    ],
+                ));
+                peaks.push((format!("PyTorch, {precision}"), t));
+            }
         }
     }
     let header = format!(
-        "Device {}, {threads} threads for both sides; {} timed steps after {} warm-up; ratio < 1 means ours is faster. Training GFLOP/s counts 3 × the analytic forward FLOPs.\n",
+        "{}\n\nDevice {}, {threads} threads for both sides; {} timed steps after {} warm-up; ratio < 1 means ours is faster. Training GFLOP/s counts 3 × the analytic forward FLOPs.\n",
+        wukong::runtime::cpu_line(),
         a.device,
         results.first().map(|r| r.spec.steps).unwrap_or(0),
         results.first().map(|r| r.spec.warmup).unwrap_or(0),

@@ -2,13 +2,14 @@
 //! warm-up, global-norm clipping, early stopping on validation AUC with best-weight restore),
 //! full-state checkpoints with exact resume, the loss-explosion guard, evaluation and prediction.
 
+pub mod adam;
 pub mod checkpoint;
 pub mod guard;
 pub mod optim;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, decay::WeightDecayConfig};
+use burn::optim::GradientsParams;
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,9 +22,10 @@ use crate::data::{BatchLoader, Encoder, SplitData};
 use crate::metrics::{MetricAccumulator, Metrics};
 use crate::model::{DataShape, Model, ModelConfig, Pass, Precision, SlotLayout, SparseInput};
 use crate::profile::{self, Phase};
+pub use adam::{AdamHyper, DenseAdam};
 use checkpoint::{Checkpoint, CheckpointDir, Faults};
 pub use guard::{GuardConfig, GuardEvent, GuardPolicy, GuardState, StepReport};
-pub use optim::{EmbOptimizerKind, RowWiseAdagrad, SparseAdam, SparseOptimizer, clip_global_norm, grad_norm};
+pub use optim::{EmbOptimizerKind, RowWiseAdagrad, SparseAdam, SparseOptimizer, grad_norm};
 
 /// Mean binary cross-entropy from logits, stable for any logit:
 /// `max(z,0) − z·y + ln(1 + e^{−|z|})`.
@@ -95,12 +97,12 @@ fn score(
     Ok((acc.finish()?, logits))
 }
 
-/// One training step's machinery: the model, Adam for its dense parameters, row-wise Adagrad
-/// for the embedding rows, gradient clipping. The trainer and the benchmark both step through
+/// One training step's machinery: the model, Adam for its dense parameters (with the global-norm
+/// clipping, fused on the CPU backend), row-wise Adagrad for the embedding rows. The trainer and the benchmark both step through
 /// this, so what the benchmark times is exactly what training runs.
 pub struct Stepper {
     model: Option<Model>,
-    adam: ModuleOptimizer,
+    adam: DenseAdam,
     sparse_optimizer: SparseOptimizer,
     layout: SlotLayout,
     autodiff: Device,
@@ -121,12 +123,7 @@ const SPARSE_SECTION: &str = "sparse_optimizer";
 impl Stepper {
     /// `model` must live on the autodiff version of `device`.
     pub fn new(model: Model, cfg: &ModelConfig, t: &TrainConfig, layout: SlotLayout, device: &Device) -> Self {
-        let adam = AdamConfig::new()
-            .with_beta_1(t.adam_beta1 as f32)
-            .with_beta_2(t.adam_beta2 as f32)
-            .with_epsilon(t.adam_epsilon as f32)
-            .with_weight_decay((t.weight_decay > 0.0).then(|| WeightDecayConfig::new(t.weight_decay as f32)))
-            .init();
+        let adam = DenseAdam::new(AdamHyper::of(t), device);
         let rows = model.embedding().rows();
         let sparse_optimizer = SparseOptimizer::new(t, rows, &cfg.table_segments(), device);
         Self {
@@ -139,6 +136,12 @@ impl Stepper {
             precision: t.precision,
             dropout_stream: Pass::seeded(t.precision, t.seed).dropout_stream(),
         }
+    }
+
+    /// Replaces the dense optimizer (benchmarks: burn's Adam against the fused one). Only before
+    /// the first step.
+    pub fn set_dense_adam(&mut self, adam: DenseAdam) {
+        self.adam = adam;
     }
 
     pub fn dropout_stream(&self) -> u64 {
@@ -198,8 +201,8 @@ impl Stepper {
             },
             None => None,
         };
-        let mut dense_grads = GradientsParams::from_grads(grads, &model);
-        let grad_norm = clip_global_norm(&model, &mut dense_grads, self.grad_clip_norm);
+        let dense_grads = GradientsParams::from_grads(grads, &model);
+        let grad_norm = self.adam.grad_norm(&model, &dense_grads);
         let mut report = StepReport { loss, grad_norm, emb_grad_norm: 0.0 };
         if let Some(accept) = accept {
             if let Some((g, _)) = &sparse {
@@ -210,7 +213,7 @@ impl Stepper {
                 return Ok((report, false));
             }
         }
-        let mut model = self.adam.step(lr, model, dense_grads);
+        let mut model = self.adam.step(lr, model, dense_grads, grad_norm, self.grad_clip_norm);
         profile::mark(Phase::DenseOptimizer);
         if let Some((emb_grad, g)) = sparse {
             let opt = &mut self.sparse_optimizer;
@@ -225,7 +228,7 @@ impl Stepper {
     /// optimizer's description for the manifest).
     pub fn save_state(&self) -> Result<(serde_json::Value, Sections)> {
         let model = checkpoint::model_bytes(self.model())?;
-        let adam = self.adam.to_record().into_bytes().map_err(|e| anyhow::anyhow!("cannot serialize the Adam state: {e}"))?.to_vec();
+        let adam = self.adam.to_bytes()?;
         let (meta, sparse) = self.sparse_optimizer.save_state()?;
         Ok((meta, vec![(MODEL_SECTION.into(), model), (ADAM_SECTION.into(), adam), (SPARSE_SECTION.into(), sparse)]))
     }
@@ -234,9 +237,7 @@ impl Stepper {
     pub fn load_state(&mut self, meta: &serde_json::Value, ckpt: &mut Checkpoint) -> Result<()> {
         let model = self.model.take().expect("model present between steps");
         self.model = Some(checkpoint::load_model_bytes(model, ckpt.take_section(MODEL_SECTION)?, "the checkpoint's model")?);
-        let record = burn::optim::OptimizerRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(ckpt.take_section(ADAM_SECTION)?))
-            .map_err(|e| anyhow::anyhow!("cannot read the checkpoint's Adam state: {e}"))?;
-        self.adam = self.adam.clone().load_record(record);
+        self.adam.load_bytes(ckpt.take_section(ADAM_SECTION)?)?;
         self.sparse_optimizer.load_state(meta, ckpt.section(SPARSE_SECTION)?)
     }
 }

@@ -1,5 +1,5 @@
-//! Optimizers beyond burn's: row-wise Adagrad for embedding rows and global-norm clipping of
-//! the dense gradients.
+//! Optimizers beyond burn's for the embedding rows (row-wise Adagrad, lazy Adam), and the
+//! gradient norm of burn's path (see `adam.rs` for the dense Adam and clipping).
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -258,9 +258,10 @@ impl ModuleVisitor for SquaredNorm<'_> {
     }
 }
 
-struct Scale<'a> {
-    grads: &'a mut GradientsParams,
-    factor: f64,
+/// Multiplies every gradient of a module by `factor`.
+pub(crate) struct Scale<'a> {
+    pub grads: &'a mut GradientsParams,
+    pub factor: f64,
 }
 
 impl ModuleVisitor for Scale<'_> {
@@ -276,14 +277,4 @@ pub fn grad_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
     let mut v = SquaredNorm { grads, total: None };
     module.visit(&mut v);
     v.total.map(|t| t.into_scalar::<f32>() as f64).unwrap_or(0.0).sqrt()
-}
-
-/// Scales all gradients so that their global norm is at most `max_norm`; returns the norm
-/// before clipping.
-pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    let norm = grad_norm(module, grads);
-    if max_norm > 0.0 && norm > max_norm {
-        module.visit(&mut Scale { grads, factor: max_norm / (norm + 1e-6) });
-    }
-    norm
 }
