@@ -491,6 +491,47 @@ fn draw_compute(rows: &[Row], fits: &[FamilyFit], path: &Path, x_of: impl Fn(&Ro
     Ok(())
 }
 
+/// Relative LogLoss (%) of every point against the reference, one horizontal bar per point in
+/// the table's order: the picture of an ablation or component sweep (one point per family, the
+/// paper's Fig. 4 and 5), where a compute axis says little.
+fn draw_relative(rows: &[Row], reference: &str, path: &Path) -> DrawResult<()> {
+    crate::report::register_font();
+    let n = rows.len();
+    let root = BitMapBackend::new(path, (900, (120 + 34 * n) as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (lo, hi) = rows.iter().fold((0.0f64, 0.0f64), |(a, b), r| (a.min(r.relative_pct), b.max(r.relative_pct)));
+    let span = (hi - lo).max(0.05);
+    // room on the right for the labels (point, change, LogLoss) beside each bar
+    let (x0, x1) = (lo - 0.1 * span, hi + 0.8 * span);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("test LogLoss relative to {reference} (%; lower is better)"), ("sans-serif", 20))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(10)
+        .build_cartesian_2d(x0..x1, 0.0..n as f64)?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .disable_y_mesh()
+        .y_labels(0)
+        .x_desc("relative LogLoss (%)")
+        .x_label_formatter(&|x| format!("{x:+.2}"))
+        .draw()?;
+    for (k, r) in rows.iter().enumerate() {
+        let y = (n - 1 - k) as f64;
+        let c = if r.relative_pct > 0.0 { RED.mix(0.7) } else { BLUE.mix(0.7) };
+        chart.draw_series(std::iter::once(Rectangle::new([(0.0, y + 0.15), (r.relative_pct, y + 0.85)], c.filled())))?;
+        chart.draw_series(std::iter::once(Text::new(
+            format!("{}  {:+.3}%  ({:.6})", r.id, r.relative_pct, r.logloss),
+            (r.relative_pct.max(0.0) + 0.02 * span, y + 0.7),
+            ("sans-serif", 13),
+        )))?;
+    }
+    chart.draw_series(LineSeries::new(vec![(0.0, 0.0), (0.0, n as f64)], BLACK.stroke_width(1)))?;
+    root.present()?;
+    Ok(())
+}
+
 /// Validation LogLoss against examples seen (from each run's intra-epoch evaluations), one curve
 /// per point of `family`.
 fn draw_examples(done: &[Finished], family: &str, bayes: Option<f64>, path: &Path) -> DrawResult<()> {
@@ -589,6 +630,9 @@ pub fn write_report(sweep: &SweepFile, done: &[Finished], out: &Path) -> Result<
         "scale_params.png",
         draw_compute(&rows, &fits, &out.join("scale_params.png"), |r| r.dense_params as f64, "dense parameters"),
     )?);
+    if fits.len() > 1 && fits.iter().all(|f| f.points == 1) {
+        written.push(draw("scale_relative.png", draw_relative(&rows, &reference, &out.join("scale_relative.png")))?);
+    }
     let bayes = rows.iter().find_map(|r| r.bayes);
     for fam in fits.iter().map(|f| f.family.clone()) {
         let name = format!("scale_examples_{fam}.png");
