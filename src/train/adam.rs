@@ -95,31 +95,93 @@ impl FusedAdamOps for Flex {
             let g = grad.storage::<f32>();
             let (ps, ms, vs) = (p.storage_mut::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>());
             assert!(g.len() == ps.len() && ms.len() == ps.len() && vs.len() == ps.len(), "fused Adam: buffers of unequal size");
-            ps.par_chunks_mut(CHUNK).zip(ms.par_chunks_mut(CHUNK)).zip(vs.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(
-                |(((p, m), v), g)| {
-                    for i in 0..p.len() {
-                        // burn: g' = wd·θ + g (L2 into the gradient), after the global clipping.
-                        let gi = if wd != 0.0 { p[i] * wd + g[i] * scale } else { g[i] * scale };
-                        let mi = m[i] * b1 + gi * f1;
-                        let vi = v[i] * b2 + (gi * gi) * f2;
-                        m[i] = mi;
-                        v[i] = vi;
-                        p[i] -= (mi * c1) / (vi.sqrt() + eps_hat) * lr;
-                    }
-                },
-            );
+            let k = Consts { lr, b1, b2, f1, f2, c1, eps_hat, wd, scale };
+            ps.par_chunks_mut(CHUNK)
+                .zip(ms.par_chunks_mut(CHUNK))
+                .zip(vs.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((p, m), v), g)| adam_chunk(p, m, v, g, k));
         }
         (p.reshape(shape.clone()), m.reshape(shape.clone()), v.reshape(shape))
     }
 
     fn fused_sum_squares(x: FlexTensor) -> FlexTensor {
         let x = owned_contiguous(x, false);
-        let s: f64 = x.storage::<f32>().par_chunks(CHUNK).map(|c| lane_sum_squares(c) as f64).sum();
+        let s: f64 = x.storage::<f32>().par_chunks(CHUNK).map(|c| sum_squares(c) as f64).sum();
         FlexTensor::from_data(TensorData::new(vec![s as f32], [1]))
     }
 }
 
+/// The scalars of one step, by value (captured by reference they were reloaded from memory in
+/// every iteration).
+#[derive(Clone, Copy)]
+struct Consts {
+    lr: f32,
+    b1: f32,
+    b2: f32,
+    f1: f32,
+    f2: f32,
+    c1: f32,
+    eps_hat: f32,
+    wd: f32,
+    scale: f32,
+}
+
+/// One chunk of the Adam step, in burn's operation order. The slices are cut to one length so
+/// that the loop has no bounds checks and vectorizes; no mul+add is contracted into an FMA
+/// (LLVM does not without fast-math), so every lane rounds exactly as the scalar code.
+#[inline(always)]
+fn adam_body<const WD: bool>(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Consts) {
+    let n = p.len();
+    let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+    for i in 0..n {
+        // burn: g' = wd·θ + g (L2 into the gradient), after the global clipping.
+        let gi = if WD { p[i] * k.wd + g[i] * k.scale } else { g[i] * k.scale };
+        let mi = m[i] * k.b1 + gi * k.f1;
+        let vi = v[i] * k.b2 + (gi * gi) * k.f2;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= (mi * k.c1) / (vi.sqrt() + k.eps_hat) * k.lr;
+    }
+}
+
+fn adam_portable(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Consts) {
+    if k.wd != 0.0 { adam_body::<true>(p, m, v, g, k) } else { adam_body::<false>(p, m, v, g, k) }
+}
+
+/// The same loop compiled for AVX2 (8 lanes; the default target has only SSE2's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn adam_avx2(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Consts) {
+    if k.wd != 0.0 { adam_body::<true>(p, m, v, g, k) } else { adam_body::<false>(p, m, v, g, k) }
+}
+
+fn adam_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Consts) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { adam_avx2(p, m, v, g, k) };
+    }
+    adam_portable(p, m, v, g, k)
+}
+
+fn sum_squares(xs: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { sum_squares_avx2(xs) };
+    }
+    lane_sum_squares(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum_squares_avx2(xs: &[f32]) -> f32 {
+    lane_sum_squares(xs)
+}
+
 /// Σ x² with eight independent accumulators (vectorizes; a single one is a dependency chain).
+#[inline(always)]
 fn lane_sum_squares(xs: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = xs.chunks_exact(8);
