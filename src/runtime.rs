@@ -92,6 +92,12 @@ pub fn cpu_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
+/// Whether the CPU has bf16 matrix units (AVX512-BF16 or AMX-BF16).
+pub fn cpu_has_bf16_units() -> bool {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines().find(|l| l.starts_with("flags")).is_some_and(|l| l.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16"))
+}
+
 /// The CPU model, cores and SIMD/bf16/AMX flags (from /proc/cpuinfo), for benchmark headers:
 /// figures are only comparable on the same machine.
 pub fn cpu_line() -> String {

@@ -247,7 +247,11 @@ pub fn run(a: Args) -> Result<()> {
                 ],
             ));
             peaks.push((format!("burn 0.22.1 Flex (ours), {precision}"), ours));
-            if torch_ok {
+            if torch_ok && precision == "bf16" && a.device == "cpu" && !wukong::runtime::cpu_has_bf16_units() {
+                // PyTorch's bf16 product without bf16 units is a single-threaded fallback that
+                // takes minutes at this size.
+                peaks.push(("PyTorch, bf16".to_string(), Err("skipped: this CPU has no bf16 units".to_string())));
+            } else if torch_ok {
                 let t = gflops(child(
                     &python,
                     &[
