@@ -92,19 +92,22 @@ pub fn cpu_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
+/// A field of /proc/cpuinfo's first processor (`model name`, `flags`, …).
+fn cpuinfo_field(key: &str) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
+}
+
 /// Whether the CPU has bf16 matrix units (AVX512-BF16 or AMX-BF16).
 pub fn cpu_has_bf16_units() -> bool {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines().find(|l| l.starts_with("flags")).is_some_and(|l| l.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16"))
+    cpuinfo_field("flags").is_some_and(|f| f.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16"))
 }
 
 /// The CPU model, cores and SIMD/bf16/AMX flags (from /proc/cpuinfo), for benchmark headers:
 /// figures are only comparable on the same machine.
 pub fn cpu_line() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |k: &str| info.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string());
-    let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let flags = field("flags").unwrap_or_default();
+    let model = cpuinfo_field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let flags = cpuinfo_field("flags").unwrap_or_default();
     let wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"];
     let have: Vec<&str> = wanted.iter().copied().filter(|w| flags.split_whitespace().any(|f| f == *w)).collect();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

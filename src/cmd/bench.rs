@@ -91,8 +91,8 @@ pub struct RunArgs {
     #[arg(long)]
     matmul: bool,
     /// With --matmul: the operands' precision.
-    #[arg(long, default_value = "f32")]
-    precision: String,
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    precision: wukong::model::layers::Precision,
     #[arg(long)]
     burn_adam: bool,
 }
@@ -122,12 +122,7 @@ pub fn equivalence(a: EquivalenceArgs) -> Result<()> {
 
 pub fn bench_run(a: RunArgs) -> Result<()> {
     let m = if a.matmul {
-        let precision = match a.precision.as_str() {
-            "f32" => wukong::model::layers::Precision::F32,
-            "bf16" => wukong::model::layers::Precision::Bf16,
-            p => anyhow::bail!("--precision {p}: expected f32 or bf16"),
-        };
-        let g = bench::matmul_gflops(&a.device, 4096, 2048, 2048, 10, precision)?;
+        let g = bench::matmul_gflops(&a.device, 4096, 2048, 2048, 10, a.precision)?;
         serde_json::json!({ "gflops": g })
     } else {
         let dir = a.dir.context("bench-run needs a work directory")?;

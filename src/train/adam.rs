@@ -59,9 +59,6 @@ fn owned_contiguous(t: FlexTensor, unique: bool) -> FlexTensor {
         t
     } else {
         COPIES.with(|c| c.set(c.get() + 1));
-        if std::env::var_os("WUKONG_DEBUG_ADAM_COPIES").is_some() {
-            eprintln!("fused Adam copied a {:?} buffer", t.layout().shape());
-        }
         // `to_contiguous` may hand back the same shared buffer; a fresh one is built from data.
         let shape = t.layout().shape().clone();
         let data = t.to_contiguous().into_data();
@@ -145,6 +142,7 @@ fn adam_body<const WD: bool>(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f
     }
 }
 
+#[inline(always)]
 fn adam_portable(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Consts) {
     if k.wd != 0.0 { adam_body::<true>(p, m, v, g, k) } else { adam_body::<false>(p, m, v, g, k) }
 }
@@ -153,7 +151,7 @@ fn adam_portable(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Cons
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn adam_avx2(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Consts) {
-    if k.wd != 0.0 { adam_body::<true>(p, m, v, g, k) } else { adam_body::<false>(p, m, v, g, k) }
+    adam_portable(p, m, v, g, k)
 }
 
 fn adam_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Consts) {
@@ -258,10 +256,6 @@ impl DenseAdam {
 
     pub fn burn(hyper: AdamHyper) -> Self {
         Self(Path::Burn { optimizer: hyper.burn() })
-    }
-
-    pub fn is_fused(&self) -> bool {
-        matches!(self.0, Path::Fused { .. })
     }
 
     /// The global L2 norm of the gradients of `module`'s parameters.

@@ -98,8 +98,9 @@ fn score(
 }
 
 /// One training step's machinery: the model, Adam for its dense parameters (with the global-norm
-/// clipping, fused on the CPU backend), row-wise Adagrad for the embedding rows. The trainer and the benchmark both step through
-/// this, so what the benchmark times is exactly what training runs.
+/// clipping, fused on the CPU backend), row-wise Adagrad for the embedding rows. The trainer and
+/// the benchmark both step through this, so what the benchmark times is exactly what training
+/// runs.
 pub struct Stepper {
     model: Option<Model>,
     adam: DenseAdam,
