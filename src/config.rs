@@ -98,6 +98,12 @@ pub struct TrainConfig {
     pub guard_max_rollbacks: usize,
     /// Both learning rates are multiplied by this at every rollback.
     pub guard_lr_factor: f64,
+    /// Data-parallel jobs (`mpirun -n N wukong train`, feature `mpi`): how the embedding table
+    /// lives on the ranks — `replicated` (every rank holds it all).
+    pub embedding_sharding: crate::dist::EmbeddingMode,
+    /// Data-parallel jobs: compare the replicas' weight checksums every this many steps (and at
+    /// every checkpoint); a difference stops the job. 0 = only at checkpoints.
+    pub replica_check_every_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -136,6 +142,8 @@ impl Default for TrainConfig {
             guard_min_steps: 100,
             guard_max_rollbacks: 3,
             guard_lr_factor: 0.5,
+            embedding_sharding: Default::default(),
+            replica_check_every_steps: 100,
         }
     }
 }

@@ -24,11 +24,24 @@ pub enum Phase {
     DenseOptimizer,
     /// Row-wise Adagrad on the touched embedding rows.
     SparseOptimizer,
+    /// Data-parallel jobs: the all-reduce of dense gradients and the exchange of embedding rows.
+    Communication,
 }
 
+/// Number of phases.
+pub const PHASES: usize = 8;
+
 impl Phase {
-    pub const ALL: [Phase; 7] =
-        [Phase::Data, Phase::Embedding, Phase::Interaction, Phase::Mlp, Phase::Backward, Phase::DenseOptimizer, Phase::SparseOptimizer];
+    pub const ALL: [Phase; PHASES] = [
+        Phase::Data,
+        Phase::Embedding,
+        Phase::Interaction,
+        Phase::Mlp,
+        Phase::Backward,
+        Phase::DenseOptimizer,
+        Phase::SparseOptimizer,
+        Phase::Communication,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Phase::Data => "data",
@@ -38,13 +51,14 @@ impl Phase {
             Phase::Backward => "backward",
             Phase::DenseOptimizer => "dense_optimizer",
             Phase::SparseOptimizer => "sparse_optimizer",
+            Phase::Communication => "communication",
         }
     }
 }
 
 struct Clock {
     last: Instant,
-    seconds: [f64; 7],
+    seconds: [f64; PHASES],
     sync: Option<Device>,
 }
 
@@ -55,11 +69,11 @@ thread_local! {
 /// Starts (or restarts) this thread's phase clock with zeroed totals; `sync` makes every mark
 /// wait for the device first.
 pub fn enable(sync: Option<Device>) {
-    CLOCK.with(|c| *c.borrow_mut() = Some(Clock { last: Instant::now(), seconds: [0.0; 7], sync }));
+    CLOCK.with(|c| *c.borrow_mut() = Some(Clock { last: Instant::now(), seconds: [0.0; PHASES], sync }));
 }
 
 /// Stops the clock and returns seconds per phase (indexed like [`Phase::ALL`]).
-pub fn disable() -> [f64; 7] {
+pub fn disable() -> [f64; PHASES] {
     CLOCK.with(|c| c.borrow_mut().take().map(|c| c.seconds).unwrap_or_default())
 }
 
@@ -102,6 +116,6 @@ mod tests {
         assert!(s[Phase::Backward as usize] >= 0.019, "{s:?}");
         assert!(s[Phase::Mlp as usize] < 0.01, "{s:?}");
         assert_eq!(s[Phase::Data as usize], 0.0);
-        assert_eq!(disable(), [0.0; 7]);
+        assert_eq!(disable(), [0.0; PHASES]);
     }
 }

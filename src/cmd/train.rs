@@ -46,14 +46,31 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Under `mpirun -n N` / `srun` (with the `mpi` feature): one rank of a data-parallel job.
+    let comm = wukong::dist::from_launcher()?;
     let opts = RunOptions {
-        device: a.device,
-        out_dir: a.out,
+        device: a.device.clone(),
+        out_dir: a.out.clone(),
         verbose: true,
         cache: a.cache.policy(),
         faults: checkpoint::Faults::from_env()?,
         run_dir: None,
+        comm: comm.clone(),
     };
+    match (train_or_resume(a, &opts), comm) {
+        // A rank that fails ends the whole job at once: its peers would otherwise wait in their
+        // next collective for it.
+        (Err(e), Some(c)) => {
+            eprintln!("error on rank {} of {}: {e:#}", c.rank(), c.size());
+            c.abort(1)
+        }
+        (result, _) => result,
+    }
+}
+
+fn train_or_resume(a: Args, opts: &RunOptions) -> Result<()> {
+    let opts = opts.clone();
+    let writer = opts.comm.as_ref().is_none_or(|c| c.rank() == 0);
     let outcome = match (a.resume, a.config) {
         (Some(dir), _) => {
             anyhow::ensure!(a.paths.is_empty(), "--resume uses the run's saved config: give no --train/--valid/--test");
@@ -75,6 +92,9 @@ pub fn run(a: Args) -> Result<()> {
         }
         (None, None) => anyhow::bail!("give --config or --resume"),
     };
+    if !writer {
+        return Ok(());
+    }
     println!("run directory: {}", outcome.run_dir.display());
     println!(
         "best epoch {} of {}: valid AUC {:.6} LogLoss {:.6} ({:.1}s)",

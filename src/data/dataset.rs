@@ -38,6 +38,18 @@ impl EncodedDataset {
         self.values.extend_from_slice(&other.values);
         self.dense.extend_from_slice(&other.dense);
     }
+    /// A copy of examples `range` (a rank's part of a split in a data-parallel job).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> EncodedDataset {
+        let (s, d) = (self.num_slots, self.num_dense);
+        EncodedDataset {
+            num_slots: s,
+            num_dense: d,
+            labels: self.labels[range.clone()].to_vec(),
+            rows: self.rows[range.start * s..range.end * s].to_vec(),
+            values: self.values[range.start * s..range.end * s].to_vec(),
+            dense: self.dense[range.start * d..range.end * d].to_vec(),
+        }
+    }
     /// Appends example `i` of `other`.
     pub fn push_from(&mut self, other: &EncodedDataset, i: usize) {
         let (s, d) = (self.num_slots, self.num_dense);

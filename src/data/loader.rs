@@ -90,6 +90,8 @@ pub struct BatchLoader {
     chunk_rows: usize,
     shuffle_chunks: usize,
     fail_at: Option<usize>,
+    /// `(rank, size)`: build only this rank's rows of every batch (data-parallel training).
+    shard: Option<(usize, usize)>,
 }
 
 /// The batches of one epoch, in order. A read error in the loader thread arrives as an `Err`
@@ -120,7 +122,16 @@ impl BatchLoader {
             chunk_rows: chunk_rows.max(1),
             shuffle_chunks: shuffle_chunks.max(1),
             fail_at: None,
+            shard: None,
         }
+    }
+
+    /// Data parallelism: every batch keeps only the rows [`crate::dist::shard_range`] gives
+    /// `rank` of `size` (the global batch, its order and the batch count stay those of one
+    /// process; a rank's part of a short last batch may be empty).
+    pub fn sharded(mut self, rank: usize, size: usize) -> Self {
+        self.shard = (size > 1).then_some((rank, size));
+        self
     }
 
     /// Fault injection for tests: the loader thread reports a read error instead of batch `n`.
@@ -146,7 +157,8 @@ impl BatchLoader {
     /// reads their chunks, since they decide which rows carry over to later groups).
     pub fn epoch_from(&self, shuffle_seed: Option<u64>, skip: usize) -> Epoch {
         let (tx, rx) = sync_channel(4);
-        let mut sink = Sink { tx, next: 0, skip, fail_at: self.fail_at, builder: BatchBuilder::new(self.total_rows) };
+        let mut sink =
+            Sink { tx, next: 0, skip, fail_at: self.fail_at, shard: self.shard, builder: BatchBuilder::new(self.total_rows) };
         let batch_size = self.batch_size;
         match &self.data {
             SplitData::Memory(data) => {
@@ -203,6 +215,7 @@ struct Sink {
     next: usize,
     skip: usize,
     fail_at: Option<usize>,
+    shard: Option<(usize, usize)>,
     builder: BatchBuilder,
 }
 
@@ -218,7 +231,11 @@ impl Sink {
             if self.fail_at == Some(i) {
                 bail!("injected read error at batch {i} (fault injection)");
             }
-            if self.tx.send(Ok(self.builder.build(data, chunk)?)).is_err() {
+            let rows = match self.shard {
+                Some((rank, size)) => &chunk[crate::dist::shard_range(chunk.len(), rank, size)],
+                None => chunk,
+            };
+            if self.tx.send(Ok(self.builder.build(data, rows)?)).is_err() {
                 return Ok(false);
             }
         }

@@ -295,6 +295,13 @@ impl SparseEmbedding {
         (x, gathered)
     }
 
+    /// The present values of the given rows in f32 (`[U, d]`), outside autodiff: what a rank that
+    /// did not gather a row itself passes to the optimizer when applying a merged gradient.
+    pub fn current_rows(&self, unique_rows: Tensor<1, Int>) -> Tensor<2> {
+        let rows = self.weight.val().inner().select(0, unique_rows);
+        if rows.dtype() != DType::F32 { rows.cast(DType::F32) } else { rows }
+    }
+
     /// Adds `delta` (`[U, d]`) to the given distinct rows, in place when the table is not shared.
     /// `current` holds those rows' present values in f32 (the gathered rows): a half-precision
     /// table gets `round_stochastic(current + delta)` written back.

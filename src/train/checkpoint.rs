@@ -238,10 +238,12 @@ pub struct Faults {
     pub spike_at_steps: Option<(u64, u64)>,
     /// The training loader reports a read error at this batch of the first epoch it runs.
     pub loader_error_at_batch: Option<usize>,
+    /// Data-parallel jobs: the faults fire on this rank only (default: on every rank).
+    pub only_rank: Option<usize>,
 }
 
 impl Faults {
-    /// Parses `abort-at-step:N,abort-in-checkpoint:N,nan-at-step:N,spike-at-steps:A-B,loader-error-at-batch:N`.
+    /// Parses `abort-at-step:N,abort-in-checkpoint:N,nan-at-step:N,spike-at-steps:A-B,loader-error-at-batch:N,only-rank:R`.
     pub fn parse(spec: &str) -> Result<Self> {
         let mut f = Faults::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -256,10 +258,19 @@ impl Faults {
                     f.spike_at_steps = Some((num(a)?, num(b)?));
                 }
                 "loader-error-at-batch" => f.loader_error_at_batch = Some(num(v)? as usize),
+                "only-rank" => f.only_rank = Some(num(v)? as usize),
                 other => bail!("WUKONG_FAULT: unknown fault {other:?}"),
             }
         }
         Ok(f)
+    }
+
+    /// The faults that fire on `rank` (none when they are meant for another rank).
+    pub fn for_rank(&self, rank: usize) -> Self {
+        match self.only_rank {
+            Some(r) if r != rank => Self::default(),
+            _ => self.clone(),
+        }
     }
 
     pub fn from_env() -> Result<Self> {

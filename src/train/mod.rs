@@ -4,6 +4,7 @@
 
 pub mod adam;
 pub mod checkpoint;
+pub mod dist;
 pub mod guard;
 pub mod optim;
 
@@ -90,11 +91,41 @@ fn score(
 ) -> Result<(Metrics, Vec<f32>)> {
     let SplitData::Memory(d) = data else { anyhow::bail!("evaluation needs the split in memory") };
     let logits = predict_logits(model, data, encoder, batch_size, precision, device)?;
+    Ok((metrics_of(&logits, &d.labels)?, logits))
+}
+
+fn metrics_of(logits: &[f32], labels: &[f32]) -> Result<Metrics> {
     let mut acc = MetricAccumulator::new();
-    for (z, y) in logits.iter().zip(&d.labels) {
+    for (z, y) in logits.iter().zip(labels) {
         acc.push(*z, *y);
     }
-    Ok((acc.finish()?, logits))
+    acc.finish()
+}
+
+/// [`score`] in a data-parallel job: each rank scores its contiguous part of the split
+/// ([`crate::dist::shard_range`]) and the logits are all-gathered in example order, so every
+/// rank gets the exact AUC and LogLoss of the whole split (the same numbers as one process, up
+/// to float rounding inside the model). Without `comm`, [`score`].
+fn score_on(
+    model: &Model,
+    data: &SplitData,
+    encoder: &Encoder,
+    batch_size: usize,
+    precision: Precision,
+    device: &Device,
+    comm: Option<&dyn crate::dist::Collective>,
+) -> Result<(Metrics, Vec<f32>)> {
+    let Some(comm) = comm else { return score(model, data, encoder, batch_size, precision, device) };
+    let SplitData::Memory(d) = data else { anyhow::bail!("evaluation needs the split in memory") };
+    let part = d.slice(crate::dist::shard_range(d.len(), comm.rank(), comm.size()));
+    let local = if part.is_empty() {
+        Vec::new()
+    } else {
+        predict_logits(model, &SplitData::Memory(std::sync::Arc::new(part)), encoder, batch_size, precision, device)?
+    };
+    let logits = crate::dist::gather_scores(comm, &local)?;
+    anyhow::ensure!(logits.len() == d.len(), "the ranks scored {} of {} examples", logits.len(), d.len());
+    Ok((metrics_of(&logits, &d.labels)?, logits))
 }
 
 /// One training step's machinery: the model, Adam for its dense parameters (with the global-norm
@@ -111,6 +142,10 @@ pub struct Stepper {
     precision: Precision,
     /// Position of the dropout-mask stream (carried from step to step, saved in checkpoints).
     dropout_stream: u64,
+    /// This process's place in a data-parallel job (`None`: one process).
+    dist: Option<dist::DataParallel>,
+    /// Examples of the last step's global batch (all ranks together).
+    last_examples: usize,
 }
 
 /// Named binary parts of a checkpoint.
@@ -136,7 +171,24 @@ impl Stepper {
             grad_clip_norm: t.grad_clip_norm,
             precision: t.precision,
             dropout_stream: Pass::seeded(t.precision, t.seed).dropout_stream(),
+            dist: None,
+            last_examples: 0,
         }
+    }
+
+    /// Makes every step a data-parallel one (the batches given to [`Self::step`] are then this
+    /// rank's share of the global batch; see [`dist`]).
+    pub fn set_data_parallel(&mut self, dp: dist::DataParallel) {
+        self.dist = Some(dp);
+    }
+
+    pub fn data_parallel(&self) -> Option<&dist::DataParallel> {
+        self.dist.as_ref()
+    }
+
+    /// Examples in the last step's global batch (in a data-parallel job, all ranks' shares).
+    pub fn last_step_examples(&self) -> usize {
+        self.last_examples
     }
 
     /// Replaces the dense optimizer (benchmarks: burn's Adam against the fused one). Only before
@@ -178,6 +230,10 @@ impl Stepper {
         emb_lr: f64,
         accept: Option<&mut dyn FnMut(&StepReport) -> bool>,
     ) -> Result<(StepReport, bool)> {
+        if let Some(dp) = self.dist.clone() {
+            return self.step_data_parallel(&dp, batch, lr, emb_lr, accept);
+        }
+        self.last_examples = batch.size;
         let ad = &self.autodiff;
         let input = SparseInput::from_batch(batch, &self.layout, ad);
         let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), ad);
@@ -225,6 +281,114 @@ impl Stepper {
         Ok((report, true))
     }
 
+    /// [`Self::step_checked`] as one rank of a data-parallel job: `batch` is this rank's share
+    /// (possibly empty) of the global batch. Loss, gradient norms and the accept decision are
+    /// computed from the reduced gradients, so every rank decides the same.
+    fn step_data_parallel(
+        &mut self,
+        dp: &dist::DataParallel,
+        batch: &crate::data::Batch,
+        lr: f64,
+        emb_lr: f64,
+        accept: Option<&mut dyn FnMut(&StepReport) -> bool>,
+    ) -> Result<(StepReport, bool)> {
+        let comm = &dp.comm;
+        let inner = self.autodiff.clone().inner();
+        let model = self.model.take().expect("model present between steps");
+        // Each rank masks its own rows from its own part of the stream; the position then moves
+        // on identically on every rank (whatever each rank drew), so checkpoints agree.
+        let base = self.dropout_stream;
+        self.dropout_stream = crate::rng::mix(base ^ 0xD15C_0DA7);
+        let (grads, sparse, loss_sum) = if batch.size > 0 {
+            let ad = &self.autodiff;
+            let input = SparseInput::from_batch(batch, &self.layout, ad);
+            let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), ad);
+            profile::mark(Phase::Data);
+            let pass = Pass::new(self.precision, crate::rng::mix(base ^ (dp.rank() as u64 + 1).wrapping_mul(crate::rng::GAMMA)));
+            let (logits, gathered) = model.forward(&input, true, &pass);
+            let loss = bce_with_logits(logits, labels).mul_scalar(batch.size as f64);
+            profile::mark(Phase::Mlp);
+            let mut grads = loss.backward();
+            let loss_sum = loss.into_scalar::<f32>() as f64;
+            profile::mark(Phase::Backward);
+            let sparse = match gathered {
+                Some(g) => match g.rows.grad_remove(&mut grads) {
+                    Some(grad) => Some((g.unique_rows, grad)),
+                    None => {
+                        self.model = Some(model);
+                        bail!("embedding rows received no gradient");
+                    }
+                },
+                None => None,
+            };
+            (Some(GradientsParams::from_grads(grads, &model)), sparse, loss_sum)
+        } else {
+            (None, None, 0.0)
+        };
+        let restore = |this: &mut Self, model: Model, e: anyhow::Error| {
+            this.model = Some(model);
+            Err(e)
+        };
+        // Dense: one flat all-reduce; the sums over the global batch, divided by its size.
+        let mut flat = match dist::flatten(&model, grads.as_ref()) {
+            Ok(f) => f,
+            Err(e) => return restore(self, model, e),
+        };
+        let mut totals = [loss_sum, batch.size as f64];
+        comm.all_reduce_sum_f32(&mut flat)?;
+        comm.all_reduce_sum_f64(&mut totals)?;
+        let global = totals[1];
+        self.last_examples = global as usize;
+        if global <= 0.0 {
+            return restore(self, model, anyhow::anyhow!("the global batch is empty"));
+        }
+        let dense_grads = match dist::unflatten(&model, &flat, (1.0 / global) as f32, &inner) {
+            Ok(g) => g,
+            Err(e) => return restore(self, model, e),
+        };
+        drop(flat);
+        // Embedding rows: every rank's touched rows and gradients, merged by row.
+        let dim = model.embedding().dim();
+        let (ids, rows_grad) = match sparse {
+            Some((ids, g)) => {
+                let ids = ids.into_data().convert::<i64>().try_into_vec::<i64>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let g = g.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                (ids, g)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let (all_ids, _) = comm.all_gather_i64(&ids)?;
+        let (all_grads, _) = comm.all_gather_f32(&rows_grad)?;
+        let (ids, mut emb_grad) = crate::dist::merge_rows(&all_ids, &all_grads, dim);
+        drop((all_ids, all_grads));
+        let inv = (1.0 / global) as f32;
+        emb_grad.iter_mut().for_each(|g| *g *= inv);
+        profile::mark(Phase::Communication);
+
+        let grad_norm = self.adam.grad_norm(&model, &dense_grads);
+        let mut report = StepReport { loss: (totals[0] / global) as f32, grad_norm, emb_grad_norm: 0.0 };
+        if let Some(accept) = accept {
+            report.emb_grad_norm = emb_grad.iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
+            if !accept(&report) {
+                self.model = Some(model);
+                return Ok((report, false));
+            }
+        }
+        let mut model = self.adam.step(lr, model, dense_grads, grad_norm, self.grad_clip_norm);
+        profile::mark(Phase::DenseOptimizer);
+        if !ids.is_empty() {
+            let u = ids.len();
+            let unique = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(ids, [u]), &self.autodiff);
+            let rows = model.embedding().current_rows(unique.clone());
+            let grad = Tensor::<2>::from_data(TensorData::new(emb_grad, [u, dim]), &inner);
+            let opt = &mut self.sparse_optimizer;
+            model = model.map_embedding(|e| opt.step(e, unique, rows, grad, emb_lr));
+            profile::mark(Phase::SparseOptimizer);
+        }
+        self.model = Some(model);
+        Ok((report, true))
+    }
+
     /// The model, Adam and the embedding optimizer as checkpoint sections (and the embedding
     /// optimizer's description for the manifest).
     pub fn save_state(&self) -> Result<(serde_json::Value, Sections)> {
@@ -257,6 +421,9 @@ pub struct RunOptions {
     /// Create the run in exactly this directory (which must not exist) instead of a new
     /// `<out_dir>/<name>-seed<seed>-<time>` (the experiment runner names its points' runs).
     pub run_dir: Option<PathBuf>,
+    /// A data-parallel job's collective engine (`None`: this process trains alone). Rank 0
+    /// writes the run directory; every rank reads it (on several hosts it must be shared).
+    pub comm: Option<crate::dist::Comm>,
 }
 
 impl Default for RunOptions {
@@ -268,6 +435,7 @@ impl Default for RunOptions {
             cache: Default::default(),
             faults: Faults::default(),
             run_dir: None,
+            comm: None,
         }
     }
 }
@@ -470,6 +638,10 @@ struct Loop<'a> {
     last_checkpoint: Instant,
     /// Warm-up length in steps (from `warmup_steps` or `warmup_fraction`).
     warmup: u64,
+    /// The job's engine in a data-parallel run.
+    comm: Option<crate::dist::Comm>,
+    /// This process writes the run directory (rank 0, or the only process).
+    writer: bool,
 }
 
 impl Loop<'_> {
@@ -482,6 +654,14 @@ impl Loop<'_> {
         self.state.dropout_stream = self.stepper.dropout_stream();
         self.state.seconds = self.seconds();
         self.state.checkpoints += 1;
+        if let Some(dp) = self.stepper.data_parallel() {
+            // a checkpoint of rank 0 stands for every rank: they must hold the same weights
+            dp.check_replicas(self.stepper.model(), self.state.step)?;
+        }
+        if !self.writer {
+            self.last_checkpoint = Instant::now();
+            return Ok(());
+        }
         let (meta, sections) = self.stepper.save_state()?;
         let state = serde_json::json!({ "train": self.state, "sparse_optimizer": meta, "encoder_fingerprint": self.encoder.fingerprint() });
         self.ckpts.write(self.state.step, &Checkpoint { state, sections })?;
@@ -519,8 +699,17 @@ impl Loop<'_> {
     /// saves the best weights, checkpoints. `epoch` is the epoch the evaluation belongs to.
     fn evaluate(&mut self, epoch: usize, train_logloss: f64, end_of_epoch: bool, epoch_secs: Option<f64>) -> Result<()> {
         let t = &self.cfg.train;
-        let valid = evaluate(&self.stepper.model().valid(), &self.valid_data, &self.encoder, t.eval_batch_size, t.precision, &self.device)
-            .with_context(|| format!("validation at step {}", self.state.step))?;
+        let valid = score_on(
+            &self.stepper.model().valid(),
+            &self.valid_data,
+            &self.encoder,
+            t.eval_batch_size,
+            t.precision,
+            &self.device,
+            self.comm.as_deref(),
+        )
+        .with_context(|| format!("validation at step {}", self.state.step))?
+        .0;
         let seconds = self.seconds();
         let s = &mut self.state;
         s.evals += 1;
@@ -529,7 +718,9 @@ impl Loop<'_> {
         if improved {
             s.best = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
             s.bad_evals = 0;
-            checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL))?;
+            if self.writer {
+                checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL))?;
+            }
         } else if s.step > self.warmup {
             s.bad_evals += 1;
             s.lr_scale *= t.plateau_lr_factor;
@@ -537,7 +728,9 @@ impl Loop<'_> {
         let other = t.monitor.other();
         if s.best_other.as_ref().is_none_or(|b| other.score(&valid) > other.score(&b.metrics())) {
             s.best_other = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
-            checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL_OTHER))?;
+            if self.writer {
+                checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL_OTHER))?;
+            }
         }
         let line = serde_json::json!({
             "epoch": epoch, "step": s.step, "examples": s.examples, "end_of_epoch": end_of_epoch,
@@ -545,7 +738,9 @@ impl Loop<'_> {
             "lr": t.lr * s.lr_scale * s.guard.lr_scale, "seconds": seconds,
             "epoch_seconds": epoch_secs, "best": improved,
         });
-        append_line(&self.run_dir.join(checkpoint::METRICS), &line)?;
+        if self.writer {
+            append_line(&self.run_dir.join(checkpoint::METRICS), &line)?;
+        }
         let what = if end_of_epoch { format!("epoch {epoch:>3}") } else { format!("step {:>6}", s.step) };
         log(
             self.verbose,
@@ -574,11 +769,23 @@ impl Loop<'_> {
 fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) -> Result<TrainOutcome> {
     let cfg = &cfg;
     let t = &cfg.train;
-    let v = opts.verbose;
+    let comm = opts.comm.clone();
+    let (rank, ranks) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
+    let writer = rank == 0;
+    let v = opts.verbose && writer;
+    let faults = &opts.faults.for_rank(rank);
     cfg.validate()?;
 
-    // Data: fit the encoder on train only (or take it from the cache), encode every split.
-    let prepared = crate::data::prepare(&cfg.data, opts.cache)?;
+    // Data: fit the encoder on train only (or take it from the cache), encode every split. In a
+    // job, rank 0 first (it may write the cache), then the others (reading it).
+    if let Some(c) = comm.as_ref().filter(|_| !writer) {
+        c.barrier()?;
+    }
+    let prepared = crate::data::prepare(&cfg.data, opts.cache);
+    if let Some(c) = comm.as_ref().filter(|_| writer) {
+        c.barrier()?;
+    }
+    let prepared = prepared?;
     let encoder = prepared.encoder;
     let mut data_log = serde_json::Map::new();
     let mut bayes = serde_json::Map::new();
@@ -615,7 +822,13 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let total_rows = shape.table_rows;
 
     // Run directory: a new one, or the one being resumed (whose data must encode the same way).
+    // In a job rank 0 creates it and tells the others its name.
     let run_dir = match &resume_dir {
+        None if !writer => {
+            let c = comm.as_ref().expect("a non-zero rank is part of a job");
+            let name = c.broadcast_bytes(0, Vec::new())?;
+            PathBuf::from(String::from_utf8(name).context("the run directory's name from rank 0 is not UTF-8")?)
+        }
         Some(dir) => {
             let saved = Encoder::load(&dir.join(checkpoint::ENCODER))?;
             anyhow::ensure!(
@@ -640,8 +853,12 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             encoder.save(&dir.join(checkpoint::ENCODER))?;
             let mut env = crate::runtime::env_info(&opts.device);
             env["data"] = serde_json::Value::Object(data_log);
+            env["ranks"] = ranks.into();
             crate::runtime::write_atomic(&dir.join(checkpoint::ENV), serde_json::to_string_pretty(&env)?.as_bytes())?;
             crate::runtime::write_atomic(&dir.join(checkpoint::METRICS), b"")?;
+            if let Some(c) = &comm {
+                c.broadcast_bytes(0, dir.to_string_lossy().into_owned().into_bytes())?;
+            }
             dir
         }
     };
@@ -664,7 +881,11 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         ),
     );
     let mut stepper = Stepper::new(model, &cfg.model, t, layout, &device);
-    let ckpts = CheckpointDir::new(&run_dir, t.keep_checkpoints, &opts.faults)?;
+    if let Some(c) = &comm {
+        stepper.set_data_parallel(dist::DataParallel { comm: c.clone(), embeddings: t.embedding_sharding });
+        log(v, format!("data parallel: {ranks} ranks, global batch {} ({} per rank), embeddings {:?}", t.batch_size, t.batch_size / ranks, t.embedding_sharding));
+    }
+    let ckpts = CheckpointDir::new(&run_dir, t.keep_checkpoints, faults)?;
     let mut lp = Loop {
         cfg,
         verbose: v,
@@ -679,6 +900,8 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         seconds_before: 0.0,
         last_checkpoint: Instant::now(),
         warmup: 0,
+        comm: comm.clone(),
+        writer,
     };
     if resume_dir.is_some() {
         let (path, ckpt) = lp.newest_checkpoint()?;
@@ -695,23 +918,25 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         log(v, format!("resuming from {} (step {}, epoch {}, batch {})", path.display(), restored.step, restored.epoch, restored.batch));
         lp.seconds_before = restored.seconds;
         lp.state = restored;
-        truncate_metrics(&run_dir.join(checkpoint::METRICS), lp.state.step)?;
+        if writer {
+            truncate_metrics(&run_dir.join(checkpoint::METRICS), lp.state.step)?;
+        }
     } else {
         lp.checkpoint()?; // step 0: resume and rollback always have a checkpoint to go back to
     }
 
     let loader = BatchLoader::from_split(train_data, total_rows, t.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks)
-        .fail_at_batch(opts.faults.loader_error_at_batch);
+        .fail_at_batch(faults.loader_error_at_batch)
+        .sharded(rank, ranks);
     let nb = loader.num_batches();
     anyhow::ensure!(nb > 0, "the training split is empty");
     let planned = (t.epochs as u64).saturating_mul(nb as u64);
     let warmup = if t.warmup_fraction > 0.0 { (t.warmup_fraction * planned as f64).ceil() as u64 } else { t.warmup_steps as u64 };
-    for w in plan_warnings(lp.state.step == 0, nb, warmup, planned, t) {
+    for w in plan_warnings(lp.state.step == 0 && writer, nb, warmup, planned, t) {
         tracing::warn!("{w}");
     }
     lp.warmup = warmup;
     let guard_cfg = GuardConfig::of(t);
-    let faults = &opts.faults;
     // Injected anomalies fire until the first rollback (so a test can watch the run recover).
     let mut inject = true;
 
@@ -723,7 +948,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         }
         let epoch = lp.state.epoch;
         let epoch_start = Instant::now();
-        let bar = if v { ProgressBar::new(nb as u64) } else { ProgressBar::hidden() };
+        let bar = if v && ranks == 1 { ProgressBar::new(nb as u64) } else { ProgressBar::hidden() };
         bar.set_style(ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} {elapsed}<{eta}").unwrap().progress_chars("=> "));
         bar.set_message(format!("{epoch}/{}", t.epochs));
         bar.set_position(lp.state.batch as u64);
@@ -794,15 +1019,18 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                 inject = false;
                 lp.state = restored;
                 lp.state.guard = memory;
-                truncate_metrics(&run_dir.join(checkpoint::METRICS), lp.state.step)?;
+                if writer {
+                    truncate_metrics(&run_dir.join(checkpoint::METRICS), lp.state.step)?;
+                }
                 bar.finish_and_clear();
                 continue 'epochs;
             }
+            let examples = lp.stepper.last_step_examples() as u64;
             let s = &mut lp.state;
             s.step = next;
-            s.examples += batch.size as u64;
-            s.epoch_loss_sum += report.loss as f64 * batch.size as f64;
-            s.epoch_examples += batch.size as u64;
+            s.examples += examples;
+            s.epoch_loss_sum += report.loss as f64 * examples as f64;
+            s.epoch_examples += examples;
             s.guard.observe(&guard_cfg, report.loss);
             if faults.abort_at_step == Some(s.step) {
                 tracing::error!("fault injection: aborting after step {}", s.step);
@@ -817,10 +1045,21 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                         bar.finish_and_clear();
                         break 'epochs;
                     }
-                } else if (t.checkpoint_every_steps > 0 && s.step.is_multiple_of(t.checkpoint_every_steps as u64))
-                    || (t.checkpoint_every_secs > 0.0 && lp.last_checkpoint.elapsed().as_secs_f64() >= t.checkpoint_every_secs)
-                {
-                    lp.checkpoint()?;
+                } else {
+                    let by_steps = t.checkpoint_every_steps > 0 && s.step.is_multiple_of(t.checkpoint_every_steps as u64);
+                    let mut by_time = t.checkpoint_every_secs > 0.0 && lp.last_checkpoint.elapsed().as_secs_f64() >= t.checkpoint_every_secs;
+                    if let Some(c) = lp.comm.as_ref().filter(|_| t.checkpoint_every_secs > 0.0) {
+                        // rank 0's clock decides for all: every rank must reach the same collectives
+                        by_time = c.broadcast_bytes(0, vec![u8::from(by_time)])?.first() == Some(&1);
+                    }
+                    if by_steps || by_time {
+                        lp.checkpoint()?;
+                    } else if let Some(dp) = lp.stepper.data_parallel()
+                        && t.replica_check_every_steps > 0
+                        && s.step.is_multiple_of(t.replica_check_every_steps as u64)
+                    {
+                        dp.check_replicas(lp.stepper.model(), s.step)?;
+                    }
                 }
             }
         }
@@ -844,10 +1083,13 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
 
     // Restore the best weights and score the test split with them.
     let best_eval = lp.state.best.context("no evaluation was made")?;
+    if let Some(c) = &comm {
+        c.barrier()?; // rank 0 has written the best weights
+    }
     let best = checkpoint::load_model(cfg, &lp.encoder, &run_dir.join(checkpoint::MODEL), &device)?;
     let (test, test_logits) = match &test_data {
         Some(d) => {
-            let (m, logits) = score(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device)?;
+            let (m, logits) = score_on(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device, comm.as_deref())?;
             (Some(m), Some(logits))
         }
         None => (None, None),
@@ -866,7 +1108,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         let m = match (&test_data, path.exists()) {
             (Some(d), true) => {
                 let model = checkpoint::load_model(cfg, &lp.encoder, &path, &device)?;
-                Some(evaluate(&model, d, &lp.encoder, t.eval_batch_size, t.precision, &device)?)
+                Some(score_on(&model, d, &lp.encoder, t.eval_batch_size, t.precision, &device, comm.as_deref())?.0)
             }
             _ => None,
         };
@@ -884,7 +1126,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             );
         }
     }
-    if let (Some(SplitData::Memory(data)), Some(logits)) = (&test_data, &test_logits) {
+    if let (true, Some(SplitData::Memory(data)), Some(logits)) = (writer, &test_data, &test_logits) {
         let scores: Vec<(f64, bool)> =
             logits.iter().zip(&data.labels).map(|(&z, &y)| (1.0 / (1.0 + (-z as f64).exp()), y >= 0.5)).collect();
         let mut table = String::from("decile,mean_predicted,observed_rate,count\n");
@@ -912,6 +1154,8 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         "best_weights_digest": checkpoint::weights_digest(&best)?, "final_weights_digest": checkpoint::weights_digest(lp.stepper.model())?,
         "bayes_logloss": bayes, "selected_by": selections,
     });
-    crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
+    if writer {
+        crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
+    }
     Ok(TrainOutcome { run_dir, best_epoch: best_eval.epoch, epochs_run, valid, test, seconds, guard_events })
 }
