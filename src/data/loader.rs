@@ -157,8 +157,7 @@ impl BatchLoader {
     /// reads their chunks, since they decide which rows carry over to later groups).
     pub fn epoch_from(&self, shuffle_seed: Option<u64>, skip: usize) -> Epoch {
         let (tx, rx) = sync_channel(4);
-        let mut sink =
-            Sink { tx, next: 0, skip, fail_at: self.fail_at, shard: self.shard, builder: BatchBuilder::new(self.total_rows) };
+        let mut sink = Sink { tx, next: 0, skip, fail_at: self.fail_at, shard: self.shard, builder: BatchBuilder::new(self.total_rows) };
         let batch_size = self.batch_size;
         match &self.data {
             SplitData::Memory(data) => {

@@ -173,6 +173,22 @@ pub trait ModelSpec {
 }
 
 impl ModelConfig {
+    /// Whether any part of the model normalises with batch statistics (`batch_norm = true`
+    /// anywhere in its config): data-parallel jobs refuse it, since each rank would see only its
+    /// share of the batch and keep its own running statistics.
+    pub fn uses_batch_norm(&self) -> bool {
+        fn find(v: &serde_json::Value) -> bool {
+            match v {
+                serde_json::Value::Object(m) => {
+                    m.iter().any(|(k, v)| (k == "batch_norm" && v == &serde_json::Value::Bool(true)) || find(v))
+                }
+                serde_json::Value::Array(a) => a.iter().any(find),
+                _ => false,
+            }
+        }
+        serde_json::to_value(self).is_ok_and(|v| find(&v))
+    }
+
     /// Width of the embedding table's rows.
     pub fn embedding_dim(&self) -> usize {
         self.spec().table_dim()

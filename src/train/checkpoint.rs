@@ -240,10 +240,12 @@ pub struct Faults {
     pub loader_error_at_batch: Option<usize>,
     /// Data-parallel jobs: the faults fire on this rank only (default: on every rank).
     pub only_rank: Option<usize>,
+    /// After this step, change one embedding row of this process's model (replicas diverge).
+    pub diverge_at_step: Option<u64>,
 }
 
 impl Faults {
-    /// Parses `abort-at-step:N,abort-in-checkpoint:N,nan-at-step:N,spike-at-steps:A-B,loader-error-at-batch:N,only-rank:R`.
+    /// Parses `abort-at-step:N,abort-in-checkpoint:N,nan-at-step:N,spike-at-steps:A-B,loader-error-at-batch:N,only-rank:R,diverge-at-step:N`.
     pub fn parse(spec: &str) -> Result<Self> {
         let mut f = Faults::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -259,6 +261,7 @@ impl Faults {
                 }
                 "loader-error-at-batch" => f.loader_error_at_batch = Some(num(v)? as usize),
                 "only-rank" => f.only_rank = Some(num(v)? as usize),
+                "diverge-at-step" => f.diverge_at_step = Some(num(v)?),
                 other => bail!("WUKONG_FAULT: unknown fault {other:?}"),
             }
         }

@@ -186,6 +186,15 @@ impl Stepper {
         self.dist.as_ref()
     }
 
+    /// Adds 1 to every value of embedding row 0 (fault injection: replicas that diverge).
+    pub fn perturb_for_tests(&mut self) {
+        let model = self.model.take().expect("model present between steps");
+        let ids = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(vec![0i64], [1]), &self.autodiff);
+        let current = model.embedding().current_rows(ids.clone());
+        let delta = current.ones_like();
+        self.model = Some(model.map_embedding(|e| e.add_rows(ids, current, delta)));
+    }
+
     /// Examples in the last step's global batch (in a data-parallel job, all ranks' shares).
     pub fn last_step_examples(&self) -> usize {
         self.last_examples
@@ -775,6 +784,10 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let v = opts.verbose && writer;
     let faults = &opts.faults.for_rank(rank);
     cfg.validate()?;
+    anyhow::ensure!(
+        ranks == 1 || !cfg.model.uses_batch_norm(),
+        "batch_norm = true is not supported in data-parallel jobs yet: each rank would normalise its share of the batch with its own statistics (it needs synchronized batch norm); set batch_norm = false or train in one process"
+    );
 
     // Data: fit the encoder on train only (or take it from the cache), encode every split. In a
     // job, rank 0 first (it may write the cache), then the others (reading it).
@@ -883,7 +896,15 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let mut stepper = Stepper::new(model, &cfg.model, t, layout, &device);
     if let Some(c) = &comm {
         stepper.set_data_parallel(dist::DataParallel { comm: c.clone(), embeddings: t.embedding_sharding });
-        log(v, format!("data parallel: {ranks} ranks, global batch {} ({} per rank), embeddings {:?}", t.batch_size, t.batch_size / ranks, t.embedding_sharding));
+        log(
+            v,
+            format!(
+                "data parallel: {ranks} ranks, global batch {} ({} per rank), embeddings {:?}",
+                t.batch_size,
+                t.batch_size / ranks,
+                t.embedding_sharding
+            ),
+        );
     }
     let ckpts = CheckpointDir::new(&run_dir, t.keep_checkpoints, faults)?;
     let mut lp = Loop {
@@ -1032,6 +1053,10 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             s.epoch_loss_sum += report.loss as f64 * examples as f64;
             s.epoch_examples += examples;
             s.guard.observe(&guard_cfg, report.loss);
+            if faults.diverge_at_step == Some(s.step) {
+                lp.stepper.perturb_for_tests();
+            }
+            let s = &lp.state;
             if faults.abort_at_step == Some(s.step) {
                 tracing::error!("fault injection: aborting after step {}", s.step);
                 std::process::abort();
@@ -1047,7 +1072,8 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                     }
                 } else {
                     let by_steps = t.checkpoint_every_steps > 0 && s.step.is_multiple_of(t.checkpoint_every_steps as u64);
-                    let mut by_time = t.checkpoint_every_secs > 0.0 && lp.last_checkpoint.elapsed().as_secs_f64() >= t.checkpoint_every_secs;
+                    let mut by_time =
+                        t.checkpoint_every_secs > 0.0 && lp.last_checkpoint.elapsed().as_secs_f64() >= t.checkpoint_every_secs;
                     if let Some(c) = lp.comm.as_ref().filter(|_| t.checkpoint_every_secs > 0.0) {
                         // rank 0's clock decides for all: every rank must reach the same collectives
                         by_time = c.broadcast_bytes(0, vec![u8::from(by_time)])?.first() == Some(&1);
