@@ -37,6 +37,9 @@ enum Command {
     Equivalence(cmd::bench::EquivalenceArgs),
     #[command(hide = true)]
     BenchRun(cmd::bench::RunArgs),
+    /// Data-parallel speed (feature `mpi`): one process against `mpirun -n R` on generated data
+    /// of each bench config's shape; ms/step, examples/s, bytes sent, communication share.
+    BenchDp(cmd::bench::DpArgs),
     /// Train a model from an experiment config (or continue a run with --resume); prints
     /// validation metrics per evaluation and the final test metrics.
     Train(cmd::train::Args),
@@ -91,6 +94,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Equivalence(a) => cmd::bench::equivalence(a),
         Command::BenchRun(a) => cmd::bench::bench_run(a),
+        Command::BenchDp(a) => cmd::bench::dp(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Report(a) => cmd::report::run(a),
         Command::Eval(a) => cmd::eval::eval(a),

@@ -220,6 +220,12 @@ pub struct Measurement {
     /// Seconds spent before the first step (model build, compilation).
     #[serde(default)]
     pub setup_s: f64,
+    /// Processes of a data-parallel measurement (1: one process).
+    #[serde(default)]
+    pub ranks: usize,
+    /// Data-parallel: payload bytes rank 0 sent through the collectives per timed step.
+    #[serde(default)]
+    pub bytes_per_step: f64,
 }
 
 impl Measurement {
@@ -259,7 +265,16 @@ pub fn warmup_factor(step: usize, warmup_steps: usize) -> f64 {
 
 /// Our side, in this process: warm-up steps, timed steps with the phase clock, then scoring.
 /// `burn_adam`: step the dense parameters with burn's Adam instead of the fused one.
-pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_phases: bool, burn_adam: bool) -> Result<Measurement> {
+/// With `comm`, one rank of a data-parallel job: every rank trains on its share of the same
+/// global batches (scoring is skipped).
+pub fn measure_ours(
+    spec: &Spec,
+    data: EncodedDataset,
+    device_spec: &str,
+    sync_phases: bool,
+    burn_adam: bool,
+    comm: Option<crate::dist::Comm>,
+) -> Result<Measurement> {
     let setup = Instant::now();
     let device = crate::runtime::parse_device(device_spec)?;
     device.seed(spec.train.seed);
@@ -270,9 +285,15 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     if burn_adam {
         stepper.set_dense_adam(crate::train::DenseAdam::burn(crate::train::AdamHyper::of(&spec.train)));
     }
+    let (rank, ranks) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
+    if let Some(c) = &comm {
+        let embeddings = crate::dist::EmbeddingMode::Replicated;
+        stepper.set_data_parallel(crate::train::dist::DataParallel { comm: c.clone(), embeddings });
+    }
     let data = Arc::new(data);
-    let loader = BatchLoader::new(Arc::clone(&data), spec.table_rows, spec.batch_size);
+    let loader = BatchLoader::new(Arc::clone(&data), spec.table_rows, spec.batch_size).sharded(rank, ranks);
     let setup_s = setup.elapsed().as_secs_f64();
+    let mut bytes_before = 0;
 
     let (lr, emb_lr) = (spec.train.lr, spec.train.emb_lr);
     let mut step_ms = Vec::with_capacity(spec.steps);
@@ -281,6 +302,7 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     for i in 0..spec.warmup + spec.steps {
         if i == spec.warmup {
             profile::enable(sync_phases.then(|| device.clone()));
+            bytes_before = comm.as_ref().map_or(0, |c| c.bytes_sent());
         }
         let t = Instant::now();
         profile::restart();
@@ -297,6 +319,26 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     }
     drop(batches);
     let phases = profile::disable();
+    let bytes_per_step = comm.as_ref().map_or(0.0, |c| (c.bytes_sent() - bytes_before) as f64 / spec.steps.max(1) as f64);
+    let phases = Phase::ALL.iter().map(|p| (p.name().to_string(), phases[*p as usize])).collect();
+    let common = Measurement {
+        framework: if burn_adam { "wukong-rs, burn Adam".into() } else { "wukong-rs".into() },
+        version: format!("wukong {} / burn 0.22.1", env!("CARGO_PKG_VERSION")),
+        device: device_spec.into(),
+        threads: crate::runtime::cpu_threads(),
+        step_ms,
+        phases,
+        infer_examples_per_s: 0.0,
+        peak_rss_mb: peak_rss_mb(),
+        first_loss,
+        last_loss,
+        setup_s,
+        ranks,
+        bytes_per_step,
+    };
+    if comm.is_some() {
+        return Ok(common);
+    }
 
     // Scoring: the inference copy of the model, batches of `infer_batch_size`.
     let model = stepper.into_model().valid();
@@ -317,19 +359,7 @@ pub fn measure_ours(spec: &Spec, data: EncodedDataset, device_spec: &str, sync_p
     }
     let infer_examples_per_s = scored as f64 / start.elapsed().as_secs_f64();
 
-    Ok(Measurement {
-        framework: if burn_adam { "wukong-rs, burn Adam".into() } else { "wukong-rs".into() },
-        version: format!("wukong {} / burn 0.22.1", env!("CARGO_PKG_VERSION")),
-        device: device_spec.into(),
-        threads: crate::runtime::cpu_threads(),
-        step_ms,
-        phases: Phase::ALL.iter().map(|p| (p.name().to_string(), phases[*p as usize])).collect(),
-        infer_examples_per_s,
-        peak_rss_mb: peak_rss_mb(),
-        first_loss,
-        last_loss,
-        setup_s,
-    })
+    Ok(Measurement { infer_examples_per_s, peak_rss_mb: peak_rss_mb(), ..common })
 }
 
 /// Matrix-multiply throughput of the backend: `[m, k] × [k, n]`, median GFLOP/s; with bf16 the
@@ -388,6 +418,40 @@ fn fmt_rate(x: f64) -> String {
     } else {
         format!("{x:.0}")
     }
+}
+
+/// A data-parallel measurement: (ranks, threads per rank, result).
+pub type DpRow = (usize, usize, std::result::Result<Measurement, String>);
+
+/// The markdown table of `wukong bench-dp`: per config, one process against R ranks.
+pub fn report_dp(rows: &[(Spec, Vec<DpRow>)], cpu: &str) -> String {
+    let mut out = format!(
+        "{cpu}\n\nData parallelism on one machine: generated data of each config's shape, the same global batch for every rank count; median ms per step over the timed steps. Bytes: payload rank 0 sent through the collectives per step (dense gradients all-reduced, touched rows and their gradients all-gathered). Communication: the share of the step inside the collectives (waiting for the slowest rank included).\n\n| config | global batch | ranks × threads | ms/step | examples/s | vs 1 process | MB sent/step/rank | communication | peak RSS/rank MiB |\n|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for (spec, ms) in rows {
+        let base = ms.first().and_then(|(_, _, m)| m.as_ref().ok()).map(|m| m.median_ms());
+        for (r, t, m) in ms {
+            match m {
+                Ok(m) => {
+                    let step = m.median_ms();
+                    let total: f64 = m.phases.iter().map(|(_, s)| s).sum();
+                    let comm = m.phases.iter().find(|(n, _)| n == "communication").map_or(0.0, |(_, s)| *s);
+                    let share = if *r > 1 && total > 0.0 { format!("{:.0}%", 100.0 * comm / total) } else { "–".into() };
+                    out.push_str(&format!(
+                        "| {} | {} | {r} × {t} | {step:.1} | {} | {} | {} | {share} | {:.0} |\n",
+                        spec.name,
+                        spec.batch_size,
+                        fmt_rate(spec.batch_size as f64 / (step / 1e3)),
+                        base.map_or("–".into(), |b| format!("{:.2}×", b / step)),
+                        if *r > 1 { format!("{:.2}", m.bytes_per_step / 1e6) } else { "–".into() },
+                        m.peak_rss_mb
+                    ));
+                }
+                Err(e) => out.push_str(&format!("| {} | {} | {r} × {t} | failed: {e} | | | | | |\n", spec.name, spec.batch_size)),
+            }
+        }
+    }
+    out
 }
 
 /// The markdown report: one speed table (ratio ours/this per row) and the phase shares.

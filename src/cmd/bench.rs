@@ -127,9 +127,80 @@ pub fn bench_run(a: RunArgs) -> Result<()> {
     } else {
         let dir = a.dir.context("bench-run needs a work directory")?;
         let (spec, data) = bench::read_work_dir(&dir)?;
-        serde_json::to_value(bench::measure_ours(&spec, data, &a.device, a.sync_phases, a.burn_adam)?)?
+        // under mpirun (feature `mpi`): one rank of a data-parallel measurement
+        let comm = wukong::dist::from_launcher()?;
+        let rank = comm.as_ref().map_or(0, |c| c.rank());
+        let m = serde_json::to_value(bench::measure_ours(&spec, data, &a.device, a.sync_phases, a.burn_adam, comm)?)?;
+        if rank != 0 {
+            return Ok(());
+        }
+        m
     };
     println!("BENCH_RESULT {m}");
+    Ok(())
+}
+
+/// Data-parallel speed on generated data of each bench config's shape: one process with all
+/// threads against `mpirun -n R` ranks splitting the threads, in the same invocation (feature
+/// `mpi`, `mpirun` on the PATH); prints ms/step, examples/s, bytes sent per rank and step, and the
+/// share of the step spent in the collectives.
+#[derive(clap::Args)]
+pub struct DpArgs {
+    /// Bench configs (benchmarks/configs/*.toml).
+    #[arg(required = true)]
+    configs: Vec<PathBuf>,
+    /// Rank counts to compare against one process.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    ranks: Vec<usize>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Extra arguments for mpirun (e.g. "--mca btl tcp,self" to force TCP, or a hostfile).
+    #[arg(long, allow_hyphen_values = true)]
+    mpirun_args: Option<String>,
+    #[arg(long, default_value = "target/bench-work")]
+    work_dir: PathBuf,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn dp(a: DpArgs) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let threads = wukong::runtime::cpu_threads();
+    let mut rows = Vec::new();
+    for path in &a.configs {
+        let mut spec = bench::Spec::load(path, a.steps, a.warmup)?;
+        if let Some(b) = a.batch_size {
+            spec.set_batch_size(b);
+        }
+        let dir = a.work_dir.join(format!("{}-b{}-dp", spec.name, spec.batch_size).to_lowercase());
+        let data = bench::generate(&spec, spec.train.seed);
+        bench::write_work_dir(&dir, &spec, &data)?;
+        drop(data);
+        let d = dir.display().to_string();
+        let one = child(&exe, &["--threads".into(), threads.to_string(), "bench-run".into(), d.clone()])
+            .and_then(|o| bench::parse_result::<bench::Measurement>(&o).map_err(|e| e.to_string()));
+        let mut measured = vec![(1, threads, one)];
+        for &r in &a.ranks {
+            let per = (threads / r).max(1);
+            let mut args: Vec<String> = vec!["-n".into(), r.to_string(), "--oversubscribe".into(), "--bind-to".into(), "none".into()];
+            if let Some(extra) = &a.mpirun_args {
+                args.extend(extra.split_whitespace().map(String::from));
+            }
+            args.extend([exe.display().to_string(), "--threads".into(), per.to_string(), "bench-run".into(), d.clone()]);
+            let m = child(Path::new("mpirun"), &args).and_then(|o| bench::parse_result::<bench::Measurement>(&o).map_err(|e| e.to_string()));
+            measured.push((r, per, m));
+        }
+        rows.push((spec, measured));
+    }
+    let table = bench::report_dp(&rows, &wukong::runtime::cpu_line());
+    println!("{table}");
+    if let Some(p) = a.out {
+        wukong::runtime::write_atomic(&p, table.as_bytes())?;
+    }
     Ok(())
 }
 
