@@ -191,7 +191,8 @@ pub fn dp(a: DpArgs) -> Result<()> {
                 args.extend(extra.split_whitespace().map(String::from));
             }
             args.extend([exe.display().to_string(), "--threads".into(), per.to_string(), "bench-run".into(), d.clone()]);
-            let m = child(Path::new("mpirun"), &args).and_then(|o| bench::parse_result::<bench::Measurement>(&o).map_err(|e| e.to_string()));
+            let m =
+                child(Path::new("mpirun"), &args).and_then(|o| bench::parse_result::<bench::Measurement>(&o).map_err(|e| e.to_string()));
             measured.push((r, per, m));
         }
         rows.push((spec, measured));
