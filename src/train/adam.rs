@@ -606,6 +606,42 @@ mod tests {
         assert!(f.load_bytes(b"not a record".to_vec()).is_err());
     }
 
+    /// A record for parameter 7 with the given moment names, dtype and step count (`None`: no
+    /// `time` scalar), written as `to_bytes` writes one.
+    fn record(leaves: &[&str], dtype: DType, time: Option<usize>) -> Vec<u8> {
+        let width = dtype.size();
+        let tensors = leaves
+            .iter()
+            .map(|leaf| {
+                let bytes = burn::tensor::Bytes::from_bytes_vec(vec![0u8; 3 * width]);
+                burn_pack::Tensor::new(format!("7.momentum.{leaf}"), dtype, Shape::new([3]), Some(7), bytes)
+            })
+            .collect();
+        let mut w = burn_pack::Writer::new(tensors).with_scalar("7.__rank", burn_pack::Scalar::from(1usize));
+        if let Some(t) = time {
+            w = w.with_scalar("7.momentum.time", burn_pack::Scalar::from(t));
+        }
+        w.into_bytes().unwrap().to_vec()
+    }
+
+    #[test]
+    fn every_unusable_adam_state_is_refused_with_its_reason() {
+        let hyper = AdamHyper { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, weight_decay: 0.0 };
+        let load = |bytes: Vec<u8>| DenseAdam::fused(hyper).load_bytes(bytes).map(|_| ()).map_err(|e| format!("{e:#}"));
+        // the well-formed record is read, so the failures below are each about their one defect
+        assert_eq!(load(record(&["moment_1", "moment_2"], DType::F32, Some(4))), Ok(()));
+        let cases: [(Vec<u8>, &str); 4] = [
+            (record(&["moment_1"], DType::F32, Some(4)), "lacks a moment"),
+            (record(&["moment_1", "moment_2"], DType::F32, None), "has no step count"),
+            (record(&["moment_1", "moment_2"], DType::F16, Some(4)), "not f32"),
+            (record(&["moment_1", "moment_2", "max_moment_2"], DType::F32, Some(4)), "AMSGrad"),
+        ];
+        for (bytes, reason) in cases {
+            let err = load(bytes).expect_err(reason);
+            assert!(err.contains(reason), "expected {reason:?} in {err:?}");
+        }
+    }
+
     #[test]
     fn sum_squares_matches_on_odd_lengths() {
         for n in [1usize, 7, 8, 9, CHUNK + 3] {
