@@ -118,6 +118,27 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join(checkpoint::METRICS)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// The embedding table in the run's newest checkpoint (of rank `shard`'s part in a sharded job).
+fn final_table(run: &Path, shard: Option<usize>) -> Vec<f32> {
+    let cfg = ExperimentConfig::load(&run.join(checkpoint::CONFIG)).unwrap();
+    let encoder = Encoder::load(&run.join(checkpoint::ENCODER)).unwrap();
+    let device = wukong::runtime::parse_device("cpu").unwrap();
+    let dir = shard.map_or(run.to_path_buf(), |r| checkpoint::shard_dir(run, r, 2));
+    let (found, _) = CheckpointDir::new(&dir, 3, &Faults::default()).unwrap().newest_valid().unwrap();
+    let (_, mut ckpt) = found.unwrap();
+    let model = cfg.model.init(&DataShape::of(&encoder), &device);
+    let model = match shard {
+        Some(r) => model.map_embedding(|e| e.shard(r, 2)),
+        None => model,
+    };
+    let model = checkpoint::load_model_bytes(model, ckpt.take_section("model").unwrap(), "the checkpoint").unwrap();
+    let table = model.embedding().current_rows(burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new((0..model.embedding().rows() as i64).collect::<Vec<_>>(), [model.embedding().rows()]),
+        &device,
+    ));
+    table.into_data().convert::<f32>().iter::<f32>().collect()
+}
+
 /// Every value of the model in the run's newest checkpoint (dense parameters and the table).
 fn final_params(run: &Path) -> Vec<f32> {
     struct Collect(Vec<f32>);
@@ -153,13 +174,22 @@ const PARAM_TOL: f32 = 2e-4;
 
 #[test]
 fn two_ranks_take_the_steps_of_one_process() {
+    equal_steps("replicated");
+}
+
+#[test]
+fn two_ranks_with_a_sharded_table_take_the_steps_of_one_process() {
+    equal_steps("sharded");
+}
+
+fn equal_steps(mode: &str) {
     if !have_mpirun() {
         return;
     }
-    let dir = common::workdir("mpi-equal");
+    let dir = common::workdir(&format!("mpi-equal-{mode}"));
     // evaluate after every step: metrics.jsonl then holds the running training loss and the
     // validation metrics of every step
-    std::fs::write(dir.join("c.toml"), config("eval_every_steps = 1\npatience = 100")).unwrap();
+    std::fs::write(dir.join("c.toml"), config(&format!("eval_every_steps = 1\npatience = 100\nembedding_sharding = \"{mode}\""))).unwrap();
     let one = train(0, &dir, &["--config", "c.toml", "--out", "one"], None);
     assert!(one.status.success(), "{}", text(&one));
     let two = train(2, &dir, &["--config", "c.toml", "--out", "two"], None);
@@ -176,8 +206,26 @@ fn two_ranks_take_the_steps_of_one_process() {
             assert!((x - y).abs() < LOSS_TOL, "step {}: {key} {x} (1 process) vs {y} (2 ranks)", a["step"]);
         }
     }
-    let d = max_abs_diff(&final_params(&r1), &final_params(&r2));
-    assert!(d < PARAM_TOL, "final parameters differ by {d}");
+    if mode == "replicated" {
+        let d = max_abs_diff(&final_params(&r1), &final_params(&r2));
+        assert!(d < PARAM_TOL, "final parameters differ by {d}");
+    } else {
+        // the two shards together are the one process's table: rows r of rank r mod 2
+        let whole = final_table(&r1, None);
+        let shards = [final_table(&r2, Some(0)), final_table(&r2, Some(1))];
+        let (rows, dim) = (whole.len() / 8, 8);
+        assert_eq!(shards[0].len() / dim + shards[1].len() / dim, rows);
+        assert!(shards.iter().all(|s| (s.len() / dim).abs_diff(rows / 2) <= 1), "each rank holds half the rows");
+        let mut d = 0f32;
+        for r in 0..rows {
+            let (k, i) = (r % 2, r / 2);
+            d = d.max(max_abs_diff(&whole[r * dim..(r + 1) * dim], &shards[k][i * dim..(i + 1) * dim]));
+        }
+        assert!(d < PARAM_TOL, "the sharded table differs from the one process's by {d}");
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(r2.join("shards/manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["table_rows"].as_u64().unwrap() as usize, rows);
+        assert_eq!(manifest["shards"][1]["rows"].as_u64().unwrap() as usize, shards[1].len() / dim);
+    }
     // the exact global evaluation: the test split scored by two ranks, metrics of all of it
     let (a, b) = (result(&r1), result(&r2));
     assert_eq!(a["steps"], b["steps"]);
@@ -212,11 +260,20 @@ fn the_evaluation_of_two_ranks_is_exact() {
 
 #[test]
 fn a_rank_that_dies_ends_the_job_and_the_job_resumes() {
+    killed_and_resumed("replicated");
+}
+
+#[test]
+fn a_sharded_job_whose_rank_dies_resumes_from_its_shards() {
+    killed_and_resumed("sharded");
+}
+
+fn killed_and_resumed(mode: &str) {
     if !have_mpirun() {
         return;
     }
-    let dir = common::workdir("mpi-kill");
-    std::fs::write(dir.join("c.toml"), config("checkpoint_every_steps = 10")).unwrap();
+    let dir = common::workdir(&format!("mpi-kill-{mode}"));
+    std::fs::write(dir.join("c.toml"), config(&format!("checkpoint_every_steps = 10\nembedding_sharding = \"{mode}\""))).unwrap();
     let whole = train(2, &dir, &["--config", "c.toml", "--out", "whole"], None);
     assert!(whole.status.success(), "{}", text(&whole));
     // rank 1 is killed (abort, like kill -9) after step 25: the job must end, not hang

@@ -25,6 +25,11 @@ pub trait Collective: std::fmt::Debug + Send + Sync {
     /// Every rank's `send`, concatenated in rank order, and each rank's length.
     fn all_gather_f32(&self, send: &[f32]) -> Result<(Vec<f32>, Vec<usize>)>;
     fn all_gather_i64(&self, send: &[i64]) -> Result<(Vec<i64>, Vec<usize>)>;
+    /// Personalised exchange: `send` holds consecutive blocks for ranks 0, 1, … of
+    /// `send_counts[r]` values; returns what every rank sent to this one, in rank order, and
+    /// how many values came from each.
+    fn all_to_all_f32(&self, send: &[f32], send_counts: &[usize]) -> Result<(Vec<f32>, Vec<usize>)>;
+    fn all_to_all_i64(&self, send: &[i64], send_counts: &[usize]) -> Result<(Vec<i64>, Vec<usize>)>;
     /// Rank `root`'s bytes, on every rank.
     fn broadcast_bytes(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>>;
     fn barrier(&self) -> Result<()>;
@@ -46,6 +51,10 @@ pub enum EmbeddingMode {
     /// row and applied identically on every rank.
     #[default]
     Replicated,
+    /// Row-wise sharding (as TorchRec's): row r lives on rank r mod N; each step the ranks fetch
+    /// the rows their examples use from the owners and send the gradients back (all-to-all), so a
+    /// rank holds about 1/N of the table and of the optimizer state.
+    Sharded,
 }
 
 /// The rows of a global batch of `len` examples that `rank` of `size` trains on: a contiguous

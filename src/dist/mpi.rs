@@ -71,6 +71,38 @@ impl MpiCollective {
     }
 }
 
+impl MpiCollective {
+    fn all_to_all<T: Equivalence + Default + Clone>(&self, send: &[T], send_counts: &[usize]) -> Result<(Vec<T>, Vec<usize>)> {
+        ensure!(send_counts.len() == self.size, "all-to-all: {} send counts for {} ranks", send_counts.len(), self.size);
+        ensure!(send_counts.iter().sum::<usize>() == send.len(), "all-to-all: the send counts do not add up to the buffer");
+        ensure!(send.len() <= i32::MAX as usize, "an all-to-all of {} values exceeds MPI's 32-bit counts", send.len());
+        let sc: Vec<i32> = send_counts.iter().map(|&c| c as i32).collect();
+        let mut rc = vec![0i32; self.size];
+        self.world.all_to_all_into(&sc[..], &mut rc[..]);
+        let displs = |counts: &[i32]| -> Result<Vec<i32>> {
+            let mut out = Vec::with_capacity(counts.len());
+            let mut total = 0i64;
+            for &c in counts {
+                ensure!(total <= i32::MAX as i64, "an all-to-all of more than 2^31 values exceeds MPI's 32-bit displacements");
+                out.push(total as i32);
+                total += c as i64;
+            }
+            Ok(out)
+        };
+        let (sd, rd) = (displs(&sc)?, displs(&rc)?);
+        let total: usize = rc.iter().map(|&c| c as usize).sum();
+        let mut out = vec![T::default(); total];
+        {
+            let part = mpi::datatype::Partition::new(send, &sc[..], &sd[..]);
+            let mut recv = PartitionMut::new(&mut out[..], &rc[..], &rd[..]);
+            self.world.all_to_all_varcount_into(&part, &mut recv);
+        }
+        let own = send_counts[self.rank];
+        self.sent.add(4 * self.size + std::mem::size_of::<T>() * (send.len() - own));
+        Ok((out, rc.iter().map(|&c| c as usize).collect()))
+    }
+}
+
 impl Collective for MpiCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -99,6 +131,14 @@ impl Collective for MpiCollective {
 
     fn all_gather_i64(&self, send: &[i64]) -> Result<(Vec<i64>, Vec<usize>)> {
         self.all_gather(send)
+    }
+
+    fn all_to_all_f32(&self, send: &[f32], send_counts: &[usize]) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.all_to_all(send, send_counts)
+    }
+
+    fn all_to_all_i64(&self, send: &[i64], send_counts: &[usize]) -> Result<(Vec<i64>, Vec<usize>)> {
+        self.all_to_all(send, send_counts)
     }
 
     fn broadcast_bytes(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {

@@ -198,6 +198,9 @@ pub struct SparseInput {
     pub pool: Option<Tensor<3>>,
     /// Dense features `[batch, num_dense]`.
     pub dense: Option<Tensor<2>>,
+    /// The values of `unique_rows` (f32, `[U, d]`) fetched from elsewhere — the ranks that own
+    /// them in a job with a row-sharded table; `None`: read from the model's own table.
+    pub rows: Option<Tensor<2>>,
 }
 
 impl SparseInput {
@@ -219,6 +222,7 @@ impl SparseInput {
                 let nd = v.len() / b.size.max(1);
                 Tensor::<2>::from_data(TensorData::new(v.clone(), [b.size, nd]), device)
             }),
+            rows: None,
         }
     }
 }
@@ -278,9 +282,13 @@ impl SparseEmbedding {
     /// Looks up `[batch, fields, d]` (multi-hot slots weighted and pooled). With `track = true` the unique rows become an autodiff
     /// leaf (returned) so their gradient can be read after `backward`.
     pub fn lookup(&self, input: &SparseInput, track: bool) -> (Tensor<3>, Option<Gathered>) {
-        let table = self.weight.val().inner();
-        let rows = table.select(0, input.unique_rows.clone());
-        let rows = if rows.dtype() != DType::F32 { rows.cast(DType::F32) } else { rows };
+        let rows = match &input.rows {
+            Some(r) => r.clone().inner(),
+            None => {
+                let rows = self.weight.val().inner().select(0, input.unique_rows.clone());
+                if rows.dtype() != DType::F32 { rows.cast(DType::F32) } else { rows }
+            }
+        };
         let rows = if track { rows.autodiff().require_grad() } else { rows };
         let x = rows.clone().select(0, input.inverse.clone()).reshape([input.batch, input.slots, self.dim()]);
         let x = match &input.values {
@@ -293,6 +301,19 @@ impl SparseEmbedding {
         };
         let gathered = track.then(|| Gathered { rows, unique_rows: input.unique_rows.clone() });
         (x, gathered)
+    }
+
+    /// This table's rows `rank, rank + size, rank + 2·size, …` (the rows a rank owns in a job with
+    /// a row-sharded table: global row r is local row r / size of rank r mod size).
+    pub fn shard(self, rank: usize, size: usize) -> Self {
+        let rows = self.rows();
+        let owned: Vec<i64> = (rank..rows).step_by(size).map(|r| r as i64).collect();
+        let n = owned.len();
+        let weight = self.weight.map(|t| {
+            let device = t.device();
+            t.inner().select(0, Tensor::<1, Int>::from_data(TensorData::new(owned, [n]), &device))
+        });
+        Self { weight }
     }
 
     /// The present values of the given rows in f32 (`[U, d]`), outside autodiff: what a rank that

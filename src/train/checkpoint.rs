@@ -68,6 +68,28 @@ pub fn load_model_bytes(model: Model, bytes: Vec<u8>, what: &str) -> Result<Mode
     model.try_load_record(record).map_err(|e| anyhow::anyhow!("{what} does not fit the config: {e}"))
 }
 
+/// The directory of rank `rank`'s own files in a job with a row-sharded table (its part of the
+/// table in `model.bpk`/`model-other.bpk` and its checkpoints).
+pub fn shard_dir(run_dir: &Path, rank: usize, ranks: usize) -> PathBuf {
+    run_dir.join("shards").join(format!("rank{rank}-of-{ranks}"))
+}
+
+/// [`load_model`] for rank `rank` of a job with a row-sharded table: the model with that rank's
+/// part of the table, weights from its own file.
+pub fn load_model_shard(
+    cfg: &ExperimentConfig,
+    encoder: &Encoder,
+    path: &Path,
+    device: &Device,
+    rank: usize,
+    ranks: usize,
+) -> Result<Model> {
+    let model = cfg.model.init_with_storage(&crate::model::DataShape::of(encoder), cfg.train.emb_storage, device);
+    let model = model.map_embedding(|e| e.shard(rank, ranks));
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    load_model_bytes(model, bytes, &format!("checkpoint {}", path.display()))
+}
+
 /// Builds the model of `cfg` for `encoder` on `device` and loads the weights at `path`.
 pub fn load_model(cfg: &ExperimentConfig, encoder: &Encoder, path: &Path, device: &Device) -> Result<Model> {
     let model = cfg.model.init_with_storage(&crate::model::DataShape::of(encoder), cfg.train.emb_storage, device);
@@ -359,6 +381,25 @@ impl CheckpointDir {
             std::fs::remove_file(p).with_context(|| format!("cannot remove old checkpoint {}", p.display()))?;
         }
         Ok(())
+    }
+
+    /// Steps of the checkpoints that read and verify, ascending.
+    pub fn valid_steps(&self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for (step, path) in self.list()? {
+            if std::fs::read(&path).ok().is_some_and(|b| Checkpoint::from_bytes(&b).is_ok()) {
+                out.push(step);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The checkpoint of `step`, verified.
+    pub fn at(&self, step: u64) -> Result<Found> {
+        let path = self.path_of(step);
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let c = Checkpoint::from_bytes(&bytes).with_context(|| format!("checkpoint {}", path.display()))?;
+        Ok((path, c))
     }
 
     /// The newest checkpoint that reads and verifies; every newer one that does not is reported

@@ -10,9 +10,9 @@
 use anyhow::{Result, ensure};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::dist::{Comm, EmbeddingMode};
+use crate::dist::{Collective, Comm, EmbeddingMode};
 use crate::model::Model;
 
 /// A stepper's place in a data-parallel job.
@@ -34,8 +34,11 @@ impl DataParallel {
     /// applies the same update to the same weights, so a difference means a broken reduction or
     /// a nondeterministic kernel, and training on would silently average different models.
     pub fn check_replicas(&self, model: &Model, step: u64) -> Result<()> {
-        let digest = crate::train::checkpoint::weights_digest(model)?;
-        let mine = i64::from(crc32fast::hash(digest.as_bytes()));
+        let mine = match self.embeddings {
+            EmbeddingMode::Replicated => i64::from(crc32fast::hash(crate::train::checkpoint::weights_digest(model)?.as_bytes())),
+            // each rank holds its own part of the table: only the dense weights are replicas
+            EmbeddingMode::Sharded => i64::from(dense_digest(model)),
+        };
         let (all, _) = self.comm.all_gather_i64(&[mine])?;
         let differing: Vec<usize> = (0..all.len()).filter(|&r| all[r] != all[0]).collect();
         ensure!(
@@ -44,6 +47,87 @@ impl DataParallel {
         );
         Ok(())
     }
+}
+
+/// One lookup of a row-sharded table: which of this rank's rows went to which owner, and which
+/// rows the other ranks asked this rank for (so their gradients can come back the same way).
+#[derive(Debug, Default)]
+pub struct RowExchange {
+    /// Positions in this rank's unique-row list, grouped by owner (rank order).
+    order: Vec<usize>,
+    send_counts: Vec<usize>,
+    /// Local indices of the rows others asked for, in the order received, and counts per rank.
+    served: Vec<i64>,
+    served_counts: Vec<usize>,
+}
+
+impl RowExchange {
+    /// Fetches the values of `unique_rows` (global ids) from their owners: returns `[U × dim]`
+    /// f32 values in the order of `unique_rows`. Every rank must call it, with an empty list if
+    /// it has no rows this round.
+    pub fn fetch(comm: &dyn Collective, model: &Model, unique_rows: &[i64], device: &Device) -> Result<(Vec<f32>, Self)> {
+        let n = comm.size();
+        let dim = model.embedding().dim();
+        let mut order: Vec<usize> = (0..unique_rows.len()).collect();
+        order.sort_by_key(|&i| (unique_rows[i] as usize % n, i));
+        let mut send_counts = vec![0usize; n];
+        let ids: Vec<i64> = order
+            .iter()
+            .map(|&i| {
+                send_counts[unique_rows[i] as usize % n] += 1;
+                unique_rows[i]
+            })
+            .collect();
+        let (asked, served_counts) = comm.all_to_all_i64(&ids, &send_counts)?;
+        let local_rows = model.embedding().rows() as i64;
+        let served: Vec<i64> = asked.iter().map(|&r| r / n as i64).collect();
+        if let Some(bad) = served.iter().find(|&&r| r < 0 || r >= local_rows) {
+            anyhow::bail!("a rank asked for local row {bad} of a shard of {local_rows} rows");
+        }
+        let values = if served.is_empty() {
+            Vec::new()
+        } else {
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(served.clone(), [served.len()]), device);
+            model.embedding().current_rows(idx).into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?
+        };
+        let back_counts: Vec<usize> = served_counts.iter().map(|c| c * dim).collect();
+        let (got, _) = comm.all_to_all_f32(&values, &back_counts)?;
+        let mut rows = vec![0f32; unique_rows.len() * dim];
+        for (k, &i) in order.iter().enumerate() {
+            rows[i * dim..(i + 1) * dim].copy_from_slice(&got[k * dim..(k + 1) * dim]);
+        }
+        Ok((rows, Self { order, send_counts, served, served_counts }))
+    }
+
+    /// Sends the gradients of the fetched rows (`[U × dim]`, in the order of the fetch) back to
+    /// their owners; returns this rank's local rows that received gradients (ascending) and their
+    /// gradients summed over the ranks that used them.
+    pub fn return_gradients(self, comm: &dyn Collective, grads: &[f32], dim: usize) -> Result<(Vec<i64>, Vec<f32>)> {
+        let mut send = Vec::with_capacity(grads.len());
+        for &i in &self.order {
+            send.extend_from_slice(&grads[i * dim..(i + 1) * dim]);
+        }
+        let counts: Vec<usize> = self.send_counts.iter().map(|c| c * dim).collect();
+        let (got, got_counts) = comm.all_to_all_f32(&send, &counts)?;
+        let expected: Vec<usize> = self.served_counts.iter().map(|c| c * dim).collect();
+        ensure!(got_counts == expected, "row gradients came back in other counts than the rows went out");
+        Ok(crate::dist::merge_rows(&self.served, &got, dim))
+    }
+}
+
+/// CRC-32 of the values of every parameter that requires a gradient (the dense ones).
+fn dense_digest(model: &Model) -> u32 {
+    struct Digest(crc32fast::Hasher);
+    impl ModuleVisitor for Digest {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.is_require_grad() {
+                self.0.update(param.val().into_data().as_bytes());
+            }
+        }
+    }
+    let mut d = Digest(crc32fast::Hasher::new());
+    model.visit(&mut d);
+    d.0.finalize()
 }
 
 /// Copies the dense gradients of `model` (parameters that require a gradient, in visiting order)

@@ -102,6 +102,44 @@ fn metrics_of(logits: &[f32], labels: &[f32]) -> Result<Metrics> {
     acc.finish()
 }
 
+/// Logits of `part` with a row-sharded table: every batch's rows are fetched from their owners,
+/// and every rank runs the same number of rounds (that of the longest part, `longest` examples),
+/// taking part with an empty batch when its own part has run out.
+#[allow(clippy::too_many_arguments)]
+fn sharded_logits(
+    model: &Model,
+    part: crate::data::EncodedDataset,
+    encoder: &Encoder,
+    batch_size: usize,
+    precision: Precision,
+    device: &Device,
+    comm: &dyn crate::dist::Collective,
+    longest: usize,
+) -> Result<Vec<f32>> {
+    let layout = SlotLayout::of(encoder);
+    let n = part.len();
+    let loader = BatchLoader::from_split(SplitData::Memory(std::sync::Arc::new(part)), encoder.total_rows(), batch_size, 65_536, 1);
+    let mut batches = (n > 0).then(|| loader.epoch(None));
+    let mut out = Vec::with_capacity(n);
+    let dim = model.embedding().dim();
+    for _ in 0..longest.div_ceil(batch_size.max(1)) {
+        let batch = match batches.as_mut().and_then(|b| b.next()) {
+            Some(b) => b?,
+            None => crate::data::Batch { size: 0, labels: vec![], unique_rows: vec![], inverse: vec![], values: None, dense: None },
+        };
+        let (rows, _) = dist::RowExchange::fetch(comm, model, &batch.unique_rows, &device.clone().inner())?;
+        if batch.size == 0 {
+            continue;
+        }
+        let mut input = SparseInput::from_batch(&batch, &layout, device);
+        input.rows = Some(Tensor::<2>::from_data(TensorData::new(rows, [batch.unique_rows.len(), dim]), &device.clone().inner()));
+        let (logits, _) = model.forward(&input, false, &Pass::new(precision, 0));
+        out.extend(logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
+    }
+    anyhow::ensure!(out.len() == n, "scored {} of this rank's {n} examples", out.len());
+    Ok(out)
+}
+
 /// [`score`] in a data-parallel job: each rank scores its contiguous part of the split
 /// ([`crate::dist::shard_range`]) and the logits are all-gathered in example order, so every
 /// rank gets the exact AUC and LogLoss of the whole split (the same numbers as one process, up
@@ -113,12 +151,15 @@ fn score_on(
     batch_size: usize,
     precision: Precision,
     device: &Device,
-    comm: Option<&dyn crate::dist::Collective>,
+    dp: Option<&dist::DataParallel>,
 ) -> Result<(Metrics, Vec<f32>)> {
-    let Some(comm) = comm else { return score(model, data, encoder, batch_size, precision, device) };
+    let Some(dp) = dp else { return score(model, data, encoder, batch_size, precision, device) };
+    let comm = dp.comm.as_ref();
     let SplitData::Memory(d) = data else { anyhow::bail!("evaluation needs the split in memory") };
     let part = d.slice(crate::dist::shard_range(d.len(), comm.rank(), comm.size()));
-    let local = if part.is_empty() {
+    let local = if dp.embeddings == crate::dist::EmbeddingMode::Sharded {
+        sharded_logits(model, part, encoder, batch_size, precision, device, comm, d.len().div_ceil(comm.size()))?
+    } else if part.is_empty() {
         Vec::new()
     } else {
         predict_logits(model, &SplitData::Memory(std::sync::Arc::new(part)), encoder, batch_size, precision, device)?
@@ -308,9 +349,22 @@ impl Stepper {
         // on identically on every rank (whatever each rank drew), so checkpoints agree.
         let base = self.dropout_stream;
         self.dropout_stream = crate::rng::mix(base ^ 0xD15C_0DA7);
+        let dim = model.embedding().dim();
+        // A row-sharded table: this rank's rows come from their owners first (every rank takes
+        // part, even with an empty share of the batch).
+        let sharded = dp.embeddings == crate::dist::EmbeddingMode::Sharded;
+        let (fetched, exchange) = if sharded {
+            let (rows, ex) = dist::RowExchange::fetch(comm.as_ref(), &model, &batch.unique_rows, &inner)?;
+            (Some(rows), Some(ex))
+        } else {
+            (None, None)
+        };
         let (grads, sparse, loss_sum) = if batch.size > 0 {
             let ad = &self.autodiff;
-            let input = SparseInput::from_batch(batch, &self.layout, ad);
+            let mut input = SparseInput::from_batch(batch, &self.layout, ad);
+            if let Some(rows) = fetched {
+                input.rows = Some(Tensor::<2>::from_data(TensorData::new(rows, [batch.unique_rows.len(), dim]), &inner));
+            }
             let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), ad);
             profile::mark(Phase::Data);
             let pass = Pass::new(self.precision, crate::rng::mix(base ^ (dp.rank() as u64 + 1).wrapping_mul(crate::rng::GAMMA)));
@@ -356,8 +410,8 @@ impl Stepper {
             Err(e) => return restore(self, model, e),
         };
         drop(flat);
-        // Embedding rows: every rank's touched rows and gradients, merged by row.
-        let dim = model.embedding().dim();
+        // Embedding rows: every rank's touched rows and gradients, merged by row (replicated), or
+        // the gradients of this rank's own rows from the ranks that used them (sharded).
         let (ids, rows_grad) = match sparse {
             Some((ids, g)) => {
                 let ids = ids.into_data().convert::<i64>().try_into_vec::<i64>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -366,10 +420,14 @@ impl Stepper {
             }
             None => (Vec::new(), Vec::new()),
         };
-        let (all_ids, _) = comm.all_gather_i64(&ids)?;
-        let (all_grads, _) = comm.all_gather_f32(&rows_grad)?;
-        let (ids, mut emb_grad) = crate::dist::merge_rows(&all_ids, &all_grads, dim);
-        drop((all_ids, all_grads));
+        let (ids, mut emb_grad) = match exchange {
+            Some(ex) => ex.return_gradients(comm.as_ref(), &rows_grad, dim)?,
+            None => {
+                let (all_ids, _) = comm.all_gather_i64(&ids)?;
+                let (all_grads, _) = comm.all_gather_f32(&rows_grad)?;
+                crate::dist::merge_rows(&all_ids, &all_grads, dim)
+            }
+        };
         let inv = (1.0 / global) as f32;
         emb_grad.iter_mut().for_each(|g| *g *= inv);
         profile::mark(Phase::Communication);
@@ -377,7 +435,11 @@ impl Stepper {
         let grad_norm = self.adam.grad_norm(&model, &dense_grads);
         let mut report = StepReport { loss: (totals[0] / global) as f32, grad_norm, emb_grad_norm: 0.0 };
         if let Some(accept) = accept {
-            report.emb_grad_norm = emb_grad.iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
+            let mut squares = [emb_grad.iter().map(|&g| g as f64 * g as f64).sum::<f64>()];
+            if sharded {
+                comm.all_reduce_sum_f64(&mut squares)?; // each rank holds the gradients of its own rows
+            }
+            report.emb_grad_norm = squares[0].sqrt();
             if !accept(&report) {
                 self.model = Some(model);
                 return Ok((report, false));
@@ -651,6 +713,8 @@ struct Loop<'a> {
     comm: Option<crate::dist::Comm>,
     /// This process writes the run directory (rank 0, or the only process).
     writer: bool,
+    /// A row-sharded job: this rank's own directory (its weights and checkpoints).
+    shard_dir: Option<PathBuf>,
 }
 
 impl Loop<'_> {
@@ -667,7 +731,7 @@ impl Loop<'_> {
             // a checkpoint of rank 0 stands for every rank: they must hold the same weights
             dp.check_replicas(self.stepper.model(), self.state.step)?;
         }
-        if !self.writer {
+        if !self.writer && self.shard_dir.is_none() {
             self.last_checkpoint = Instant::now();
             return Ok(());
         }
@@ -690,7 +754,31 @@ impl Loop<'_> {
         Ok(state)
     }
 
+    /// Where this process keeps `name` (a model file): its shard directory in a row-sharded job.
+    fn own_path(&self, name: &str) -> PathBuf {
+        self.shard_dir.as_ref().unwrap_or(&self.run_dir).join(name)
+    }
+
     fn newest_checkpoint(&self) -> Result<(PathBuf, Checkpoint)> {
+        if let (Some(c), Some(_)) = (&self.comm, &self.shard_dir) {
+            // every rank holds its own part: go back to the newest step all ranks have intact
+            let mine: Vec<i64> = self.ckpts.valid_steps()?.into_iter().map(|s| s as i64).collect();
+            let (all, counts) = c.all_gather_i64(&mine)?;
+            let mut at = 0;
+            let mut common: Option<std::collections::BTreeSet<i64>> = None;
+            for n in counts {
+                let steps: std::collections::BTreeSet<i64> = all[at..at + n].iter().copied().collect();
+                at += n;
+                common = Some(match common {
+                    None => steps,
+                    Some(c) => c.intersection(&steps).copied().collect(),
+                });
+            }
+            let step = common
+                .and_then(|c| c.last().copied())
+                .with_context(|| format!("no checkpoint step is intact on every rank (this rank, {}, has {mine:?})", c.rank()))?;
+            return self.ckpts.at(step as u64);
+        }
         let (found, refused) = self.ckpts.newest_valid()?;
         for r in &refused {
             tracing::warn!("refusing checkpoint {r}");
@@ -715,11 +803,12 @@ impl Loop<'_> {
             t.eval_batch_size,
             t.precision,
             &self.device,
-            self.comm.as_deref(),
+            self.stepper.data_parallel(),
         )
         .with_context(|| format!("validation at step {}", self.state.step))?
         .0;
         let seconds = self.seconds();
+        let (model_path, other_path) = (self.own_path(checkpoint::MODEL), self.own_path(checkpoint::MODEL_OTHER));
         let s = &mut self.state;
         s.evals += 1;
         s.last_eval_step = Some(s.step);
@@ -727,8 +816,8 @@ impl Loop<'_> {
         if improved {
             s.best = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
             s.bad_evals = 0;
-            if self.writer {
-                checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL))?;
+            if self.writer || self.shard_dir.is_some() {
+                checkpoint::save_model(self.stepper.model(), &model_path)?;
             }
         } else if s.step > self.warmup {
             s.bad_evals += 1;
@@ -737,8 +826,8 @@ impl Loop<'_> {
         let other = t.monitor.other();
         if s.best_other.as_ref().is_none_or(|b| other.score(&valid) > other.score(&b.metrics())) {
             s.best_other = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
-            if self.writer {
-                checkpoint::save_model(self.stepper.model(), &self.run_dir.join(checkpoint::MODEL_OTHER))?;
+            if self.writer || self.shard_dir.is_some() {
+                checkpoint::save_model(self.stepper.model(), &other_path)?;
             }
         }
         let line = serde_json::json!({
@@ -881,6 +970,10 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     device.seed(t.seed);
     let ad = device.clone().autodiff();
     let model = cfg.model.init_with_storage(&shape, t.emb_storage, &ad);
+    // A row-sharded job keeps rows rank, rank + N, … of the table every rank drew alike.
+    let sharded = ranks > 1 && t.embedding_sharding == crate::dist::EmbeddingMode::Sharded;
+    let model = if sharded { model.map_embedding(|e| e.shard(rank, ranks)) } else { model };
+    let shard_dir = sharded.then(|| checkpoint::shard_dir(&run_dir, rank, ranks));
     let (emb_params, dense_params) = model.param_counts();
     log(
         v,
@@ -906,7 +999,33 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             ),
         );
     }
-    let ckpts = CheckpointDir::new(&run_dir, t.keep_checkpoints, faults)?;
+    if sharded && writer && resume_dir.is_none() {
+        let shards: Vec<serde_json::Value> = (0..ranks)
+            .map(|r| {
+                serde_json::json!({ "rank": r, "rows": (total_rows + ranks - 1 - r) / ranks,
+                    "dir": checkpoint::shard_dir(Path::new(""), r, ranks) })
+            })
+            .collect();
+        let manifest = serde_json::json!({
+            "ranks": ranks, "table_rows": total_rows, "embedding_dim": cfg.model.embedding_dim(),
+            "rule": "global row r is row r / ranks of rank r % ranks",
+            "shards": shards,
+        });
+        std::fs::create_dir_all(run_dir.join("shards"))?;
+        crate::runtime::write_atomic(&run_dir.join("shards").join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    }
+    if let Some(d) = &shard_dir {
+        log(
+            opts.verbose,
+            format!(
+                "rank {rank}: {} of the table's {total_rows} rows ({:.1} MiB) and their optimizer state",
+                stepper.model().embedding().rows(),
+                stepper.model().embedding().table_bytes() as f64 / (1 << 20) as f64
+            ),
+        );
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let ckpts = CheckpointDir::new(shard_dir.as_ref().unwrap_or(&run_dir), t.keep_checkpoints, faults)?;
     let mut lp = Loop {
         cfg,
         verbose: v,
@@ -923,6 +1042,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         warmup: 0,
         comm: comm.clone(),
         writer,
+        shard_dir: shard_dir.clone(),
     };
     if resume_dir.is_some() {
         let (path, ckpt) = lp.newest_checkpoint()?;
@@ -1112,10 +1232,14 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     if let Some(c) = &comm {
         c.barrier()?; // rank 0 has written the best weights
     }
-    let best = checkpoint::load_model(cfg, &lp.encoder, &run_dir.join(checkpoint::MODEL), &device)?;
+    let load = |name: &str| match &shard_dir {
+        Some(d) => checkpoint::load_model_shard(cfg, &lp.encoder, &d.join(name), &device, rank, ranks),
+        None => checkpoint::load_model(cfg, &lp.encoder, &run_dir.join(name), &device),
+    };
+    let best = load(checkpoint::MODEL)?;
     let (test, test_logits) = match &test_data {
         Some(d) => {
-            let (m, logits) = score_on(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device, comm.as_deref())?;
+            let (m, logits) = score_on(&best, d, &lp.encoder, t.eval_batch_size, t.precision, &device, lp.stepper.data_parallel())?;
             (Some(m), Some(logits))
         }
         None => (None, None),
@@ -1130,11 +1254,11 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     };
     selections.insert(format!("{:?}", t.monitor).to_lowercase(), describe_sel(&best_eval, test));
     if let Some(other) = lp.state.best_other {
-        let path = run_dir.join(checkpoint::MODEL_OTHER);
+        let path = shard_dir.as_ref().unwrap_or(&run_dir).join(checkpoint::MODEL_OTHER);
         let m = match (&test_data, path.exists()) {
             (Some(d), true) => {
-                let model = checkpoint::load_model(cfg, &lp.encoder, &path, &device)?;
-                Some(score_on(&model, d, &lp.encoder, t.eval_batch_size, t.precision, &device, comm.as_deref())?.0)
+                let model = load(checkpoint::MODEL_OTHER)?;
+                Some(score_on(&model, d, &lp.encoder, t.eval_batch_size, t.precision, &device, lp.stepper.data_parallel())?.0)
             }
             _ => None,
         };
