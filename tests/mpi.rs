@@ -239,13 +239,23 @@ fn equal_steps(mode: &str) {
 
 #[test]
 fn the_evaluation_of_two_ranks_is_exact() {
+    exact_evaluation("replicated");
+}
+
+#[test]
+fn a_sharded_run_is_assembled_and_its_evaluation_is_exact() {
+    exact_evaluation("sharded");
+}
+
+/// Trained by two ranks, then scored by `wukong eval` in one process: the test metrics the ranks
+/// computed together from their halves are the whole split's (a sharded run's model.bpk is the
+/// table put back together by rank 0).
+fn exact_evaluation(mode: &str) {
     if !have_mpirun() {
         return;
     }
-    // Trained by two ranks, then scored by `wukong eval` in one process: the test metrics the
-    // ranks computed together from their halves are the whole split's.
-    let dir = common::workdir("mpi-eval");
-    let cfg = config("").replace("epochs = 2", "epochs = 1");
+    let dir = common::workdir(&format!("mpi-eval-{mode}"));
+    let cfg = config(&format!("embedding_sharding = \"{mode}\"")).replace("epochs = 2", "epochs = 1");
     std::fs::write(dir.join("c.toml"), cfg).unwrap();
     let two = train(2, &dir, &["--config", "c.toml", "--out", "two"], None);
     assert!(two.status.success(), "{}", text(&two));

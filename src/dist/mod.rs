@@ -30,6 +30,8 @@ pub trait Collective: std::fmt::Debug + Send + Sync {
     /// how many values came from each.
     fn all_to_all_f32(&self, send: &[f32], send_counts: &[usize]) -> Result<(Vec<f32>, Vec<usize>)>;
     fn all_to_all_i64(&self, send: &[i64], send_counts: &[usize]) -> Result<(Vec<i64>, Vec<usize>)>;
+    /// Every rank's `send` concatenated in rank order, on rank `root` only (`None` elsewhere).
+    fn gather_f32(&self, root: usize, send: &[f32]) -> Result<Option<(Vec<f32>, Vec<usize>)>>;
     /// Rank `root`'s bytes, on every rank.
     fn broadcast_bytes(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>>;
     fn barrier(&self) -> Result<()>;

@@ -141,6 +141,22 @@ impl Collective for MpiCollective {
         self.all_to_all(send, send_counts)
     }
 
+    fn gather_f32(&self, root: usize, send: &[f32]) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        let (counts, displs, total) = self.gather_counts(send.len())?;
+        let proc = self.world.process_at_rank(root as i32);
+        self.sent.add(std::mem::size_of_val(send));
+        if self.rank != root {
+            proc.gather_varcount_into(send);
+            return Ok(None);
+        }
+        let mut out = vec![0f32; total];
+        {
+            let mut part = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);
+            proc.gather_varcount_into_root(send, &mut part);
+        }
+        Ok(Some((out, counts.iter().map(|&c| c as usize).collect())))
+    }
+
     fn broadcast_bytes(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {
         let proc = self.world.process_at_rank(root as i32);
         let mut len = bytes.len() as u64;

@@ -303,6 +303,20 @@ impl SparseEmbedding {
         (x, gathered)
     }
 
+    /// A table holding `values` (`rows × dim`, f32), stored as `storage`.
+    pub fn from_values(values: Vec<f32>, rows: usize, dim: usize, storage: TableStorage, device: &Device) -> Self {
+        let t = Tensor::<2>::from_data(TensorData::new(values, [rows, dim]), &device.clone().inner());
+        let t = if storage == TableStorage::F32 { t } else { t.cast(storage.dtype()) };
+        Self { weight: Param::initialized(ParamId::new(), t).set_require_grad(false) }
+    }
+
+    /// All rows in f32 (`rows × dim`, row-major).
+    pub fn values_f32(&self) -> anyhow::Result<Vec<f32>> {
+        let t = self.weight.val().inner();
+        let t = if t.dtype() != DType::F32 { t.cast(DType::F32) } else { t };
+        t.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))
+    }
+
     /// This table's rows `rank, rank + size, rank + 2·size, …` (the rows a rank owns in a job with
     /// a row-sharded table: global row r is local row r / size of rank r mod size).
     pub fn shard(self, rank: usize, size: usize) -> Self {

@@ -115,6 +115,32 @@ impl RowExchange {
     }
 }
 
+/// Puts a row-sharded model back together on rank 0: every rank passes its model (the same
+/// dense weights, its own rows); rank 0 gets the whole model, with global row r taken from row
+/// r / N of rank r mod N; the others get `None`. Rank 0 needs memory for the whole table.
+pub fn assemble_sharded(comm: &dyn Collective, model: Model, total_rows: usize, device: &Device) -> Result<Option<Model>> {
+    let (dim, storage) = (model.embedding().dim(), model.embedding().storage());
+    let mine = model.embedding().values_f32()?;
+    let Some((all, counts)) = comm.gather_f32(0, &mine)? else { return Ok(None) };
+    drop(mine);
+    let n = comm.size();
+    let mut starts = Vec::with_capacity(n);
+    let mut at = 0;
+    for c in &counts {
+        starts.push(at);
+        at += c;
+    }
+    ensure!(counts.iter().sum::<usize>() == total_rows * dim, "the shards hold {} values, the table {}", at, total_rows * dim);
+    let mut full = vec![0f32; total_rows * dim];
+    for r in 0..total_rows {
+        let src = starts[r % n] + (r / n) * dim;
+        full[r * dim..(r + 1) * dim].copy_from_slice(&all[src..src + dim]);
+    }
+    drop(all);
+    let table = crate::model::SparseEmbedding::from_values(full, total_rows, dim, storage, device);
+    Ok(Some(model.map_embedding(|_| table)))
+}
+
 /// CRC-32 of the values of every parameter that requires a gradient (the dense ones).
 fn dense_digest(model: &Model) -> u32 {
     struct Digest(crc32fast::Hasher);

@@ -1276,6 +1276,19 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             );
         }
     }
+    // A row-sharded job leaves whole models in the run directory too, so `eval`, `predict` and
+    // `serve` read it like any run (rank 0 assembles them).
+    if let (Some(dp), Some(d)) = (lp.stepper.data_parallel(), &shard_dir) {
+        for name in [checkpoint::MODEL, checkpoint::MODEL_OTHER] {
+            if !d.join(name).exists() {
+                continue;
+            }
+            let part = if name == checkpoint::MODEL { best.clone() } else { load(name)? };
+            if let Some(whole) = dist::assemble_sharded(dp.comm.as_ref(), part, total_rows, &device)? {
+                checkpoint::save_model(&whole, &run_dir.join(name))?;
+            }
+        }
+    }
     if let (true, Some(SplitData::Memory(data)), Some(logits)) = (writer, &test_data, &test_logits) {
         let scores: Vec<(f64, bool)> =
             logits.iter().zip(&data.labels).map(|(&z, &y)| (1.0 / (1.0 + (-z as f64).exp()), y >= 0.5)).collect();
