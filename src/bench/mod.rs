@@ -274,20 +274,26 @@ pub fn measure_ours(
     sync_phases: bool,
     burn_adam: bool,
     comm: Option<crate::dist::Comm>,
+    embeddings: crate::dist::EmbeddingMode,
 ) -> Result<Measurement> {
     let setup = Instant::now();
     let device = crate::runtime::parse_device(device_spec)?;
     device.seed(spec.train.seed);
     let shape = spec.shape();
     let layout = SlotLayout::one_hot(shape.fields);
-    let model = spec.model.init_with_storage(&shape, spec.train.emb_storage, &device.clone().autodiff());
+    let ad = device.clone().autodiff();
+    let model = match &comm {
+        Some(c) if embeddings == crate::dist::EmbeddingMode::Sharded => {
+            spec.model.init_shard(&shape, spec.train.emb_storage, c.rank(), c.size(), &ad)
+        }
+        _ => spec.model.init_with_storage(&shape, spec.train.emb_storage, &ad),
+    };
     let mut stepper = Stepper::new(model, &spec.model, &spec.train, layout.clone(), &device);
     if burn_adam {
         stepper.set_dense_adam(crate::train::DenseAdam::burn(crate::train::AdamHyper::of(&spec.train)));
     }
     let (rank, ranks) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
     if let Some(c) = &comm {
-        let embeddings = crate::dist::EmbeddingMode::Replicated;
         stepper.set_data_parallel(crate::train::dist::DataParallel { comm: c.clone(), embeddings });
     }
     let data = Arc::new(data);
@@ -420,17 +426,17 @@ fn fmt_rate(x: f64) -> String {
     }
 }
 
-/// A data-parallel measurement: (ranks, threads per rank, result).
-pub type DpRow = (usize, usize, std::result::Result<Measurement, String>);
+/// A data-parallel measurement: (ranks, threads per rank, embedding mode, result).
+pub type DpRow = (usize, usize, String, std::result::Result<Measurement, String>);
 
 /// The markdown table of `wukong bench-dp`: per config, one process against R ranks.
 pub fn report_dp(rows: &[(Spec, Vec<DpRow>)], cpu: &str) -> String {
     let mut out = format!(
-        "{cpu}\n\nData parallelism on one machine: generated data of each config's shape, the same global batch for every rank count; median ms per step over the timed steps. Bytes: payload rank 0 sent through the collectives per step (dense gradients all-reduced, touched rows and their gradients all-gathered). Communication: the share of the step inside the collectives (waiting for the slowest rank included).\n\n| config | global batch | ranks × threads | ms/step | examples/s | vs 1 process | MB sent/step/rank | communication | peak RSS/rank MiB |\n|---|---|---|---|---|---|---|---|---|\n"
+        "{cpu}\n\nData parallelism on one machine: generated data of each config's shape, the same global batch for every rank count; median ms per step over the timed steps. Bytes: payload rank 0 sent through the collectives per step (dense gradients all-reduced, touched rows and their gradients all-gathered). Communication: the share of the step inside the collectives (waiting for the slowest rank included).\n\n| config | global batch | ranks × threads | embeddings | ms/step | examples/s | vs 1 process | MB sent/step/rank | communication | peak RSS/rank MiB |\n|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for (spec, ms) in rows {
-        let base = ms.first().and_then(|(_, _, m)| m.as_ref().ok()).map(|m| m.median_ms());
-        for (r, t, m) in ms {
+        let base = ms.first().and_then(|(_, _, _, m)| m.as_ref().ok()).map(|m| m.median_ms());
+        for (r, t, mode, m) in ms {
             match m {
                 Ok(m) => {
                     let step = m.median_ms();
@@ -438,7 +444,7 @@ pub fn report_dp(rows: &[(Spec, Vec<DpRow>)], cpu: &str) -> String {
                     let comm = m.phases.iter().find(|(n, _)| n == "communication").map_or(0.0, |(_, s)| *s);
                     let share = if *r > 1 && total > 0.0 { format!("{:.0}%", 100.0 * comm / total) } else { "–".into() };
                     out.push_str(&format!(
-                        "| {} | {} | {r} × {t} | {step:.1} | {} | {} | {} | {share} | {:.0} |\n",
+                        "| {} | {} | {r} × {t} | {mode} | {step:.1} | {} | {} | {} | {share} | {:.0} |\n",
                         spec.name,
                         spec.batch_size,
                         fmt_rate(spec.batch_size as f64 / (step / 1e3)),
@@ -447,7 +453,7 @@ pub fn report_dp(rows: &[(Spec, Vec<DpRow>)], cpu: &str) -> String {
                         m.peak_rss_mb
                     ));
                 }
-                Err(e) => out.push_str(&format!("| {} | {} | {r} × {t} | failed: {e} | | | | | |\n", spec.name, spec.batch_size)),
+                Err(e) => out.push_str(&format!("| {} | {} | {r} × {t} | {mode} | failed: {e} | | | | | |\n", spec.name, spec.batch_size)),
             }
         }
     }

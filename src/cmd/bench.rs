@@ -95,6 +95,17 @@ pub struct RunArgs {
     precision: wukong::model::layers::Precision,
     #[arg(long)]
     burn_adam: bool,
+    /// Under mpirun: replicated or sharded embedding table.
+    #[arg(long, default_value = "replicated", value_parser = parse_embeddings)]
+    embeddings: wukong::dist::EmbeddingMode,
+}
+
+fn parse_embeddings(s: &str) -> Result<wukong::dist::EmbeddingMode> {
+    match s {
+        "replicated" => Ok(wukong::dist::EmbeddingMode::Replicated),
+        "sharded" => Ok(wukong::dist::EmbeddingMode::Sharded),
+        other => anyhow::bail!("--embeddings {other:?}: expected replicated or sharded"),
+    }
 }
 
 pub fn equivalence(a: EquivalenceArgs) -> Result<()> {
@@ -130,7 +141,7 @@ pub fn bench_run(a: RunArgs) -> Result<()> {
         // under mpirun (feature `mpi`): one rank of a data-parallel measurement
         let comm = wukong::dist::from_launcher()?;
         let rank = comm.as_ref().map_or(0, |c| c.rank());
-        let m = serde_json::to_value(bench::measure_ours(&spec, data, &a.device, a.sync_phases, a.burn_adam, comm)?)?;
+        let m = serde_json::to_value(bench::measure_ours(&spec, data, &a.device, a.sync_phases, a.burn_adam, comm, a.embeddings)?)?;
         if rank != 0 {
             return Ok(());
         }
@@ -152,6 +163,9 @@ pub struct DpArgs {
     /// Rank counts to compare against one process.
     #[arg(long, value_delimiter = ',', default_value = "2")]
     ranks: Vec<usize>,
+    /// Embedding modes to measure at each rank count.
+    #[arg(long, value_delimiter = ',', default_value = "replicated,sharded", value_parser = parse_embeddings)]
+    embeddings: Vec<wukong::dist::EmbeddingMode>,
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long)]
@@ -183,17 +197,19 @@ pub fn dp(a: DpArgs) -> Result<()> {
         let d = dir.display().to_string();
         let one = child(&exe, &["--threads".into(), threads.to_string(), "bench-run".into(), d.clone()])
             .and_then(|o| bench::parse_result::<bench::Measurement>(&o).map_err(|e| e.to_string()));
-        let mut measured = vec![(1, threads, one)];
-        for &r in &a.ranks {
+        let mut measured = vec![(1, threads, "–".to_string(), one)];
+        for (r, mode) in a.ranks.iter().flat_map(|&r| a.embeddings.iter().map(move |&m| (r, m))) {
             let per = (threads / r).max(1);
             let mut args: Vec<String> = vec!["-n".into(), r.to_string(), "--oversubscribe".into(), "--bind-to".into(), "none".into()];
             if let Some(extra) = &a.mpirun_args {
                 args.extend(extra.split_whitespace().map(String::from));
             }
+            let mode_name = format!("{mode:?}").to_lowercase();
             args.extend([exe.display().to_string(), "--threads".into(), per.to_string(), "bench-run".into(), d.clone()]);
+            args.extend(["--embeddings".to_string(), mode_name.clone()]);
             let m =
                 child(Path::new("mpirun"), &args).and_then(|o| bench::parse_result::<bench::Measurement>(&o).map_err(|e| e.to_string()));
-            measured.push((r, per, m));
+            measured.push((r, per, mode_name, m));
         }
         rows.push((spec, measured));
     }

@@ -14,7 +14,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
-use super::{Pass, TableStorage};
+use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -76,7 +76,7 @@ impl ModelSpec for AfnConfig {
         anyhow::ensure!(self.logarithmic_neurons > 0, "model.logarithmic_neurons must be positive");
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("afn_dropout", self.afn_dropout), ("dnn_dropout", self.dnn_dropout)])
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let (d, n, l) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings), self.logarithmic_neurons);
         Model::Afn(Afn {
             embedding: SparseEmbedding::new_in(shape.table_rows, self.table_dim(), self.embedding_init_std, storage, device),

@@ -12,7 +12,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
-use super::{Pass, TableStorage};
+use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -128,7 +128,7 @@ impl ModelSpec for AutoIntConfig {
         );
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         let attention =
             (0..self.attention_layers).map(|i| SelfAttention::new(if i == 0 { d } else { self.attention_dim }, self, device)).collect();

@@ -12,7 +12,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
-use super::{Pass, TableStorage};
+use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -99,7 +99,7 @@ impl ModelSpec for Dcnv2Config {
     fn validate(&self) -> anyhow::Result<()> {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let d = self.embedding_dim;
         let dim = num_inputs(shape, self.num_dense_embeddings) * d;
         let with_dnn = self.model_structure != Structure::CrossnetOnly;

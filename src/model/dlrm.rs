@@ -12,7 +12,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, check_common, mlp_flops};
-use super::{Pass, TableStorage};
+use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -76,7 +76,7 @@ impl ModelSpec for DlrmConfig {
     fn validate(&self) -> anyhow::Result<()> {
         check_common(self.embedding_dim, 1, &[("dropout", self.dropout)]) // one bottom-MLP embedding
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let d = self.embedding_dim;
         Model::Dlrm(Dlrm {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),

@@ -21,6 +21,21 @@ pub struct SparseEmbedding {
 /// half-precision table halves its memory (the paper trains its tables in FP16). Writes back to a
 /// half table round *stochastically* (unbiased), so updates smaller than half an ulp are not
 /// lost the way round-to-nearest loses them.
+/// How a model's embedding table is created: its storage, and in a job with a row-sharded table
+/// the `(rank, ranks)` whose rows this process keeps (the others are drawn and dropped block by
+/// block, so the whole table never exists in one process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TableInit {
+    pub storage: TableStorage,
+    pub shard: Option<(usize, usize)>,
+}
+
+impl From<TableStorage> for TableInit {
+    fn from(storage: TableStorage) -> Self {
+        Self { storage, shard: None }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TableStorage {
@@ -240,18 +255,44 @@ impl SparseEmbedding {
         Self::new_in(rows, dim, init_std, TableStorage::F32, device)
     }
 
-    /// A table created directly in `storage` (a half-precision table never exists in f32).
-    pub fn new_in(rows: usize, dim: usize, init_std: f64, storage: TableStorage, device: &Device) -> Self {
-        let w = match storage {
-            TableStorage::F32 => Tensor::<2>::random([rows, dim], Distribution::Normal(0.0, init_std), device).inner(),
-            half => {
-                // Drawn in f32 blocks of rows, each rounded and written into the half table.
-                const BLOCK: usize = 1 << 16;
-                let mut w = Tensor::<2>::zeros([rows, dim], (device, half.dtype())).inner();
+    /// A table created directly in `storage` (a half-precision table never exists in f32), or
+    /// only the rows of one shard (`TableInit::shard`).
+    pub fn new_in(rows: usize, dim: usize, init_std: f64, init: impl Into<TableInit>, device: &Device) -> Self {
+        let TableInit { storage, shard } = init.into();
+        // An f32 table is one draw; a half table and a shard are drawn in f32 blocks of rows in
+        // table order (the same values whatever is kept), each cast to the storage type and, for
+        // a shard, cut down to its rows. So a shard's values are those of the half table, or of
+        // the f32 table when it fits one block; past that an f32 shard draws other (equally
+        // distributed) values than one process's single draw would.
+        const BLOCK: usize = 1 << 16;
+        let w = match (storage, shard) {
+            (TableStorage::F32, None) => Tensor::<2>::random([rows, dim], Distribution::Normal(0.0, init_std), device).inner(),
+            (storage, None) => {
+                let mut w = Tensor::<2>::zeros([rows, dim], (device, storage.dtype())).inner();
                 for start in (0..rows).step_by(BLOCK) {
                     let end = (start + BLOCK).min(rows);
                     let block = Tensor::<2>::random([end - start, dim], Distribution::Normal(0.0, init_std), device).inner();
-                    w = w.slice_assign([start..end, 0..dim], block.cast(half.dtype()));
+                    w = w.slice_assign([start..end, 0..dim], block.cast(storage.dtype()));
+                }
+                w
+            }
+            (storage, Some((rank, size))) => {
+                let own = (rows + size - 1 - rank.min(rows + size - 1)) / size;
+                let mut w = Tensor::<2>::zeros([own, dim], (device, storage.dtype())).inner();
+                let mut at = 0;
+                for start in (0..rows).step_by(BLOCK) {
+                    let end = (start + BLOCK).min(rows);
+                    let block = Tensor::<2>::random([end - start, dim], Distribution::Normal(0.0, init_std), device).inner();
+                    let first = start + (rank + size - start % size) % size; // first owned row ≥ start
+                    let keep: Vec<i64> = (first..end).step_by(size).map(|r| (r - start) as i64).collect();
+                    if keep.is_empty() {
+                        continue;
+                    }
+                    let n = keep.len();
+                    let part = block.select(0, Tensor::<1, Int>::from_data(TensorData::new(keep, [n]), &device.clone().inner()));
+                    let part = if storage == TableStorage::F32 { part } else { part.cast(storage.dtype()) };
+                    w = w.slice_assign([at..at + n, 0..dim], part);
+                    at += n;
                 }
                 w
             }

@@ -23,7 +23,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-pub use embedding::{Gathered, SlotLayout, SparseEmbedding, SparseInput, TableStorage};
+pub use embedding::{Gathered, SlotLayout, SparseEmbedding, SparseInput, TableInit, TableStorage};
 pub use layers::{Pass, Precision};
 pub use wukong::{Wukong, WukongConfig};
 
@@ -167,7 +167,7 @@ pub trait ModelSpec {
     }
     /// The model with fresh parameters, its embedding table stored as `storage` from the start
     /// (a half-precision table never exists in f32: that copy would double the peak memory).
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model;
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model;
     /// Analytic forward FLOPs per example (2 × multiply-adds of the matrix products).
     fn forward_flops(&self, shape: &DataShape) -> u64;
 }
@@ -229,11 +229,17 @@ impl ModelConfig {
     }
     /// The model with fresh parameters and an f32 embedding table.
     pub fn init(&self, shape: &DataShape, device: &Device) -> Model {
-        self.spec().build(shape, TableStorage::F32, device)
+        self.spec().build(shape, TableStorage::F32.into(), device)
     }
     /// [`Self::init`] with the embedding table stored as `storage` (`[train] emb_storage`).
     pub fn init_with_storage(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
-        self.spec().build(shape, storage, device)
+        self.spec().build(shape, storage.into(), device)
+    }
+
+    /// [`Self::init_with_storage`] keeping only rank `rank` of `ranks`' rows of the table (row r
+    /// on rank r mod ranks), drawn block by block: the values are those of the whole table.
+    pub fn init_shard(&self, shape: &DataShape, storage: TableStorage, rank: usize, ranks: usize, device: &Device) -> Model {
+        self.spec().build(shape, TableInit { storage, shard: Some((rank, ranks)) }, device)
     }
     /// Analytic forward FLOPs per example (matrix products only).
     pub fn forward_flops(&self, shape: &DataShape) -> u64 {

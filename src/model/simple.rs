@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
-use super::{Pass, TableStorage};
+use super::{Pass, TableInit};
 
 fn zero_bias(device: &Device) -> Param<Tensor<1>> {
     Param::initialized(ParamId::new(), Tensor::<1>::zeros([1], device))
@@ -42,7 +42,7 @@ impl ModelSpec for LrConfig {
     fn validate(&self) -> anyhow::Result<()> {
         Ok(())
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         Model::Lr(Lr {
             embedding: SparseEmbedding::new_in(shape.table_rows, 1, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &[], 1, 1, device),
@@ -96,7 +96,7 @@ impl ModelSpec for FmConfig {
     fn validate(&self) -> anyhow::Result<()> {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[])
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let w = self.table_dim();
         Model::Fm(Fm {
             embedding: SparseEmbedding::new_in(shape.table_rows, w, self.embedding_init_std, storage, device),
@@ -169,7 +169,7 @@ impl ModelSpec for DnnConfig {
     fn validate(&self) -> anyhow::Result<()> {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         Model::Dnn(Dnn {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),

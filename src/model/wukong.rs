@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{FmBlockSpec, FmKind, LayerParts, Mlp, WukongLayer, mlp_dims};
 use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp};
-use super::{Pass, TableStorage};
+use super::{Pass, TableInit, TableStorage};
 use crate::profile::{Phase, mark};
 
 /// Every hyperparameter of the paper, plus regularization. TOML keys are these field names.
@@ -146,7 +146,7 @@ impl WukongConfig {
     }
 
     /// The model with its embedding table stored as `storage`.
-    pub fn init_in(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Wukong {
+    pub fn init_in(&self, shape: &DataShape, storage: impl Into<TableInit>, device: &Device) -> Wukong {
         let d = self.embedding_dim;
         let ablated = |a| self.ablate.contains(&a);
         let parts = LayerParts { fmb: !ablated(Ablation::Fmb), lcb: !ablated(Ablation::Lcb), residual: !ablated(Ablation::Residual) };
@@ -201,7 +201,7 @@ impl ModelSpec for WukongConfig {
     fn validate(&self) -> anyhow::Result<()> {
         WukongConfig::validate(self)
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         Model::Wukong(self.init_in(shape, storage, device))
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {

@@ -13,7 +13,7 @@ use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
-use super::{Pass, TableStorage};
+use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -67,7 +67,7 @@ impl ModelSpec for XDeepFmConfig {
         );
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
-    fn build(&self, shape: &DataShape, storage: TableStorage, device: &Device) -> Model {
+    fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let (d, m) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         let mut h = m;
         let cin = self

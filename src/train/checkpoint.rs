@@ -84,8 +84,7 @@ pub fn load_model_shard(
     rank: usize,
     ranks: usize,
 ) -> Result<Model> {
-    let model = cfg.model.init_with_storage(&crate::model::DataShape::of(encoder), cfg.train.emb_storage, device);
-    let model = model.map_embedding(|e| e.shard(rank, ranks));
+    let model = cfg.model.init_shard(&crate::model::DataShape::of(encoder), cfg.train.emb_storage, rank, ranks, device);
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     load_model_bytes(model, bytes, &format!("checkpoint {}", path.display()))
 }

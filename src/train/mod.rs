@@ -969,10 +969,13 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     let device = crate::runtime::parse_device(&opts.device)?;
     device.seed(t.seed);
     let ad = device.clone().autodiff();
-    let model = cfg.model.init_with_storage(&shape, t.emb_storage, &ad);
-    // A row-sharded job keeps rows rank, rank + N, … of the table every rank drew alike.
+    // A row-sharded job keeps rows rank, rank + N, … of the table every rank draws alike.
     let sharded = ranks > 1 && t.embedding_sharding == crate::dist::EmbeddingMode::Sharded;
-    let model = if sharded { model.map_embedding(|e| e.shard(rank, ranks)) } else { model };
+    let model = if sharded {
+        cfg.model.init_shard(&shape, t.emb_storage, rank, ranks, &ad)
+    } else {
+        cfg.model.init_with_storage(&shape, t.emb_storage, &ad)
+    };
     let shard_dir = sharded.then(|| checkpoint::shard_dir(&run_dir, rank, ranks));
     let (emb_params, dense_params) = model.param_counts();
     log(
