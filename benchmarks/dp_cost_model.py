@@ -9,7 +9,7 @@ Model, per step of a global batch of B examples on N ranks:
   dense        ring all-reduce of P f32 gradients: 2 · (N-1)/N · 4P bytes sent per rank
   replicated   all-gather of every rank's touched rows (8-byte id + 4d-byte gradient):
                each rank receives (N-1) · U(B/N) · (4d + 8) bytes
-  sharded      (row-wise, not built yet) rows to the ranks that look them up and their
+  sharded      (row-wise) rows to the ranks that look them up and their
                gradients back, all-to-all: 2 · (N-1)/N · U(B/N) · 4d bytes per rank
   time         T(N) = T_c(N) + bytes / link + 2 · log2(N) · latency
 U(b), the distinct rows in b examples, is b · fields · rho with rho the distinct fraction
