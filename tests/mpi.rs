@@ -126,10 +126,10 @@ fn final_table(run: &Path, shard: Option<usize>) -> Vec<f32> {
     let dir = shard.map_or(run.to_path_buf(), |r| checkpoint::shard_dir(run, r, 2));
     let (found, _) = CheckpointDir::new(&dir, 3, &Faults::default()).unwrap().newest_valid().unwrap();
     let (_, mut ckpt) = found.unwrap();
-    let model = cfg.model.init(&DataShape::of(&encoder), &device);
+    let shape = DataShape::of(&encoder);
     let model = match shard {
-        Some(r) => model.map_embedding(|e| e.shard(r, 2)),
-        None => model,
+        Some(r) => cfg.model.init_shard(&shape, cfg.train.emb_storage, r, 2, &device),
+        None => cfg.model.init(&shape, &device),
     };
     let model = checkpoint::load_model_bytes(model, ckpt.take_section("model").unwrap(), "the checkpoint").unwrap();
     let table = model.embedding().current_rows(burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(

@@ -13,7 +13,7 @@ use super::dataset::EncodedDataset;
 use super::pipeline::SplitData;
 
 /// One batch, ready to become tensors.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub size: usize,
     pub labels: Vec<f32>,

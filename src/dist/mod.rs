@@ -68,6 +68,11 @@ pub fn shard_range(len: usize, rank: usize, size: usize) -> std::ops::Range<usiz
     start..start + base + usize::from(rank < extra)
 }
 
+/// Rows of a `rows`-row table that `rank` of `size` holds when row r lives on rank r mod size.
+pub fn shard_rows(rows: usize, rank: usize, size: usize) -> usize {
+    rows.saturating_sub(rank).div_ceil(size)
+}
+
 /// Sums the gradients of rows that several ranks touched. `ids` and `grads` (`ids.len() × dim`)
 /// are the all-gathered rows of every rank in rank order; returns the distinct ids (ascending)
 /// and their summed gradients. The sum runs in rank order, so every rank computes the same bits.
@@ -88,12 +93,6 @@ pub fn merge_rows(ids: &[i64], grads: &[f32], dim: usize) -> (Vec<i64>, Vec<f32>
         }
     }
     (out_ids, out)
-}
-
-/// Exact global AUC/LogLoss from scores split over ranks: each rank passes the logits of its
-/// contiguous part of the examples (in order); every rank gets all logits, in example order.
-pub fn gather_scores(comm: &dyn Collective, local: &[f32]) -> Result<Vec<f32>> {
-    Ok(comm.all_gather_f32(local)?.0)
 }
 
 /// Counts payload bytes for [`Collective::bytes_sent`].

@@ -277,7 +277,7 @@ impl SparseEmbedding {
                 w
             }
             (storage, Some((rank, size))) => {
-                let own = (rows + size - 1 - rank.min(rows + size - 1)) / size;
+                let own = crate::dist::shard_rows(rows, rank, size);
                 let mut w = Tensor::<2>::zeros([own, dim], (device, storage.dtype())).inner();
                 let mut at = 0;
                 for start in (0..rows).step_by(BLOCK) {
@@ -356,19 +356,6 @@ impl SparseEmbedding {
         let t = self.weight.val().inner();
         let t = if t.dtype() != DType::F32 { t.cast(DType::F32) } else { t };
         t.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))
-    }
-
-    /// This table's rows `rank, rank + size, rank + 2·size, …` (the rows a rank owns in a job with
-    /// a row-sharded table: global row r is local row r / size of rank r mod size).
-    pub fn shard(self, rank: usize, size: usize) -> Self {
-        let rows = self.rows();
-        let owned: Vec<i64> = (rank..rows).step_by(size).map(|r| r as i64).collect();
-        let n = owned.len();
-        let weight = self.weight.map(|t| {
-            let device = t.device();
-            t.inner().select(0, Tensor::<1, Int>::from_data(TensorData::new(owned, [n]), &device))
-        });
-        Self { weight }
     }
 
     /// The present values of the given rows in f32 (`[U, d]`), outside autodiff: what a rank that

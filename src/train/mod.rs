@@ -122,17 +122,18 @@ fn sharded_logits(
     let mut batches = (n > 0).then(|| loader.epoch(None));
     let mut out = Vec::with_capacity(n);
     let dim = model.embedding().dim();
+    let inner = device.clone().inner();
     for _ in 0..longest.div_ceil(batch_size.max(1)) {
         let batch = match batches.as_mut().and_then(|b| b.next()) {
             Some(b) => b?,
-            None => crate::data::Batch { size: 0, labels: vec![], unique_rows: vec![], inverse: vec![], values: None, dense: None },
+            None => crate::data::Batch::default(),
         };
-        let (rows, _) = dist::RowExchange::fetch(comm, model, &batch.unique_rows, &device.clone().inner())?;
+        let (rows, _) = dist::RowExchange::fetch(comm, model, &batch.unique_rows, &inner)?;
         if batch.size == 0 {
             continue;
         }
         let mut input = SparseInput::from_batch(&batch, &layout, device);
-        input.rows = Some(Tensor::<2>::from_data(TensorData::new(rows, [batch.unique_rows.len(), dim]), &device.clone().inner()));
+        input.rows = Some(Tensor::<2>::from_data(TensorData::new(rows, [batch.unique_rows.len(), dim]), &inner));
         let (logits, _) = model.forward(&input, false, &Pass::new(precision, 0));
         out.extend(logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?);
     }
@@ -143,7 +144,7 @@ fn sharded_logits(
 /// [`score`] in a data-parallel job: each rank scores its contiguous part of the split
 /// ([`crate::dist::shard_range`]) and the logits are all-gathered in example order, so every
 /// rank gets the exact AUC and LogLoss of the whole split (the same numbers as one process, up
-/// to float rounding inside the model). Without `comm`, [`score`].
+/// to float rounding inside the model). Without `dp`, [`score`].
 fn score_on(
     model: &Model,
     data: &SplitData,
@@ -164,9 +165,39 @@ fn score_on(
     } else {
         predict_logits(model, &SplitData::Memory(std::sync::Arc::new(part)), encoder, batch_size, precision, device)?
     };
-    let logits = crate::dist::gather_scores(comm, &local)?;
+    let (logits, _) = comm.all_gather_f32(&local)?;
     anyhow::ensure!(logits.len() == d.len(), "the ranks scored {} of {} examples", logits.len(), d.len());
     Ok((metrics_of(&logits, &d.labels)?, logits))
+}
+
+/// The gradient of a step's gathered embedding rows, with those rows.
+type RowsGrad = (Tensor<2>, crate::model::Gathered);
+
+/// The forward and backward pass of one batch: the dense gradients, the gradient of the gathered
+/// rows (with them) and the loss. With `scale`, the mean loss times it is backpropagated (a
+/// data-parallel rank passes its share's size: the sum of its losses).
+fn forward_backward(
+    model: &Model,
+    input: &SparseInput,
+    labels: Tensor<1>,
+    pass: &Pass,
+    scale: Option<f64>,
+) -> Result<(GradientsParams, Option<RowsGrad>, f32)> {
+    let (logits, gathered) = model.forward(input, true, pass);
+    let loss = bce_with_logits(logits, labels);
+    let loss = match scale {
+        Some(s) => loss.mul_scalar(s),
+        None => loss,
+    };
+    profile::mark(Phase::Mlp);
+    let mut grads = loss.backward();
+    let loss = loss.into_scalar::<f32>();
+    profile::mark(Phase::Backward);
+    let sparse = match gathered {
+        Some(g) => Some((g.rows.grad_remove(&mut grads).context("embedding rows received no gradient")?, g)),
+        None => None,
+    };
+    Ok((GradientsParams::from_grads(grads, model), sparse, loss))
 }
 
 /// One training step's machinery: the model, Adam for its dense parameters (with the global-norm
@@ -290,25 +321,14 @@ impl Stepper {
         profile::mark(Phase::Data);
         let model = self.model.take().expect("model present between steps");
         let pass = Pass::new(self.precision, self.dropout_stream);
-        let (logits, gathered) = model.forward(&input, true, &pass);
-        self.dropout_stream = pass.dropout_stream();
-        let loss = bce_with_logits(logits, labels);
-        profile::mark(Phase::Mlp);
-        let mut grads = loss.backward();
-        let loss = loss.into_scalar::<f32>();
-        profile::mark(Phase::Backward);
-
-        let sparse = match gathered {
-            Some(g) => match g.rows.grad_remove(&mut grads) {
-                Some(grad) => Some((grad, g)),
-                None => {
-                    self.model = Some(model);
-                    bail!("embedding rows received no gradient");
-                }
-            },
-            None => None,
+        let (dense_grads, sparse, loss) = match forward_backward(&model, &input, labels, &pass, None) {
+            Ok(out) => out,
+            Err(e) => {
+                self.model = Some(model);
+                return Err(e);
+            }
         };
-        let dense_grads = GradientsParams::from_grads(grads, &model);
+        self.dropout_stream = pass.dropout_stream();
         let grad_norm = self.adam.grad_norm(&model, &dense_grads);
         let mut report = StepReport { loss, grad_norm, emb_grad_norm: 0.0 };
         if let Some(accept) = accept {
@@ -354,7 +374,9 @@ impl Stepper {
         // part, even with an empty share of the batch).
         let sharded = dp.embeddings == crate::dist::EmbeddingMode::Sharded;
         let (fetched, exchange) = if sharded {
+            profile::mark(Phase::Data);
             let (rows, ex) = dist::RowExchange::fetch(comm.as_ref(), &model, &batch.unique_rows, &inner)?;
+            profile::mark(Phase::Communication);
             (Some(rows), Some(ex))
         } else {
             (None, None)
@@ -368,23 +390,14 @@ impl Stepper {
             let labels = Tensor::<1>::from_data(TensorData::new(batch.labels.clone(), [batch.size]), ad);
             profile::mark(Phase::Data);
             let pass = Pass::new(self.precision, crate::rng::mix(base ^ (dp.rank() as u64 + 1).wrapping_mul(crate::rng::GAMMA)));
-            let (logits, gathered) = model.forward(&input, true, &pass);
-            let loss = bce_with_logits(logits, labels).mul_scalar(batch.size as f64);
-            profile::mark(Phase::Mlp);
-            let mut grads = loss.backward();
-            let loss_sum = loss.into_scalar::<f32>() as f64;
-            profile::mark(Phase::Backward);
-            let sparse = match gathered {
-                Some(g) => match g.rows.grad_remove(&mut grads) {
-                    Some(grad) => Some((g.unique_rows, grad)),
-                    None => {
-                        self.model = Some(model);
-                        bail!("embedding rows received no gradient");
-                    }
-                },
-                None => None,
+            let (grads, sparse, loss_sum) = match forward_backward(&model, &input, labels, &pass, Some(batch.size as f64)) {
+                Ok(out) => out,
+                Err(e) => {
+                    self.model = Some(model);
+                    return Err(e);
+                }
             };
-            (Some(GradientsParams::from_grads(grads, &model)), sparse, loss_sum)
+            (Some(grads), sparse.map(|(grad, g)| (g.unique_rows, grad)), loss_sum as f64)
         } else {
             (None, None, 0.0)
         };
@@ -709,8 +722,6 @@ struct Loop<'a> {
     last_checkpoint: Instant,
     /// Warm-up length in steps (from `warmup_steps` or `warmup_fraction`).
     warmup: u64,
-    /// The job's engine in a data-parallel run.
-    comm: Option<crate::dist::Comm>,
     /// This process writes the run directory (rank 0, or the only process).
     writer: bool,
     /// A row-sharded job: this rank's own directory (its weights and checkpoints).
@@ -731,7 +742,7 @@ impl Loop<'_> {
             // a checkpoint of rank 0 stands for every rank: they must hold the same weights
             dp.check_replicas(self.stepper.model(), self.state.step)?;
         }
-        if !self.writer && self.shard_dir.is_none() {
+        if !self.keeps_files() {
             self.last_checkpoint = Instant::now();
             return Ok(());
         }
@@ -754,30 +765,29 @@ impl Loop<'_> {
         Ok(state)
     }
 
+    /// Whether this process writes checkpoints and best weights: rank 0 (or the only process),
+    /// and in a row-sharded job every rank (its own part).
+    fn keeps_files(&self) -> bool {
+        self.writer || self.shard_dir.is_some()
+    }
+
     /// Where this process keeps `name` (a model file): its shard directory in a row-sharded job.
     fn own_path(&self, name: &str) -> PathBuf {
         self.shard_dir.as_ref().unwrap_or(&self.run_dir).join(name)
     }
 
     fn newest_checkpoint(&self) -> Result<(PathBuf, Checkpoint)> {
-        if let (Some(c), Some(_)) = (&self.comm, &self.shard_dir) {
+        if let (Some(dp), Some(_)) = (self.stepper.data_parallel(), &self.shard_dir) {
             // every rank holds its own part: go back to the newest step all ranks have intact
+            // (each rank lists a step at most once, so a step on all of them appears N times)
             let mine: Vec<i64> = self.ckpts.valid_steps()?.into_iter().map(|s| s as i64).collect();
-            let (all, counts) = c.all_gather_i64(&mine)?;
-            let mut at = 0;
-            let mut common: Option<std::collections::BTreeSet<i64>> = None;
-            for n in counts {
-                let steps: std::collections::BTreeSet<i64> = all[at..at + n].iter().copied().collect();
-                at += n;
-                common = Some(match common {
-                    None => steps,
-                    Some(c) => c.intersection(&steps).copied().collect(),
-                });
-            }
-            let step = common
-                .and_then(|c| c.last().copied())
-                .with_context(|| format!("no checkpoint step is intact on every rank (this rank, {}, has {mine:?})", c.rank()))?;
-            return self.ckpts.at(step as u64);
+            let (all, _) = dp.comm.all_gather_i64(&mine)?;
+            let step = mine
+                .iter()
+                .rev()
+                .find(|&&s| all.iter().filter(|&&a| a == s).count() == dp.size())
+                .with_context(|| format!("no checkpoint step is intact on every rank (this rank, {}, has {mine:?})", dp.rank()))?;
+            return self.ckpts.at(*step as u64);
         }
         let (found, refused) = self.ckpts.newest_valid()?;
         for r in &refused {
@@ -809,6 +819,7 @@ impl Loop<'_> {
         .0;
         let seconds = self.seconds();
         let (model_path, other_path) = (self.own_path(checkpoint::MODEL), self.own_path(checkpoint::MODEL_OTHER));
+        let keeps_files = self.keeps_files();
         let s = &mut self.state;
         s.evals += 1;
         s.last_eval_step = Some(s.step);
@@ -816,7 +827,7 @@ impl Loop<'_> {
         if improved {
             s.best = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
             s.bad_evals = 0;
-            if self.writer || self.shard_dir.is_some() {
+            if keeps_files {
                 checkpoint::save_model(self.stepper.model(), &model_path)?;
             }
         } else if s.step > self.warmup {
@@ -826,7 +837,7 @@ impl Loop<'_> {
         let other = t.monitor.other();
         if s.best_other.as_ref().is_none_or(|b| other.score(&valid) > other.score(&b.metrics())) {
             s.best_other = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
-            if self.writer || self.shard_dir.is_some() {
+            if keeps_files {
                 checkpoint::save_model(self.stepper.model(), &other_path)?;
             }
         }
@@ -1005,7 +1016,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     if sharded && writer && resume_dir.is_none() {
         let shards: Vec<serde_json::Value> = (0..ranks)
             .map(|r| {
-                serde_json::json!({ "rank": r, "rows": (total_rows + ranks - 1 - r) / ranks,
+                serde_json::json!({ "rank": r, "rows": crate::dist::shard_rows(total_rows, r, ranks),
                     "dir": checkpoint::shard_dir(Path::new(""), r, ranks) })
             })
             .collect();
@@ -1043,7 +1054,6 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         seconds_before: 0.0,
         last_checkpoint: Instant::now(),
         warmup: 0,
-        comm: comm.clone(),
         writer,
         shard_dir: shard_dir.clone(),
     };
@@ -1197,9 +1207,9 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                     let by_steps = t.checkpoint_every_steps > 0 && s.step.is_multiple_of(t.checkpoint_every_steps as u64);
                     let mut by_time =
                         t.checkpoint_every_secs > 0.0 && lp.last_checkpoint.elapsed().as_secs_f64() >= t.checkpoint_every_secs;
-                    if let Some(c) = lp.comm.as_ref().filter(|_| t.checkpoint_every_secs > 0.0) {
+                    if let Some(dp) = lp.stepper.data_parallel().filter(|_| t.checkpoint_every_secs > 0.0) {
                         // rank 0's clock decides for all: every rank must reach the same collectives
-                        by_time = c.broadcast_bytes(0, vec![u8::from(by_time)])?.first() == Some(&1);
+                        by_time = dp.comm.broadcast_bytes(0, vec![u8::from(by_time)])?.first() == Some(&1);
                     }
                     if by_steps || by_time {
                         lp.checkpoint()?;
