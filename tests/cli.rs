@@ -370,3 +370,14 @@ fn gen_world_and_run_dir_refusals() {
     assert!(err.contains("exists already") && err.contains("taken"), "{err}");
     assert_eq!(std::fs::read_to_string(taken.join("keep.txt")).unwrap(), "mine", "nothing of the directory touched");
 }
+
+/// A binary built without the `mpi` feature, started by an MPI launcher for several ranks, must
+/// say so instead of training N independent copies that overwrite each other's run.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_binary_without_mpi_refuses_a_multi_rank_launch() {
+    let out = bin().args(["train", "--config", "no-such.toml"]).env("OMPI_COMM_WORLD_SIZE", "2").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("built without MPI") && err.contains("--features mpi"), "{err}");
+}
