@@ -95,6 +95,15 @@ pub fn run_point(p: &Point, out: &Path, opts: &RunOptions) -> Result<Finished> {
     Ok(Finished { id: p.id.clone(), family: p.family.clone(), dir, result, trained_now })
 }
 
+/// A point that must already be finished, read back (an error names it otherwise).
+pub fn run_point_finished(p: &Point, out: &Path) -> Result<Finished> {
+    let dir = point_dir(out, &p.id);
+    anyhow::ensure!(state(&dir) == PointState::Finished, "point {} has not finished", p.id);
+    let text = std::fs::read_to_string(dir.join(checkpoint::RESULT)).with_context(|| format!("point {}: no result.json", p.id))?;
+    let result = serde_json::from_str(&text).with_context(|| format!("point {}: unreadable result.json", p.id))?;
+    Ok(Finished { id: p.id.clone(), family: p.family.clone(), dir, result, trained_now: false })
+}
+
 /// Runs every point in order; `after` sees each finished one (to rewrite tables as it goes).
 pub fn run_all(points: &[Point], out: &Path, opts: &RunOptions, mut after: impl FnMut(&[Finished]) -> Result<()>) -> Result<Vec<Finished>> {
     let mut seen = std::collections::HashSet::new();

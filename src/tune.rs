@@ -10,6 +10,10 @@
 //! seed = 1
 //! metric = "auc"                    # validation metric: auc (higher) or logloss (lower)
 //! seeds = [1, 2, 3]                 # final re-runs of the best trial
+//! parallel = 2                      # trials at a time (each a process with its share of threads)
+//! prune = "median"                  # stop trials below the median of finished ones ("none")
+//! prune_grace_evals = 2             # … never during a trial's first evaluations
+//! prune_min_trials = 3              # … nor before this many trials finished
 //! [space]
 //! "train.lr" = { loguniform = [1e-4, 1e-2] }
 //! "model.dropout" = { uniform = [0.0, 0.3] }
@@ -41,7 +45,38 @@ pub struct SpaceFile {
     /// Seeds of the final re-runs of the best trial (empty: none).
     #[serde(default)]
     pub seeds: Vec<u64>,
+    /// Trials (and seed re-runs) trained at the same time, each in its own process with an equal
+    /// share of the threads (1: one after the other, in this process).
+    #[serde(default = "one_usize")]
+    pub parallel: usize,
+    /// Early stopping of hopeless trials.
+    #[serde(default)]
+    pub prune: Prune,
+    #[serde(default = "two")]
+    pub prune_grace_evals: usize,
+    #[serde(default = "three")]
+    pub prune_min_trials: usize,
     pub space: BTreeMap<String, Domain>,
+}
+
+fn one_usize() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn three() -> usize {
+    3
+}
+
+/// How hopeless trials are stopped early.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Prune {
+    #[default]
+    None,
+    /// The median stopping rule ([`crate::train::prune::MedianRule`]).
+    Median,
 }
 
 fn one() -> u64 {
@@ -129,6 +164,7 @@ pub fn trials(path: &Path) -> Result<(SpaceFile, Vec<(Settings, Point)>)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let space: SpaceFile = toml::from_str(&text).with_context(|| format!("invalid space {}", path.display()))?;
     ensure!(space.trials > 0, "trials must be positive");
+    ensure!(space.parallel > 0, "parallel must be positive");
     ensure!(!space.space.is_empty(), "the space is empty");
     for (k, d) in &space.space {
         d.check(k)?;
@@ -245,12 +281,113 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
     Ok((md, String::from_utf8(w.into_inner()?)?))
 }
 
+/// Starts one trial or seed re-run (`--only ID`) as a child process with `threads` threads;
+/// given by the CLI, which knows its own executable.
+pub type Launch<'a> = &'a dyn Fn(&str, usize) -> std::process::Command;
+
+/// The options a trial trains with: the median rule reads the other trials' run directories
+/// (its own has no `result.json` while it runs, so listing every trial is the same).
+fn trial_options(space: &SpaceFile, out: &Path, points: &[Point], opts: &crate::train::RunOptions) -> crate::train::RunOptions {
+    let median_rule = (space.prune == Prune::Median).then(|| crate::train::prune::MedianRule {
+        peers: points.iter().map(|p| experiment::point_dir(out, &p.id)).collect(),
+        grace_evals: space.prune_grace_evals,
+        min_peers: space.prune_min_trials,
+    });
+    crate::train::RunOptions { median_rule, ..opts.clone() }
+}
+
+/// Trains the unfinished `points` in child processes, `slots` at a time, each with its share of
+/// the threads; stops starting new ones at the first failure and reports it once the running
+/// ones ended.
+fn run_children(points: &[Point], out: &Path, slots: usize, launch: Launch) -> Result<()> {
+    let pending: Vec<&Point> =
+        points.iter().filter(|p| experiment::state(&experiment::point_dir(out, &p.id)) != experiment::PointState::Finished).collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let total = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let slots = slots.min(pending.len());
+    let threads = (total / slots).max(1);
+    tracing::info!("{} to train, {slots} at a time with {threads} thread(s) each", pending.len());
+    let mut queue = pending.into_iter();
+    let mut running: Vec<(String, std::process::Child)> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    loop {
+        while failed.is_empty() && running.len() < slots {
+            let Some(p) = queue.next() else { break };
+            let child = launch(&p.id, threads).spawn().with_context(|| format!("cannot start the process of {}", p.id))?;
+            running.push((p.id.clone(), child));
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = Vec::with_capacity(running.len());
+        for (id, mut child) in running {
+            match child.try_wait().with_context(|| format!("waiting for {id}"))? {
+                Some(status) if status.success() => tracing::info!("{id} finished"),
+                Some(status) => failed.push(format!("{id} ({status})")),
+                None => still.push((id, child)),
+            }
+        }
+        running = still;
+    }
+    ensure!(failed.is_empty(), "failed: {} (their output is above; the same command continues the search)", failed.join(", "));
+    Ok(())
+}
+
+/// The best finished trial by the validation metric.
+fn best_of<'a>(space: &SpaceFile, done: &'a [Finished]) -> Result<&'a Finished> {
+    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
+    done.iter().min_by(|a, b| better(space.metric)(&metric_of(&a.result, key), &metric_of(&b.result, key))).context("no trial finished")
+}
+
+/// The seed re-runs of the best trial.
+fn seed_points(space: &SpaceFile, best: &Point) -> Vec<Point> {
+    space
+        .seeds
+        .iter()
+        .map(|&s| {
+            let mut config = best.config.clone();
+            config.train.seed = s;
+            config.name = format!("{}-best-seed{s}", space.name);
+            Point { id: format!("best-seed{s}"), family: "best".into(), config }
+        })
+        .collect()
+}
+
+/// Trains only the trial or seed re-run `id` (the child process of a parallel search). A seed
+/// re-run needs every trial finished (the best one is read back from their results).
+pub fn run_only(path: &Path, out: &Path, opts: &crate::train::RunOptions, id: &str) -> Result<()> {
+    let (space, trials) = trials(path)?;
+    let points: Vec<Point> = trials.iter().map(|(_, p)| p.clone()).collect();
+    if let Some(p) = points.iter().find(|p| p.id == id) {
+        experiment::run_point(p, out, &trial_options(&space, out, &points, opts))?;
+        return Ok(());
+    }
+    let done: Vec<Finished> = points.iter().map(|p| experiment::run_point_finished(p, out)).collect::<Result<_>>()?;
+    let best = best_of(&space, &done)?;
+    let best_point = &points.iter().find(|p| p.id == best.id).expect("a trial");
+    let seeds = seed_points(&space, best_point);
+    let p = seeds.iter().find(|p| p.id == id).with_context(|| format!("{id} is neither a trial nor a seed re-run of this search"))?;
+    experiment::run_point(p, out, opts)?;
+    Ok(())
+}
+
 /// Runs (or continues) the search, then the seeds of the best trial; writes `leaderboard.md`,
-/// `leaderboard.csv` and `summary.json` into `out` after every trial.
-pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions) -> Result<Summary> {
+/// `leaderboard.csv` and `summary.json` into `out` after every trial. With `parallel > 1` in
+/// the space and a `launch`er, trials and seed re-runs train in child processes.
+pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions, launch: Option<Launch>) -> Result<Summary> {
     let (space, trials) = trials(path)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let points: Vec<Point> = trials.iter().map(|(_, p)| p.clone()).collect();
+    let children = launch.filter(|_| space.parallel > 1);
+    if let Some(launch) = children {
+        run_children(&points, out, space.parallel, launch)?;
+    }
     let write = |done: &[Finished]| -> Result<()> {
         let pairs: Vec<(Settings, Finished)> =
             done.iter().map(|f| (trials.iter().find(|(_, p)| p.id == f.id).expect("a trial").0.clone(), f.clone())).collect();
@@ -258,24 +395,14 @@ pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions) -> Result<S
         crate::runtime::write_atomic(&out.join("leaderboard.md"), md.as_bytes())?;
         crate::runtime::write_atomic(&out.join("leaderboard.csv"), csv.as_bytes())
     };
-    let done = experiment::run_all(&points, out, opts, write)?;
-    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
-    let best = done
-        .iter()
-        .min_by(|a, b| better(space.metric)(&metric_of(&a.result, key), &metric_of(&b.result, key)))
-        .context("no trial finished")?;
+    let done = experiment::run_all(&points, out, &trial_options(&space, out, &points, opts), write)?;
+    let best = best_of(&space, &done)?;
     let best_trial = trials.iter().find(|(_, p)| p.id == best.id).expect("a trial");
     // the best config with each seed (its trial seed included if listed: a separate run anyway)
-    let seed_points: Vec<Point> = space
-        .seeds
-        .iter()
-        .map(|&s| {
-            let mut config = best_trial.1.config.clone();
-            config.train.seed = s;
-            config.name = format!("{}-best-seed{s}", space.name);
-            Point { id: format!("best-seed{s}"), family: "best".into(), config }
-        })
-        .collect();
+    let seed_points = seed_points(&space, &best_trial.1);
+    if let Some(launch) = children {
+        run_children(&seed_points, out, space.parallel, launch)?;
+    }
     let seeded = experiment::run_all(&seed_points, out, opts, |_| Ok(()))?;
     let col = |k: &str| seeded.iter().map(|f| metric_of(&f.result, k)).collect::<Vec<_>>();
     let (auc, ll) = (mean_std(&col("test_auc")), mean_std(&col("test_logloss")));

@@ -78,6 +78,39 @@ fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_feature
     }
 }
 
+/// Every float parameter except the embedding table (updated by its own optimizer from the
+/// gathered rows) must receive a gradient — fresh, and after a checkpoint round trip. A
+/// parameter created without `require_grad` silently stays at its initial value (it happened:
+/// Wukong's LCB and FM projections, xDeepFM's CIN and AFN's logarithmic neurons were frozen).
+#[test]
+fn every_parameter_receives_a_gradient_fresh_and_after_a_checkpoint_round_trip() {
+    use wukong::model::export::{model_parameters, named_gradients, strip_variant};
+    let _turn = serial();
+    for (name, body) in common::MODELS {
+        let ad = Device::flex().autodiff();
+        let c = model_config(name, body);
+        let shape = DataShape { fields: 3, dense: 2, table_rows: 12 };
+        let fresh = c.init(&shape, &ad);
+        let bytes = wukong::train::checkpoint::model_bytes(&fresh).unwrap();
+        let loaded = wukong::train::checkpoint::load_model_bytes(c.init(&shape, &ad), bytes, "round trip").unwrap();
+        for (what, model) in [("fresh", fresh), ("loaded", loaded)] {
+            let b = batch(8, 2, 3);
+            let labels = Tensor::<1>::from_data(TensorData::new(b.labels.clone(), [8]), &ad);
+            let input = SparseInput::from_batch(&b, &SlotLayout::one_hot(3), &ad);
+            let (z, _) = model.forward(&input, true, &wukong::model::Pass::f32());
+            let grads = bce_with_logits(z, labels).backward();
+            let with_grad: Vec<String> = strip_variant(named_gradients(&model, &grads)).into_iter().map(|t| t.name).collect();
+            let missing: Vec<String> = model_parameters(&model)
+                .into_iter()
+                .map(|t| t.name)
+                .filter(|n| n != "embedding.weight" && !n.ends_with(".running_mean") && !n.ends_with(".running_var"))
+                .filter(|n| !with_grad.contains(n))
+                .collect();
+            assert!(missing.is_empty(), "{name} ({what}): no gradient for {missing:?}");
+        }
+    }
+}
+
 #[test]
 fn embedding_row_gradients_match_finite_differences_for_every_model() {
     let _turn = serial();

@@ -42,7 +42,7 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     }
     let out = dir.join("out");
     let opts = RunOptions { out_dir: out.clone(), ..Default::default() };
-    let summary = tune::run(&dir.join("space.toml"), &out, &opts).unwrap();
+    let summary = tune::run(&dir.join("space.toml"), &out, &opts, None).unwrap();
     // the leaderboard is ordered by validation AUC, best first, and the summary names its top
     let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
     let mut rdr = csv::Reader::from_reader(csv.as_bytes());
@@ -68,7 +68,7 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     assert!((summary.test_auc_std.unwrap() - (seed_auc[0] - seed_auc[1]).abs() / 2f64.sqrt()).abs() < 1e-12);
     // a second invocation trains nothing again
     let before = std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap();
-    let again = tune::run(&dir.join("space.toml"), &out, &opts).unwrap();
+    let again = tune::run(&dir.join("space.toml"), &out, &opts, None).unwrap();
     assert_eq!(again.best, summary.best);
     assert_eq!(std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap(), before);
 }
@@ -94,4 +94,78 @@ fn grids_and_bad_spaces() {
     assert!(bad("[space]\n\"lr\" = { choice = [0.1] }\n").contains("needs its section"));
     assert!(bad("[space]\n\"model.dropout\" = { choice = [1.5] }\n").contains("model.dropout"));
     assert!(bad("[space]\n\"train.nope\" = { choice = [1] }\n").contains("nope"));
+}
+
+/// A base whose trials evaluate three times (every two of their six steps) and never stop on
+/// patience.
+fn write_long(dir: &Path, space: &str) {
+    write(dir, space);
+    let base = std::fs::read_to_string(dir.join("base.toml")).unwrap();
+    let base = base.replace("warmup_steps = 0\n", "warmup_steps = 0\neval_every_steps = 2\npatience = 10\n");
+    std::fs::write(dir.join("base.toml"), base).unwrap();
+}
+
+fn result(out: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join(format!("points/{id}/result.json"))).unwrap()).unwrap()
+}
+
+#[test]
+fn the_median_rule_stops_a_trial_below_the_finished_ones() {
+    let dir = common::workdir("tune-median");
+    write_long(
+        &dir,
+        "name = \"m\"\nbase = \"base.toml\"\ntrials = 2\nsearch = \"grid\"\nprune = \"median\"\nprune_grace_evals = 0\nprune_min_trials = 1\n\
+         [space]\n\"train.lr\" = { choice = [0.03, 1e-9] }\n\"train.emb_lr\" = { choice = [0.5] }\n",
+    );
+    let out = dir.join("out");
+    tune::run(&dir.join("space.toml"), &out, &RunOptions { out_dir: out.clone(), ..Default::default() }, None).unwrap();
+    let evals = |id: &str| std::fs::read_to_string(out.join(format!("points/{id}/metrics.jsonl"))).unwrap().lines().count();
+    // the first trial has no finished peer: it runs to the end
+    assert_eq!(evals("trial-001"), 3);
+    assert!(!result(&out, "trial-001")["stop_reason"].as_str().unwrap().contains("pruned"));
+    // the second (dense layers that cannot learn) stops at the evaluation the rule names, before
+    // its last, and below the first trial's best at that evaluation
+    let why = result(&out, "trial-002")["stop_reason"].as_str().unwrap().to_string();
+    let at: usize = why
+        .strip_prefix("pruned by the median rule at evaluation ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("{why}"));
+    assert!(at < 3 && evals("trial-002") == at, "{why}");
+    assert!(why.contains("of 1 finished trials"), "{why}");
+    assert!(std::fs::read_to_string(out.join("leaderboard.md")).unwrap().contains("trial-002"));
+}
+
+#[test]
+fn parallel_trials_train_in_child_processes_with_a_share_of_the_threads() {
+    let dir = common::workdir("tune-parallel");
+    write_long(
+        &dir,
+        "name = \"p\"\nbase = \"base.toml\"\ntrials = 3\nseed = 4\nseeds = [1, 2]\nparallel = 2\n\
+         [space]\n\"train.lr\" = { loguniform = [1e-3, 3e-2] }\n\"model.num_fmb\" = { choice = [2, 4] }\n",
+    );
+    let out = dir.join("out");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wukong"))
+        .args(["--threads", "2", "tune"])
+        .arg(dir.join("space.toml"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("3 to train, 2 at a time with 1 thread(s) each"), "{stderr}");
+    assert!(stderr.contains("2 to train, 2 at a time with 1 thread(s) each"), "the seed re-runs too: {stderr}");
+    for id in ["trial-001", "trial-002", "trial-003", "best-seed1", "best-seed2"] {
+        assert!(result(&out, id)["test_auc"].as_f64().unwrap().is_finite(), "{id}");
+    }
+    let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    // the children trained the configs the search drew
+    let (_, trials) = tune::trials(&dir.join("space.toml")).unwrap();
+    for (s, p) in &trials {
+        let saved: wukong::config::ExperimentConfig =
+            toml::from_str(&std::fs::read_to_string(out.join(format!("points/{}/config.toml", p.id))).unwrap()).unwrap();
+        assert_eq!(saved.train.lr, s["train.lr"].as_float().unwrap());
+    }
 }

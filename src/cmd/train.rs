@@ -56,6 +56,7 @@ pub fn run(a: Args) -> Result<()> {
         faults: checkpoint::Faults::from_env()?,
         run_dir: None,
         comm: comm.clone(),
+        median_rule: None,
     };
     match (train_or_resume(a, &opts), comm) {
         // A rank that fails ends the whole job at once: its peers would otherwise wait in their

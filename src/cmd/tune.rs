@@ -14,17 +14,30 @@ pub struct Args {
     out: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Train only this trial or seed re-run (the child processes of a parallel search).
+    #[arg(long, hide = true)]
+    only: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let opts = RunOptions {
-        device: a.device,
+        device: a.device.clone(),
         out_dir: a.out.clone(),
         verbose: true,
         faults: checkpoint::Faults::from_env()?,
         ..Default::default()
     };
-    let s = wukong::tune::run(&a.space, &a.out, &opts)?;
+    if let Some(id) = &a.only {
+        return wukong::tune::run_only(&a.space, &a.out, &RunOptions { verbose: false, ..opts }, id);
+    }
+    let exe = std::env::current_exe()?;
+    let launch = |id: &str, threads: usize| {
+        let mut c = std::process::Command::new(&exe);
+        c.arg("--threads").arg(threads.to_string()).arg("tune").arg(&a.space).arg("--out").arg(&a.out);
+        c.arg("--device").arg(&a.device).arg("--only").arg(id);
+        c
+    };
+    let s = wukong::tune::run(&a.space, &a.out, &opts, Some(&launch))?;
     println!("best trial {} ({})", s.best, s.best_settings.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", "));
     if let (Some(m), Some(sd), Some(l), Some(lsd)) = (s.test_auc_mean, s.test_auc_std, s.test_logloss_mean, s.test_logloss_std) {
         println!("seeds {:?}: test AUC {m:.6} ± {sd:.6}, LogLoss {l:.6} ± {lsd:.6}", s.seeds);

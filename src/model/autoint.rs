@@ -1,6 +1,7 @@
-//! AutoInt+ (Song et al., CIKM 2019): stacked multi-head self-attention over the field
-//! embeddings (each layer: heads of softmax(Q Kᵀ) V, concatenated, plus a residual projection,
-//! ReLU), flattened into a logit, plus a DNN over the embeddings whose logit is added ("+").
+//! AutoInt+ (Song et al., CIKM 2019), as FuxiCTR builds it: stacked multi-head self-attention
+//! over the field embeddings (each layer: heads of dropout(softmax(Q Kᵀ)) V, concatenated, plus
+//! the residual — projected only when the width changes — then LayerNorm, then ReLU), flattened
+//! into a logit, plus a DNN over the embeddings whose logit is added ("+").
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -9,7 +10,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
-use super::layers::Mlp;
+use super::layers::{Dropout, Mlp};
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 use super::{Pass, TableInit};
@@ -29,6 +30,7 @@ pub struct AutoIntConfig {
     pub layer_norm: bool,
     /// The "+" DNN (empty = plain AutoInt).
     pub dnn_hidden_units: Vec<usize>,
+    /// Dropout on the attention weights and in the DNN's hidden layers.
     pub dropout: f64,
     pub batch_norm: bool,
     pub dense_mlp: Vec<usize>,
@@ -62,26 +64,32 @@ pub struct SelfAttention {
     pub value: Linear,
     pub residual: Option<Linear>,
     pub norm: Option<LayerNorm>,
+    pub dropout: Dropout,
     pub heads: usize,
     pub scale: bool,
+    /// Identity residual (the width does not change and `use_residual`).
+    pub identity: bool,
 }
 
 impl SelfAttention {
     fn new(d_in: usize, c: &AutoIntConfig, device: &Device) -> Self {
         let lin = || LinearConfig::new(d_in, c.attention_dim).with_bias(false).init(device);
+        let project = c.use_residual && d_in != c.attention_dim;
         Self {
             query: lin(),
             key: lin(),
             value: lin(),
-            residual: c.use_residual.then(lin),
+            residual: project.then(lin),
             norm: c.layer_norm.then(|| LayerNormConfig::new(c.attention_dim).init(device)),
+            dropout: Dropout::new(c.dropout),
             heads: c.num_heads,
             scale: c.use_scale,
+            identity: c.use_residual && !project,
         }
     }
 
     /// `[b, n, d_in] → [b, n, attention_dim]`.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
         let [b, n, _] = x.dims();
         let split = |t: Tensor<3>| {
             let a = t.dims()[2];
@@ -93,16 +101,17 @@ impl SelfAttention {
         if self.scale {
             scores = scores.div_scalar((dk as f64).sqrt());
         }
-        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, n, self.heads * dk]);
+        let weights = self.dropout.forward(softmax(scores, 3), pass);
+        let out = weights.matmul(v).swap_dims(1, 2).reshape([b, n, self.heads * dk]);
         let out = match &self.residual {
             Some(r) => out + r.forward(x),
+            None if self.identity => out + x,
             None => out,
         };
-        let out = relu(out);
-        match &self.norm {
+        relu(match &self.norm {
             Some(ln) => super::fused::layer_norm(ln, out),
             None => out,
-        }
+        })
     }
 }
 
@@ -147,7 +156,7 @@ impl ModelSpec for AutoIntConfig {
         let mut total = dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim);
         let mut d_in = d;
         for _ in 0..self.attention_layers {
-            let projections = if self.use_residual { 4 } else { 3 };
+            let projections = if self.use_residual && d_in != a { 4 } else { 3 };
             total += projections * 2 * n * d_in * a + 2 * 2 * n * n * a; // Q,K,V(,res); QKᵀ and ·V
             d_in = a;
         }
@@ -165,7 +174,7 @@ impl AutoInt {
         let b = x0.dims()[0];
         let mut x = x0.clone();
         for layer in &self.attention {
-            x = layer.forward(x);
+            x = layer.forward(x, pass);
         }
         let mut logit = self.attention_out.forward(flatten(x));
         if let Some(dnn) = &self.dnn {

@@ -1,11 +1,14 @@
-//! DCN-V2 (Wang et al., WWW 2021): a cross network `x_{l+1} = x₀ ⊙ (W x_l + b) + x_l` over the
-//! flattened embeddings, full-rank W or low-rank `W = U V` (`low_rank > 0`), combined with a DNN
-//! in parallel (logits added, i.e. one linear layer over both outputs), stacked (the DNN reads
-//! the cross output) or alone.
+//! DCN-V2 (Wang et al., WWW 2021): a cross network over the flattened embeddings, combined with a
+//! DNN in parallel (logits added, i.e. one linear layer over both outputs), stacked (the DNN reads
+//! the cross output) or alone. Full rank (`low_rank = 0`): `x_{l+1} = x₀ ⊙ (W x_l + b) + x_l`.
+//! Low rank (`low_rank = r > 0`): the paper's mixture of low-rank experts (CrossNetMix, as the
+//! authors' and FuxiCTR's code): `x_{l+1} = Σ_e softmax(G x_l)_e · x₀ ⊙ (U_e tanh(C_e tanh(V_eᵀ
+//! x_l)) + b) + x_l` with `num_experts` experts.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::activation::{softmax, tanh};
+use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
@@ -30,8 +33,10 @@ pub struct Dcnv2Config {
     pub embedding_init_std: f64,
     pub model_structure: Structure,
     pub num_cross_layers: usize,
-    /// 0 = full-rank cross weights, r > 0 = `U V` with inner rank r.
+    /// 0 = full-rank cross weights, r > 0 = a mixture of `num_experts` rank-r experts.
     pub low_rank: usize,
+    /// Experts of the low-rank mixture.
+    pub num_experts: usize,
     pub dnn_hidden_units: Vec<usize>,
     pub dropout: f64,
     pub batch_norm: bool,
@@ -47,6 +52,7 @@ impl Default for Dcnv2Config {
             model_structure: Structure::Parallel,
             num_cross_layers: 3,
             low_rank: 0,
+            num_experts: 4,
             dnn_hidden_units: vec![400, 400, 400],
             dropout: 0.0,
             batch_norm: false,
@@ -56,28 +62,56 @@ impl Default for Dcnv2Config {
     }
 }
 
-/// One cross layer: full `W` (`v` absent) or `U(V x)`.
+/// One full-rank cross layer: `x₀ ⊙ (W x + b) + x`.
 #[derive(Module, Debug)]
 pub struct CrossLayer {
-    pub v: Option<Linear>,
     pub u: Linear,
 }
 
 impl CrossLayer {
-    fn new(dim: usize, rank: usize, device: &Device) -> Self {
-        if rank == 0 {
-            Self { v: None, u: LinearConfig::new(dim, dim).init(device) }
-        } else {
-            Self { v: Some(LinearConfig::new(dim, rank).with_bias(false).init(device)), u: LinearConfig::new(rank, dim).init(device) }
+    pub fn forward(&self, x0: Tensor<2>, x: Tensor<2>) -> Tensor<2> {
+        x0 * self.u.forward(x.clone()) + x
+    }
+}
+
+/// One layer of the mixture of low-rank experts. With `E` experts of rank `r` over width `D`:
+/// `v` `[D, E·r]` (expert e's Vₑ in columns e·r…), `c` `[E, r, r]` and `u` `[E, r, D]` act on
+/// row vectors (`h ↦ h cₑ`, `h ↦ h uₑ`), `gate` `[D, E]` (no bias), `bias` `[D]`.
+#[derive(Module, Debug)]
+pub struct CrossMixLayer {
+    pub v: Param<Tensor<2>>,
+    pub c: Param<Tensor<3>>,
+    pub u: Param<Tensor<3>>,
+    pub gate: Linear,
+    pub bias: Param<Tensor<1>>,
+}
+
+impl CrossMixLayer {
+    fn new(dim: usize, rank: usize, experts: usize, device: &Device) -> Self {
+        // Glorot-normal per expert matrix (fan-in + fan-out of that matrix)
+        let normal = |fan: usize| Distribution::Normal(0.0, (2.0 / fan as f64).sqrt());
+        Self {
+            v: Param::from_tensor(Tensor::<2>::random([dim, experts * rank], normal(dim + rank), device)),
+            c: Param::from_tensor(Tensor::<3>::random([experts, rank, rank], normal(2 * rank), device)),
+            u: Param::from_tensor(Tensor::<3>::random([experts, rank, dim], normal(dim + rank), device)),
+            gate: LinearConfig::new(dim, experts).with_bias(false).init(device),
+            bias: Param::from_tensor(Tensor::<1>::zeros([dim], device)),
         }
     }
 
+    fn flops(dim: u64, rank: u64, experts: u64) -> u64 {
+        2 * dim * experts + experts * 2 * (dim * rank + rank * rank + rank * dim)
+    }
+
     pub fn forward(&self, x0: Tensor<2>, x: Tensor<2>) -> Tensor<2> {
-        let h = match &self.v {
-            Some(v) => self.u.forward(v.forward(x.clone())),
-            None => self.u.forward(x.clone()),
-        };
-        x0 * h + x
+        let [b, dim] = x.dims();
+        let [e, r, _] = self.c.dims();
+        let gates = softmax(self.gate.forward(x.clone()), 1); // [b, E]
+        let h = tanh(x.clone().matmul(self.v.val())).reshape([b, e, r]).swap_dims(0, 1); // [E, b, r]
+        let h = tanh(h.matmul(self.c.val())); // [E, b, r]
+        let experts = (h.matmul(self.u.val()) + self.bias.val().reshape([1, 1, dim])) * x0.unsqueeze_dim::<3>(0); // [E, b, D]
+        let mixed = (experts * gates.swap_dims(0, 1).reshape([e, b, 1])).sum_dim(0).reshape([b, dim]);
+        mixed + x
     }
 }
 
@@ -85,7 +119,10 @@ impl CrossLayer {
 pub struct Dcnv2 {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// Full-rank cross layers (empty in low-rank mode).
     pub cross: Vec<CrossLayer>,
+    /// Mixture-of-experts cross layers (empty in full-rank mode).
+    pub cross_mix: Vec<CrossMixLayer>,
     /// Parallel: the cross output's own linear logit; crossnet only: the output layer.
     pub cross_out: Option<Linear>,
     /// The DNN (its output layer gives a logit): reads x₀ (parallel) or the cross output (stacked).
@@ -97,6 +134,7 @@ impl ModelSpec for Dcnv2Config {
         self.embedding_dim
     }
     fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.low_rank == 0 || self.num_experts > 0, "model.num_experts must be positive with low_rank > 0");
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
@@ -106,14 +144,20 @@ impl ModelSpec for Dcnv2Config {
         Model::Dcnv2(Dcnv2 {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
-            cross: (0..self.num_cross_layers).map(|_| CrossLayer::new(dim, self.low_rank, device)).collect(),
+            cross: (0..if self.low_rank == 0 { self.num_cross_layers } else { 0 })
+                .map(|_| CrossLayer { u: LinearConfig::new(dim, dim).init(device) })
+                .collect(),
+            cross_mix: (0..if self.low_rank > 0 { self.num_cross_layers } else { 0 })
+                .map(|_| CrossMixLayer::new(dim, self.low_rank, self.num_experts, device))
+                .collect(),
             cross_out: (self.model_structure != Structure::Stacked).then(|| LinearConfig::new(dim, 1).init(device)),
             dnn: with_dnn.then(|| Mlp::with_batch_norm(dim, &self.dnn_hidden_units, 1, self.dropout, self.batch_norm, device)),
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
         let dim = (num_inputs(shape, self.num_dense_embeddings) * self.embedding_dim) as u64;
-        let per_cross = if self.low_rank == 0 { 2 * dim * dim } else { 4 * dim * self.low_rank as u64 };
+        let per_cross =
+            if self.low_rank == 0 { 2 * dim * dim } else { CrossMixLayer::flops(dim, self.low_rank as u64, self.num_experts as u64) };
         let dnn = if self.model_structure == Structure::CrossnetOnly { 0 } else { mlp_flops(dim as usize, &self.dnn_hidden_units, 1) };
         let out = if self.model_structure == Structure::Stacked { 0 } else { 2 * dim };
         dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim)
@@ -129,6 +173,9 @@ impl Dcnv2 {
         let b = x0.dims()[0];
         let mut x = x0.clone();
         for layer in &self.cross {
+            x = layer.forward(x0.clone(), x);
+        }
+        for layer in &self.cross_mix {
             x = layer.forward(x0.clone(), x);
         }
         let logit = match (&self.cross_out, &self.dnn) {

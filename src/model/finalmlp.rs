@@ -1,10 +1,15 @@
 //! FinalMLP (Mao et al., AAAI 2023): two MLP streams over the flattened embeddings, each behind
-//! its own feature-selection gate `2·σ(MLP(context))` (context: the embeddings of the fields
-//! listed in `fs1_context`/`fs2_context`, by position; a learned vector when the list is empty),
-//! fused by multi-head bilinear aggregation:
+//! its own feature-selection gate `2·σ(MLP(context))`, fused by multi-head bilinear aggregation:
 //! `w₁ᵀh₁ + w₂ᵀh₂ + Σ_heads h₁ₕᵀ W_h h₂ₕ + b`.
+//!
+//! A gate's context is, as in the paper and FuxiCTR, the gate's *own* embeddings of the fields
+//! listed in `fs1_context`/`fs2_context` (by position), or a learned vector starting at zero
+//! when the list is empty (every gate then starts at 2·σ(MLP(0))). The own embeddings live in
+//! the same table row as the field's main embedding: a row is `[main | gate-1 context | gate-2
+//! context]` (the context parts only for gates with context fields), each part with its own
+//! row-wise Adagrad accumulator; rows of fields no gate reads never receive a gradient there.
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Distribution, Tensor};
@@ -60,32 +65,33 @@ impl Default for FinalMlpConfig {
     }
 }
 
-/// `2·σ(MLP(c))`: one gate value per input element; `c` is the concatenated embeddings of the
-/// context fields, or a learned vector when there are none.
+/// `2·σ(MLP(c))`: one gate value per input element; `c` is the gate's own embeddings of the
+/// context fields (part `part` of the table rows), or a learned vector when there are none.
 #[derive(Module, Debug)]
 pub struct Gate {
     pub context: Option<Param<Tensor<2>>>,
     pub fields: Vec<usize>,
+    pub part: usize,
     pub mlp: Mlp,
 }
 
 impl Gate {
-    fn new(d: usize, fields: &[usize], hidden: &[usize], width: usize, device: &Device) -> Self {
-        let context = fields
-            .is_empty()
-            .then(|| Param::initialized(ParamId::new(), Tensor::<2>::random([1, d], Distribution::Normal(0.0, 0.01), device)));
+    fn new(d: usize, fields: &[usize], part: usize, hidden: &[usize], width: usize, device: &Device) -> Self {
+        let context = fields.is_empty().then(|| Param::from_tensor(Tensor::<2>::zeros([1, d], device)));
         let d_in = if fields.is_empty() { d } else { fields.len() * d };
-        Self { context, fields: fields.to_vec(), mlp: Mlp::new(d_in, hidden, width, 0.0, device) }
+        Self { context, fields: fields.to_vec(), part, mlp: Mlp::new(d_in, hidden, width, 0.0, device) }
     }
-    /// `x`: the flattened inputs `[b, n·d]`; `emb`: the same as `[b, n, d]`.
-    fn forward(&self, x: Tensor<2>, emb: &Tensor<3>, pass: &Pass) -> Tensor<2> {
-        let c = match &self.context {
-            Some(c) => c.val(),
-            None => {
-                let [b, _, d] = emb.dims();
-                let parts = self.fields.iter().map(|&f| emb.clone().narrow(1, f, 1).reshape([b, d])).collect();
+    /// `x`: the flattened inputs `[b, n·d]`; `rows`: the looked-up table rows `[b, fields, k·d]`.
+    fn forward(&self, x: Tensor<2>, rows: Option<&Tensor<3>>, d: usize, pass: &Pass) -> Tensor<2> {
+        let c = match (&self.context, rows) {
+            (Some(c), _) => c.val(),
+            (None, Some(rows)) => {
+                let b = rows.dims()[0];
+                let own = rows.clone().narrow(2, self.part * d, d);
+                let parts = self.fields.iter().map(|&f| own.clone().narrow(1, f, 1).reshape([b, d])).collect();
                 Tensor::cat(parts, 1)
             }
+            (None, None) => unreachable!("context fields are checked against the data's categorical fields"),
         };
         x * sigmoid(self.mlp.forward(c, pass)).mul_scalar(2.0)
     }
@@ -103,11 +109,28 @@ pub struct FinalMlp {
     pub w2: Linear,
     /// `[heads, h₁/heads, h₂/heads]`.
     pub bilinear: Param<Tensor<3>>,
+    pub embedding_dim: usize,
+}
+
+impl FinalMlpConfig {
+    /// Table-row parts of the gates with context fields (1 and/or 2; part 0 is the main embedding).
+    fn context_parts(&self) -> (usize, usize) {
+        let one = (self.use_fs && !self.fs1_context.is_empty()) as usize;
+        let two = (self.use_fs && !self.fs2_context.is_empty()) as usize;
+        (one, if two == 1 { 1 + one } else { 0 })
+    }
+    fn parts(&self) -> usize {
+        let (one, two) = self.context_parts();
+        1 + (one > 0) as usize + (two > 0) as usize
+    }
 }
 
 impl ModelSpec for FinalMlpConfig {
     fn table_dim(&self) -> usize {
-        self.embedding_dim
+        self.embedding_dim * self.parts()
+    }
+    fn table_segments(&self) -> Vec<usize> {
+        vec![self.embedding_dim; self.parts()]
     }
     fn validate(&self) -> anyhow::Result<()> {
         let (o1, o2) = (self.mlp1_hidden_units.last().copied().unwrap_or(0), self.mlp2_hidden_units.last().copied().unwrap_or(0));
@@ -135,19 +158,18 @@ impl ModelSpec for FinalMlpConfig {
         let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
         let (o1, o2, h) = (*self.mlp1_hidden_units.last().unwrap(), *self.mlp2_hidden_units.last().unwrap(), self.num_heads);
         let bound = 1.0 / ((o1 / h) as f64).sqrt();
+        let (part1, part2) = self.context_parts();
         Model::FinalMlp(FinalMlp {
-            embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
+            embedding: SparseEmbedding::new_in(shape.table_rows, self.table_dim(), self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
-            gate1: self.use_fs.then(|| Gate::new(d, &self.fs1_context, &self.fs_hidden_units, n * d, device)),
-            gate2: self.use_fs.then(|| Gate::new(d, &self.fs2_context, &self.fs_hidden_units, n * d, device)),
+            gate1: self.use_fs.then(|| Gate::new(d, &self.fs1_context, part1, &self.fs_hidden_units, n * d, device)),
+            gate2: self.use_fs.then(|| Gate::new(d, &self.fs2_context, part2, &self.fs_hidden_units, n * d, device)),
             mlp1: HiddenLayers::new(n * d, &self.mlp1_hidden_units, self.mlp1_dropout, self.mlp1_batch_norm, device),
             mlp2: HiddenLayers::new(n * d, &self.mlp2_hidden_units, self.mlp2_dropout, self.mlp2_batch_norm, device),
             w1: LinearConfig::new(o1, 1).init(device),
             w2: LinearConfig::new(o2, 1).with_bias(false).init(device),
-            bilinear: Param::initialized(
-                ParamId::new(),
-                Tensor::<3>::random([h, o1 / h, o2 / h], Distribution::Uniform(-bound, bound), device),
-            ),
+            bilinear: Param::from_tensor(Tensor::<3>::random([h, o1 / h, o2 / h], Distribution::Uniform(-bound, bound), device)),
+            embedding_dim: d,
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
@@ -171,11 +193,12 @@ impl ModelSpec for FinalMlpConfig {
 
 impl FinalMlp {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let emb = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
-        let x = flatten(emb.clone());
+        let d = self.embedding_dim;
+        let main = sparse.as_ref().map(|rows| rows.clone().narrow(2, 0, d));
+        let x = flatten(cat_fields(main, dense_embeddings(&self.dense, dense, d, pass)));
         let b = x.dims()[0];
         let gated = |g: &Option<Gate>, x: Tensor<2>| match g {
-            Some(g) => g.forward(x, &emb, pass),
+            Some(g) => g.forward(x, sparse.as_ref(), d, pass),
             None => x,
         };
         let h1 = self.mlp1.forward(gated(&self.gate1, x.clone()), pass);

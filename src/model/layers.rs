@@ -1,7 +1,7 @@
 //! Building blocks shared by the models: MLP, linear compression along the embedding axis,
 //! the factorization-machine block (FMB) and the Wukong interaction layer.
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::nn::{BatchNorm, BatchNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Distribution, Tensor};
@@ -77,6 +77,29 @@ impl Dropout {
         let mask: Vec<f32> = (0..n as u64).map(|i| if splitmix64(base.wrapping_add(i)) >> 32 < threshold { scale } else { 0.0 }).collect();
         let mask = Tensor::<D>::from_data(burn::tensor::TensorData::new(mask, shape), &x.device().inner());
         x * mask
+    }
+}
+
+/// LayerNorm over each embedding of `[b, n, d]` with its own gain and bias per position
+/// (`n` separate `LayerNorm(d)`s, as FuxiCTR's MaskNet normalises each field). Gain `[n, d]`
+/// starts at 1, bias at 0; ε = 1e-5 as burn's and PyTorch's.
+#[derive(Module, Debug)]
+pub struct FieldLayerNorm {
+    pub gamma: Param<Tensor<2>>,
+    pub beta: Param<Tensor<2>>,
+}
+
+impl FieldLayerNorm {
+    pub fn new(n: usize, d: usize, device: &Device) -> Self {
+        Self { gamma: Param::from_tensor(Tensor::<2>::ones([n, d], device)), beta: Param::from_tensor(Tensor::<2>::zeros([n, d], device)) }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mean = x.clone().mean_dim(2);
+        let centered = x - mean;
+        let var = centered.clone().powi_scalar(2).mean_dim(2);
+        let normed = centered / var.add_scalar(1e-5).sqrt();
+        normed * self.gamma.val().unsqueeze_dim::<3>(0) + self.beta.val().unsqueeze_dim::<3>(0)
     }
 }
 
@@ -207,7 +230,7 @@ impl LinearCompress {
         // Same scale as a Linear layer's default init (Kaiming-uniform, fan-in n_in).
         let bound = 1.0 / (n_in as f64).sqrt();
         let w = Tensor::<2>::random([n_in, n_out], Distribution::Uniform(-bound, bound), device);
-        Self { weight: Param::initialized(ParamId::new(), w) }
+        Self { weight: Param::from_tensor(w) }
     }
 
     /// `[b, n_in, d] → [b, n_out, d]`.
@@ -283,7 +306,7 @@ impl FmBlock {
         let projection = (s.kind == FmKind::Static).then(|| {
             let bound = 1.0 / (s.n_in as f64).sqrt();
             let y = Tensor::<2>::random([s.n_in, s.rank], Distribution::Uniform(-bound, bound), device);
-            Param::initialized(ParamId::new(), y)
+            Param::from_tensor(y)
         });
         let attentive = (s.kind == FmKind::Attentive).then(|| AttentiveProjection {
             compress: LinearCompress::new(s.n_in, s.attention_compress, device),

@@ -1,8 +1,10 @@
-//! MaskNet (Wang et al., DLP-KDD 2021): MaskBlocks multiply a hidden representation element-wise
-//! by an instance-guided mask computed from the (layer-normed) flattened embeddings
-//! (`Linear → ReLU → Linear`, width × `reduction_ratio` inside), then apply
-//! `Linear → LayerNorm → ReLU`. Serial: blocks in a chain, each masking the previous output;
-//! parallel: blocks side by side on the embeddings, concatenated into an MLP.
+//! MaskNet (Wang et al., DLP-KDD 2021), as FuxiCTR builds it. A MaskBlock multiplies a hidden
+//! representation element-wise by an instance-guided mask computed from the flattened raw
+//! embeddings (`Linear → ReLU → Linear`, ⌊width × reduction_ratio⌋ units inside, width = the
+//! masked vector's), then applies `Linear (no bias) → LayerNorm → ReLU → dropout`. The first
+//! hidden representation is the embeddings, each field layer-normed on its own (`emb_layernorm`).
+//! Serial: blocks in a chain, each masking the previous output, then a linear logit; parallel:
+//! blocks side by side on the normed embeddings, concatenated into an MLP.
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -11,7 +13,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
-use super::layers::Mlp;
+use super::layers::{Dropout, FieldLayerNorm, Mlp};
 use super::simple::flatten;
 use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
 use super::{Pass, TableInit};
@@ -40,6 +42,7 @@ pub struct MaskNetConfig {
     pub reduction_ratio: f64,
     pub emb_layernorm: bool,
     pub net_layernorm: bool,
+    /// Dropout after every MaskBlock and in the parallel MLP's hidden layers.
     pub dropout: f64,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
@@ -71,32 +74,40 @@ pub struct MaskBlock {
     pub mask_out: Linear,
     pub hidden: Linear,
     pub norm: Option<LayerNorm>,
+    pub dropout: Dropout,
+}
+
+/// Units inside a block's mask MLP: ⌊width of the masked vector × ratio⌋ (at least one).
+fn mask_units(d_in: usize, ratio: f64) -> usize {
+    ((d_in as f64 * ratio).floor() as usize).max(1)
 }
 
 impl MaskBlock {
     fn new(emb: usize, d_in: usize, d_out: usize, c: &MaskNetConfig, device: &Device) -> Self {
-        let mid = ((emb as f64 * c.reduction_ratio).round() as usize).max(1);
+        let mid = mask_units(d_in, c.reduction_ratio);
         Self {
             mask_hidden: LinearConfig::new(emb, mid).init(device),
             mask_out: LinearConfig::new(mid, d_in).init(device),
-            hidden: LinearConfig::new(d_in, d_out).with_bias(!c.net_layernorm).init(device),
+            hidden: LinearConfig::new(d_in, d_out).with_bias(false).init(device),
             norm: c.net_layernorm.then(|| LayerNormConfig::new(d_out).init(device)),
+            dropout: Dropout::new(c.dropout),
         }
     }
 
     fn flops(emb: usize, d_in: usize, d_out: usize, ratio: f64) -> u64 {
-        let mid = ((emb as f64 * ratio).round() as usize).max(1);
+        let mid = mask_units(d_in, ratio);
         2 * (emb * mid + mid * d_in + d_in * d_out) as u64
     }
 
     /// `emb` guides the mask; `h` is what gets masked.
-    fn forward(&self, emb: Tensor<2>, h: Tensor<2>) -> Tensor<2> {
+    fn forward(&self, emb: Tensor<2>, h: Tensor<2>, pass: &Pass) -> Tensor<2> {
         let mask = self.mask_out.forward(relu(self.mask_hidden.forward(emb)));
         let out = self.hidden.forward(mask * h);
-        relu(match &self.norm {
+        let out = relu(match &self.norm {
             Some(ln) => super::fused::layer_norm(ln, out),
             None => out,
-        })
+        });
+        self.dropout.forward(out, pass)
     }
 }
 
@@ -104,7 +115,8 @@ impl MaskBlock {
 pub struct MaskNet {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
-    pub emb_norm: Option<LayerNorm>,
+    /// One LayerNorm per field (and dense embedding).
+    pub emb_norm: Option<FieldLayerNorm>,
     pub blocks: Vec<MaskBlock>,
     pub serial: bool,
     /// Serial: a linear layer to the logit; parallel: the MLP over the block outputs.
@@ -152,7 +164,7 @@ impl ModelSpec for MaskNetConfig {
         Model::MaskNet(MaskNet {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
             dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
-            emb_norm: self.emb_layernorm.then(|| LayerNormConfig::new(emb).init(device)),
+            emb_norm: self.emb_layernorm.then(|| FieldLayerNorm::new(num_inputs(shape, self.num_dense_embeddings), d, device)),
             blocks,
             serial: self.model_type == MaskNetType::Serial,
             head,
@@ -182,20 +194,21 @@ impl ModelSpec for MaskNetConfig {
 
 impl MaskNet {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let emb = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass)));
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
+        let normed = flatten(match &self.emb_norm {
+            Some(ln) => ln.forward(x.clone()),
+            None => x.clone(),
+        });
+        let emb = flatten(x);
         let b = emb.dims()[0];
-        let normed = match &self.emb_norm {
-            Some(ln) => super::fused::layer_norm(ln, emb.clone()),
-            None => emb.clone(),
-        };
         let out = if self.serial {
             let mut h = normed;
             for block in &self.blocks {
-                h = block.forward(emb.clone(), h);
+                h = block.forward(emb.clone(), h, pass);
             }
             h
         } else {
-            Tensor::cat(self.blocks.iter().map(|block| block.forward(emb.clone(), normed.clone())).collect(), 1)
+            Tensor::cat(self.blocks.iter().map(|block| block.forward(emb.clone(), normed.clone(), pass)).collect(), 1)
         };
         self.head.forward(out, pass).reshape([b])
     }

@@ -11,6 +11,7 @@ pub mod autoint;
 pub mod dcnv2;
 pub mod dlrm;
 pub mod embedding;
+pub mod export;
 pub mod finalmlp;
 pub mod fused;
 pub mod layers;

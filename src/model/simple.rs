@@ -1,7 +1,7 @@
 //! Sanity baselines: logistic regression, factorization machine (Rendle 2010) and a plain DNN
 //! over the concatenated field embeddings.
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +11,7 @@ use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddi
 use super::{Pass, TableInit};
 
 fn zero_bias(device: &Device) -> Param<Tensor<1>> {
-    Param::initialized(ParamId::new(), Tensor::<1>::zeros([1], device))
+    Param::from_tensor(Tensor::<1>::zeros([1], device))
 }
 
 /// Logistic regression: a learned weight per feature value (a 1-wide embedding row) plus a

@@ -4,7 +4,7 @@
 //! are sum-pooled over the embedding dimension into the output), plus a DNN, plus a linear part
 //! (the last column of each table row is the feature's first-order weight). Logits are added.
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -86,7 +86,7 @@ impl ModelSpec for XDeepFmConfig {
             cin_out: LinearConfig::new(self.cin_hidden_units.iter().sum(), 1).init(device),
             dnn: (!self.dnn_hidden_units.is_empty())
                 .then(|| Mlp::with_batch_norm(m * d, &self.dnn_hidden_units, 1, self.dropout, self.batch_norm, device)),
-            bias: Param::initialized(ParamId::new(), Tensor::<1>::zeros([1], device)),
+            bias: Param::from_tensor(Tensor::<1>::zeros([1], device)),
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {

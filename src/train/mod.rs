@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod dist;
 pub mod guard;
 pub mod optim;
+pub mod prune;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
@@ -508,6 +509,8 @@ pub struct RunOptions {
     /// A data-parallel job's collective engine (`None`: this process trains alone). Rank 0
     /// writes the run directory; every rank reads it (on several hosts it must be shared).
     pub comm: Option<crate::dist::Comm>,
+    /// Searches: stop the run early when it falls below the median of finished trials.
+    pub median_rule: Option<prune::MedianRule>,
 }
 
 impl Default for RunOptions {
@@ -520,6 +523,7 @@ impl Default for RunOptions {
             faults: Faults::default(),
             run_dir: None,
             comm: None,
+            median_rule: None,
         }
     }
 }
@@ -726,6 +730,8 @@ struct Loop<'a> {
     writer: bool,
     /// A row-sharded job: this rank's own directory (its weights and checkpoints).
     shard_dir: Option<PathBuf>,
+    /// Searches: the median stopping rule.
+    median_rule: Option<prune::MedianRule>,
 }
 
 impl Loop<'_> {
@@ -862,7 +868,15 @@ impl Loop<'_> {
                 if improved { "  *best" } else { "" }
             ),
         );
-        if s.bad_evals >= t.patience.max(1) {
+        if let (Some(rule), Some(best)) = (&self.median_rule, s.best.as_ref()) {
+            let why = rule.check(t.monitor, s.evals, t.monitor.score(&best.metrics()))?;
+            if let Some(why) = why.filter(|_| !s.done) {
+                log(self.verbose, why.clone());
+                s.done = true;
+                s.stop_reason = Some(why);
+            }
+        }
+        if !s.done && s.bad_evals >= t.patience.max(1) {
             let best = s.best.map(|b| b.step).unwrap_or(0);
             log(
                 self.verbose,
@@ -1056,6 +1070,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         warmup: 0,
         writer,
         shard_dir: shard_dir.clone(),
+        median_rule: opts.median_rule.clone(),
     };
     if resume_dir.is_some() {
         let (path, ckpt) = lp.newest_checkpoint()?;
