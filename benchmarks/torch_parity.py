@@ -100,7 +100,10 @@ def compress(W, x):
 
 
 def dense_embeddings(P, dense, width, training):
-    """Dense features -> MLP -> embeddings of `width` ([b, k, width]); None without the MLP."""
+    """Dense features -> embeddings of `width` ([b, k, width]): through the MLP, or one per
+    feature, x_i · v_i (`numeric_embedding = "per_feature"`, FuxiCTR's numeric embedding)."""
+    if "numeric" in P:
+        return dense[:, :, None] * P["numeric"][None]
     if "dense.output.weight" not in P:
         return None
     e = mlp(P, "dense", dense, training)

@@ -86,9 +86,13 @@ fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_feature
 fn every_parameter_receives_a_gradient_fresh_and_after_a_checkpoint_round_trip() {
     use wukong::model::export::{model_parameters, named_gradients, strip_variant};
     let _turn = serial();
-    for (name, body) in common::MODELS {
+    let variants = common::MODELS.iter().flat_map(|&(name, body)| {
+        // and each model that has it with every dense feature embedded on its own
+        let per_feature = toml::from_str::<ModelConfig>(&format!("name = \"{name}\"\n{body}\nnumeric_embedding = \"per_feature\"")).ok();
+        std::iter::once((name, model_config(name, body))).chain(per_feature.map(|c| (name, c)))
+    });
+    for (name, c) in variants {
         let ad = Device::flex().autodiff();
-        let c = model_config(name, body);
         let shape = DataShape { fields: 3, dense: 2, table_rows: 12 };
         let fresh = c.init(&shape, &ad);
         let bytes = wukong::train::checkpoint::model_bytes(&fresh).unwrap();

@@ -81,6 +81,22 @@ fn cases() -> Vec<(&'static str, &'static str, &'static str)> {
             "embedding_dim = 3\nparallel_num_blocks = 2\nparallel_block_dim = 5\ndnn_hidden_units = [8]\nreduction_ratio = 2.0\ndense_mlp = [4]",
         ),
         ("xdeepfm", "xdeepfm", "embedding_dim = 3\ncin_hidden_units = [4, 3]\ndnn_hidden_units = [6]\ndense_mlp = [4]"),
+        // dense features embedded one by one, x_i · v_i
+        (
+            "wukong-per-feature",
+            "wukong",
+            "embedding_dim = 4\nnum_layers = 1\nnum_fmb = 3\nnum_lcb = 2\nfm_rank = 2\nfmb_mlp = [8]\ntop_mlp = [8]\nnumeric_embedding = \"per_feature\"",
+        ),
+        (
+            "autoint+-per-feature",
+            "autoint+",
+            "embedding_dim = 4\nattention_layers = 1\nnum_heads = 2\nattention_dim = 4\ndnn_hidden_units = [8]\nnumeric_embedding = \"per_feature\"",
+        ),
+        (
+            "xdeepfm-per-feature",
+            "xdeepfm",
+            "embedding_dim = 3\ncin_hidden_units = [4]\ndnn_hidden_units = [6]\nnumeric_embedding = \"per_feature\"",
+        ),
     ]
 }
 

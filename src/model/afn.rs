@@ -5,7 +5,7 @@
 //! the log and the exp. The log neurons feed an MLP; AFN+ adds a DNN on a *separate* set of
 //! embeddings (here the second half of each table row) and combines both logits linearly.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{
+    DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops,
+    num_inputs, numeric_scale,
+};
 use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -31,6 +34,9 @@ pub struct AfnConfig {
     pub batch_norm: bool,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
 }
 
 impl Default for AfnConfig {
@@ -47,6 +53,7 @@ impl Default for AfnConfig {
             batch_norm: true,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
         }
     }
 }
@@ -55,6 +62,8 @@ impl Default for AfnConfig {
 pub struct Afn {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     pub log_norm: BatchNorm,
     pub log_neurons: LinearCompress,
     pub exp_norm: BatchNorm,
@@ -77,10 +86,12 @@ impl ModelSpec for AfnConfig {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("afn_dropout", self.afn_dropout), ("dnn_dropout", self.dnn_dropout)])
     }
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
-        let (d, n, l) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings), self.logarithmic_neurons);
+        let (d, n, l) =
+            (self.embedding_dim, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings), self.logarithmic_neurons);
         Model::Afn(Afn {
             embedding: SparseEmbedding::new_in(shape.table_rows, self.table_dim(), self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, self.table_dim(), device),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.table_dim(), device),
+            numeric: numeric_scale(shape, self.numeric_embedding, self.table_dim(), device),
             log_norm: BatchNormConfig::new(n).init(device),
             log_neurons: LinearCompress::new(n, l, device),
             exp_norm: BatchNormConfig::new(l).init(device),
@@ -93,8 +104,9 @@ impl ModelSpec for AfnConfig {
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
-        let (d, n, l) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings), self.logarithmic_neurons);
-        let mut total = dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.table_dim());
+        let (d, n, l) =
+            (self.embedding_dim, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings), self.logarithmic_neurons);
+        let mut total = dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.table_dim());
         total += 2 * (n * l * d) as u64 + mlp_flops(l * d, &self.afn_hidden_units, 1);
         if self.ensemble_dnn {
             total += mlp_flops(n * d, &self.dnn_hidden_units, 1);
@@ -105,7 +117,7 @@ impl ModelSpec for AfnConfig {
 
 impl Afn {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, &self.numeric, dense, self.embedding.dim(), pass));
         let [b, _, _] = x.dims();
         let d = self.embedding_dim;
         let e = x.clone().narrow(2, 0, d);

@@ -3,7 +3,7 @@
 //! the residual — projected only when the width changes — then LayerNorm, then ReLU), flattened
 //! into a logit, plus a DNN over the embeddings whose logit is added ("+").
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::{Device, Tensor};
@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{Dropout, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{
+    DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops,
+    num_inputs, numeric_scale,
+};
 use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -35,6 +38,9 @@ pub struct AutoIntConfig {
     pub batch_norm: bool,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
 }
 
 impl Default for AutoIntConfig {
@@ -53,6 +59,7 @@ impl Default for AutoIntConfig {
             batch_norm: false,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
         }
     }
 }
@@ -119,6 +126,8 @@ impl SelfAttention {
 pub struct AutoInt {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     pub attention: Vec<SelfAttention>,
     pub attention_out: Linear,
     pub dnn: Option<Mlp>,
@@ -138,13 +147,14 @@ impl ModelSpec for AutoIntConfig {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
-        let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
+        let (d, n) = (self.embedding_dim, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings));
         let attention =
             (0..self.attention_layers).map(|i| SelfAttention::new(if i == 0 { d } else { self.attention_dim }, self, device)).collect();
         let width = if self.attention_layers == 0 { d } else { self.attention_dim };
         Model::AutoInt(AutoInt {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            numeric: numeric_scale(shape, self.numeric_embedding, d, device),
             attention,
             attention_out: LinearConfig::new(n * width, 1).init(device),
             dnn: (!self.dnn_hidden_units.is_empty())
@@ -152,8 +162,12 @@ impl ModelSpec for AutoIntConfig {
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
-        let (d, n, a) = (self.embedding_dim as u64, num_inputs(shape, self.num_dense_embeddings) as u64, self.attention_dim as u64);
-        let mut total = dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim);
+        let (d, n, a) = (
+            self.embedding_dim as u64,
+            num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings) as u64,
+            self.attention_dim as u64,
+        );
+        let mut total = dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim);
         let mut d_in = d;
         for _ in 0..self.attention_layers {
             let projections = if self.use_residual && d_in != a { 4 } else { 3 };
@@ -170,7 +184,7 @@ impl ModelSpec for AutoIntConfig {
 
 impl AutoInt {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let x0 = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
+        let x0 = cat_fields(sparse, dense_embeddings(&self.dense, &self.numeric, dense, self.embedding.dim(), pass));
         let b = x0.dims()[0];
         let mut x = x0.clone();
         for layer in &self.attention {

@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{
+    DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops,
+    num_inputs, numeric_scale,
+};
 use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -42,6 +45,9 @@ pub struct Dcnv2Config {
     pub batch_norm: bool,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
 }
 
 impl Default for Dcnv2Config {
@@ -58,6 +64,7 @@ impl Default for Dcnv2Config {
             batch_norm: false,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
         }
     }
 }
@@ -119,6 +126,8 @@ impl CrossMixLayer {
 pub struct Dcnv2 {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     /// Full-rank cross layers (empty in low-rank mode).
     pub cross: Vec<CrossLayer>,
     /// Mixture-of-experts cross layers (empty in full-rank mode).
@@ -139,11 +148,12 @@ impl ModelSpec for Dcnv2Config {
     }
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let d = self.embedding_dim;
-        let dim = num_inputs(shape, self.num_dense_embeddings) * d;
+        let dim = num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings) * d;
         let with_dnn = self.model_structure != Structure::CrossnetOnly;
         Model::Dcnv2(Dcnv2 {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            numeric: numeric_scale(shape, self.numeric_embedding, d, device),
             cross: (0..if self.low_rank == 0 { self.num_cross_layers } else { 0 })
                 .map(|_| CrossLayer { u: LinearConfig::new(dim, dim).init(device) })
                 .collect(),
@@ -155,12 +165,12 @@ impl ModelSpec for Dcnv2Config {
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
-        let dim = (num_inputs(shape, self.num_dense_embeddings) * self.embedding_dim) as u64;
+        let dim = (num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings) * self.embedding_dim) as u64;
         let per_cross =
             if self.low_rank == 0 { 2 * dim * dim } else { CrossMixLayer::flops(dim, self.low_rank as u64, self.num_experts as u64) };
         let dnn = if self.model_structure == Structure::CrossnetOnly { 0 } else { mlp_flops(dim as usize, &self.dnn_hidden_units, 1) };
         let out = if self.model_structure == Structure::Stacked { 0 } else { 2 * dim };
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim)
+        dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim)
             + self.num_cross_layers as u64 * per_cross
             + dnn
             + out
@@ -169,7 +179,7 @@ impl ModelSpec for Dcnv2Config {
 
 impl Dcnv2 {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let x0 = flatten(cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass)));
+        let x0 = flatten(cat_fields(sparse, dense_embeddings(&self.dense, &self.numeric, dense, self.embedding.dim(), pass)));
         let b = x0.dims()[0];
         let mut x = x0.clone();
         for layer in &self.cross {

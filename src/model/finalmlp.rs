@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{HiddenLayers, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{
+    DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops,
+    num_inputs, numeric_scale,
+};
 use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -41,6 +44,9 @@ pub struct FinalMlpConfig {
     pub num_heads: usize,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
 }
 
 impl Default for FinalMlpConfig {
@@ -61,6 +67,7 @@ impl Default for FinalMlpConfig {
             num_heads: 1,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
         }
     }
 }
@@ -101,6 +108,8 @@ impl Gate {
 pub struct FinalMlp {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     pub gate1: Option<Gate>,
     pub gate2: Option<Gate>,
     pub mlp1: HiddenLayers,
@@ -155,13 +164,14 @@ impl ModelSpec for FinalMlpConfig {
         Ok(())
     }
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
-        let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
+        let (d, n) = (self.embedding_dim, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings));
         let (o1, o2, h) = (*self.mlp1_hidden_units.last().unwrap(), *self.mlp2_hidden_units.last().unwrap(), self.num_heads);
         let bound = 1.0 / ((o1 / h) as f64).sqrt();
         let (part1, part2) = self.context_parts();
         Model::FinalMlp(FinalMlp {
             embedding: SparseEmbedding::new_in(shape.table_rows, self.table_dim(), self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            numeric: numeric_scale(shape, self.numeric_embedding, d, device),
             gate1: self.use_fs.then(|| Gate::new(d, &self.fs1_context, part1, &self.fs_hidden_units, n * d, device)),
             gate2: self.use_fs.then(|| Gate::new(d, &self.fs2_context, part2, &self.fs_hidden_units, n * d, device)),
             mlp1: HiddenLayers::new(n * d, &self.mlp1_hidden_units, self.mlp1_dropout, self.mlp1_batch_norm, device),
@@ -173,7 +183,7 @@ impl ModelSpec for FinalMlpConfig {
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
-        let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
+        let (d, n) = (self.embedding_dim, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings));
         let (o1, o2) = (*self.mlp1_hidden_units.last().unwrap() as u64, *self.mlp2_hidden_units.last().unwrap() as u64);
         let split = |h: &[usize]| (h[..h.len() - 1].to_vec(), h[h.len() - 1]);
         let ((h1, l1), (h2, l2)) = (split(&self.mlp1_hidden_units), split(&self.mlp2_hidden_units));
@@ -181,7 +191,7 @@ impl ModelSpec for FinalMlpConfig {
         let gate = |fields: &[usize]| {
             if self.use_fs && !fields.is_empty() { mlp_flops(fields.len() * d, &self.fs_hidden_units, n * d) } else { 0 }
         };
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, d)
+        dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d)
             + gate(&self.fs1_context)
             + gate(&self.fs2_context)
             + mlp_flops(n * d, &h1, l1)
@@ -195,7 +205,7 @@ impl FinalMlp {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
         let d = self.embedding_dim;
         let main = sparse.as_ref().map(|rows| rows.clone().narrow(2, 0, d));
-        let x = flatten(cat_fields(main, dense_embeddings(&self.dense, dense, d, pass)));
+        let x = flatten(cat_fields(main, dense_embeddings(&self.dense, &self.numeric, dense, d, pass)));
         let b = x.dims()[0];
         let gated = |g: &Option<Gate>, x: Tensor<2>| match g {
             Some(g) => g.forward(x, sparse.as_ref(), d, pass),

@@ -6,7 +6,7 @@
 //! Serial: blocks in a chain, each masking the previous output, then a linear logit; parallel:
 //! blocks side by side on the normed embeddings, concatenated into an MLP.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{Dropout, FieldLayerNorm, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{
+    DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops,
+    num_inputs, numeric_scale,
+};
 use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -46,6 +49,9 @@ pub struct MaskNetConfig {
     pub dropout: f64,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
 }
 
 impl Default for MaskNetConfig {
@@ -64,6 +70,7 @@ impl Default for MaskNetConfig {
             dropout: 0.0,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
         }
     }
 }
@@ -115,6 +122,8 @@ impl MaskBlock {
 pub struct MaskNet {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     /// One LayerNorm per field (and dense embedding).
     pub emb_norm: Option<FieldLayerNorm>,
     pub blocks: Vec<MaskBlock>,
@@ -140,7 +149,7 @@ impl ModelSpec for MaskNetConfig {
     }
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         let d = self.embedding_dim;
-        let emb = num_inputs(shape, self.num_dense_embeddings) * d;
+        let emb = num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings) * d;
         let (blocks, head) = match self.model_type {
             MaskNetType::Serial => {
                 let mut d_in = emb;
@@ -163,17 +172,20 @@ impl ModelSpec for MaskNetConfig {
         };
         Model::MaskNet(MaskNet {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
-            emb_norm: self.emb_layernorm.then(|| FieldLayerNorm::new(num_inputs(shape, self.num_dense_embeddings), d, device)),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            numeric: numeric_scale(shape, self.numeric_embedding, d, device),
+            emb_norm: self
+                .emb_layernorm
+                .then(|| FieldLayerNorm::new(num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings), d, device)),
             blocks,
             serial: self.model_type == MaskNetType::Serial,
             head,
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
-        let emb = num_inputs(shape, self.num_dense_embeddings) * self.embedding_dim;
+        let emb = num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings) * self.embedding_dim;
         let r = self.reduction_ratio;
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim)
+        dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim)
             + match self.model_type {
                 MaskNetType::Serial => {
                     let mut d_in = emb;
@@ -194,7 +206,7 @@ impl ModelSpec for MaskNetConfig {
 
 impl MaskNet {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, &self.numeric, dense, self.embedding.dim(), pass));
         let normed = flatten(match &self.emb_norm {
             Some(ln) => ln.forward(x.clone()),
             None => x.clone(),

@@ -283,14 +283,33 @@ pub fn check_common(embedding_dim: usize, num_dense_embeddings: usize, dropouts:
     Ok(())
 }
 
-/// Dense features → an MLP → `n` extra embeddings of width `d` (`[b, n, d]`).
-pub fn dense_embeddings(mlp: &Option<layers::Mlp>, dense: Option<Tensor<2>>, d: usize, pass: &Pass) -> Option<Tensor<3>> {
-    match (mlp, dense) {
-        (Some(mlp), Some(values)) => {
+/// How dense (numeric) features become embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NumericEmbedding {
+    /// An MLP over all dense features into `num_dense_embeddings` embeddings (the paper's).
+    #[default]
+    Mlp,
+    /// One embedding per feature, `x_i · v_i` with a learned `v_i` (FuxiCTR's numeric features).
+    PerFeature,
+}
+
+/// Dense features → embeddings `[b, k, d]`: through the MLP (`mlp`), or `x_i · v_i` with the rows
+/// of `scale` `[num_dense, d]`; None without dense features.
+pub fn dense_embeddings(
+    mlp: &Option<layers::Mlp>,
+    scale: &Option<burn::module::Param<Tensor<2>>>,
+    dense: Option<Tensor<2>>,
+    d: usize,
+    pass: &Pass,
+) -> Option<Tensor<3>> {
+    match (mlp, scale, dense) {
+        (Some(mlp), _, Some(values)) => {
             let e = mlp.forward(values, pass);
             let [b, w] = e.dims();
             Some(e.reshape([b, w / d, d]))
         }
+        (None, Some(v), Some(values)) => Some(values.unsqueeze_dim::<3>(2) * v.val().unsqueeze_dim::<3>(0)),
         _ => None,
     }
 }
@@ -304,14 +323,23 @@ pub fn cat_fields(sparse: Option<Tensor<3>>, dense: Option<Tensor<3>>) -> Tensor
     }
 }
 
-/// The dense-feature MLP every model shares (None when the data has no dense features).
-pub fn dense_mlp(shape: &DataShape, hidden: &[usize], n: usize, d: usize, device: &Device) -> Option<layers::Mlp> {
-    (shape.dense > 0).then(|| layers::Mlp::new(shape.dense, hidden, n * d, 0.0, device))
+/// The dense-feature MLP every model shares (None without dense features, or when each feature
+/// is embedded on its own).
+pub fn dense_mlp(shape: &DataShape, mode: NumericEmbedding, hidden: &[usize], n: usize, d: usize, device: &Device) -> Option<layers::Mlp> {
+    (shape.dense > 0 && mode == NumericEmbedding::Mlp).then(|| layers::Mlp::new(shape.dense, hidden, n * d, 0.0, device))
 }
 
-/// FLOPs of that MLP.
-pub fn dense_mlp_flops(shape: &DataShape, hidden: &[usize], n: usize, d: usize) -> u64 {
-    if shape.dense == 0 { 0 } else { mlp_flops(shape.dense, hidden, n * d) }
+/// The per-feature vectors `[num_dense, d]` of `numeric_embedding = "per_feature"` (N(0, 0.01²),
+/// as embedding rows), else None.
+pub fn numeric_scale(shape: &DataShape, mode: NumericEmbedding, d: usize, device: &Device) -> Option<burn::module::Param<Tensor<2>>> {
+    (shape.dense > 0 && mode == NumericEmbedding::PerFeature).then(|| {
+        burn::module::Param::from_tensor(Tensor::<2>::random([shape.dense, d], burn::tensor::Distribution::Normal(0.0, 0.01), device))
+    })
+}
+
+/// FLOPs of that MLP (the per-feature products are element-wise: not counted).
+pub fn dense_mlp_flops(shape: &DataShape, mode: NumericEmbedding, hidden: &[usize], n: usize, d: usize) -> u64 {
+    if shape.dense == 0 || mode == NumericEmbedding::PerFeature { 0 } else { mlp_flops(shape.dense, hidden, n * d) }
 }
 
 /// 2 × multiply-adds of an MLP's layers.
@@ -320,6 +348,11 @@ pub fn mlp_flops(d_in: usize, hidden: &[usize], d_out: usize) -> u64 {
 }
 
 /// Embeddings entering a model's interaction part: fields plus dense embeddings (when present).
-pub fn num_inputs(shape: &DataShape, dense_embeddings: usize) -> usize {
-    shape.fields + if shape.dense > 0 { dense_embeddings } else { 0 }
+pub fn num_inputs(shape: &DataShape, mode: NumericEmbedding, dense_embeddings: usize) -> usize {
+    shape.fields
+        + match (shape.dense, mode) {
+            (0, _) => 0,
+            (m, NumericEmbedding::PerFeature) => m,
+            (_, NumericEmbedding::Mlp) => dense_embeddings,
+        }
 }

@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
 use super::layers::Mlp;
-use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{
+    DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops,
+    num_inputs, numeric_scale,
+};
 use super::{Pass, TableInit};
 
 fn zero_bias(device: &Device) -> Param<Tensor<1>> {
@@ -45,7 +48,7 @@ impl ModelSpec for LrConfig {
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
         Model::Lr(Lr {
             embedding: SparseEmbedding::new_in(shape.table_rows, 1, self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &[], 1, 1, device),
+            dense: dense_mlp(shape, NumericEmbedding::Mlp, &[], 1, 1, device),
             bias: zero_bias(device),
         })
     }
@@ -56,7 +59,7 @@ impl ModelSpec for LrConfig {
 
 impl Lr {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, 1, pass));
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, &None, dense, 1, pass));
         let [b, n, _] = x.dims();
         x.reshape([b, n]).sum_dim(1).reshape([b]) + self.bias.val()
     }
@@ -71,11 +74,20 @@ pub struct FmConfig {
     pub embedding_init_std: f64,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
 }
 
 impl Default for FmConfig {
     fn default() -> Self {
-        Self { embedding_dim: 10, embedding_init_std: 0.0001, dense_mlp: vec![], num_dense_embeddings: 1 }
+        Self {
+            embedding_dim: 10,
+            embedding_init_std: 0.0001,
+            dense_mlp: vec![],
+            num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
+        }
     }
 }
 
@@ -83,6 +95,8 @@ impl Default for FmConfig {
 pub struct Fm {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     pub bias: Param<Tensor<1>>,
 }
 
@@ -100,13 +114,15 @@ impl ModelSpec for FmConfig {
         let w = self.table_dim();
         Model::Fm(Fm {
             embedding: SparseEmbedding::new_in(shape.table_rows, w, self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, w, device),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, w, device),
+            numeric: numeric_scale(shape, self.numeric_embedding, w, device),
             bias: zero_bias(device),
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
-        let n = num_inputs(shape, self.num_dense_embeddings) as u64;
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.table_dim()) + 3 * n * self.embedding_dim as u64
+        let n = num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings) as u64;
+        dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.table_dim())
+            + 3 * n * self.embedding_dim as u64
     }
 }
 
@@ -123,7 +139,7 @@ pub fn fm_logit(x: Tensor<3>) -> Tensor<1> {
 
 impl Fm {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, &self.numeric, dense, self.embedding.dim(), pass));
         fm_logit(x) + self.bias.val()
     }
 }
@@ -139,6 +155,9 @@ pub struct DnnConfig {
     pub batch_norm: bool,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
 }
 
 impl Default for DnnConfig {
@@ -151,6 +170,7 @@ impl Default for DnnConfig {
             batch_norm: false,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
         }
     }
 }
@@ -159,6 +179,8 @@ impl Default for DnnConfig {
 pub struct Dnn {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     pub mlp: Mlp,
 }
 
@@ -170,16 +192,18 @@ impl ModelSpec for DnnConfig {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
-        let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
+        let (d, n) = (self.embedding_dim, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings));
         Model::Dnn(Dnn {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            numeric: numeric_scale(shape, self.numeric_embedding, d, device),
             mlp: Mlp::with_batch_norm(n * d, &self.hidden_units, 1, self.dropout, self.batch_norm, device),
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
-        let (d, n) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
-        dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, d) + mlp_flops(n * d, &self.hidden_units, 1)
+        let (d, n) = (self.embedding_dim, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings));
+        dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d)
+            + mlp_flops(n * d, &self.hidden_units, 1)
     }
 }
 
@@ -191,7 +215,7 @@ pub fn flatten(x: Tensor<3>) -> Tensor<2> {
 
 impl Dnn {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, &self.numeric, dense, self.embedding.dim(), pass));
         let b = x.dims()[0];
         self.mlp.forward(flatten(x), pass).reshape([b])
     }

@@ -1,13 +1,13 @@
 //! Wukong (Zhang, Luo, Chen et al., ICML 2024): embedding layer → `l` Wukong layers
 //! (FMB ∥ LCB, residual, LayerNorm) → top MLP → logit.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::embedding::SparseEmbedding;
 use super::layers::{FmBlockSpec, FmKind, LayerParts, Mlp, WukongLayer, mlp_dims};
-use super::{DataShape, Model, ModelSpec, cat_fields, dense_embeddings, dense_mlp};
+use super::{DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, dense_embeddings, dense_mlp, numeric_scale};
 use super::{Pass, TableInit, TableStorage};
 use crate::profile::{Phase, mark};
 
@@ -48,6 +48,9 @@ pub struct WukongConfig {
     pub dense_mlp: Vec<usize>,
     /// Embeddings the dense MLP produces (when the data has dense features).
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
     /// Ablations (the paper's Fig. 4): `"fmb"`, `"lcb"` and/or `"residual"` replace that part of
     /// every layer by zeros (the FMB's n_F or the LCB's n_L embeddings become zeros; without the
     /// residual, X' = LN(concat(FMB, LCB))). Their parameters and FLOPs are not built or counted.
@@ -82,6 +85,7 @@ impl Default for WukongConfig {
             embedding_init_std: 0.01,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
             ablate: Vec::new(),
         }
     }
@@ -90,7 +94,7 @@ impl Default for WukongConfig {
 impl WukongConfig {
     /// Embeddings entering the stack: one per categorical field plus the dense embeddings.
     pub fn n0(&self, shape: &DataShape) -> usize {
-        shape.fields + if shape.dense > 0 { self.num_dense_embeddings } else { 0 }
+        super::num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings)
     }
 
     /// Embedding count after layer `i` (0-based) and the spec of its FM block.
@@ -153,7 +157,8 @@ impl WukongConfig {
         let layers = self.layer_specs(shape).iter().map(|s| WukongLayer::with_parts(s, self.num_lcb, parts, device)).collect();
         Wukong {
             embedding: SparseEmbedding::new_in(shape.table_rows, d, self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d, device),
+            numeric: numeric_scale(shape, self.numeric_embedding, d, device),
             layers,
             top: Mlp::with_batch_norm(self.n_last(shape) * d, &self.top_mlp, 1, self.dropout, self.batch_norm, device),
         }
@@ -165,9 +170,7 @@ impl WukongConfig {
         let d = self.embedding_dim as u64;
         let mlp = |dims: Vec<(usize, usize)>| dims.iter().map(|&(a, b)| 2 * (a * b) as u64).sum::<u64>();
         let mut total = 0u64;
-        if shape.dense > 0 {
-            total += mlp(mlp_dims(shape.dense, &self.dense_mlp, self.num_dense_embeddings * self.embedding_dim));
-        }
+        total += super::dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim);
         for s in self.layer_specs(shape) {
             let (n, k) = (s.n_in as u64, s.rank as u64);
             let keep = |a| !self.ablate.contains(&a);
@@ -213,6 +216,8 @@ impl ModelSpec for WukongConfig {
 pub struct Wukong {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     pub layers: Vec<WukongLayer>,
     pub top: Mlp,
 }
@@ -222,7 +227,7 @@ impl Wukong {
     /// `[b, num_dense]`; either may be absent (all-dense or all-categorical data), not both.
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
         let d = self.embedding.dim();
-        let mut x = cat_fields(sparse, dense_embeddings(&self.dense, dense, d, pass));
+        let mut x = cat_fields(sparse, dense_embeddings(&self.dense, &self.numeric, dense, d, pass));
         mark(Phase::Embedding);
         let b = x.dims()[0];
         for layer in &self.layers {

@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use super::embedding::SparseEmbedding;
 use super::layers::{LinearCompress, Mlp};
 use super::simple::flatten;
-use super::{DataShape, Model, ModelSpec, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops, num_inputs};
+use super::{
+    DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops,
+    num_inputs, numeric_scale,
+};
 use super::{Pass, TableInit};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -26,6 +29,9 @@ pub struct XDeepFmConfig {
     pub batch_norm: bool,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
+    /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
+    /// `"per_feature"` (`x_i · v_i`, one per feature, FuxiCTR's default).
+    pub numeric_embedding: NumericEmbedding,
 }
 
 impl Default for XDeepFmConfig {
@@ -39,6 +45,7 @@ impl Default for XDeepFmConfig {
             batch_norm: false,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
+            numeric_embedding: NumericEmbedding::Mlp,
         }
     }
 }
@@ -47,6 +54,8 @@ impl Default for XDeepFmConfig {
 pub struct XDeepFm {
     pub embedding: SparseEmbedding,
     pub dense: Option<Mlp>,
+    /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
+    pub numeric: Option<Param<Tensor<2>>>,
     pub cin: Vec<LinearCompress>,
     pub cin_out: Linear,
     pub dnn: Option<Mlp>,
@@ -68,7 +77,7 @@ impl ModelSpec for XDeepFmConfig {
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
     fn build(&self, shape: &DataShape, storage: TableInit, device: &Device) -> Model {
-        let (d, m) = (self.embedding_dim, num_inputs(shape, self.num_dense_embeddings));
+        let (d, m) = (self.embedding_dim, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings));
         let mut h = m;
         let cin = self
             .cin_hidden_units
@@ -81,7 +90,8 @@ impl ModelSpec for XDeepFmConfig {
             .collect();
         Model::XDeepFm(XDeepFm {
             embedding: SparseEmbedding::new_in(shape.table_rows, d + 1, self.embedding_init_std, storage, device),
-            dense: dense_mlp(shape, &self.dense_mlp, self.num_dense_embeddings, d + 1, device),
+            dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d + 1, device),
+            numeric: numeric_scale(shape, self.numeric_embedding, d + 1, device),
             cin,
             cin_out: LinearConfig::new(self.cin_hidden_units.iter().sum(), 1).init(device),
             dnn: (!self.dnn_hidden_units.is_empty())
@@ -90,8 +100,8 @@ impl ModelSpec for XDeepFmConfig {
         })
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
-        let (d, m) = (self.embedding_dim as u64, num_inputs(shape, self.num_dense_embeddings) as u64);
-        let mut total = dense_mlp_flops(shape, &self.dense_mlp, self.num_dense_embeddings, self.table_dim());
+        let (d, m) = (self.embedding_dim as u64, num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings) as u64);
+        let mut total = dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.table_dim());
         let mut h = m;
         for &next in &self.cin_hidden_units {
             total += h * m * d + 2 * h * m * next as u64 * d; // outer products, 1×1 convolution
@@ -107,7 +117,7 @@ impl ModelSpec for XDeepFmConfig {
 
 impl XDeepFm {
     pub fn forward(&self, sparse: Option<Tensor<3>>, dense: Option<Tensor<2>>, pass: &Pass) -> Tensor<1> {
-        let x = cat_fields(sparse, dense_embeddings(&self.dense, dense, self.embedding.dim(), pass));
+        let x = cat_fields(sparse, dense_embeddings(&self.dense, &self.numeric, dense, self.embedding.dim(), pass));
         let [b, m, w] = x.dims();
         let d = w - 1;
         let linear = x.clone().narrow(2, d, 1).reshape([b, m]).sum_dim(1).reshape([b]);
