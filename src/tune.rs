@@ -259,13 +259,13 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
     for k in &keys {
         md.push_str(&format!(" {k} |"));
     }
-    md.push_str(" valid AUC | valid LogLoss | test AUC | test LogLoss | seconds |\n|---|---|");
-    md.push_str(&"---|".repeat(keys.len() + 5));
+    md.push_str(" valid AUC | valid LogLoss | test AUC | test LogLoss | seconds | pruned at |\n|---|---|");
+    md.push_str(&"---|".repeat(keys.len() + 6));
     md.push('\n');
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut header = vec!["rank".to_string(), "trial".to_string()];
     header.extend(keys.iter().map(|k| k.to_string()));
-    header.extend(["valid_auc", "valid_logloss", "test_auc", "test_logloss", "seconds"].map(String::from));
+    header.extend(["valid_auc", "valid_logloss", "test_auc", "test_logloss", "seconds", "pruned_at"].map(String::from));
     w.write_record(&header)?;
     for (rank, &i) in order.iter().enumerate() {
         let (s, f) = &trials[i];
@@ -275,6 +275,9 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
         rec.extend(keys.iter().map(|k| s[*k].to_string()));
         rec.extend(nums.iter().map(|x| format!("{x:.6}")));
         rec.push(format!("{:.1}", metric_of(r, "seconds")));
+        // the evaluation at which the median rule stopped the trial (empty: it was not pruned)
+        let pruned = r["stop_reason"].as_str().and_then(|s| s.strip_prefix("pruned by the median rule at evaluation "));
+        rec.push(pruned.and_then(|s| s.split(':').next()).unwrap_or("").to_string());
         md.push_str(&format!("| {} |\n", rec.join(" | ")));
         w.write_record(&rec)?;
     }

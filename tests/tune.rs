@@ -133,7 +133,9 @@ fn the_median_rule_stops_a_trial_below_the_finished_ones() {
         .unwrap_or_else(|| panic!("{why}"));
     assert!(at < 3 && evals("trial-002") == at, "{why}");
     assert!(why.contains("of 1 finished trials"), "{why}");
-    assert!(std::fs::read_to_string(out.join("leaderboard.md")).unwrap().contains("trial-002"));
+    let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
+    let row = csv.lines().find(|l| l.contains("trial-002")).unwrap();
+    assert!(row.ends_with(&format!(",{at}")), "the leaderboard says where it was pruned: {row}");
 }
 
 #[test]
@@ -168,4 +170,26 @@ fn parallel_trials_train_in_child_processes_with_a_share_of_the_threads() {
             toml::from_str(&std::fs::read_to_string(out.join(format!("points/{}/config.toml", p.id))).unwrap()).unwrap();
         assert_eq!(saved.train.lr, s["train.lr"].as_float().unwrap());
     }
+}
+
+/// The Table-2 search spaces (`configs/tune/`): every trial each draws is a valid config of its
+/// model, and all spaces spend the same budget the same way.
+#[test]
+fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tune");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (space, trials) = tune::trials(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert_eq!((space.trials, trials.len(), space.seeds.len()), (16, 16, 3), "{}", path.display());
+        assert_eq!(space.prune, tune::Prune::Median, "{}", path.display());
+        for key in ["train.lr", "train.emb_lr", "train.emb_l2", "model.embedding_dim"] {
+            assert!(space.space.contains_key(key), "{}: {key}", path.display());
+        }
+        for (_, p) in &trials {
+            p.config.model.validate().unwrap_or_else(|e| panic!("{} {}: {e:#}", path.display(), p.id));
+        }
+        n += 1;
+    }
+    assert_eq!(n, 8, "one space per model");
 }
