@@ -172,14 +172,16 @@ fn parallel_trials_train_in_child_processes_with_a_share_of_the_threads() {
     }
 }
 
-/// The Table-2 search spaces (`configs/tune/`): every trial each draws is a valid config of its
-/// model, and all spaces spend the same budget the same way.
+/// The Table-2 search spaces (`configs/tune/`, one per model and dataset): every trial each draws
+/// is a valid config of its model, and all spaces spend the same budget the same way.
 #[test]
 fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tune");
-    let mut n = 0;
+    let mut per_dataset = std::collections::BTreeMap::<String, usize>::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        *per_dataset.entry(stem[..stem.rfind('_').unwrap()].to_string()).or_default() += 1;
         let (space, trials) = tune::trials(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         assert_eq!((space.trials, trials.len(), space.seeds.len()), (16, 16, 3), "{}", path.display());
         assert_eq!(space.prune, tune::Prune::Median, "{}", path.display());
@@ -189,7 +191,8 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
         for (_, p) in &trials {
             p.config.model.validate().unwrap_or_else(|e| panic!("{} {}: {e:#}", path.display(), p.id));
         }
-        n += 1;
     }
-    assert_eq!(n, 8, "one space per model");
+    let expected: std::collections::BTreeMap<String, usize> =
+        ["frappe", "movielens100k", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
+    assert_eq!(per_dataset, expected, "one space per model and dataset");
 }
