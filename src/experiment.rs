@@ -90,18 +90,21 @@ pub fn run_point(p: &Point, out: &Path, opts: &RunOptions) -> Result<Finished> {
             true
         }
     };
-    let text = std::fs::read_to_string(dir.join(checkpoint::RESULT)).with_context(|| format!("point {}: no result.json", p.id))?;
-    let result = serde_json::from_str(&text).with_context(|| format!("point {}: unreadable result.json", p.id))?;
-    Ok(Finished { id: p.id.clone(), family: p.family.clone(), dir, result, trained_now })
+    read_finished(p, dir, trained_now)
 }
 
 /// A point that must already be finished, read back (an error names it otherwise).
 pub fn run_point_finished(p: &Point, out: &Path) -> Result<Finished> {
     let dir = point_dir(out, &p.id);
     anyhow::ensure!(state(&dir) == PointState::Finished, "point {} has not finished", p.id);
+    read_finished(p, dir, false)
+}
+
+/// A finished point's `result.json`.
+fn read_finished(p: &Point, dir: PathBuf, trained_now: bool) -> Result<Finished> {
     let text = std::fs::read_to_string(dir.join(checkpoint::RESULT)).with_context(|| format!("point {}: no result.json", p.id))?;
     let result = serde_json::from_str(&text).with_context(|| format!("point {}: unreadable result.json", p.id))?;
-    Ok(Finished { id: p.id.clone(), family: p.family.clone(), dir, result, trained_now: false })
+    Ok(Finished { id: p.id.clone(), family: p.family.clone(), dir, result, trained_now })
 }
 
 /// Runs every point in order; `after` sees each finished one (to rewrite tables as it goes).

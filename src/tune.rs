@@ -276,7 +276,7 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
         rec.extend(nums.iter().map(|x| format!("{x:.6}")));
         rec.push(format!("{:.1}", metric_of(r, "seconds")));
         // the evaluation at which the median rule stopped the trial (empty: it was not pruned)
-        let pruned = r["stop_reason"].as_str().and_then(|s| s.strip_prefix("pruned by the median rule at evaluation "));
+        let pruned = r["stop_reason"].as_str().and_then(|s| s.strip_prefix(crate::train::prune::PRUNED_AT));
         rec.push(pruned.and_then(|s| s.split(':').next()).unwrap_or("").to_string());
         md.push_str(&format!("| {} |\n", rec.join(" | ")));
         w.write_record(&rec)?;

@@ -124,13 +124,14 @@ pub struct FinalMlp {
 impl FinalMlpConfig {
     /// Table-row parts of the gates with context fields (1 and/or 2; part 0 is the main embedding).
     fn context_parts(&self) -> (usize, usize) {
-        let one = (self.use_fs && !self.fs1_context.is_empty()) as usize;
-        let two = (self.use_fs && !self.fs2_context.is_empty()) as usize;
-        (one, if two == 1 { 1 + one } else { 0 })
+        let has = |fields: &[usize]| self.use_fs && !fields.is_empty();
+        let one = if has(&self.fs1_context) { 1 } else { 0 };
+        (one, if has(&self.fs2_context) { one + 1 } else { 0 })
     }
+    /// Parts of a table row: the main embedding and the context parts (the last is the largest).
     fn parts(&self) -> usize {
         let (one, two) = self.context_parts();
-        1 + (one > 0) as usize + (two > 0) as usize
+        1 + one.max(two)
     }
 }
 

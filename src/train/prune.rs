@@ -22,12 +22,15 @@ pub struct MedianRule {
     pub min_peers: usize,
 }
 
+/// How a pruned trial's `stop_reason` begins (the evaluation number follows); the leaderboard
+/// reads it back.
+pub const PRUNED_AT: &str = "pruned by the median rule at evaluation ";
+
+/// The monitored score (higher is better) of one `metrics.jsonl` line.
 fn score(monitor: Monitor, line: &serde_json::Value) -> Option<f64> {
-    let v = match monitor {
-        Monitor::Auc => line["valid_auc"].as_f64()?,
-        Monitor::Logloss => -line["valid_logloss"].as_f64()?,
-    };
-    v.is_finite().then_some(v)
+    let value = |key: &str| line[key].as_f64().unwrap_or(f64::NAN);
+    let m = crate::metrics::Metrics { auc: value("valid_auc"), logloss: value("valid_logloss"), count: 0 };
+    Some(monitor.score(&m)).filter(|v| v.is_finite())
 }
 
 impl MedianRule {
@@ -69,7 +72,7 @@ impl MedianRule {
         let shown = |v: f64| if monitor == Monitor::Logloss { -v } else { v };
         Ok((best < median).then(|| {
             format!(
-                "pruned by the median rule at evaluation {evals}: best validation {monitor:?} {:.6} is worse than the median {:.6} of {n} finished trials",
+                "{PRUNED_AT}{evals}: best validation {monitor:?} {:.6} is worse than the median {:.6} of {n} finished trials",
                 shown(best),
                 shown(median)
             )
