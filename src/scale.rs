@@ -649,11 +649,12 @@ pub fn write_report(sweep: &SweepFile, done: &[Finished], out: &Path) -> Result<
 fn data_shape(data: &crate::data::DataConfig) -> Result<(crate::model::DataShape, usize)> {
     if data.format == crate::data::schema::Format::Synthetic {
         let w = data.world();
-        return Ok((crate::model::DataShape::of(&crate::data::world::World::new(&w)?.encoder()), w.train_examples));
+        let enc = crate::data::world::World::new(&w)?.encoder().with_embeddings(&data.embeddings)?;
+        return Ok((crate::model::DataShape::of(&enc), w.train_examples));
     }
     let src = &crate::data::pipeline::split_sources(data)[0];
     let (enc, d, _) = crate::data::pipeline::fit_in_memory(data, src)?;
-    Ok((crate::model::DataShape::of(&enc), d.len()))
+    Ok((crate::model::DataShape::of(&enc.with_embeddings(&data.embeddings)?), d.len()))
 }
 
 /// The points in training order (see [`Order`]).

@@ -114,6 +114,36 @@ fn tiny_training_learns_and_the_checkpoint_round_trips() {
     assert_eq!(m.logloss, test.logloss);
 }
 
+/// The paper's whole embedding layer (§3.2) in one run: `user` and `item` get two embeddings
+/// each (`[data] embeddings`), `context` is a narrow field (width 3) that the group MLP maps to
+/// one embedding. It learns, its table holds the extra blocks, and the reloaded run scores the
+/// test split exactly as reported.
+#[test]
+fn several_embeddings_and_grouped_narrow_fields_train_and_reload() {
+    let _turn = serial();
+    let dir = workdir("embedding-layer");
+    generate(&dir);
+    let mut cfg = config(&dir);
+    cfg.data.embeddings = [("user".to_string(), 2), ("item".to_string(), 2)].into_iter().collect();
+    let wukong::model::ModelConfig::Wukong(w) = &mut cfg.model else { unreachable!() };
+    w.field_dims.insert("2".into(), 3); // context
+    let out = train_quietly(&cfg, &dir);
+    let test = out.test.expect("test split configured");
+    assert!(test.auc > 0.90, "test AUC {} should exceed 0.90", test.auc);
+
+    let device = Device::flex();
+    let run = checkpoint::load_run(&out.run_dir, &device).unwrap();
+    assert_eq!(run.encoder.model_fields(), 5);
+    let (users, items) = (run.encoder.field_sizes()[0], run.encoder.field_sizes()[1]);
+    assert_eq!(run.model.embedding().rows(), run.encoder.total_rows() + users + items);
+    assert_eq!(DataShape::of(&run.encoder).fields, 5);
+    let src = SplitSource { name: "test", path: dir.join("test.libfm"), part: None };
+    let (enc, _) = pipeline::encode_in_memory(&run.config.data, &src, &run.encoder).unwrap();
+    let m =
+        train::evaluate(&run.model, &SplitData::Memory(Arc::new(enc)), &run.encoder, 1000, wukong::model::Precision::F32, &device).unwrap();
+    assert_eq!((m.auc, m.logloss), (test.auc, test.logloss));
+}
+
 #[test]
 fn checkpoint_round_trip_gives_identical_predictions() {
     let _turn = serial();

@@ -16,15 +16,20 @@ pub fn run(a: Args) -> Result<()> {
     let cfg = ExperimentConfig::load(&a.config)?;
     if cfg.data.format == wukong::data::schema::Format::Synthetic {
         let enc = wukong::data::world::World::new(&cfg.data.world())?.encoder();
-        println!("{}", wukong::flops::report(&cfg.model, enc.num_fields(), enc.num_dense(), Some(enc.total_rows())));
+        let enc = enc.with_embeddings(&cfg.data.embeddings)?;
+        println!("{}", wukong::flops::report(&cfg.model, enc.model_fields(), enc.num_dense(), Some(enc.model_rows())));
         return Ok(());
     }
     let train_src = &pipeline::split_sources(&cfg.data)[0];
     let (fields, dense, rows) = match pipeline::fit_in_memory(&cfg.data, train_src) {
-        Ok((enc, _, _)) => (enc.num_fields(), enc.num_dense(), Some(enc.total_rows())),
+        Ok((enc, _, _)) => {
+            let enc = enc.with_embeddings(&cfg.data.embeddings)?;
+            (enc.model_fields(), enc.num_dense(), Some(enc.model_rows()))
+        }
         Err(e) => {
             tracing::warn!("{e:#}; counting without the vocabulary");
-            (cfg.data.num_fields.context("data.num_fields is needed when the training file is not readable")?, 0, None)
+            let fields = cfg.data.num_fields.context("data.num_fields is needed when the training file is not readable")?;
+            (fields + cfg.data.embeddings.values().map(|m| m.saturating_sub(1)).sum::<usize>(), 0, None)
         }
     };
     println!("{}", wukong::flops::report(&cfg.model, fields, dense, rows));

@@ -10,6 +10,12 @@
 //! Slots: a categorical field is one slot; a multi-hot field is `max_len` slots whose embeddings
 //! the model pools (unused slots carry weight 0). `values` holds each slot's weight: 1, the libfm
 //! value, or 1/count for mean pooling.
+//!
+//! Several embeddings per field (the paper's §3.2, `[data] embeddings = { user = 2 }`): the
+//! encoding and its caches stay as they are; each extra embedding of a field is a block of rows
+//! appended after the encoder's table and a field appended after the encoder's fields
+//! ([`ExtraEmbeddings`]), filled in when batches are built. A model sees `model_fields()` fields
+//! and a table of `model_rows()` rows, and every embedding keeps its own row-wise optimizer state.
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -39,6 +45,9 @@ impl std::hash::Hasher for KeyHasher {
         self.0 = k;
     }
 }
+
+/// Most embeddings one field may have.
+pub const MAX_EMBEDDINGS: usize = 64;
 
 type KeyMap = HashMap<u64, u32, std::hash::BuildHasherDefault<KeyHasher>>;
 
@@ -83,9 +92,51 @@ pub struct DenseColumn {
 pub struct Encoder {
     pub fields: Vec<FieldVocab>,
     pub dense: Vec<DenseColumn>,
+    /// Embeddings per field (`[data] embeddings`); empty when every field has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<usize>,
     /// Per field: (slots, pooling, first table row); derived, kept for the per-row hot path.
     #[serde(skip)]
     layout: Vec<(usize, Pooling, u32)>,
+}
+
+/// The extra embeddings of fields with `embeddings = m > 1`: copy `j` of field `f` reads the
+/// field's slots and maps each row `r` of the field to `to + (r − from)`, a row of its own block.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraEmbeddings {
+    /// Per copy: the field's slots, its first row, its rows, the copy's first row.
+    copies: Vec<(std::ops::Range<usize>, u32, u32, u32)>,
+    rows: usize,
+    slots: usize,
+}
+
+impl ExtraEmbeddings {
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+    /// Table rows the copies add.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Slots the copies add to every example.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+    /// Calls `emit(row, value)` for every extra slot of one example, given its encoded rows and
+    /// values (all its slots, in order). A row outside its field's block (a corrupted cache) is
+    /// an error naming the slot.
+    pub fn for_example(&self, rows: &[u32], values: &[f32], mut emit: impl FnMut(u32, f32)) -> Result<()> {
+        for (slots, from, len, to) in &self.copies {
+            for s in slots.clone() {
+                let local = rows[s].wrapping_sub(*from);
+                if local >= *len {
+                    bail!("slot {s}: embedding row {} is not a row of its field (rows {from}..{})", rows[s], from + len);
+                }
+                emit(to + local, values[s]);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Counters of what encoding did to the values.
@@ -171,18 +222,83 @@ impl Encoder {
         self.field_sizes().iter().sum()
     }
 
+    /// Embeddings of field `f` (`[data] embeddings`, default 1).
+    pub fn embeddings_of(&self, f: usize) -> usize {
+        self.embeddings.get(f).copied().unwrap_or(1)
+    }
+
+    /// Sets the embeddings per field from `[data] embeddings` (keys: field names, or positions
+    /// for unnamed fields).
+    pub fn with_embeddings(mut self, plan: &std::collections::BTreeMap<String, usize>) -> Result<Self> {
+        let names = self.field_names();
+        let mut m = vec![1; names.len()];
+        for (key, &count) in plan {
+            let f = names.iter().position(|n| n == key).or_else(|| key.parse::<usize>().ok().filter(|&p| p < names.len()));
+            let Some(f) = f else {
+                bail!("data.embeddings: no field {key:?} (fields: {})", names.join(", "));
+            };
+            if !(1..=MAX_EMBEDDINGS).contains(&count) {
+                bail!("data.embeddings.{key} = {count}: must be between 1 and {MAX_EMBEDDINGS}");
+            }
+            m[f] = count;
+        }
+        self.embeddings = if m.iter().all(|&c| c == 1) { Vec::new() } else { m };
+        Ok(self)
+    }
+
+    /// Fields the model sees: the encoder's fields, then every extra embedding as a field.
+    pub fn model_fields(&self) -> usize {
+        (0..self.num_fields()).map(|f| self.embeddings_of(f)).sum()
+    }
+    /// Rows of the model's table: the encoder's, then each extra embedding's block.
+    pub fn model_rows(&self) -> usize {
+        self.total_rows() + self.extra_embeddings().rows()
+    }
+    /// The model field of every model slot (the encoder's slots, then the extra embeddings').
+    pub fn model_slot_fields(&self) -> Vec<usize> {
+        let mut out = self.slot_fields();
+        let mut next = self.num_fields();
+        for (f, v) in self.fields.iter().enumerate() {
+            for _ in 1..self.embeddings_of(f) {
+                out.extend(std::iter::repeat_n(next, v.width));
+                next += 1;
+            }
+        }
+        out
+    }
+    /// How batches fill in the extra embeddings.
+    pub fn extra_embeddings(&self) -> ExtraEmbeddings {
+        let mut extra = ExtraEmbeddings::default();
+        let (mut slot0, mut to) = (0usize, self.total_rows() as u32);
+        for ((f, v), from) in self.fields.iter().enumerate().zip(self.offsets()) {
+            let rows = v.rows() as u32;
+            for _ in 1..self.embeddings_of(f) {
+                extra.copies.push((slot0..slot0 + v.width, from, rows, to));
+                to += rows;
+                extra.rows += rows as usize;
+                extra.slots += v.width;
+            }
+            slot0 += v.width;
+        }
+        extra
+    }
+
     /// One line naming every field with its vocabulary size (and slots), and the dense columns.
     pub fn describe(&self) -> String {
         let fields: Vec<String> = self
             .fields
             .iter()
-            .map(|f| {
+            .enumerate()
+            .map(|(i, f)| {
                 let mut d = format!("{} ({}", f.name, f.vocab.len());
                 if f.hash_buckets > 0 {
                     d += &format!(" + {} buckets", f.hash_buckets);
                 }
                 if f.width > 1 {
                     d += &format!(", {} slots {:?}", f.width, f.pooling).to_lowercase();
+                }
+                if self.embeddings_of(i) > 1 {
+                    d += &format!(", {} embeddings", self.embeddings_of(i));
                 }
                 d + ")"
             })
@@ -245,7 +361,7 @@ impl Encoder {
             })
             .collect();
         let dense = dense.into_iter().map(|name| DenseColumn { name, shift: 0.0, scale: 1.0 }).collect();
-        Self { fields, dense, layout: Vec::new() }.with_lookup()
+        Self { fields, dense, embeddings: Vec::new(), layout: Vec::new() }.with_lookup()
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -390,7 +506,7 @@ impl Fitter {
                 DenseColumn { name: name.clone(), shift, scale }
             })
             .collect();
-        let enc = Encoder { fields, dense: dense_cols, layout: Vec::new() }.with_lookup();
+        let enc = Encoder { fields, dense: dense_cols, embeddings: Vec::new(), layout: Vec::new() }.with_lookup();
         let remap =
             Remap { rare, slot_fields: enc.slot_fields(), rows: remaps, dense: enc.dense.iter().map(|c| (c.shift, c.scale)).collect() };
         (enc, remap)

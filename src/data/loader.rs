@@ -10,6 +10,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use super::cache::CacheReader;
 use super::dataset::EncodedDataset;
+use super::encoder::ExtraEmbeddings;
 use super::pipeline::SplitData;
 
 /// One batch, ready to become tensors.
@@ -32,11 +33,25 @@ struct BatchBuilder {
     stamp: Vec<u32>,
     slot: Vec<u32>,
     batch_mark: u32,
+    /// The encoded rows end at `encoded_rows`; the extra embeddings' blocks follow.
+    encoded_rows: usize,
+    extra: Arc<ExtraEmbeddings>,
 }
 
 impl BatchBuilder {
-    fn new(total_rows: usize) -> Self {
-        Self { stamp: vec![0; total_rows], slot: vec![0; total_rows], batch_mark: 0 }
+    fn new(total_rows: usize, extra: Arc<ExtraEmbeddings>) -> Self {
+        let rows = total_rows + extra.rows();
+        Self { stamp: vec![0; rows], slot: vec![0; rows], batch_mark: 0, encoded_rows: total_rows, extra }
+    }
+
+    /// The example's position in the batch's `unique_rows`, adding the row when new.
+    fn unique(&mut self, r: usize, mark: u32, unique_rows: &mut Vec<i64>) -> i64 {
+        if self.stamp[r] != mark {
+            self.stamp[r] = mark;
+            self.slot[r] = unique_rows.len() as u32;
+            unique_rows.push(r as i64);
+        }
+        self.slot[r] as i64
     }
 
     /// Errors (instead of indexing out of bounds) when a row id is outside the table: a cache
@@ -49,10 +64,11 @@ impl BatchBuilder {
             self.batch_mark = 1;
         }
         let mark = self.batch_mark;
-        let mut unique_rows = Vec::with_capacity(idx.len() * nf / 2);
-        let mut inverse = Vec::with_capacity(idx.len() * nf);
+        let slots = nf + self.extra.slots();
+        let mut unique_rows = Vec::with_capacity(idx.len() * slots / 2);
+        let mut inverse = Vec::with_capacity(idx.len() * slots);
         let mut labels = Vec::with_capacity(idx.len());
-        let mut values = Vec::with_capacity(idx.len() * nf);
+        let mut values = Vec::with_capacity(idx.len() * slots);
         let nd = data.num_dense;
         let mut dense = Vec::with_capacity(idx.len() * nd);
         for &i in idx {
@@ -60,19 +76,24 @@ impl BatchBuilder {
             dense.extend_from_slice(&data.dense[i * nd..(i + 1) * nd]);
             for f in 0..nf {
                 let r = data.rows[i * nf + f] as usize;
-                if r >= self.stamp.len() {
+                if r >= self.encoded_rows {
                     bail!(
                         "example {i}, slot {f}: embedding row {r} is outside the table ({} rows); the encoded data does not belong to this encoder or is corrupted",
-                        self.stamp.len()
+                        self.encoded_rows
                     );
                 }
-                if self.stamp[r] != mark {
-                    self.stamp[r] = mark;
-                    self.slot[r] = unique_rows.len() as u32;
-                    unique_rows.push(r as i64);
-                }
-                inverse.push(self.slot[r] as i64);
+                inverse.push(self.unique(r, mark, &mut unique_rows));
                 values.push(data.values[i * nf + f]);
+            }
+            if !self.extra.is_empty() {
+                let extra = Arc::clone(&self.extra);
+                let (rows, vals) = (&data.rows[i * nf..(i + 1) * nf], &data.values[i * nf..(i + 1) * nf]);
+                extra
+                    .for_example(rows, vals, |r, v| {
+                        inverse.push(self.unique(r as usize, mark, &mut unique_rows));
+                        values.push(v);
+                    })
+                    .map_err(|e| anyhow::anyhow!("example {i}: {e}; the encoded data does not belong to this encoder or is corrupted"))?;
             }
         }
         let values = if values.iter().all(|&v| v == 1.0) { None } else { Some(values) };
@@ -86,6 +107,7 @@ impl BatchBuilder {
 pub struct BatchLoader {
     data: SplitData,
     total_rows: usize,
+    extra: Arc<ExtraEmbeddings>,
     batch_size: usize,
     chunk_rows: usize,
     shuffle_chunks: usize,
@@ -118,6 +140,7 @@ impl BatchLoader {
         Self {
             data,
             total_rows,
+            extra: Arc::default(),
             batch_size: batch_size.max(1),
             chunk_rows: chunk_rows.max(1),
             shuffle_chunks: shuffle_chunks.max(1),
@@ -131,6 +154,13 @@ impl BatchLoader {
     /// process; a rank's part of a short last batch may be empty).
     pub fn sharded(mut self, rank: usize, size: usize) -> Self {
         self.shard = (size > 1).then_some((rank, size));
+        self
+    }
+
+    /// Batches also carry the extra embeddings of fields with several (`[data] embeddings`;
+    /// [`crate::data::Encoder::extra_embeddings`]).
+    pub fn with_extra(mut self, extra: ExtraEmbeddings) -> Self {
+        self.extra = Arc::new(extra);
         self
     }
 
@@ -157,7 +187,14 @@ impl BatchLoader {
     /// reads their chunks, since they decide which rows carry over to later groups).
     pub fn epoch_from(&self, shuffle_seed: Option<u64>, skip: usize) -> Epoch {
         let (tx, rx) = sync_channel(4);
-        let mut sink = Sink { tx, next: 0, skip, fail_at: self.fail_at, shard: self.shard, builder: BatchBuilder::new(self.total_rows) };
+        let mut sink = Sink {
+            tx,
+            next: 0,
+            skip,
+            fail_at: self.fail_at,
+            shard: self.shard,
+            builder: BatchBuilder::new(self.total_rows, Arc::clone(&self.extra)),
+        };
         let batch_size = self.batch_size;
         match &self.data {
             SplitData::Memory(data) => {
@@ -281,22 +318,32 @@ fn stream_epoch(cache: &CacheReader, seed: Option<u64>, chunk_rows: usize, group
 /// One batch of all of `data`'s rows, in order, de-duplicated through a hash map: for scoring a
 /// few rows against a large table, where the loader's `stamp` arrays (one entry per table row)
 /// would cost more than the batch.
-pub fn batch_of(data: &EncodedDataset, total_rows: usize) -> Result<Batch> {
+pub fn batch_of(data: &EncodedDataset, total_rows: usize, extra: &ExtraEmbeddings) -> Result<Batch> {
     let (n, nf) = (data.len(), data.num_slots);
-    let mut slot_of = std::collections::HashMap::with_capacity(n * nf);
-    let mut unique_rows = Vec::with_capacity(n * nf);
-    let mut inverse = Vec::with_capacity(n * nf);
-    for (k, &r) in data.rows.iter().enumerate() {
-        if r as usize >= total_rows {
-            bail!("example {}, slot {}: embedding row {r} is outside the table ({total_rows} rows)", k / nf.max(1), k % nf.max(1));
-        }
+    let slots = nf + extra.slots();
+    let mut slot_of = std::collections::HashMap::with_capacity(n * slots);
+    let mut unique_rows = Vec::with_capacity(n * slots);
+    let mut inverse = Vec::with_capacity(n * slots);
+    let mut values = Vec::with_capacity(n * slots);
+    let mut add = |r: u32, v: f32| {
         let s = *slot_of.entry(r).or_insert_with(|| {
             unique_rows.push(r as i64);
             unique_rows.len() as i64 - 1
         });
         inverse.push(s);
+        values.push(v);
+    };
+    for i in 0..n {
+        let (rows, vals) = (&data.rows[i * nf..(i + 1) * nf], &data.values[i * nf..(i + 1) * nf]);
+        for (f, (&r, &v)) in rows.iter().zip(vals).enumerate() {
+            if r as usize >= total_rows {
+                bail!("example {i}, slot {f}: embedding row {r} is outside the table ({total_rows} rows)");
+            }
+            add(r, v);
+        }
+        extra.for_example(rows, vals, &mut add).map_err(|e| anyhow::anyhow!("example {i}: {e}"))?;
     }
-    let values = (!data.values.iter().all(|&v| v == 1.0)).then(|| data.values.clone());
+    let values = (!values.iter().all(|&v| v == 1.0)).then_some(values);
     let dense = (data.num_dense > 0).then(|| data.dense.clone());
     Ok(Batch { size: n, labels: data.labels.clone(), unique_rows, inverse, values, dense })
 }
@@ -319,7 +366,7 @@ mod tests {
     #[test]
     fn unique_rows_and_inverse_reconstruct_the_batch() {
         let data = toy();
-        let b = BatchBuilder::new(5).build(&data, &[0, 1, 2]).unwrap();
+        let b = BatchBuilder::new(5, Arc::default()).build(&data, &[0, 1, 2]).unwrap();
         assert_eq!(b.unique_rows, vec![0, 3, 1, 4]);
         let back: Vec<u32> = b.inverse.iter().map(|&j| b.unique_rows[j as usize] as u32).collect();
         assert_eq!(back, data.rows);
@@ -353,7 +400,7 @@ mod tests {
     #[test]
     fn row_outside_the_table_is_an_error_not_a_panic() {
         let data = toy();
-        let err = BatchBuilder::new(4).build(&data, &[0, 1, 2]).unwrap_err().to_string();
+        let err = BatchBuilder::new(4, Arc::default()).build(&data, &[0, 1, 2]).unwrap_err().to_string();
         assert!(err.contains("row 4 is outside the table"), "{err}");
     }
 

@@ -426,6 +426,13 @@ fn finish_cache(dir: &Path, mut want: CacheHeader, log: &SplitLog, slots: usize,
 
 /// Reads (or takes from the cache) every split: fits the encoder on train, encodes the rest.
 pub fn prepare(cfg: &DataConfig, policy: CachePolicy) -> Result<Prepared> {
+    let mut p = prepare_encoded(cfg, policy)?;
+    // Extra embeddings change no encoding (nor any cache): batches add them.
+    p.encoder = p.encoder.with_embeddings(&cfg.embeddings)?;
+    Ok(p)
+}
+
+fn prepare_encoded(cfg: &DataConfig, policy: CachePolicy) -> Result<Prepared> {
     if cfg.format == Format::Synthetic {
         return prepare_world(&cfg.world());
     }

@@ -88,6 +88,11 @@ pub struct DataConfig {
     pub negative: Vec<String>,
     #[serde(default)]
     pub fields: Vec<FieldSpec>,
+    /// Several embeddings for important fields (the paper's §3.2): `{ user = 2 }` gives field
+    /// `user` (by name, or position for unnamed fields) two embeddings, each its own block of table
+    /// rows, that enter the model as two fields. Every model uses them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub embeddings: std::collections::BTreeMap<String, usize>,
     /// Columns present in the files that no field uses (checked to exist).
     #[serde(default)]
     pub ignore: Vec<String>,

@@ -183,7 +183,7 @@ impl SlotLayout {
         Self { slot_fields: (0..fields).collect(), fields }
     }
     pub fn of(encoder: &crate::data::Encoder) -> Self {
-        Self { slot_fields: encoder.slot_fields(), fields: encoder.num_fields() }
+        Self { slot_fields: encoder.model_slot_fields(), fields: encoder.model_fields() }
     }
     pub fn slots(&self) -> usize {
         self.slot_fields.len()

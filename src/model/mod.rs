@@ -38,9 +38,10 @@ pub struct DataShape {
 }
 
 impl DataShape {
+    /// The model's view: extra embeddings of a field (`[data] embeddings`) count as fields.
     pub fn of(encoder: &crate::data::Encoder) -> Self {
         // A table needs at least one row even when all features are dense.
-        Self { fields: encoder.num_fields(), dense: encoder.num_dense(), table_rows: encoder.total_rows().max(1) }
+        Self { fields: encoder.model_fields(), dense: encoder.num_dense(), table_rows: encoder.model_rows().max(1) }
     }
 }
 

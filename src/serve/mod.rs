@@ -106,7 +106,7 @@ impl Scorer {
         if data.is_empty() {
             return Ok(Vec::new());
         }
-        let batch = batch_of(data, self.run.encoder.total_rows())?;
+        let batch = batch_of(data, self.run.encoder.total_rows(), &self.run.encoder.extra_embeddings())?;
         let out = crate::train::batch_logits(&self.run.model, &batch, &self.layout, self.run.config.train.precision, &self.device)?;
         anyhow::ensure!(out.len() == data.len(), "scored {} of {} rows", out.len(), data.len());
         Ok(out)

@@ -46,7 +46,7 @@ pub fn predict_logits(
     device: &Device,
 ) -> Result<Vec<f32>> {
     let layout = SlotLayout::of(encoder);
-    let loader = BatchLoader::from_split(data.clone(), encoder.total_rows(), batch_size, 65_536, 1);
+    let loader = BatchLoader::from_split(data.clone(), encoder.total_rows(), batch_size, 65_536, 1).with_extra(encoder.extra_embeddings());
     let mut out = Vec::with_capacity(data.len());
     for batch in loader.epoch(None) {
         out.extend(batch_logits(model, &batch?, &layout, precision, device)?);
@@ -119,7 +119,8 @@ fn sharded_logits(
 ) -> Result<Vec<f32>> {
     let layout = SlotLayout::of(encoder);
     let n = part.len();
-    let loader = BatchLoader::from_split(SplitData::Memory(std::sync::Arc::new(part)), encoder.total_rows(), batch_size, 65_536, 1);
+    let loader = BatchLoader::from_split(SplitData::Memory(std::sync::Arc::new(part)), encoder.total_rows(), batch_size, 65_536, 1)
+        .with_extra(encoder.extra_embeddings());
     let mut batches = (n > 0).then(|| loader.epoch(None));
     let mut out = Vec::with_capacity(n);
     let dim = model.embedding().dim();
@@ -947,6 +948,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     cfg.model.check_shape(&shape)?;
     let layout = SlotLayout::of(&encoder);
     let total_rows = shape.table_rows;
+    let (encoded_rows, extra) = (encoder.total_rows(), encoder.extra_embeddings());
 
     // Run directory: a new one, or the one being resumed (whose data must encode the same way).
     // In a job rank 0 creates it and tells the others its name.
@@ -1094,7 +1096,8 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
         lp.checkpoint()?; // step 0: resume and rollback always have a checkpoint to go back to
     }
 
-    let loader = BatchLoader::from_split(train_data, total_rows, t.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks)
+    let loader = BatchLoader::from_split(train_data, encoded_rows, t.batch_size, cfg.data.chunk_rows, cfg.data.shuffle_chunks)
+        .with_extra(extra)
         .fail_at_batch(faults.loader_error_at_batch)
         .sharded(rank, ranks);
     let nb = loader.num_batches();

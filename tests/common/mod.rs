@@ -12,7 +12,7 @@ pub fn workdir(tag: &str) -> PathBuf {
 
 #[allow(dead_code)] // not every test binary uses every helper
 /// Small instances of every model (and the variants with other code paths).
-pub const MODELS: [(&str, &str); 14] = [
+pub const MODELS: [(&str, &str); 15] = [
     ("wukong", "embedding_dim = 8\nnum_layers = 1\nnum_fmb = 4\nnum_lcb = 4\nfm_rank = 2\nfmb_mlp = [16]\ntop_mlp = [16]\ndense_mlp = [8]"),
     ("lr", ""),
     ("fm", "embedding_dim = 8"),
@@ -27,6 +27,11 @@ pub const MODELS: [(&str, &str); 14] = [
     ("masknet", "embedding_dim = 8\nmodel_type = \"serial\"\nblock_hidden_units = [16, 16]"),
     ("xdeepfm", "embedding_dim = 8\ncin_hidden_units = [4, 4]\ndnn_hidden_units = [32]"),
     ("autoint", "embedding_dim = 8\nattention_dim = 8\nnum_heads = 1\ndnn_hidden_units = []\nlayer_norm = true"),
+    // the paper's §3.2 grouping: fields 1 and 2 embedded at widths 3 and 5, mapped to 2 embeddings
+    (
+        "wukong",
+        "embedding_dim = 8\nnum_layers = 1\nnum_fmb = 4\nnum_lcb = 4\nfm_rank = 2\nfmb_mlp = [16]\ntop_mlp = [16]\ndense_mlp = [8]\nfield_dims = { 1 = 3, 2 = 5 }\ngroup_embeddings = 2\ngroup_mlp = [8]",
+    ),
 ];
 
 /// The message of a caught panic.
