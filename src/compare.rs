@@ -62,6 +62,74 @@ pub fn read_run(dir: &Path) -> Result<Row> {
     })
 }
 
+/// A finished `wukong tune`: its best config re-run with each seed.
+#[derive(Debug, Clone)]
+pub struct Tuned {
+    pub dir: PathBuf,
+    /// The search's name (its space file's `name`).
+    pub name: String,
+    pub trials: usize,
+    pub best: String,
+    /// The seed re-runs, in the space's seed order.
+    pub seeds: Vec<Row>,
+}
+
+/// Reads a finished search directory (`wukong tune … --out DIR`).
+pub fn read_tuned(dir: &Path) -> Result<Tuned> {
+    let spath = dir.join("summary.json");
+    let text = std::fs::read_to_string(&spath).with_context(|| format!("cannot read {} (has the search finished?)", spath.display()))?;
+    let s: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", spath.display()))?;
+    let seeds: Vec<u64> = field(&s, "seeds", &spath)?;
+    anyhow::ensure!(!seeds.is_empty(), "{}: the search re-ran its best config with no seed", spath.display());
+    let rows = seeds
+        .iter()
+        .map(|&seed| read_run(&crate::experiment::point_dir(dir, &crate::tune::seed_point_id(seed))))
+        .collect::<Result<Vec<_>>>()?;
+    let points = std::fs::read_dir(dir.join("points")).with_context(|| format!("cannot list {}/points", dir.display()))?;
+    let trials = points.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("trial-")).count();
+    let name = rows[0].config.name.trim_end_matches(&format!("-best-seed{}", seeds[0])).to_string();
+    Ok(Tuned { dir: dir.to_path_buf(), name, trials, best: field(&s, "best", &spath)?, seeds: rows })
+}
+
+fn mean_pm_std(v: &[f64]) -> String {
+    match crate::tune::mean_std(v) {
+        Some((m, sd)) => format!("{m:.6} ± {sd:.6}"),
+        None => "–".into(),
+    }
+}
+
+/// The paper's Table 2 from tuned searches: mean ± std over the seeds of each best config.
+pub fn tuned_table(rows: &[Tuned]) -> String {
+    let mut s = String::new();
+    s.push_str("| search | model | test AUC (mean ± std) | test LogLoss (mean ± std) | seeds | trials (best) | #params (dense + embedding) | MFLOP/example | train s/epoch | search directory |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for t in rows {
+        let auc: Vec<f64> = t.seeds.iter().map(|r| r.test_auc.unwrap_or(f64::NAN)).collect();
+        let ll: Vec<f64> = t.seeds.iter().map(|r| r.test_logloss.unwrap_or(f64::NAN)).collect();
+        let first = &t.seeds[0];
+        let secs = t.seeds.iter().map(|r| r.seconds_per_epoch).sum::<f64>() / t.seeds.len() as f64;
+        writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} ({}) | {} ({} + {}) | {:.3} | {:.1} | `{}` |",
+            t.name,
+            first.config.model.name(),
+            mean_pm_std(&auc),
+            mean_pm_std(&ll),
+            t.seeds.len(),
+            t.trials,
+            t.best,
+            first.dense_params + first.embedding_params,
+            first.dense_params,
+            first.embedding_params,
+            first.forward_flops as f64 / 1e6,
+            secs,
+            t.dir.display()
+        )
+        .unwrap();
+    }
+    s
+}
+
 fn opt(x: Option<f64>) -> String {
     x.map_or("–".into(), |v| format!("{v:.6}"))
 }

@@ -240,7 +240,8 @@ pub struct Summary {
     pub test_logloss_std: Option<f64>,
 }
 
-fn mean_std(v: &[f64]) -> Option<(f64, f64)> {
+/// Mean and sample standard deviation (None when empty or any value is not finite).
+pub fn mean_std(v: &[f64]) -> Option<(f64, f64)> {
     if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
         return None;
     }
@@ -348,6 +349,11 @@ fn best_of<'a>(space: &SpaceFile, done: &'a [Finished]) -> Result<&'a Finished> 
     done.iter().min_by(|a, b| better(space.metric)(&metric_of(&a.result, key), &metric_of(&b.result, key))).context("no trial finished")
 }
 
+/// The point (run directory under `<out>/points`) of the best config's re-run with seed `s`.
+pub fn seed_point_id(s: u64) -> String {
+    format!("best-seed{s}")
+}
+
 /// The seed re-runs of the best trial.
 fn seed_points(space: &SpaceFile, best: &Point) -> Vec<Point> {
     space
@@ -357,7 +363,7 @@ fn seed_points(space: &SpaceFile, best: &Point) -> Vec<Point> {
             let mut config = best.config.clone();
             config.train.seed = s;
             config.name = format!("{}-best-seed{s}", space.name);
-            Point { id: format!("best-seed{s}"), family: "best".into(), config }
+            Point { id: seed_point_id(s), family: "best".into(), config }
         })
         .collect()
 }

@@ -66,6 +66,12 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     let mean = (seed_auc[0] + seed_auc[1]) / 2.0;
     assert!((summary.test_auc_mean.unwrap() - mean).abs() < 1e-12);
     assert!((summary.test_auc_std.unwrap() - (seed_auc[0] - seed_auc[1]).abs() / 2f64.sqrt()).abs() < 1e-12);
+    // `wukong compare --tuned`: the Table-2 row of the search
+    let row = wukong::compare::read_tuned(&out).unwrap();
+    assert_eq!((row.name.as_str(), row.trials, row.best.as_str(), row.seeds.len()), ("t", 4, summary.best.as_str(), 2));
+    let table = wukong::compare::tuned_table(&[row]);
+    let sd = summary.test_auc_std.unwrap();
+    assert!(table.contains(&format!("| t | wukong | {mean:.6} ± {sd:.6} |")), "{table}");
     // a second invocation trains nothing again
     let before = std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap();
     let again = tune::run(&dir.join("space.toml"), &out, &opts, None).unwrap();

@@ -15,6 +15,10 @@ pub struct Args {
     /// Finished run directories to include (after the trained ones).
     #[arg(long)]
     run: Vec<PathBuf>,
+    /// Finished searches (`wukong tune … --out DIR`): one row each, mean ± std over the seed
+    /// re-runs of the best config (a table of its own, after the runs' table).
+    #[arg(long)]
+    tuned: Vec<PathBuf>,
     /// Also write the table to this markdown file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -37,9 +41,17 @@ pub fn run(a: Args) -> Result<()> {
     let opts = RunOptions { device: a.device.clone(), out_dir: a.runs_dir.clone(), verbose: true, ..Default::default() };
     let mut dirs: Vec<PathBuf> = experiment::run_all(&points, &a.runs_dir, &opts, |_| Ok(()))?.into_iter().map(|f| f.dir).collect();
     dirs.extend(a.run);
-    anyhow::ensure!(!dirs.is_empty(), "give --config and/or --run");
+    anyhow::ensure!(!dirs.is_empty() || !a.tuned.is_empty(), "give --config, --run and/or --tuned");
     let rows = dirs.iter().map(|d| wukong::compare::read_run(d)).collect::<Result<Vec<_>>>()?;
-    let table = wukong::compare::table(&rows);
+    let tuned = a.tuned.iter().map(|d| wukong::compare::read_tuned(d)).collect::<Result<Vec<_>>>()?;
+    let mut table = String::new();
+    if !rows.is_empty() {
+        table += &wukong::compare::table(&rows);
+    }
+    if !tuned.is_empty() {
+        table += if rows.is_empty() { "" } else { "\n" };
+        table += &wukong::compare::tuned_table(&tuned);
+    }
     print!("{table}");
     if let Some(p) = a.out {
         wukong::runtime::write_atomic(&p, table.as_bytes())?;
