@@ -64,7 +64,8 @@ impl BatchBuilder {
             self.batch_mark = 1;
         }
         let mark = self.batch_mark;
-        let slots = nf + self.extra.slots();
+        let extra = Arc::clone(&self.extra); // (`self` is borrowed mutably below)
+        let slots = nf + extra.slots();
         let mut unique_rows = Vec::with_capacity(idx.len() * slots / 2);
         let mut inverse = Vec::with_capacity(idx.len() * slots);
         let mut labels = Vec::with_capacity(idx.len());
@@ -85,8 +86,7 @@ impl BatchBuilder {
                 inverse.push(self.unique(r, mark, &mut unique_rows));
                 values.push(data.values[i * nf + f]);
             }
-            if !self.extra.is_empty() {
-                let extra = Arc::clone(&self.extra);
+            if !extra.is_empty() {
                 let (rows, vals) = (&data.rows[i * nf..(i + 1) * nf], &data.values[i * nf..(i + 1) * nf]);
                 extra
                     .for_example(rows, vals, |r, v| {
