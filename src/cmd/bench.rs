@@ -353,8 +353,9 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let header = format!(
-        "{}\n\nDevice {}, {threads} threads for both sides; {} timed steps after {} warm-up; ratio < 1 means ours is faster. Training GFLOP/s counts 3 × the analytic forward FLOPs.\n",
+        "{}; {}\n\nDevice {}, {threads} threads for both sides; {} timed steps after {} warm-up; ratio < 1 means ours is faster. Training GFLOP/s counts 3 × the analytic forward FLOPs.\n",
         wukong::runtime::cpu_line(),
+        wukong::model::bf16::Bf16Kernel::chosen().describe(),
         a.device,
         results.first().map(|r| r.spec.steps).unwrap_or(0),
         results.first().map(|r| r.spec.warmup).unwrap_or(0),

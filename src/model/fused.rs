@@ -31,6 +31,9 @@ pub trait FusedOps: Backend {
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> FloatTensor<Self>;
+    /// `x · w` (`[m, k] · [k, n]`) with both operands rounded to bf16 and f32 accumulation (the
+    /// result rounded to bf16), as f32: [`super::bf16`].
+    fn bf16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
@@ -233,6 +236,46 @@ impl FusedOps for Flex {
     fn fused_add_layer_norm(a: FlexTensor, b: FlexTensor, gamma: FlexTensor, beta: FlexTensor, epsilon: f64) -> FlexTensor {
         ln_forward(&a, Some(&b), &gamma, &beta, epsilon).y
     }
+    fn bf16_matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        bf16_forward(&x, &w).0
+    }
+}
+
+/// The rounded operands and `[m, k, n]`: what the backward products need.
+type Bf16State = (Vec<gemmkit::bf16>, Vec<gemmkit::bf16>, [usize; 3]);
+
+fn bf16_forward(x: &FlexTensor, w: &FlexTensor) -> (FlexTensor, Bf16State) {
+    use super::bf16::{Operand, product, to_bf16};
+    let (xs, ws) = (x.layout().shape().clone(), w.layout().shape().clone());
+    let ([m, k], [k2, n]) = ([xs[0], xs[1]], [ws[0], ws[1]]);
+    assert_eq!(k, k2, "bf16_matmul: [{m}, {k}] · [{k2}, {n}]");
+    let (xb, wb) = (to_bf16(&f32_vec(x)), to_bf16(&f32_vec(w)));
+    let y = product(Operand::new(&xb, m, k), Operand::new(&wb, k, n));
+    (tensor(y, Shape::new([m, n])), (xb, wb, [m, k, n]))
+}
+
+#[derive(Debug)]
+struct Bf16MatmulBackward;
+
+impl Backward<Flex, 2> for Bf16MatmulBackward {
+    type State = Bf16State;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        use super::bf16::{Operand, product, to_bf16};
+        let (xb, wb, [m, k, n]) = ops.state;
+        let g = to_bf16(&f32_vec(&grads.consume::<Flex>(&ops.node)));
+        let [px, pw] = ops.parents;
+        if let Some(node) = px {
+            // dX = dY · Wᵀ
+            let dx = product(Operand::new(&g, m, n), Operand::transpose_of(&wb, k, n));
+            grads.register::<Flex>(node.id, tensor(dx, Shape::new([m, k])));
+        }
+        if let Some(node) = pw {
+            // dW = Xᵀ · dY
+            let dw = product(Operand::transpose_of(&xb, m, k), Operand::new(&g, m, n));
+            grads.register::<Flex>(node.id, tensor(dw, Shape::new([k, n])));
+        }
+    }
 }
 
 /// State of both backward passes: the normalized input, its row statistics, γ.
@@ -281,6 +324,14 @@ impl Backward<Flex, 4> for AddLayerNormBackward {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn bf16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (y, state) = bf16_forward(x.primitive(), w.primitive());
+        match Bf16MatmulBackward.prepare::<C>([x.node(), w.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(state, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn fused_layer_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
         let n = ln_forward(x.primitive(), None, gamma.primitive(), beta.primitive(), epsilon);
         let (input, gamma_value) = (x.primitive().clone(), gamma.primitive().clone());
@@ -312,6 +363,23 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
 pub(crate) fn fused_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("WUKONG_FUSED").map(|v| v != "0").unwrap_or(true))
+}
+
+/// `x · w` (`[m, k] · [k, n]`) in bf16 with f32 accumulation, as f32: the bf16 kernel
+/// ([`super::bf16`]) where [`super::bf16::Bf16Kernel::chosen`] picks it and both operands are f32
+/// on the CPU backend, else the portable path (operands cast to bf16, burn's product).
+pub fn bf16_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    let cpu = |t: &Tensor<2>| t.device().inner() == burn::tensor::Device::flex() && t.dtype() == DType::F32;
+    if super::bf16::Bf16Kernel::chosen() == super::bf16::Bf16Kernel::Gemmkit && fused_enabled() && cpu(&x) && cpu(&w) {
+        bf16_matmul_kernel(x, w)
+    } else {
+        x.cast(DType::BF16).matmul(w.cast(DType::BF16)).cast(DType::F32)
+    }
+}
+
+/// [`bf16_matmul`] always through the bf16 kernel (f32 operands on the CPU backend).
+pub fn bf16_matmul_kernel(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::bf16_matmul(x.into_dispatch(), w.into_dispatch()))
 }
 
 /// Whether [`layer_norm`] takes the fused kernel for this input.
@@ -366,6 +434,43 @@ mod tests {
 
     fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// The bf16 kernel (gemmkit: `vdpbf16ps` where the CPU has it, its widening fallback
+    /// elsewhere) against the portable bf16 path and against f32: values and both gradients, on
+    /// edge shapes (one row, k = 1, odd sizes), through autodiff and in inference.
+    #[test]
+    fn bf16_matmul_matches_the_portable_path_and_f32_within_bf16_tolerance() {
+        let dev = Device::flex().autodiff();
+        dev.seed(5);
+        for &(m, k, n) in &[(1, 1, 1), (1, 9, 5), (7, 1, 3), (13, 33, 17), (65, 130, 31)] {
+            let x = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+            let w = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 0.5), &dev).require_grad();
+            let up = Tensor::<2>::random([m, n], Distribution::Default, &dev);
+            let kernel = bf16_matmul_kernel(x.clone(), w.clone());
+            let portable = x.clone().cast(DType::BF16).matmul(w.clone().cast(DType::BF16)).cast(DType::F32);
+            let exact = x.clone().matmul(w.clone());
+            let scale = exact.clone().abs().max().into_scalar::<f32>().max(1e-3);
+            // same rounded operands, f32 accumulation, one bf16 rounding of C on both paths
+            let d = max_diff(kernel.clone().inner(), portable.clone().inner());
+            assert!(d <= scale * 2f32.powi(-7), "{m}×{k}×{n}: kernel vs portable {d} (scale {scale})");
+            let d = max_diff(kernel.clone().inner(), exact.clone().inner());
+            assert!(d <= scale * 0.02, "{m}×{k}×{n}: kernel vs f32 {d} (scale {scale})");
+            assert!(m * k * n < 1000 || d > 0.0, "{m}×{k}×{n}: the kernel must actually round");
+            let g1 = (kernel * up.clone()).sum().backward();
+            let g2 = (exact * up.clone()).sum().backward();
+            for (name, t) in [("dX", &x), ("dW", &w)] {
+                let (a, b) = (t.grad(&g1).expect("a gradient"), t.grad(&g2).unwrap());
+                let gscale = b.clone().abs().max().into_scalar::<f32>().max(1e-3);
+                let d = max_diff(a, b);
+                assert!(d <= gscale * 0.02, "{m}×{k}×{n} {name}: {d} (scale {gscale})");
+            }
+        }
+        // inference: the plain Flex implementation of the op
+        let x = Tensor::<2>::random([3, 5], Distribution::Default, &Device::flex());
+        let w = Tensor::<2>::random([5, 2], Distribution::Default, &Device::flex());
+        let y = bf16_matmul_kernel(x.clone(), w.clone());
+        assert!(max_diff(y, x.matmul(w)) < 0.02);
     }
 
     #[test]

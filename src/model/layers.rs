@@ -110,8 +110,9 @@ impl FieldLayerNorm {
 pub enum Precision {
     #[default]
     F32,
-    /// Inputs and weights rounded to bf16 for the product, accumulated and returned as f32
-    /// (mixed precision with f32 master weights; pays on GPUs with bf16 units).
+    /// Inputs and weights rounded to bf16 for the product, accumulated in f32 and returned as f32
+    /// (mixed precision with f32 master weights): pays on GPUs with bf16 units and, through
+    /// [`super::bf16`], on CPUs with AVX512-BF16.
     Bf16,
 }
 
@@ -120,8 +121,7 @@ pub fn linear(layer: &Linear, x: Tensor<2>, pass: &Pass) -> Tensor<2> {
     match pass.precision {
         Precision::F32 => layer.forward(x),
         Precision::Bf16 => {
-            use burn::tensor::DType;
-            let y = x.cast(DType::BF16).matmul(layer.weight.val().cast(DType::BF16)).cast(DType::F32);
+            let y = super::fused::bf16_matmul(x, layer.weight.val());
             match &layer.bias {
                 Some(b) => y + b.val().unsqueeze::<2>(),
                 None => y,

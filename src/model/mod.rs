@@ -8,6 +8,7 @@
 
 pub mod afn;
 pub mod autoint;
+pub mod bf16;
 pub mod dcnv2;
 pub mod dlrm;
 pub mod embedding;
