@@ -4,13 +4,26 @@
 # then `wukong compare --tuned` writes experiments/table2/<dataset>.md.
 #
 #   scripts/table2.sh movielens100k [frappe movielens10m_tags]   (THREADS=2 by default)
+#   scripts/table2.sh --save     stages the finished runs' small files for a commit
 #
 # Resumable at every level: a finished trial or seed re-run is read back, not retrained, and an
 # interrupted one resumes from its checkpoint. The small files of finished runs (config,
-# metrics, result) are meant to be committed (see .gitignore), so a new checkout continues the
-# table where the last one stopped: only unfinished runs start over.
+# metrics, result; never weights) are committed via --save (the points are ignored otherwise, see
+# .gitignore), so a new checkout continues the table where the last one stopped: only unfinished
+# runs start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--save" ]; then
+  for result in experiments/table2/*/points/*/result.json; do
+    [ -f "$result" ] || continue
+    d=$(dirname "$result")
+    for f in config.toml env.json metrics.jsonl result.json reliability.csv; do
+      [ -f "$d/$f" ] && git add -f "$d/$f"
+    done
+  done
+  git add experiments/table2
+  exit 0
+fi
 THREADS=${THREADS:-2}
 BIN=${WUKONG_BIN:-target/release/wukong}
 [ -x "$BIN" ] || cargo build --release
