@@ -184,6 +184,7 @@ fn parallel_trials_train_in_child_processes_with_a_share_of_the_threads() {
 fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tune");
     let mut per_dataset = std::collections::BTreeMap::<String, usize>::new();
+    let mut shared_keys = std::collections::BTreeMap::<String, Vec<String>>::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
@@ -196,7 +197,16 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
         }
         for (_, p) in &trials {
             p.config.model.validate().unwrap_or_else(|e| panic!("{} {}: {e:#}", path.display(), p.id));
+            // several embeddings per field (§3.2) name fields the data has
+            for key in p.config.data.embeddings.keys() {
+                assert!(p.config.data.field_names.contains(key), "{} {}: data.embeddings.{key}", path.display(), p.id);
+            }
         }
+        // within a dataset, every model's space draws the same kind of keys outside its model
+        let shared: Vec<&String> = space.space.keys().filter(|k| !k.starts_with("model.") || k.as_str() == "model.embedding_dim").collect();
+        let dataset = stem[..stem.rfind('_').unwrap()].to_string();
+        let first = shared_keys.entry(dataset).or_insert_with(|| shared.iter().map(|k| k.to_string()).collect::<Vec<_>>());
+        assert_eq!(first, &shared.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "{}: other non-model keys than its dataset's", path.display());
     }
     let expected: std::collections::BTreeMap<String, usize> =
         ["frappe", "movielens100k", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
