@@ -203,10 +203,10 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
             }
         }
         // within a dataset, every model's space draws the same kind of keys outside its model
-        let shared: Vec<&String> = space.space.keys().filter(|k| !k.starts_with("model.") || k.as_str() == "model.embedding_dim").collect();
-        let dataset = stem[..stem.rfind('_').unwrap()].to_string();
-        let first = shared_keys.entry(dataset).or_insert_with(|| shared.iter().map(|k| k.to_string()).collect::<Vec<_>>());
-        assert_eq!(first, &shared.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "{}: other non-model keys than its dataset's", path.display());
+        let shared: Vec<String> =
+            space.space.keys().filter(|k| !k.starts_with("model.") || k.as_str() == "model.embedding_dim").cloned().collect();
+        let first = shared_keys.entry(stem[..stem.rfind('_').unwrap()].to_string()).or_insert_with(|| shared.clone());
+        assert_eq!(first, &shared, "{}: other non-model keys than its dataset's", path.display());
     }
     let expected: std::collections::BTreeMap<String, usize> =
         ["frappe", "movielens100k", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
