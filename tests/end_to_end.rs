@@ -104,14 +104,20 @@ fn tiny_training_learns_and_the_checkpoint_round_trips() {
     assert_eq!(lines.lines().count(), out.epochs_run);
 
     // Reloading the run reproduces the reported test metrics exactly (same best weights).
+    let (_, m) = reload_and_score_test(&out.run_dir, &dir);
+    assert_eq!(m.auc, test.auc);
+    assert_eq!(m.logloss, test.logloss);
+}
+
+/// The run in `run_dir` reloaded from its directory, and its metrics on `dir/test.libfm`.
+fn reload_and_score_test(run_dir: &Path, dir: &Path) -> (checkpoint::LoadedRun, wukong::metrics::Metrics) {
     let device = Device::flex();
-    let run = checkpoint::load_run(&out.run_dir, &device).unwrap();
+    let run = checkpoint::load_run(run_dir, &device).unwrap();
     let src = SplitSource { name: "test", path: dir.join("test.libfm"), part: None };
     let (enc, _) = pipeline::encode_in_memory(&run.config.data, &src, &run.encoder).unwrap();
     let m =
         train::evaluate(&run.model, &SplitData::Memory(Arc::new(enc)), &run.encoder, 1000, wukong::model::Precision::F32, &device).unwrap();
-    assert_eq!(m.auc, test.auc);
-    assert_eq!(m.logloss, test.logloss);
+    (run, m)
 }
 
 /// The paper's whole embedding layer (§3.2) in one run: `user` and `item` get two embeddings
@@ -131,16 +137,11 @@ fn several_embeddings_and_grouped_narrow_fields_train_and_reload() {
     let test = out.test.expect("test split configured");
     assert!(test.auc > 0.90, "test AUC {} should exceed 0.90", test.auc);
 
-    let device = Device::flex();
-    let run = checkpoint::load_run(&out.run_dir, &device).unwrap();
+    let (run, m) = reload_and_score_test(&out.run_dir, &dir);
     assert_eq!(run.encoder.model_fields(), 5);
     let (users, items) = (run.encoder.field_sizes()[0], run.encoder.field_sizes()[1]);
     assert_eq!(run.model.embedding().rows(), run.encoder.total_rows() + users + items);
     assert_eq!(DataShape::of(&run.encoder).fields, 5);
-    let src = SplitSource { name: "test", path: dir.join("test.libfm"), part: None };
-    let (enc, _) = pipeline::encode_in_memory(&run.config.data, &src, &run.encoder).unwrap();
-    let m =
-        train::evaluate(&run.model, &SplitData::Memory(Arc::new(enc)), &run.encoder, 1000, wukong::model::Precision::F32, &device).unwrap();
     assert_eq!((m.auc, m.logloss), (test.auc, test.logloss));
 }
 
