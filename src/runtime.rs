@@ -98,9 +98,14 @@ fn cpuinfo_field(key: &str) -> Option<String> {
     info.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
 }
 
+/// Whether /proc/cpuinfo lists `flag` for the CPU (false where it cannot be read).
+pub fn cpu_flag(flag: &str) -> bool {
+    cpuinfo_field("flags").is_some_and(|f| f.split_whitespace().any(|f| f == flag))
+}
+
 /// Whether the CPU has bf16 matrix units (AVX512-BF16 or AMX-BF16).
 pub fn cpu_has_bf16_units() -> bool {
-    cpuinfo_field("flags").is_some_and(|f| f.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16"))
+    cpu_flag("avx512_bf16") || cpu_flag("amx_bf16")
 }
 
 /// The CPU model, cores and SIMD/bf16/AMX flags (from /proc/cpuinfo), for benchmark headers:

@@ -385,7 +385,7 @@ pub fn matmul_gflops(
     let mut a = Tensor::<2>::random([m, k], Distribution::Default, &device);
     let mut b = Tensor::<2>::random([k, n], Distribution::Default, &device);
     let bf16 = precision == crate::model::layers::Precision::Bf16;
-    let kernel = bf16 && crate::model::bf16::Bf16Kernel::chosen() == crate::model::bf16::Bf16Kernel::Gemmkit;
+    let kernel = bf16 && crate::model::bf16::Bf16Kernel::chosen().is_kernel();
     if bf16 && !kernel {
         (a, b) = (a.cast(DType::BF16), b.cast(DType::BF16));
     }

@@ -5,11 +5,13 @@
 //! products (`dX = dY·Wᵀ`, `dW = Xᵀ·dY`, transposes as strided views, no copies) run here; the
 //! rounded operands are what the backward pass keeps (half the bytes of f32).
 //!
-//! Which path `--precision bf16` takes ([`Bf16Kernel::chosen`]): this one on CPUs with
-//! AVX512-BF16, elsewhere the portable one (operands cast to bf16, burn's product — widened to f32
-//! on CPUs without bf16 units, so it is no faster than f32 there, and neither is gemmkit's own
-//! widening fallback). `WUKONG_BF16=gemmkit|portable` overrides the choice (A/B timing; tests).
-//! Measured gemmkit on Zen 4 at 380–430 GFLOP/s against ~200 for f32 (`../shared/notes/bf16-gemm.md`).
+//! Which path `--precision bf16` takes ([`Bf16Kernel::chosen`]): AMX tiles ([`super::amx`],
+//! written here) where the CPU has AMX-BF16 and Linux grants it; gemmkit on CPUs with AVX512-BF16;
+//! elsewhere the portable one (operands cast to bf16, burn's product — widened to f32 on CPUs
+//! without bf16 units, so it is no faster than f32 there, and neither is gemmkit's own widening
+//! fallback). `WUKONG_BF16=amx|gemmkit|portable` overrides the choice (A/B timing; tests).
+//! Measured gemmkit on Zen 4 at 380–430 GFLOP/s against ~200 for f32 (`../shared/notes/bf16-gemm.md`);
+//! AMX in BENCHMARKS.md.
 
 use gemmkit::{MatMut, MatRef, Parallelism, bf16};
 use rayon::prelude::*;
@@ -17,6 +19,8 @@ use rayon::prelude::*;
 /// The kernel behind `--precision bf16` products on the CPU backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Kernel {
+    /// AMX tile products ([`super::amx`]).
+    Amx,
     /// gemmkit's bf16 GEMM (this module).
     Gemmkit,
     /// Operands cast to bf16 and multiplied by burn.
@@ -27,20 +31,33 @@ impl Bf16Kernel {
     /// For benchmark headers.
     pub fn describe(self) -> &'static str {
         match self {
+            Bf16Kernel::Amx => "bf16 products: AMX tiles (tdpbf16ps, f32 accumulation)",
             Bf16Kernel::Gemmkit => "bf16 products: gemmkit (bf16 dot-product instructions where the CPU has them)",
             Bf16Kernel::Portable => "bf16 products: portable (operands rounded to bf16, multiplied in f32: no bf16 units)",
         }
     }
 
-    /// `WUKONG_BF16` if set, else gemmkit exactly where the CPU has bf16 dot-product units.
+    /// `WUKONG_BF16` if set (`amx` only where AMX is available), else AMX where the process may
+    /// use it, else gemmkit exactly where the CPU has bf16 dot-product units.
     pub fn chosen() -> Self {
         static K: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
         *K.get_or_init(|| match std::env::var("WUKONG_BF16").as_deref() {
+            Ok("amx") if super::amx::available() => Bf16Kernel::Amx,
+            Ok("amx") => {
+                tracing::warn!("WUKONG_BF16=amx: AMX-BF16 is not available here (CPU or kernel); using gemmkit");
+                Bf16Kernel::Gemmkit
+            }
             Ok("gemmkit") => Bf16Kernel::Gemmkit,
             Ok("portable") => Bf16Kernel::Portable,
+            _ if super::amx::available() => Bf16Kernel::Amx,
             _ if crate::runtime::cpu_has_bf16_units() => Bf16Kernel::Gemmkit,
             _ => Bf16Kernel::Portable,
         })
+    }
+
+    /// Whether this path runs the products itself (the backend-extension op), not burn.
+    pub fn is_kernel(self) -> bool {
+        self != Bf16Kernel::Portable
     }
 }
 
@@ -82,8 +99,17 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// `a · b` (f32 accumulation, the result rounded to bf16), returned as row-major f32.
+/// `a · b` (f32 accumulation, the result rounded to bf16), returned as row-major f32: on AMX tiles
+/// where [`Bf16Kernel::chosen`] is AMX, else by gemmkit.
 pub fn product(a: Operand, b: Operand) -> Vec<f32> {
+    match Bf16Kernel::chosen() {
+        Bf16Kernel::Amx => super::amx::product(a, b),
+        _ => gemmkit_product(a, b),
+    }
+}
+
+/// `a · b` by gemmkit (f32 accumulation, the result rounded to bf16), returned as row-major f32.
+pub fn gemmkit_product(a: Operand, b: Operand) -> Vec<f32> {
     assert_eq!(a.cols, b.rows, "bf16 product: inner dimensions differ");
     let (m, n) = (a.rows, b.cols);
     let mut c = vec![bf16::ZERO; m * n];
@@ -115,11 +141,37 @@ mod tests {
         (0..len).map(|i| (crate::rng::splitmix64(seed ^ i as u64) % 2001) as f32 / 1000.0 - 1.0).collect()
     }
 
+    type Kernel = fn(Operand, Operand) -> Vec<f32>;
+
+    /// Every product kernel this machine can run: gemmkit always (its widening fallback on CPUs
+    /// without bf16 units), AMX where the CPU and kernel allow it (said when skipped).
+    fn kernels() -> Vec<(&'static str, Kernel)> {
+        let mut k: Vec<(&'static str, Kernel)> = vec![("gemmkit", gemmkit_product)];
+        if super::super::amx::available() {
+            k.push(("amx", super::super::amx::product));
+        } else {
+            eprintln!("AMX-BF16 not available on this machine: AMX kernel not tested here");
+        }
+        k
+    }
+
     /// Edge shapes: one row, one column, k = 1, odd sizes that are no multiple of any vector
-    /// width, and a size past one cache block; plain and transposed operands.
+    /// width, sizes past one tile, register block and row block (AMX: 16, 32, 128 rows; 32 k);
+    /// plain, transposed and mixed operands, for every kernel the machine has.
     #[test]
     fn products_match_f64_within_bf16_rounding_on_edge_shapes() {
-        for &(m, k, n) in &[(1, 1, 1), (1, 7, 3), (5, 1, 9), (5, 17, 9), (33, 65, 31), (1, 300, 1), (130, 257, 67)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 7, 3),
+            (5, 1, 9),
+            (5, 17, 9),
+            (33, 65, 31),
+            (1, 300, 1),
+            (130, 257, 67),
+            (300, 70, 129),
+            (16, 32, 16),
+            (129, 33, 33),
+        ] {
             let (a, b) = (values(m * k, 1), values(k * n, 2));
             let want = reference(&a, &b, m, k, n);
             let (ab, bb) = (to_bf16(&a), to_bf16(&b));
@@ -127,9 +179,16 @@ mod tests {
             let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let (atb, btb) = (to_bf16(&at), to_bf16(&bt));
-            let plain = product(Operand::new(&ab, m, k), Operand::new(&bb, k, n));
-            let viewed = product(Operand::transpose_of(&atb, k, m), Operand::transpose_of(&btb, n, k));
-            for (name, got) in [("plain", plain), ("transposed views", viewed)] {
+            let mut results = Vec::new();
+            for (kernel, run) in kernels() {
+                results.push((format!("{kernel}, plain"), run(Operand::new(&ab, m, k), Operand::new(&bb, k, n))));
+                let viewed = run(Operand::transpose_of(&atb, k, m), Operand::transpose_of(&btb, n, k));
+                results.push((format!("{kernel}, transposed views"), viewed));
+                // and the two mixed layouts the backward products use
+                results.push((format!("{kernel}, A viewed"), run(Operand::transpose_of(&atb, k, m), Operand::new(&bb, k, n))));
+                results.push((format!("{kernel}, B viewed"), run(Operand::new(&ab, m, k), Operand::transpose_of(&btb, n, k))));
+            }
+            for (name, got) in results {
                 assert_eq!(got.len(), m * n);
                 for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                     // f32 accumulation then one bf16 rounding of C: 2⁻⁸ relative, plus the

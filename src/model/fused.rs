@@ -370,7 +370,7 @@ pub(crate) fn fused_enabled() -> bool {
 /// on the CPU backend, else the portable path (operands cast to bf16, burn's product).
 pub fn bf16_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     let cpu = |t: &Tensor<2>| t.device().inner() == burn::tensor::Device::flex() && t.dtype() == DType::F32;
-    if super::bf16::Bf16Kernel::chosen() == super::bf16::Bf16Kernel::Gemmkit && fused_enabled() && cpu(&x) && cpu(&w) {
+    if super::bf16::Bf16Kernel::chosen().is_kernel() && fused_enabled() && cpu(&x) && cpu(&w) {
         bf16_matmul_kernel(x, w)
     } else {
         x.cast(DType::BF16).matmul(w.cast(DType::BF16)).cast(DType::F32)

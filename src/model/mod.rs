@@ -7,6 +7,7 @@
 //! column is the first-order weight), AFN+ `2d` (separate halves for the AFN and its DNN).
 
 pub mod afn;
+pub mod amx;
 pub mod autoint;
 pub mod bf16;
 pub mod dcnv2;
