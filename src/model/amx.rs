@@ -46,15 +46,16 @@ fn bits(x: &[bf16]) -> &[u16] {
 }
 
 /// B (`k × n`) as `[16-column tile][k tile][16 pairs][16 columns][2]`, zero-padded to
-/// `kp × np`: the k tiles of one column tile are consecutive 1 KiB tiles.
-fn pack_b(b: &Operand, kp: usize, np: usize) -> Vec<u16> {
+/// `kp × np`: the k tiles of one column tile are consecutive 1 KiB tiles. Every element of `out`
+/// (`kp · np` long) is written, padding included, so a reused buffer needs no clearing.
+fn pack_b(b: &Operand, kp: usize, out: &mut [u16]) {
     let (k, n) = (b.rows, b.cols);
     let panel = kp * TN;
     let data = bits(b.data);
-    let mut out = vec![0u16; kp * np];
     if b.transposed {
         // B(r, c) = data[c·k + r]: one column's k-pairs are adjacent in memory.
         out.par_chunks_mut(panel).enumerate().for_each(|(jt, panel)| {
+            panel.fill(0);
             for j in 0..TN.min(n.saturating_sub(jt * TN)) {
                 for (p, &v) in data[(jt * TN + j) * k..][..k].iter().enumerate() {
                     let (kt, r) = (p / TK, p % TK);
@@ -65,36 +66,65 @@ fn pack_b(b: &Operand, kp: usize, np: usize) -> Vec<u16> {
     } else {
         // B(r, c) = data[r·n + c]: two rows at a time, contiguous in c; a k tile writes 1 KiB
         // into every column tile's panel, so the tasks (one per k tile) write disjoint ranges.
-        let rows: Vec<&[u16]> = (0..k).map(|r| &data[r * n..][..n]).collect();
         let mut tiles: Vec<Vec<&mut [u16]>> = (0..kp / TK).map(|_| Vec::new()).collect();
         for panel in out.chunks_mut(panel) {
             for (kt, tile) in panel.chunks_mut(TK * TN).enumerate() {
                 tiles[kt].push(tile);
             }
         }
+        let row = |r: usize| (r < k).then(|| &data[r * n..][..n]);
         tiles.into_par_iter().enumerate().for_each(|(kt, mut column_tiles)| {
             for pair in 0..TK / 2 {
                 let k0 = kt * TK + 2 * pair;
-                if k0 >= k {
-                    break;
-                }
-                let (lo, hi) = (rows[k0], rows.get(k0 + 1).copied());
+                let (lo, hi) = (row(k0), row(k0 + 1));
                 for (jt, tile) in column_tiles.iter_mut().enumerate() {
                     let j0 = jt * TN;
                     let dst = &mut tile[pair * 2 * TN..][..2 * TN];
-                    for j in 0..TN.min(n.saturating_sub(j0)) {
-                        dst[2 * j] = lo[j0 + j];
-                        dst[2 * j + 1] = hi.map_or(0, |h| h[j0 + j]);
+                    match (lo, hi) {
+                        (Some(lo), Some(hi)) if j0 + TN <= n => {
+                            for (j, d) in dst.chunks_exact_mut(2).enumerate() {
+                                d[0] = lo[j0 + j];
+                                d[1] = hi[j0 + j];
+                            }
+                        }
+                        _ => {
+                            for (j, d) in dst.chunks_exact_mut(2).enumerate() {
+                                let at = |r: Option<&[u16]>| r.and_then(|r| r.get(j0 + j).copied()).unwrap_or(0);
+                                d[0] = at(lo);
+                                d[1] = at(hi);
+                            }
+                        }
                     }
                 }
             }
         });
     }
-    out
+}
+
+/// A reused scratch buffer of at least `len` elements (contents unspecified): packing runs for
+/// every product of every step, and fresh multi-MiB buffers cost page faults and zeroing each
+/// time. Falls back to a fresh buffer if this thread's is in use (a nested product).
+fn with_scratch<R>(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u16>>>, len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0u16; len]),
+    })
+}
+
+thread_local! {
+    static PACKED_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PACKED_B: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Rows `r0..r0 + rows` of A (`rows` a multiple of 16) as `[16-row tile][k tile][16][32]`,
-/// zero-padded past A's rows and k.
+/// zero-padded past A's rows and k. (Inlined into the AVX-512-compiled task: whole-tile rows
+/// are fixed-size copies, not `memcpy` calls.)
+#[inline(always)]
 fn pack_a(a: &Operand, r0: usize, rows: usize, kp: usize, out: &mut [u16]) {
     let (m, k) = (a.rows, a.cols);
     let data = bits(a.data);
@@ -116,6 +146,9 @@ fn pack_a(a: &Operand, r0: usize, rows: usize, kp: usize, out: &mut [u16]) {
                     for (p, d) in row[..len].iter_mut().enumerate() {
                         *d = data[(kb + p) * m + r];
                     }
+                } else if len == TK {
+                    row.copy_from_slice(&data[r * k + kb..][..TK]);
+                    continue;
                 } else {
                     row[..len].copy_from_slice(&data[r * k + kb..][..len]);
                 }
@@ -128,7 +161,9 @@ fn pack_a(a: &Operand, r0: usize, rows: usize, kp: usize, out: &mut [u16]) {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
     use super::*;
+    use crate::model::bf16::round_bits;
     use std::arch::asm;
+    use std::mem::MaybeUninit;
 
     /// The tile configuration (`ldtilecfg`'s 64-byte operand): palette 1, eight 16-row tiles of
     /// 64 bytes per row.
@@ -146,6 +181,7 @@ mod imp {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && crate::runtime::cpu_flag("amx_bf16")
             && crate::runtime::cpu_flag("amx_tile")
             // SAFETY: a plain syscall with integer arguments.
@@ -154,73 +190,97 @@ mod imp {
 
     pub(super) fn product(a: Operand, b: Operand) -> Vec<f32> {
         let (m, k, n) = (a.rows, a.cols, b.cols);
-        let mut c = vec![0f32; m * n];
         if m == 0 || n == 0 || k == 0 {
-            return c;
+            return vec![0f32; m * n];
         }
+        // C is written whole by the tasks (every row below m, every column below n), so it is
+        // not zeroed first (that memset was 3% of a bf16 table5 step).
+        let mut c: Vec<f32> = Vec::with_capacity(m * n);
         let (kp, np) = (k.div_ceil(TK) * TK, n.div_ceil(BN) * BN);
-        let ktiles = kp / TK;
-        let bp = pack_b(&b, kp, np);
-        c.par_chunks_mut(MC * n).enumerate().for_each(|(block, cblock)| {
-            let valid_rows = cblock.len() / n;
-            let rows = valid_rows.div_ceil(BM) * BM;
-            let mut ap = vec![0u16; rows * kp];
-            pack_a(&a, block * MC, rows, kp, &mut ap);
-            let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [64; 16], rows: [16; 16] };
-            config.colsb[8..].fill(0);
-            config.rows[8..].fill(0);
-            let mut scratch = [[0f32; TM * TN]; 4];
-            let tile_elems = TM * TK; // = TK·TN: every A and B tile is 512 bf16
-            // SAFETY: the tile registers are this thread's (nothing else here uses AMX, and the
-            // closure makes no rayon calls, so no other task interleaves on this thread between
-            // `ldtilecfg` and `tilerelease`); every tile load reads 16 rows of 64 bytes inside
-            // `ap`/`bp` (both padded to whole tiles), every store writes one 1 KiB `scratch` tile.
-            unsafe {
-                asm!("ldtilecfg [{0}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
-                for jb in 0..np / BN {
-                    let b0 = bp.as_ptr().add(2 * jb * ktiles * tile_elems);
-                    let b1 = b0.add(ktiles * tile_elems);
-                    for ib in 0..rows / BM {
-                        let a0 = ap.as_ptr().add(2 * ib * ktiles * tile_elems);
-                        let a1 = a0.add(ktiles * tile_elems);
-                        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-                        for kt in 0..ktiles {
-                            let o = kt * tile_elems;
-                            asm!(
-                                "tileloadd tmm4, [{a0} + {s}]",
-                                "tileloadd tmm5, [{a1} + {s}]",
-                                "tileloadd tmm6, [{b0} + {s}]",
-                                "tileloadd tmm7, [{b1} + {s}]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a0 = in(reg) a0.add(o), a1 = in(reg) a1.add(o),
-                                b0 = in(reg) b0.add(o), b1 = in(reg) b1.add(o),
-                                s = in(reg) 64usize, options(nostack, readonly)
-                            );
-                        }
-                        asm!(
-                            "tilestored [{c0} + {s}], tmm0",
-                            "tilestored [{c1} + {s}], tmm1",
-                            "tilestored [{c2} + {s}], tmm2",
-                            "tilestored [{c3} + {s}], tmm3",
-                            c0 = in(reg) scratch[0].as_mut_ptr(), c1 = in(reg) scratch[1].as_mut_ptr(),
-                            c2 = in(reg) scratch[2].as_mut_ptr(), c3 = in(reg) scratch[3].as_mut_ptr(),
-                            s = in(reg) 64usize, options(nostack)
-                        );
-                        write_block(&scratch, cblock, n, valid_rows, ib * BM, jb * BN);
-                    }
-                }
-                asm!("tilerelease", options(nostack, nomem));
-            }
+        with_scratch(&PACKED_B, kp * np, |bp| {
+            pack_b(&b, kp, bp);
+            multiply(&a, bp, &mut c.spare_capacity_mut()[..m * n], [m, kp, n, np])
         });
+        // SAFETY: `multiply` initialised all m·n elements (see `write_block`).
+        unsafe { c.set_len(m * n) };
         c
     }
 
-    /// The 2×2 tiles of one register block into C (rows `i0..`, columns `j0..`), each value
-    /// rounded to bf16 like every other bf16 product here; parts past C's edge are dropped.
-    fn write_block(scratch: &[[f32; TM * TN]; 4], c: &mut [f32], n: usize, valid_rows: usize, i0: usize, j0: usize) {
+    /// C = A · B over the packed B, by blocks of MC rows of C (one rayon task each).
+    fn multiply(a: &Operand, bp: &[u16], c: &mut [MaybeUninit<f32>], [m, kp, n, np]: [usize; 4]) {
+        debug_assert_eq!(c.len(), m * n);
+        c.par_chunks_mut(MC * n).enumerate().for_each(|(block, cblock)| {
+            let valid_rows = cblock.len() / n;
+            let rows = valid_rows.div_ceil(BM) * BM;
+            // SAFETY: `request` checked AVX-512 (F, BW) before granting AMX.
+            with_scratch(&PACKED_A, rows * kp, |ap| unsafe { tiles(a, block * MC, ap, bp, cblock, [rows, kp, n, np]) });
+        });
+    }
+
+    /// One task: rows `r0..` of A packed into `ap`, times the packed B, into `cblock` (every
+    /// element written, rounded to bf16). Compiled for AVX-512: the packing, copies and rounding
+    /// inlined here vectorize.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn tiles(a: &Operand, r0: usize, ap: &mut [u16], bp: &[u16], cblock: &mut [MaybeUninit<f32>], [rows, kp, n, np]: [usize; 4]) {
+        let ktiles = kp / TK;
+        let valid_rows = cblock.len() / n;
+        pack_a(a, r0, rows, kp, ap);
+        let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [64; 16], rows: [16; 16] };
+        config.colsb[8..].fill(0);
+        config.rows[8..].fill(0);
+        let mut scratch = [[0f32; TM * TN]; 4];
+        let tile_elems = TM * TK; // = TK·TN: every A and B tile is 512 bf16
+        // SAFETY: the tile registers are this thread's (nothing else here uses AMX, and the
+        // closure makes no rayon calls, so no other task interleaves on this thread between
+        // `ldtilecfg` and `tilerelease`); every tile load reads 16 rows of 64 bytes inside
+        // `ap`/`bp` (both padded to whole tiles), every store writes one 1 KiB `scratch` tile.
+        unsafe {
+            asm!("ldtilecfg [{0}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
+            for jb in 0..np / BN {
+                let b0 = bp.as_ptr().add(2 * jb * ktiles * tile_elems);
+                let b1 = b0.add(ktiles * tile_elems);
+                for ib in 0..rows / BM {
+                    let a0 = ap.as_ptr().add(2 * ib * ktiles * tile_elems);
+                    let a1 = a0.add(ktiles * tile_elems);
+                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                    for kt in 0..ktiles {
+                        let o = kt * tile_elems;
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {s}]",
+                            "tileloadd tmm5, [{a1} + {s}]",
+                            "tileloadd tmm6, [{b0} + {s}]",
+                            "tileloadd tmm7, [{b1} + {s}]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0.add(o), a1 = in(reg) a1.add(o),
+                            b0 = in(reg) b0.add(o), b1 = in(reg) b1.add(o),
+                            s = in(reg) 64usize, options(nostack, readonly)
+                        );
+                    }
+                    asm!(
+                        "tilestored [{c0} + {s}], tmm0",
+                        "tilestored [{c1} + {s}], tmm1",
+                        "tilestored [{c2} + {s}], tmm2",
+                        "tilestored [{c3} + {s}], tmm3",
+                        c0 = in(reg) scratch[0].as_mut_ptr(), c1 = in(reg) scratch[1].as_mut_ptr(),
+                        c2 = in(reg) scratch[2].as_mut_ptr(), c3 = in(reg) scratch[3].as_mut_ptr(),
+                        s = in(reg) 64usize, options(nostack)
+                    );
+                    write_block(&scratch, cblock, n, valid_rows, ib * BM, jb * BN);
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// The 2×2 tiles of one register block into C (rows `i0..`, columns `j0..`), rounded to bf16
+    /// like every other bf16 product here; parts past C's edge are dropped. Over all blocks of a
+    /// task this writes every element of its rows of C.
+    #[inline(always)]
+    fn write_block(scratch: &[[f32; TM * TN]; 4], c: &mut [MaybeUninit<f32>], n: usize, valid_rows: usize, i0: usize, j0: usize) {
+        let round = |v: f32| f32::from_bits((round_bits(v) as u32) << 16);
         for (t, tile) in scratch.iter().enumerate() {
             let (r0, c0) = (i0 + (t / 2) * TM, j0 + (t % 2) * TN);
             if c0 >= n {
@@ -228,9 +288,15 @@ mod imp {
             }
             let len = TN.min(n - c0);
             for i in 0..TM.min(valid_rows.saturating_sub(r0)) {
-                let dst = &mut c[(r0 + i) * n + c0..][..len];
-                for (d, s) in dst.iter_mut().zip(&tile[i * TN..]) {
-                    *d = bf16::from_f32(*s).to_f32();
+                let src = &tile[i * TN..][..TN];
+                if len == TN {
+                    for (d, &v) in c[(r0 + i) * n + c0..][..TN].iter_mut().zip(src) {
+                        d.write(round(v));
+                    }
+                } else {
+                    for (d, &v) in c[(r0 + i) * n + c0..][..len].iter_mut().zip(src) {
+                        d.write(round(v));
+                    }
                 }
             }
         }
