@@ -53,13 +53,27 @@ fn pack_b(b: &Operand, kp: usize, out: &mut [u16]) {
     let panel = kp * TN;
     let data = bits(b.data);
     if b.transposed {
-        // B(r, c) = data[c·k + r]: one column's k-pairs are adjacent in memory.
+        // B(r, c) = data[c·k + r]: one column's k-pairs are adjacent in memory, so a whole tile
+        // is a 16 × 16 transpose of (k-pair) u32s; edge tiles go element by element.
         out.par_chunks_mut(panel).enumerate().for_each(|(jt, panel)| {
-            panel.fill(0);
-            for j in 0..TN.min(n.saturating_sub(jt * TN)) {
-                for (p, &v) in data[(jt * TN + j) * k..][..k].iter().enumerate() {
-                    let (kt, r) = (p / TK, p % TK);
-                    panel[kt * TK * TN + (r / 2) * 2 * TN + 2 * j + r % 2] = v;
+            let j0 = jt * TN;
+            for (kt, tile) in panel.chunks_exact_mut(TK * TN).enumerate() {
+                let kb = kt * TK;
+                if j0 + TN <= n && kb + TK <= k {
+                    for j in 0..TN {
+                        let col: &[u16; TK] = data[(j0 + j) * k + kb..][..TK].try_into().unwrap();
+                        for q in 0..TK / 2 {
+                            tile[q * 2 * TN + 2 * j] = col[2 * q];
+                            tile[q * 2 * TN + 2 * j + 1] = col[2 * q + 1];
+                        }
+                    }
+                    continue;
+                }
+                tile.fill(0);
+                for j in 0..TN.min(n.saturating_sub(j0)) {
+                    for r in 0..TK.min(k.saturating_sub(kb)) {
+                        tile[(r / 2) * 2 * TN + 2 * j + r % 2] = data[(j0 + j) * k + kb + r];
+                    }
                 }
             }
         });
@@ -134,6 +148,17 @@ fn pack_a(a: &Operand, r0: usize, rows: usize, kp: usize, out: &mut [u16]) {
             let tile = &mut out[(rt * ktiles + kt) * TM * TK..][..TM * TK];
             let kb = kt * TK;
             let len = TK.min(k - kb.min(k));
+            if a.transposed && len == TK && r0 + rt * TM + TM <= m {
+                // A(r, c) = data[c·m + r]: a whole tile is a 32 × 16 transpose
+                let rb = r0 + rt * TM;
+                for p in 0..TK {
+                    let src: &[u16; TM] = data[(kb + p) * m + rb..][..TM].try_into().unwrap();
+                    for i in 0..TM {
+                        tile[i * TK + p] = src[i];
+                    }
+                }
+                continue;
+            }
             for i in 0..TM {
                 let r = r0 + rt * TM + i;
                 let row = &mut tile[i * TK..][..TK];
