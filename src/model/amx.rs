@@ -11,6 +11,9 @@
 //! Linux grants AMX's tile data state per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
 //! [`available`] asks once, and is false where the CPU lacks AMX-BF16 or the kernel refuses.
 
+// Off x86-64 Linux only `available` (false) and `product` (unreachable) are used.
+#![cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), allow(dead_code))]
+
 use gemmkit::bf16;
 use rayon::prelude::*;
 
