@@ -86,13 +86,6 @@ fn convert_plain(out: &mut [bf16], x: &[f32]) {
     }
 }
 
-#[inline(always)]
-fn round_plain(x: &mut [f32]) {
-    for v in x {
-        *v = f32::from_bits((round_bits(*v) as u32) << 16);
-    }
-}
-
 /// The same loops compiled for AVX-512 and AVX2, chosen at run time (the default target is
 /// SSE2), as the fused Adam does.
 #[cfg(target_arch = "x86_64")]
@@ -105,14 +98,6 @@ mod wide {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn convert_avx2(out: &mut [bf16], x: &[f32]) {
         convert_plain(out, x)
-    }
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn round_avx512(x: &mut [f32]) {
-        round_plain(x)
-    }
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn round_avx2(x: &mut [f32]) {
-        round_plain(x)
     }
 }
 
@@ -129,21 +114,6 @@ pub fn convert(out: &mut [bf16], x: &[f32]) {
         }
     }
     convert_plain(out, x)
-}
-
-/// Every value of `x` rounded to bf16 (nearest even), kept as f32.
-pub fn round_in_place(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: as in `convert`.
-        if std::arch::is_x86_feature_detected!("avx512bw") {
-            return unsafe { wide::round_avx512(x) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return unsafe { wide::round_avx2(x) };
-        }
-    }
-    round_plain(x)
 }
 
 /// A `rows × cols` operand over row-major data, or (`transposed`) over the row-major data of its
@@ -284,12 +254,10 @@ mod tests {
         xs.extend((0..200_000u64).map(|i| f32::from_bits(crate::rng::splitmix64(i) as u32)));
         let mut converted = vec![bf16::ZERO; xs.len()];
         convert(&mut converted, &xs);
-        let mut rounded = xs.clone();
-        round_in_place(&mut rounded);
         for (i, &x) in xs.iter().enumerate() {
             let want = bf16::from_f32(x);
             assert_eq!(converted[i].to_bits(), want.to_bits(), "{x:e} ({:#010x})", x.to_bits());
-            assert_eq!(rounded[i].to_bits(), want.to_f32().to_bits(), "{x:e} ({:#010x})", x.to_bits());
+            assert_eq!(round_bits(x), want.to_bits(), "{x:e} ({:#010x})", x.to_bits());
         }
     }
 
