@@ -7,6 +7,9 @@
 //! zero-padded, so edges need no masked tiles. One register block is 2×2 C tiles (32×32 f32) fed
 //! by two A and two B tiles: the eight tile registers. B is packed once (in parallel); each rayon
 //! task packs its own block of MC rows of A, which stays in L2 while every column block passes.
+//! The operands arrive in f32 and are rounded to bf16 while they are packed (a separate rounding
+//! pass read and wrote every operand once more), with AVX-512 shuffles and gathers for the
+//! transposed views the backward products use.
 //!
 //! Linux grants AMX's tile data state per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
 //! [`available`] asks once, and is false where the CPU lacks AMX-BF16 or the kernel refuses.
@@ -14,10 +17,9 @@
 // Off x86-64 Linux only `available` (false) and `product` (unreachable) are used.
 #![cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), allow(dead_code))]
 
-use gemmkit::bf16;
 use rayon::prelude::*;
 
-use super::bf16::Operand;
+use super::bf16::{Operand, round_bits};
 
 /// Whether this process may run AMX bf16 tiles (asked of the kernel once).
 pub fn available() -> bool {
@@ -25,9 +27,10 @@ pub fn available() -> bool {
     *OK.get_or_init(imp::request)
 }
 
-/// `a · b` with f32 accumulation, the result rounded to bf16 and returned as row-major f32 (the
-/// contract of [`super::bf16::product`]). Panics unless [`available`].
-pub fn product(a: Operand, b: Operand) -> Vec<f32> {
+/// `a · b` over f32 operands rounded to bf16 (nearest even, as [`super::bf16::round_bits`]),
+/// with f32 accumulation, the result rounded to bf16 and returned as row-major f32 (the contract
+/// of [`super::bf16::product`]). Panics unless [`available`].
+pub fn product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
     assert_eq!(a.cols, b.rows, "amx product: inner dimensions differ");
     assert!(available(), "amx product: AMX-BF16 is not available to this process");
     imp::product(a, b)
@@ -40,157 +43,49 @@ const TN: usize = 16;
 /// The register block: 2×2 C tiles.
 const BM: usize = 2 * TM;
 const BN: usize = 2 * TN;
+/// Column tiles of B packed per task (64 columns: two cache lines of each row of B).
+const PANELS: usize = 4;
 /// Rows of A packed per task: at k = 2048 a 128-row block is 512 KiB, well inside L2.
 const MC: usize = 128;
 
-fn bits(x: &[bf16]) -> &[u16] {
-    // SAFETY: bf16 is a transparent u16.
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u16>(), x.len()) }
-}
+/// One 64-byte cache line of bf16 bits: the unit the packing buffers are allocated in, so that
+/// every tile row starts on a cache-line boundary. `tileloadd` from a row that straddles two lines
+/// (a `Vec<u16>` from malloc is only 16-byte aligned) ran 6× slower from L1 and 3× from L2 here.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
 
-/// B (`k × n`) as `[16-column tile][k tile][16 pairs][16 columns][2]`, zero-padded to
-/// `kp × np`: the k tiles of one column tile are consecutive 1 KiB tiles. Every element of `out`
-/// (`kp · np` long) is written, padding included, so a reused buffer needs no clearing.
-fn pack_b(b: &Operand, kp: usize, out: &mut [u16]) {
-    let (k, n) = (b.rows, b.cols);
-    let panel = kp * TN;
-    let data = bits(b.data);
-    if b.transposed {
-        // B(r, c) = data[c·k + r]: one column's k-pairs are adjacent in memory, so a whole tile
-        // is a 16 × 16 transpose of (k-pair) u32s; edge tiles go element by element.
-        out.par_chunks_mut(panel).enumerate().for_each(|(jt, panel)| {
-            let j0 = jt * TN;
-            for (kt, tile) in panel.chunks_exact_mut(TK * TN).enumerate() {
-                let kb = kt * TK;
-                if j0 + TN <= n && kb + TK <= k {
-                    for j in 0..TN {
-                        let col: &[u16; TK] = data[(j0 + j) * k + kb..][..TK].try_into().unwrap();
-                        for q in 0..TK / 2 {
-                            tile[q * 2 * TN + 2 * j] = col[2 * q];
-                            tile[q * 2 * TN + 2 * j + 1] = col[2 * q + 1];
-                        }
-                    }
-                    continue;
-                }
-                tile.fill(0);
-                for j in 0..TN.min(n.saturating_sub(j0)) {
-                    for r in 0..TK.min(k.saturating_sub(kb)) {
-                        tile[(r / 2) * 2 * TN + 2 * j + r % 2] = data[(j0 + j) * k + kb + r];
-                    }
-                }
-            }
-        });
-    } else {
-        // B(r, c) = data[r·n + c]: two rows at a time, contiguous in c; a k tile writes 1 KiB
-        // into every column tile's panel, so the tasks (one per k tile) write disjoint ranges.
-        let mut tiles: Vec<Vec<&mut [u16]>> = (0..kp / TK).map(|_| Vec::new()).collect();
-        for panel in out.chunks_mut(panel) {
-            for (kt, tile) in panel.chunks_mut(TK * TN).enumerate() {
-                tiles[kt].push(tile);
-            }
-        }
-        let row = |r: usize| (r < k).then(|| &data[r * n..][..n]);
-        tiles.into_par_iter().enumerate().for_each(|(kt, mut column_tiles)| {
-            for pair in 0..TK / 2 {
-                let k0 = kt * TK + 2 * pair;
-                let (lo, hi) = (row(k0), row(k0 + 1));
-                for (jt, tile) in column_tiles.iter_mut().enumerate() {
-                    let j0 = jt * TN;
-                    let dst = &mut tile[pair * 2 * TN..][..2 * TN];
-                    match (lo, hi) {
-                        (Some(lo), Some(hi)) if j0 + TN <= n => {
-                            for (j, d) in dst.chunks_exact_mut(2).enumerate() {
-                                d[0] = lo[j0 + j];
-                                d[1] = hi[j0 + j];
-                            }
-                        }
-                        _ => {
-                            for (j, d) in dst.chunks_exact_mut(2).enumerate() {
-                                let at = |r: Option<&[u16]>| r.and_then(|r| r.get(j0 + j).copied()).unwrap_or(0);
-                                d[0] = at(lo);
-                                d[1] = at(hi);
-                            }
-                        }
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// A reused scratch buffer of at least `len` elements (contents unspecified): packing runs for
-/// every product of every step, and fresh multi-MiB buffers cost page faults and zeroing each
-/// time. Falls back to a fresh buffer if this thread's is in use (a nested product).
-fn with_scratch<R>(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u16>>>, len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
+/// A reused, cache-line-aligned scratch buffer of at least `len` elements (contents unspecified):
+/// packing runs for every product of every step, and fresh multi-MiB buffers cost page faults
+/// and zeroing each time. Falls back to a fresh buffer if this thread's is in use (a nested
+/// product).
+fn with_scratch<R>(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<Line>>>, len: usize, f: impl FnOnce(&mut [u16]) -> R) -> R {
+    let lines = len.div_ceil(32);
+    let view = |buf: &mut [Line]| -> &mut [u16] {
+        // SAFETY: a Line is 32 plain u16s with no padding; the view is `len` ≤ 32·lines long.
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u16>(), len) }
+    };
     cell.with(|c| match c.try_borrow_mut() {
         Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0);
+            if buf.len() < lines {
+                buf.resize(lines, Line([0; 32]));
             }
-            f(&mut buf[..len])
+            f(view(&mut buf[..lines]))
         }
-        Err(_) => f(&mut vec![0u16; len]),
+        Err(_) => f(view(&mut vec![Line([0; 32]); lines])),
     })
 }
 
 thread_local! {
-    static PACKED_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
-    static PACKED_B: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Rows `r0..r0 + rows` of A (`rows` a multiple of 16) as `[16-row tile][k tile][16][32]`,
-/// zero-padded past A's rows and k. (Inlined into the AVX-512-compiled task: whole-tile rows
-/// are fixed-size copies, not `memcpy` calls.)
-#[inline(always)]
-fn pack_a(a: &Operand, r0: usize, rows: usize, kp: usize, out: &mut [u16]) {
-    let (m, k) = (a.rows, a.cols);
-    let data = bits(a.data);
-    let ktiles = kp / TK;
-    for rt in 0..rows / TM {
-        for kt in 0..ktiles {
-            let tile = &mut out[(rt * ktiles + kt) * TM * TK..][..TM * TK];
-            let kb = kt * TK;
-            let len = TK.min(k - kb.min(k));
-            if a.transposed && len == TK && r0 + rt * TM + TM <= m {
-                // A(r, c) = data[c·m + r]: a whole tile is a 32 × 16 transpose
-                let rb = r0 + rt * TM;
-                for p in 0..TK {
-                    let src: &[u16; TM] = data[(kb + p) * m + rb..][..TM].try_into().unwrap();
-                    for i in 0..TM {
-                        tile[i * TK + p] = src[i];
-                    }
-                }
-                continue;
-            }
-            for i in 0..TM {
-                let r = r0 + rt * TM + i;
-                let row = &mut tile[i * TK..][..TK];
-                if r >= m {
-                    row.fill(0);
-                    continue;
-                }
-                if a.transposed {
-                    // A(r, c) = data[c·m + r]
-                    for (p, d) in row[..len].iter_mut().enumerate() {
-                        *d = data[(kb + p) * m + r];
-                    }
-                } else if len == TK {
-                    row.copy_from_slice(&data[r * k + kb..][..TK]);
-                    continue;
-                } else {
-                    row[..len].copy_from_slice(&data[r * k + kb..][..len]);
-                }
-                row[len..].fill(0);
-            }
-        }
-    }
+    static PACKED_A: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PACKED_B: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
     use super::*;
-    use crate::model::bf16::round_bits;
     use std::arch::asm;
+    use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
     /// The tile configuration (`ldtilecfg`'s 64-byte operand): palette 1, eight 16-row tiles of
@@ -216,7 +111,197 @@ mod imp {
             && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
     }
 
-    pub(super) fn product(a: Operand, b: Operand) -> Vec<f32> {
+    /// 16 f32 lanes → the same lanes with their bf16 in the upper 16 bits: [`round_bits`]
+    /// (nearest even, NaN kept quiet) for 16 values at once.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn round_hi(v: __m512) -> __m512i {
+        let b = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let rounded = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)))
+    }
+
+    /// 32 f32 (`lo` then `hi`) → their 32 bf16, in order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn bf16_32(lo: __m512, hi: __m512) -> __m512i {
+        const ODD: [u16; 32] =
+            [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63];
+        // SAFETY: a 64-byte load of a 32-element array.
+        let odd = unsafe { _mm512_loadu_si512(ODD.as_ptr().cast()) };
+        _mm512_permutex2var_epi16(round_hi(lo), odd, round_hi(hi))
+    }
+
+    /// Lane-wise k-pairs: `bf16(lo[j]) | bf16(hi[j]) << 16`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pairs(lo: __m512, hi: __m512) -> __m512i {
+        _mm512_or_si512(_mm512_srli_epi32::<16>(round_hi(lo)), _mm512_and_si512(round_hi(hi), _mm512_set1_epi32(0xFFFF_0000u32 as i32)))
+    }
+
+    /// Rows `r0..r0 + rows` of A (`rows` a multiple of 16) as `[16-row tile][k tile][16][32]`
+    /// bf16, zero-padded past A's rows and k. Whole tile rows are two 16-lane roundings; a whole
+    /// tile of a transposed A gathers each of its rows (32 values `m` apart, in 16 cache lines
+    /// the tile's other rows share).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pack_a(a: &Operand<f32>, r0: usize, rows: usize, kp: usize, out: &mut [u16]) {
+        let (m, k, data) = (a.rows, a.cols, a.data);
+        let ktiles = kp / TK;
+        // element offsets of 32 consecutive k in a transposed A (fit in i32: checked below)
+        let steps = |from: i32| {
+            _mm512_mullo_epi32(
+                _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(from)),
+                _mm512_set1_epi32(m as i32),
+            )
+        };
+        let gatherable = (TK as u64) * (m as u64) < (1 << 31);
+        let (lo_k, hi_k) = (steps(0), steps(16));
+        for rt in 0..rows / TM {
+            for kt in 0..ktiles {
+                let tile = &mut out[(rt * ktiles + kt) * TM * TK..][..TM * TK];
+                let kb = kt * TK;
+                let len = TK.min(k - kb.min(k));
+                let rb = r0 + rt * TM;
+                if a.transposed && gatherable && len == TK && rb + TM <= m {
+                    // A(r, c) = data[c·m + r]
+                    let src = &data[kb * m + rb..][..(TK - 1) * m + TM];
+                    for (i, row) in tile.chunks_exact_mut(TK).enumerate() {
+                        // SAFETY: the 32 gathered values (k kb.., row rb + i) lie in `src`; the
+                        // store writes the 32-element row.
+                        unsafe {
+                            let at = src.as_ptr().add(i);
+                            let v = bf16_32(_mm512_i32gather_ps::<4>(lo_k, at.cast()), _mm512_i32gather_ps::<4>(hi_k, at.cast()));
+                            _mm512_storeu_si512(row.as_mut_ptr().cast(), v);
+                        }
+                    }
+                    continue;
+                }
+                for (i, row) in tile.chunks_exact_mut(TK).enumerate() {
+                    let r = rb + i;
+                    if r >= m {
+                        row.fill(0);
+                        continue;
+                    }
+                    if a.transposed {
+                        for (p, d) in row[..len].iter_mut().enumerate() {
+                            *d = round_bits(data[(kb + p) * m + r]);
+                        }
+                    } else if len == TK {
+                        let src = &data[r * k + kb..][..TK];
+                        // SAFETY: two 16-lane loads of the 32-element `src`, one 64-byte store.
+                        unsafe {
+                            let v = bf16_32(_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(src.as_ptr().add(16)));
+                            _mm512_storeu_si512(row.as_mut_ptr().cast(), v);
+                        }
+                        continue;
+                    } else {
+                        for (d, &v) in row[..len].iter_mut().zip(&data[r * k + kb..][..len]) {
+                            *d = round_bits(v);
+                        }
+                    }
+                    row[len..].fill(0);
+                }
+            }
+        }
+    }
+
+    /// B (`k × n`) as `[16-column tile][k tile][16 pairs][16 columns][2]` bf16, zero-padded to
+    /// `kp × np`: the k tiles of one column tile are consecutive 1 KiB tiles. Every element of
+    /// `out` (`kp · np` long) is written, padding included, so a reused buffer needs no clearing.
+    fn pack_b(b: &Operand<f32>, kp: usize, out: &mut [u16]) {
+        let panel = kp * TN;
+        // SAFETY (both arms): AMX is granted only with AVX-512 F and BW (`request`).
+        if b.transposed {
+            // B(r, c) = data[c·k + r]: one column's k-pairs are adjacent in memory; a whole tile
+            // is one pair of 8-lane gathers of (k-pair) f32 couples per tile row.
+            out.par_chunks_mut(panel).enumerate().for_each(|(jt, panel)| unsafe { pack_b_panel_transposed(b, jt, panel) });
+        } else {
+            // B(r, c) = data[r·n + c]: two rows at a time, contiguous in c. A task takes PANELS
+            // column tiles and walks down k: each cache line of B is read once and used whole,
+            // and the task writes PANELS sequential streams. (A task per k tile, writing 1 KiB
+            // into every panel, hit addresses 64 KiB apart — one L1 set — and packing took a
+            // quarter of a forward product; a task per column tile re-read every line of B.)
+            out.par_chunks_mut(PANELS * panel).enumerate().for_each(|(g, panels)| unsafe { pack_b_panels(b, g * PANELS, panel, panels) });
+        }
+    }
+
+    /// Column tile `jt` (all its k tiles) of a transposed B.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pack_b_panel_transposed(b: &Operand<f32>, jt: usize, panel: &mut [u16]) {
+        let (k, n, data) = (b.rows, b.cols, b.data);
+        let j0 = jt * TN;
+        // element offsets of the 16 columns (k apart), 8 per gather; they fit in i32 when
+        // 16·k < 2³¹ (else the element-wise path)
+        let gatherable = (TN as u64) * (k as u64) < (1 << 31);
+        let columns = |from: i32| {
+            _mm256_mullo_epi32(
+                _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(from)),
+                _mm256_set1_epi32(k as i32),
+            )
+        };
+        let (first, second) = (columns(0), columns(8));
+        for (kt, tile) in panel.chunks_exact_mut(TK * TN).enumerate() {
+            let kb = kt * TK;
+            if gatherable && j0 + TN <= n && kb + TK <= k {
+                let src = &data[j0 * k + kb..][..(TN - 1) * k + TK];
+                for (q, row) in tile.chunks_exact_mut(2 * TN).enumerate() {
+                    // SAFETY: the 16 gathered couples (columns j0.., k values kb + 2q, + 1) lie in
+                    // `src`; the store writes the 32-element row.
+                    unsafe {
+                        let at = src.as_ptr().add(2 * q).cast::<i64>();
+                        let lo = _mm512_castsi512_ps(_mm512_i32gather_epi64::<4>(first, at));
+                        let hi = _mm512_castsi512_ps(_mm512_i32gather_epi64::<4>(second, at));
+                        _mm512_storeu_si512(row.as_mut_ptr().cast(), bf16_32(lo, hi));
+                    }
+                }
+                continue;
+            }
+            tile.fill(0);
+            for j in 0..TN.min(n.saturating_sub(j0)) {
+                for r in 0..TK.min(k.saturating_sub(kb)) {
+                    tile[(r / 2) * 2 * TN + 2 * j + r % 2] = round_bits(data[(j0 + j) * k + kb + r]);
+                }
+            }
+        }
+    }
+
+    /// Column tiles `jt0..` (`panels`: up to PANELS consecutive panels of `panel` elements) of a
+    /// row-major B: whole 16-column rows are two 16-lane roundings and one blend.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pack_b_panels(b: &Operand<f32>, jt0: usize, panel: usize, panels: &mut [u16]) {
+        let (k, n, data) = (b.rows, b.cols, b.data);
+        let mut panels: Vec<&mut [u16]> = panels.chunks_mut(panel).collect();
+        let row = |r: usize| (r < k).then(|| &data[r * n..][..n]);
+        for p in 0..panel / (2 * TN) {
+            let (lo, hi) = (row(2 * p), row(2 * p + 1));
+            for (t, out) in panels.iter_mut().enumerate() {
+                let j0 = (jt0 + t) * TN;
+                let dst = &mut out[p * 2 * TN..][..2 * TN];
+                match (lo, hi) {
+                    (Some(lo), Some(hi)) if j0 + TN <= n => {
+                        let (lo, hi) = (&lo[j0..][..TN], &hi[j0..][..TN]);
+                        // SAFETY: 16-lane loads of 16-element slices, a 64-byte store into 32.
+                        unsafe {
+                            let v = pairs(_mm512_loadu_ps(lo.as_ptr()), _mm512_loadu_ps(hi.as_ptr()));
+                            _mm512_storeu_si512(dst.as_mut_ptr().cast(), v);
+                        }
+                    }
+                    _ => {
+                        for (j, d) in dst.chunks_exact_mut(2).enumerate() {
+                            let at = |r: Option<&[f32]>| r.and_then(|r| r.get(j0 + j)).map_or(0, |&v| round_bits(v));
+                            d[0] = at(lo);
+                            d[1] = at(hi);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
         let (m, k, n) = (a.rows, a.cols, b.cols);
         if m == 0 || n == 0 || k == 0 {
             return vec![0f32; m * n];
@@ -235,7 +320,7 @@ mod imp {
     }
 
     /// C = A · B over the packed B, by blocks of MC rows of C (one rayon task each).
-    fn multiply(a: &Operand, bp: &[u16], c: &mut [MaybeUninit<f32>], [m, kp, n, np]: [usize; 4]) {
+    fn multiply(a: &Operand<f32>, bp: &[u16], c: &mut [MaybeUninit<f32>], [m, kp, n, np]: [usize; 4]) {
         debug_assert_eq!(c.len(), m * n);
         c.par_chunks_mut(MC * n).enumerate().for_each(|(block, cblock)| {
             let valid_rows = cblock.len() / n;
@@ -249,14 +334,25 @@ mod imp {
     /// element written, rounded to bf16). Compiled for AVX-512: the packing, copies and rounding
     /// inlined here vectorize.
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn tiles(a: &Operand, r0: usize, ap: &mut [u16], bp: &[u16], cblock: &mut [MaybeUninit<f32>], [rows, kp, n, np]: [usize; 4]) {
+    unsafe fn tiles(
+        a: &Operand<f32>,
+        r0: usize,
+        ap: &mut [u16],
+        bp: &[u16],
+        cblock: &mut [MaybeUninit<f32>],
+        [rows, kp, n, np]: [usize; 4],
+    ) {
         let ktiles = kp / TK;
         let valid_rows = cblock.len() / n;
         pack_a(a, r0, rows, kp, ap);
         let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [64; 16], rows: [16; 16] };
         config.colsb[8..].fill(0);
         config.rows[8..].fill(0);
-        let mut scratch = [[0f32; TM * TN]; 4];
+        // cache-line aligned, like the packed operands: tile stores too straddle lines otherwise
+        #[repr(C, align(64))]
+        struct CTiles([[f32; TM * TN]; 4]);
+        let mut c_tiles = CTiles([[0f32; TM * TN]; 4]);
+        let scratch = &mut c_tiles.0;
         let tile_elems = TM * TK; // = TK·TN: every A and B tile is 512 bf16
         // SAFETY: the tile registers are this thread's (nothing else here uses AMX, and the
         // closure makes no rayon calls, so no other task interleaves on this thread between
@@ -296,7 +392,7 @@ mod imp {
                         c2 = in(reg) scratch[2].as_mut_ptr(), c3 = in(reg) scratch[3].as_mut_ptr(),
                         s = in(reg) 64usize, options(nostack)
                     );
-                    write_block(&scratch, cblock, n, valid_rows, ib * BM, jb * BN);
+                    write_block(scratch, cblock, n, valid_rows, ib * BM, jb * BN);
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
@@ -337,7 +433,7 @@ mod imp {
     pub(super) fn request() -> bool {
         false
     }
-    pub(super) fn product(_: Operand, _: Operand) -> Vec<f32> {
+    pub(super) fn product(_: Operand<f32>, _: Operand<f32>) -> Vec<f32> {
         unreachable!("amx::available() is false off x86-64 Linux")
     }
 }

@@ -117,23 +117,28 @@ pub fn convert(out: &mut [bf16], x: &[f32]) {
 }
 
 /// A `rows × cols` operand over row-major data, or (`transposed`) over the row-major data of its
-/// `cols × rows` transpose.
+/// `cols × rows` transpose: f32 (the products' input, rounded to bf16 on the way in) or bf16.
 #[derive(Debug, Clone, Copy)]
-pub struct Operand<'a> {
-    pub data: &'a [bf16],
+pub struct Operand<'a, T = bf16> {
+    pub data: &'a [T],
     pub rows: usize,
     pub cols: usize,
     pub transposed: bool,
 }
 
-impl<'a> Operand<'a> {
-    pub fn new(data: &'a [bf16], rows: usize, cols: usize) -> Self {
+impl<'a, T> Operand<'a, T> {
+    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "operand: {} values for {rows} × {cols}", data.len());
         Self { data, rows, cols, transposed: false }
     }
     /// The transpose of the row-major `rows × cols` matrix in `data` (a `cols × rows` view).
-    pub fn transpose_of(data: &'a [bf16], rows: usize, cols: usize) -> Self {
+    pub fn transpose_of(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "operand: {} values for {rows} × {cols}", data.len());
         Self { data, rows: cols, cols: rows, transposed: true }
     }
+}
+
+impl<'a> Operand<'a, bf16> {
     fn view(&self) -> MatRef<'a, bf16> {
         if self.transposed {
             MatRef::from_col_major(self.data, self.rows, self.cols)
@@ -143,12 +148,17 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// `a · b` (f32 accumulation, the result rounded to bf16), returned as row-major f32: on AMX tiles
-/// where [`Bf16Kernel::chosen`] is AMX, else by gemmkit.
-pub fn product(a: Operand, b: Operand) -> Vec<f32> {
+/// `a · b` over f32 operands rounded to bf16 (nearest even), f32 accumulation, the result rounded
+/// to bf16 and returned as row-major f32: on AMX tiles where [`Bf16Kernel::chosen`] is AMX (which
+/// rounds while it packs), else by gemmkit over rounded copies.
+pub fn product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
     match Bf16Kernel::chosen() {
         Bf16Kernel::Amx => super::amx::product(a, b),
-        _ => gemmkit_product(a, b),
+        _ => {
+            let (ab, bb) = (to_bf16(a.data), to_bf16(b.data));
+            let rounded = |o: Operand<f32>, data| Operand { data, rows: o.rows, cols: o.cols, transposed: o.transposed };
+            gemmkit_product(rounded(a, &ab), rounded(b, &bb))
+        }
     }
 }
 
@@ -185,12 +195,22 @@ mod tests {
         (0..len).map(|i| (crate::rng::splitmix64(seed ^ i as u64) % 2001) as f32 / 1000.0 - 1.0).collect()
     }
 
-    type Kernel = fn(Operand, Operand) -> Vec<f32>;
+    type Kernel = fn(Operand<f32>, Operand<f32>) -> Vec<f32>;
 
-    /// Every product kernel this machine can run: gemmkit always (its widening fallback on CPUs
-    /// without bf16 units), AMX where the CPU and kernel allow it (said when skipped).
+    /// gemmkit over the operands rounded to bf16 (what [`product`] does off AMX).
+    fn gemmkit_rounded(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
+        let (ab, bb) = (to_bf16(a.data), to_bf16(b.data));
+        gemmkit_product(
+            Operand { data: &ab, rows: a.rows, cols: a.cols, transposed: a.transposed },
+            Operand { data: &bb, rows: b.rows, cols: b.cols, transposed: b.transposed },
+        )
+    }
+
+    /// Every product kernel this machine can run, from f32 operands: gemmkit always (its
+    /// widening fallback on CPUs without bf16 units), AMX where the CPU and kernel allow it
+    /// (said when skipped).
     fn kernels() -> Vec<(&'static str, Kernel)> {
-        let mut k: Vec<(&'static str, Kernel)> = vec![("gemmkit", gemmkit_product)];
+        let mut k: Vec<(&'static str, Kernel)> = vec![("gemmkit", gemmkit_rounded)];
         if super::super::amx::available() {
             k.push(("amx", super::super::amx::product));
         } else {
@@ -215,22 +235,21 @@ mod tests {
             (300, 70, 129),
             (16, 32, 16),
             (129, 33, 33),
+            (64, 96, 80),
         ] {
             let (a, b) = (values(m * k, 1), values(k * n, 2));
             let want = reference(&a, &b, m, k, n);
-            let (ab, bb) = (to_bf16(&a), to_bf16(&b));
             // plain, and the same product from transposed storage
             let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            let (atb, btb) = (to_bf16(&at), to_bf16(&bt));
             let mut results = Vec::new();
             for (kernel, run) in kernels() {
-                results.push((format!("{kernel}, plain"), run(Operand::new(&ab, m, k), Operand::new(&bb, k, n))));
-                let viewed = run(Operand::transpose_of(&atb, k, m), Operand::transpose_of(&btb, n, k));
+                results.push((format!("{kernel}, plain"), run(Operand::new(&a, m, k), Operand::new(&b, k, n))));
+                let viewed = run(Operand::transpose_of(&at, k, m), Operand::transpose_of(&bt, n, k));
                 results.push((format!("{kernel}, transposed views"), viewed));
                 // and the two mixed layouts the backward products use
-                results.push((format!("{kernel}, A viewed"), run(Operand::transpose_of(&atb, k, m), Operand::new(&bb, k, n))));
-                results.push((format!("{kernel}, B viewed"), run(Operand::new(&ab, m, k), Operand::transpose_of(&btb, n, k))));
+                results.push((format!("{kernel}, A viewed"), run(Operand::transpose_of(&at, k, m), Operand::new(&b, k, n))));
+                results.push((format!("{kernel}, B viewed"), run(Operand::new(&a, m, k), Operand::transpose_of(&bt, n, k))));
             }
             for (name, got) in results {
                 assert_eq!(got.len(), m * n);
@@ -241,6 +260,50 @@ mod tests {
                     assert!((g as f64 - w).abs() <= tol, "{name} {m}×{k}×{n} at {i}: {g} vs {w}");
                 }
             }
+        }
+    }
+
+    /// Every kernel rounds its f32 operands exactly as [`round_bits`] (AMX does it while packing,
+    /// with vector code for whole tiles and scalar code at the edges, in all four layouts): with
+    /// an identity as the other operand the product is the rounded operand, bit for bit (one
+    /// nonzero term per sum, exact in f32). Values: random finite normals over many binades and
+    /// halfway cases; a NaN in a row of A makes that row of C NaN.
+    #[test]
+    fn kernels_round_operands_like_round_bits() {
+        let (m, k) = (40, 70);
+        let mut a: Vec<f32> = (0..m * k)
+            .map(|i| {
+                let bits = crate::rng::splitmix64(7 ^ i as u64) as u32;
+                let exponent = 64 + (bits >> 23) % 128; // 2⁻⁶³ … 2⁶⁴: normal after any rounding
+                f32::from_bits((bits & 0x8000_0000) | (exponent << 23) | (bits & 0x007F_FFFF))
+            })
+            .collect();
+        for v in a.iter_mut().step_by(7) {
+            *v = f32::from_bits((v.to_bits() & 0xFFFF_0000) | 0x8000); // halfway: ties to even
+        }
+        let want: Vec<u16> = a.iter().map(|&v| round_bits(v)).collect();
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let eye = |n: usize| -> Vec<f32> { (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect() };
+        let (ik, im) = (eye(k), eye(m));
+        for (kernel, run) in kernels() {
+            for (name, got, transpose) in [
+                ("A·I", run(Operand::new(&a, m, k), Operand::new(&ik, k, k)), false),
+                ("Aᵀ-view·I", run(Operand::transpose_of(&at, k, m), Operand::new(&ik, k, k)), false),
+                ("I·A (A as B)", run(Operand::new(&im, m, m), Operand::new(&a, m, k)), false),
+                ("I·Aᵀ-view (A as transposed B)", run(Operand::new(&im, m, m), Operand::transpose_of(&at, k, m)), false),
+                ("I·(A viewed as its transpose)", run(Operand::new(&ik, k, k), Operand::transpose_of(&a, m, k)), true),
+            ] {
+                for (i, &g) in got.iter().enumerate() {
+                    let w = if transpose { want[(i % m) * k + i / m] } else { want[i] };
+                    assert_eq!(g.to_bits() >> 16, w as u32, "{kernel} {name} at {i}");
+                    assert_eq!(g.to_bits() & 0xFFFF, 0, "{kernel} {name} at {i}: C not rounded");
+                }
+            }
+            let mut with_nan = a.clone();
+            with_nan[3 * k + 5] = f32::NAN;
+            let c = run(Operand::new(&with_nan, m, k), Operand::new(&ik, k, k));
+            assert!(c[3 * k..4 * k].iter().all(|v| v.is_nan()), "{kernel}: NaN in row 3 of A");
+            assert!(c[..3 * k].iter().chain(&c[4 * k..]).all(|v| !v.is_nan()), "{kernel}: NaN outside row 3");
         }
     }
 
