@@ -150,7 +150,8 @@ impl<'a> Operand<'a, bf16> {
 
 /// `a · b` over f32 operands rounded to bf16 (nearest even), f32 accumulation, the result rounded
 /// to bf16 and returned as row-major f32: on AMX tiles where [`Bf16Kernel::chosen`] is AMX (which
-/// rounds while it packs), else by gemmkit over rounded copies.
+/// rounds while it packs), else by gemmkit over rounded copies (callers that reuse an operand
+/// round it once with [`to_bf16`] and call [`gemmkit_product`]).
 pub fn product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
     match Bf16Kernel::chosen() {
         Bf16Kernel::Amx => super::amx::product(a, b),

@@ -241,19 +241,32 @@ impl FusedOps for Flex {
     }
 }
 
-/// The f32 operands (shared, not copied) and `[m, k, n]`: what the backward products need; they
-/// are rounded to bf16 again as they are packed, which costs less than keeping rounded copies
-/// (a separate rounding pass over every operand was 5% of a bf16 table5 step on AMX).
-type Bf16State = (FlexTensor, FlexTensor, [usize; 3]);
+/// What the backward products need, and `[m, k, n]`. On AMX the f32 operands themselves (shared,
+/// not copied): the kernel rounds them to bf16 as it packs, which costs less than keeping rounded
+/// copies (a separate rounding pass over every operand was 5% of a bf16 table5 step there). On
+/// gemmkit's path the operands rounded once in the forward pass (half the bytes of f32), as
+/// gemmkit multiplies bf16 storage.
+#[derive(Debug, Clone)]
+enum Bf16Operands {
+    F32(FlexTensor, FlexTensor),
+    Rounded(Vec<gemmkit::bf16>, Vec<gemmkit::bf16>),
+}
+
+type Bf16State = (Bf16Operands, [usize; 3]);
 
 fn bf16_forward(x: &FlexTensor, w: &FlexTensor) -> (FlexTensor, Bf16State) {
-    use super::bf16::{Operand, product};
+    use super::bf16::{Bf16Kernel, Operand, gemmkit_product, product, to_bf16};
     let (xs, ws) = (x.layout().shape().clone(), w.layout().shape().clone());
     let ([m, k], [k2, n]) = ([xs[0], xs[1]], [ws[0], ws[1]]);
     assert_eq!(k, k2, "bf16_matmul: [{m}, {k}] · [{k2}, {n}]");
-    let (x, w) = (contiguous(x), contiguous(w));
-    let y = product(Operand::new(f32s(&x), m, k), Operand::new(f32s(&w), k, n));
-    (tensor(y, Shape::new([m, n])), (x, w, [m, k, n]))
+    let (y, operands) = if Bf16Kernel::chosen() == Bf16Kernel::Amx {
+        let (x, w) = (contiguous(x), contiguous(w));
+        (product(Operand::new(f32s(&x), m, k), Operand::new(f32s(&w), k, n)), Bf16Operands::F32(x, w))
+    } else {
+        let (xb, wb) = (to_bf16(&f32_vec(x)), to_bf16(&f32_vec(w)));
+        (gemmkit_product(Operand::new(&xb, m, k), Operand::new(&wb, k, n)), Bf16Operands::Rounded(xb, wb))
+    };
+    (tensor(y, Shape::new([m, n])), (operands, [m, k, n]))
 }
 
 /// `t` itself (shared) when it is a contiguous f32 tensor, else a contiguous copy.
@@ -276,18 +289,29 @@ impl Backward<Flex, 2> for Bf16MatmulBackward {
     type State = Bf16State;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        use super::bf16::{Operand, product};
-        let (x, w, [m, k, n]) = ops.state;
-        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        use super::bf16::{Operand, gemmkit_product, product, to_bf16};
+        let (operands, [m, k, n]) = ops.state;
+        let g = grads.consume::<Flex>(&ops.node);
         let [px, pw] = ops.parents;
-        if let Some(node) = px {
-            // dX = dY · Wᵀ
-            let dx = product(Operand::new(f32s(&g), m, n), Operand::transpose_of(f32s(&w), k, n));
+        // dX = dY · Wᵀ, dW = Xᵀ · dY
+        let (dx, dw) = match operands {
+            Bf16Operands::F32(x, w) => {
+                let g = contiguous(&g);
+                let dx = px.as_ref().map(|_| product(Operand::new(f32s(&g), m, n), Operand::transpose_of(f32s(&w), k, n)));
+                let dw = pw.as_ref().map(|_| product(Operand::transpose_of(f32s(&x), m, k), Operand::new(f32s(&g), m, n)));
+                (dx, dw)
+            }
+            Bf16Operands::Rounded(xb, wb) => {
+                let g = to_bf16(&f32_vec(&g));
+                let dx = px.as_ref().map(|_| gemmkit_product(Operand::new(&g, m, n), Operand::transpose_of(&wb, k, n)));
+                let dw = pw.as_ref().map(|_| gemmkit_product(Operand::transpose_of(&xb, m, k), Operand::new(&g, m, n)));
+                (dx, dw)
+            }
+        };
+        if let (Some(node), Some(dx)) = (px, dx) {
             grads.register::<Flex>(node.id, tensor(dx, Shape::new([m, k])));
         }
-        if let Some(node) = pw {
-            // dW = Xᵀ · dY
-            let dw = product(Operand::transpose_of(f32s(&x), m, k), Operand::new(f32s(&g), m, n));
+        if let (Some(node), Some(dw)) = (pw, dw) {
             grads.register::<Flex>(node.id, tensor(dw, Shape::new([k, n])));
         }
     }
