@@ -237,7 +237,7 @@ impl LinearCompress {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         // Wᵀ X per example: the output comes out contiguous (X W on the transposed input
         // left a strided view that made every later add and copy slower).
-        self.weight.val().transpose().unsqueeze_dim::<3>(0).matmul(x)
+        super::fused::bmm(self.weight.val().transpose().unsqueeze_dim::<3>(0), x)
     }
 }
 
@@ -327,19 +327,20 @@ impl FmBlock {
 
     /// The FM interaction matrix before flattening: `[b, n, k]` (or `[b, n, n]` for `Full`).
     pub fn interactions(&self, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
+        use super::fused::bmm;
         let [b, n, d] = x.dims();
         let xt = x.clone().swap_dims(1, 2); // [b, d, n]
         if let Some(y) = &self.projection {
             // X (Xᵀ Y): O(n k d) instead of O(n² d).
-            let xty = xt.matmul(y.val().unsqueeze_dim::<3>(0)); // [b, d, k]
-            x.matmul(xty)
+            let xty = bmm(xt, y.val().unsqueeze_dim::<3>(0)); // [b, d, k]
+            bmm(x, xty)
         } else if let Some(att) = &self.attentive {
             let c = att.compress.forward(x.clone()); // [b, c, d]
             let c = c.reshape([b, att.compress.weight.dims()[1] * d]);
             let y = att.mlp.forward(c, pass).reshape([b, n, self.rank]);
-            x.matmul(xt.matmul(y))
+            bmm(x, bmm(xt, y))
         } else {
-            x.matmul(xt)
+            bmm(x, xt)
         }
     }
 
