@@ -45,6 +45,9 @@ const BM: usize = 2 * TM;
 const BN: usize = 2 * TN;
 /// Column tiles of B packed per task (64 columns: two cache lines of each row of B).
 const PANELS: usize = 4;
+/// k tiles per chunk: the tile loop runs each column block's chunk of B over all row blocks of
+/// the task while it sits in L1, parking the running sums between chunks.
+const KC: usize = 8;
 /// Rows of A packed per task: at k = 2048 a 128-row block is 512 KiB, well inside L2.
 const MC: usize = 128;
 
@@ -353,46 +356,72 @@ mod imp {
         struct CTiles([[f32; TM * TN]; 4]);
         let mut c_tiles = CTiles([[0f32; TM * TN]; 4]);
         let scratch = &mut c_tiles.0;
+        // running sums of every register block of the task between k chunks
+        #[repr(C, align(64))]
+        struct Sums([[[f32; TM * TN]; 4]; MC / BM]);
+        let mut sums = Sums([[[0f32; TM * TN]; 4]; MC / BM]);
         let tile_elems = TM * TK; // = TK·TN: every A and B tile is 512 bf16
         // SAFETY: the tile registers are this thread's (nothing else here uses AMX, and the
         // closure makes no rayon calls, so no other task interleaves on this thread between
         // `ldtilecfg` and `tilerelease`); every tile load reads 16 rows of 64 bytes inside
-        // `ap`/`bp` (both padded to whole tiles), every store writes one 1 KiB `scratch` tile.
+        // `ap`/`bp` (both padded to whole tiles), every C load or store one 1 KiB tile of
+        // `scratch` or `sums` (rows ≤ MC, so `ib` < MC / BM).
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
             for jb in 0..np / BN {
                 let b0 = bp.as_ptr().add(2 * jb * ktiles * tile_elems);
                 let b1 = b0.add(ktiles * tile_elems);
-                for ib in 0..rows / BM {
-                    let a0 = ap.as_ptr().add(2 * ib * ktiles * tile_elems);
-                    let a1 = a0.add(ktiles * tile_elems);
-                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-                    for kt in 0..ktiles {
-                        let o = kt * tile_elems;
+                let chunks = ktiles.div_ceil(KC);
+                for chunk in 0..chunks {
+                    let (k0, k1) = (chunk * KC, ((chunk + 1) * KC).min(ktiles));
+                    for ib in 0..rows / BM {
+                        let a0 = ap.as_ptr().add(2 * ib * ktiles * tile_elems);
+                        let a1 = a0.add(ktiles * tile_elems);
+                        let sum = &mut sums.0[ib];
+                        if chunk == 0 {
+                            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                        } else {
+                            asm!(
+                                "tileloadd tmm0, [{c0} + {s}]",
+                                "tileloadd tmm1, [{c1} + {s}]",
+                                "tileloadd tmm2, [{c2} + {s}]",
+                                "tileloadd tmm3, [{c3} + {s}]",
+                                c0 = in(reg) sum[0].as_ptr(), c1 = in(reg) sum[1].as_ptr(),
+                                c2 = in(reg) sum[2].as_ptr(), c3 = in(reg) sum[3].as_ptr(),
+                                s = in(reg) 64usize, options(nostack, readonly)
+                            );
+                        }
+                        for kt in k0..k1 {
+                            let o = kt * tile_elems;
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {s}]",
+                                "tileloadd tmm5, [{a1} + {s}]",
+                                "tileloadd tmm6, [{b0} + {s}]",
+                                "tileloadd tmm7, [{b1} + {s}]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) a0.add(o), a1 = in(reg) a1.add(o),
+                                b0 = in(reg) b0.add(o), b1 = in(reg) b1.add(o),
+                                s = in(reg) 64usize, options(nostack, readonly)
+                            );
+                        }
+                        let last = chunk + 1 == chunks;
+                        let out = if last { &mut *scratch } else { &mut *sum };
                         asm!(
-                            "tileloadd tmm4, [{a0} + {s}]",
-                            "tileloadd tmm5, [{a1} + {s}]",
-                            "tileloadd tmm6, [{b0} + {s}]",
-                            "tileloadd tmm7, [{b1} + {s}]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a0.add(o), a1 = in(reg) a1.add(o),
-                            b0 = in(reg) b0.add(o), b1 = in(reg) b1.add(o),
-                            s = in(reg) 64usize, options(nostack, readonly)
+                            "tilestored [{c0} + {s}], tmm0",
+                            "tilestored [{c1} + {s}], tmm1",
+                            "tilestored [{c2} + {s}], tmm2",
+                            "tilestored [{c3} + {s}], tmm3",
+                            c0 = in(reg) out[0].as_mut_ptr(), c1 = in(reg) out[1].as_mut_ptr(),
+                            c2 = in(reg) out[2].as_mut_ptr(), c3 = in(reg) out[3].as_mut_ptr(),
+                            s = in(reg) 64usize, options(nostack)
                         );
+                        if last {
+                            write_block(scratch, cblock, n, valid_rows, ib * BM, jb * BN);
+                        }
                     }
-                    asm!(
-                        "tilestored [{c0} + {s}], tmm0",
-                        "tilestored [{c1} + {s}], tmm1",
-                        "tilestored [{c2} + {s}], tmm2",
-                        "tilestored [{c3} + {s}], tmm3",
-                        c0 = in(reg) scratch[0].as_mut_ptr(), c1 = in(reg) scratch[1].as_mut_ptr(),
-                        c2 = in(reg) scratch[2].as_mut_ptr(), c3 = in(reg) scratch[3].as_mut_ptr(),
-                        s = in(reg) 64usize, options(nostack)
-                    );
-                    write_block(scratch, cblock, n, valid_rows, ib * BM, jb * BN);
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
