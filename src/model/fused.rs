@@ -42,27 +42,17 @@ pub trait FusedOps: Backend {
 /// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 256;
 
-/// The tensor's values in row-major order: borrowed when already contiguous, else one copy.
-enum Values<'a> {
-    Borrowed(&'a [f32]),
-    Owned(FlexTensor),
-}
-
-impl std::ops::Deref for Values<'_> {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        match self {
-            Values::Borrowed(s) => s,
-            Values::Owned(t) => t.as_slice::<f32>().expect("contiguous f32 tensor"),
-        }
-    }
-}
-
-fn f32_vec(t: &FlexTensor) -> Values<'_> {
+/// `t` itself (shared, not copied) when it is a contiguous f32 tensor, else one contiguous copy.
+fn contiguous(t: &FlexTensor) -> FlexTensor {
     match t.as_slice::<f32>() {
-        Some(s) if t.is_contiguous() => Values::Borrowed(s),
-        _ => Values::Owned(t.to_contiguous()),
+        Some(_) if t.is_contiguous() => t.clone(),
+        _ => t.to_contiguous(),
     }
+}
+
+/// The values of a tensor made by [`contiguous`], in row-major order.
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
 fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
@@ -130,8 +120,8 @@ fn ln_forward(a: &FlexTensor, b: Option<&FlexTensor>, gamma: &FlexTensor, beta: 
     assert_eq!(a.dtype(), DType::F32, "fused LayerNorm is f32-only");
     let shape = a.layout().shape().clone();
     let d = shape[shape.num_dims() - 1];
-    let (xa, gs, bs) = (f32_vec(a), f32_vec(gamma), f32_vec(beta));
-    let xb = b.map(f32_vec);
+    let (a, gamma, beta, b) = (contiguous(a), contiguous(gamma), contiguous(beta), b.map(contiguous));
+    let (xa, gs, bs, xb) = (f32s(&a), f32s(&gamma), f32s(&beta), b.as_ref().map(f32s));
     let rows = xa.len() / d;
     let inv_d = 1.0 / d as f32;
     let mut y = uninit(xa.len());
@@ -192,7 +182,8 @@ fn ln_forward(a: &FlexTensor, b: Option<&FlexTensor>, gamma: &FlexTensor, beta: 
 fn ln_backward(grad: &FlexTensor, x: &FlexTensor, stats: &FlexTensor, gamma: &FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
     let shape = x.layout().shape().clone();
     let d = shape[shape.num_dims() - 1];
-    let (gs, xs, st, gm) = (f32_vec(grad), f32_vec(x), f32_vec(stats), f32_vec(gamma));
+    let (grad, x, stats, gamma) = (contiguous(grad), contiguous(x), contiguous(stats), contiguous(gamma));
+    let (gs, xs, st, gm) = (f32s(&grad), f32s(&x), f32s(&stats), f32s(&gamma));
     let inv_d = 1.0 / d as f32;
     let mut dx = uninit(gs.len());
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
@@ -424,23 +415,10 @@ fn bf16_forward(x: &FlexTensor, w: &FlexTensor) -> (FlexTensor, Bf16State) {
         let (x, w) = (contiguous(x), contiguous(w));
         (product(Operand::new(f32s(&x), m, k), Operand::new(f32s(&w), k, n)), Bf16Operands::F32(x, w))
     } else {
-        let (xb, wb) = (to_bf16(&f32_vec(x)), to_bf16(&f32_vec(w)));
+        let (xb, wb) = (to_bf16(f32s(&contiguous(x))), to_bf16(f32s(&contiguous(w))));
         (gemmkit_product(Operand::new(&xb, m, k), Operand::new(&wb, k, n)), Bf16Operands::Rounded(xb, wb))
     };
     (tensor(y, Shape::new([m, n])), (operands, [m, k, n]))
-}
-
-/// `t` itself (shared) when it is a contiguous f32 tensor, else a contiguous copy.
-fn contiguous(t: &FlexTensor) -> FlexTensor {
-    match t.as_slice::<f32>() {
-        Some(_) if t.is_contiguous() => t.clone(),
-        _ => t.to_contiguous(),
-    }
-}
-
-/// The values of a tensor made by [`contiguous`].
-fn f32s(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("bf16_matmul: a contiguous f32 tensor")
 }
 
 #[derive(Debug)]
@@ -463,7 +441,7 @@ impl Backward<Flex, 2> for Bf16MatmulBackward {
                 (dx, dw)
             }
             Bf16Operands::Rounded(xb, wb) => {
-                let g = to_bf16(&f32_vec(&g));
+                let g = to_bf16(f32s(&contiguous(&g)));
                 let dx = px.as_ref().map(|_| gemmkit_product(Operand::new(&g, m, n), Operand::transpose_of(&wb, k, n)));
                 let dw = pw.as_ref().map(|_| gemmkit_product(Operand::transpose_of(&xb, m, k), Operand::new(&g, m, n)));
                 (dx, dw)
@@ -578,8 +556,7 @@ pub(crate) fn fused_enabled() -> bool {
 /// ([`super::bf16`]) where [`super::bf16::Bf16Kernel::chosen`] picks it and both operands are f32
 /// on the CPU backend, else the portable path (operands cast to bf16, burn's product).
 pub fn bf16_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
-    let cpu = |t: &Tensor<2>| t.device().inner() == burn::tensor::Device::flex() && t.dtype() == DType::F32;
-    if super::bf16::Bf16Kernel::chosen().is_kernel() && fused_enabled() && cpu(&x) && cpu(&w) {
+    if super::bf16::Bf16Kernel::chosen().is_kernel() && fused_enabled() && flex_f32(&x) && flex_f32(&w) {
         bf16_matmul_kernel(x, w)
     } else {
         x.cast(DType::BF16).matmul(w.cast(DType::BF16)).cast(DType::F32)
@@ -597,9 +574,8 @@ pub fn bf16_matmul_kernel(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 /// burn but writes its outputs (and gradients) straight into fresh buffers; elsewhere burn's
 /// `matmul`.
 pub fn bmm(a: Tensor<3>, b: Tensor<3>) -> Tensor<3> {
-    let cpu = |t: &Tensor<3>| t.device().inner() == burn::tensor::Device::flex() && t.dtype() == DType::F32;
     let [ba, bb] = [a.dims()[0], b.dims()[0]];
-    if fused_enabled() && cpu(&a) && cpu(&b) && (ba == bb || ba == 1 || bb == 1) {
+    if fused_enabled() && flex_f32(&a) && flex_f32(&b) && (ba == bb || ba == 1 || bb == 1) {
         Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_bmm(a.into_dispatch(), b.into_dispatch()))
     } else {
         a.matmul(b)
@@ -608,7 +584,12 @@ pub fn bmm(a: Tensor<3>, b: Tensor<3>) -> Tensor<3> {
 
 /// Whether [`layer_norm`] takes the fused kernel for this input.
 pub fn fusable<const D: usize>(norm: &burn::nn::LayerNorm, x: &Tensor<D>) -> bool {
-    fused_enabled() && x.device().inner() == burn::tensor::Device::flex() && x.dtype() == DType::F32 && norm.beta.is_some()
+    fused_enabled() && flex_f32(x) && norm.beta.is_some()
+}
+
+/// Whether `t` is an f32 tensor on the CPU backend (Flex), the only kind our kernels take.
+fn flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
+    t.device().inner() == burn::tensor::Device::flex() && t.dtype() == DType::F32
 }
 
 /// The ε of every LayerNorm our models build (`LayerNormConfig`'s default; burn keeps the
