@@ -234,9 +234,7 @@ impl FusedOps for Flex {
         bf16_forward(&x, &w).0
     }
     fn fused_bmm(a: FlexTensor, b: FlexTensor) -> FlexTensor {
-        let (va, vb) = (View3::of(&a), View3::of(&b));
-        let batch = va.batch.max(vb.batch);
-        tensor(batched_product(va, vb), Shape::new([batch, va.rows, vb.cols]))
+        batched_product(View3::of(&a), View3::of(&b))
     }
 }
 
@@ -320,29 +318,28 @@ fn gemm_one(a: &View3, b: &View3, e: usize, out: &mut [f32], acc: bool, parallel
 /// never zero-filled or copied (burn-flex's batched matmul allocates its output by zero-filling a
 /// byte vector and copying it into an aligned one: 14% of a bf16 Criteo step went to that).
 /// Examples run in parallel, one gemm each; a single product lets gemm parallelize itself.
-fn batched_product(a: View3, b: View3) -> Vec<f32> {
+fn batched_product(a: View3, b: View3) -> FlexTensor {
     assert_eq!(a.cols, b.rows, "fused_bmm: [{}, {}] · [{}, {}]", a.rows, a.cols, b.rows, b.cols);
     assert!(a.batch == b.batch || a.batch == 1 || b.batch == 1, "fused_bmm: batches {} and {}", a.batch, b.batch);
     let (batch, m, n) = (a.batch.max(b.batch), a.rows, b.cols);
     let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
-    if batch * m * n == 0 {
-        return out;
+    if batch * m * n > 0 {
+        // SAFETY: gemm writes every element of each m × n output without reading it (`acc` false).
+        unsafe { out.set_len(batch * m * n) };
+        if batch == 1 {
+            gemm_one(&a, &b, 0, &mut out, false, gemm::Parallelism::Rayon(0));
+        } else {
+            out.par_chunks_mut(m * n).enumerate().for_each(|(e, o)| gemm_one(&a, &b, e, o, false, gemm::Parallelism::None));
+        }
     }
-    // SAFETY: gemm writes every element of each m × n output without reading it (`acc` false).
-    unsafe { out.set_len(batch * m * n) };
-    if batch == 1 {
-        gemm_one(&a, &b, 0, &mut out, false, gemm::Parallelism::Rayon(0));
-        return out;
-    }
-    out.par_chunks_mut(m * n).enumerate().for_each(|(e, o)| gemm_one(&a, &b, e, o, false, gemm::Parallelism::None));
-    out
+    tensor(out, Shape::new([batch, m, n]))
 }
 
-/// `Σ_e a_e · b_e` (`[a.rows, b.cols]`): the gradient of an operand shared by every example.
-fn summed_product(a: View3, b: View3) -> Vec<f32> {
+/// `Σ_e a_e · b_e` (`[1, a.rows, b.cols]`): the gradient of an operand shared by every example.
+fn summed_product(a: View3, b: View3) -> FlexTensor {
     let (batch, m, n) = (a.batch.max(b.batch), a.rows, b.cols);
     let chunk = batch.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    (0..batch)
+    let sum = (0..batch)
         .step_by(chunk)
         .collect::<Vec<_>>()
         .into_par_iter()
@@ -357,7 +354,8 @@ fn summed_product(a: View3, b: View3) -> Vec<f32> {
             x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
             x
         })
-        .unwrap_or_else(|| vec![0f32; m * n])
+        .unwrap_or_else(|| vec![0f32; m * n]);
+    tensor(sum, Shape::new([1, m, n]))
 }
 
 #[derive(Debug)]
@@ -374,20 +372,12 @@ impl Backward<Flex, 2> for BmmBackward {
         let [pa, pb] = ops.parents;
         if let Some(node) = pa {
             // dA_e = dC_e · B_eᵀ (summed over the examples when A is shared)
-            let (rows, cols) = (va.rows, va.cols);
-            let da = match va.batch {
-                1 if vg.batch > 1 => tensor(summed_product(vg, vb.t()), Shape::new([1, rows, cols])),
-                n => tensor(batched_product(vg, vb.t()), Shape::new([n, rows, cols])),
-            };
+            let da = if va.batch == 1 && vg.batch > 1 { summed_product(vg, vb.t()) } else { batched_product(vg, vb.t()) };
             grads.register::<Flex>(node.id, da);
         }
         if let Some(node) = pb {
             // dB_e = A_eᵀ · dC_e (summed over the examples when B is shared)
-            let (rows, cols) = (vb.rows, vb.cols);
-            let db = match vb.batch {
-                1 if vg.batch > 1 => tensor(summed_product(va.t(), vg), Shape::new([1, rows, cols])),
-                n => tensor(batched_product(va.t(), vg), Shape::new([n, rows, cols])),
-            };
+            let db = if vb.batch == 1 && vg.batch > 1 { summed_product(va.t(), vg) } else { batched_product(va.t(), vg) };
             grads.register::<Flex>(node.id, db);
         }
     }
