@@ -1,7 +1,12 @@
 //! The three bf16 products of one table5-shaped MLP layer (batch 512, 2048 → 2048) through
-//! `--precision bf16`'s kernel (AMX where granted, else gemmkit; `WUKONG_BF16` overrides): the
+//! `--precision bf16`'s kernel (AMX where granted, else the AVX512-BF16 register kernel, else gemmkit;
+//! `WUKONG_BF16` overrides): the
 //! forward `X·W`, `dX = dY·Wᵀ` and `dW = Xᵀ·dY`, from f32 operands as the training step passes
 //! them. `cargo run --release --example amx_phases` (median of 20 of each).
+// the binary's allocator, so buffer reuse behaves as in training
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 use wukong::model::bf16::{Bf16Kernel, Operand, product};
 

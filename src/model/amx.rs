@@ -36,6 +36,28 @@ pub fn product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
     imp::product(a, b)
 }
 
+/// Whether this CPU runs the AVX512-BF16 register kernel ([`dot_product`]): `vdpbf16ps` with the
+/// AVX-512 F and BW the packing uses.
+pub fn dot_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    false
+}
+
+/// [`product`]'s contract on CPUs with AVX512-BF16 but no AMX (Zen 4, Cooper Lake): the same
+/// packed operands, multiplied by a register kernel of `vdpbf16ps` (16 f32 lanes, each the sum of
+/// one k-pair's two products). Panics unless [`dot_available`].
+pub fn dot_product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
+    assert_eq!(a.cols, b.rows, "avx512-bf16 product: inner dimensions differ");
+    assert!(dot_available(), "avx512-bf16 product: this CPU has no AVX512-BF16");
+    imp::dot_product(a, b)
+}
+
 /// A's tile: 16 rows × 32 k. B's tile: 16 k-pairs × 16 columns × 2. C's tile: 16 × 16 f32.
 const TM: usize = 16;
 const TK: usize = 32;
@@ -50,6 +72,13 @@ const PANELS: usize = 4;
 const KC: usize = 8;
 /// Rows of A packed per task: at k = 2048 a 128-row block is 512 KiB, well inside L2.
 const MC: usize = 128;
+/// The AVX512-BF16 register block: 8 rows (half an A tile) × 48 columns (three B column tiles),
+/// 24 zmm accumulators; per k-pair three loads of B and eight broadcasts of A feed 24 products.
+const DM: usize = 8;
+const DN: usize = 3 * TN;
+/// k tiles per chunk of the register kernel: B's chunk for one column block (48 × 256 bf16,
+/// 24 KiB) stays in L1 while every row block of the task passes.
+const DKC: usize = 8;
 
 /// One 64-byte cache line of bf16 bits: the unit the packing buffers are allocated in, so that
 /// every tile row starts on a cache-line boundary. `tileloadd` from a row that straddles two lines
@@ -216,7 +245,8 @@ mod imp {
     /// `out` (`kp · np` long) is written, padding included, so a reused buffer needs no clearing.
     fn pack_b(b: &Operand<f32>, kp: usize, out: &mut [u16]) {
         let panel = kp * TN;
-        // SAFETY (both arms): AMX is granted only with AVX-512 F and BW (`request`).
+        // SAFETY (both arms): both callers run only with AVX-512 F and BW (`request` grants AMX
+        // only with them; `dot_available` checks them).
         if b.transposed {
             // B(r, c) = data[c·k + r]: one column's k-pairs are adjacent in memory; a whole tile
             // is one pair of 8-lane gathers of (k-pair) f32 couples per tile row.
@@ -320,6 +350,102 @@ mod imp {
         // SAFETY: `multiply` initialised all m·n elements (see `write_block`).
         unsafe { c.set_len(m * n) };
         c
+    }
+
+    pub(super) fn dot_product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        if m == 0 || n == 0 || k == 0 {
+            return vec![0f32; m * n];
+        }
+        let mut c: Vec<f32> = Vec::with_capacity(m * n);
+        let (kp, np) = (k.div_ceil(TK) * TK, n.div_ceil(DN) * DN);
+        with_scratch(&PACKED_B, kp * np, |bp| {
+            pack_b(&b, kp, bp);
+            let cs = &mut c.spare_capacity_mut()[..m * n];
+            cs.par_chunks_mut(MC * n).enumerate().for_each(|(block, cblock)| {
+                let rows = (cblock.len() / n).div_ceil(TM) * TM;
+                // SAFETY: `dot_available` checked AVX-512 F, BW and BF16.
+                with_scratch(&PACKED_A, rows * kp, |ap| unsafe { dot_tiles(&a, block * MC, ap, bp, cblock, [rows, kp, n, np]) });
+            });
+        });
+        // SAFETY: `dot_tiles` initialised all m·n elements (every row below m, column below n).
+        unsafe { c.set_len(m * n) };
+        c
+    }
+
+    /// One task of the register kernel: rows `r0..` of A packed into `ap` (the AMX layout), times
+    /// the packed B, into `cblock` (every element written, rounded to bf16).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn dot_tiles(
+        a: &Operand<f32>,
+        r0: usize,
+        ap: &mut [u16],
+        bp: &[u16],
+        cblock: &mut [MaybeUninit<f32>],
+        [rows, kp, n, np]: [usize; 4],
+    ) {
+        let ktiles = kp / TK;
+        let valid_rows = cblock.len() / n;
+        pack_a(a, r0, rows, kp, ap);
+        let tile_elems = TM * TK;
+        let panel = ktiles * tile_elems;
+        let chunks = ktiles.div_ceil(DKC);
+        // running sums of every register block of the task between k chunks
+        let mut sums = [[_mm512_setzero_ps(); 3 * DM]; MC / DM];
+        for jb in 0..np / DN {
+            // SAFETY (pointer arithmetic below): column tiles 3jb..3jb + 3 are inside `bp`
+            // (np is a multiple of DN), A's row blocks inside `ap` (rows ≤ MC, a multiple of TM).
+            let b0 = unsafe { bp.as_ptr().add(3 * jb * panel) };
+            for chunk in 0..chunks {
+                let (k0, k1) = (chunk * DKC, ((chunk + 1) * DKC).min(ktiles));
+                for (ib, sum) in sums.iter_mut().enumerate().take(rows / DM) {
+                    let a0 = unsafe { ap.as_ptr().add((ib / 2) * panel + (ib % 2) * DM * TK) };
+                    let mut acc = if chunk == 0 { [_mm512_setzero_ps(); 3 * DM] } else { *sum };
+                    for kt in k0..k1 {
+                        let (at, bt) = unsafe { (a0.add(kt * tile_elems), b0.add(kt * tile_elems)) };
+                        for q in 0..TK / 2 {
+                            // SAFETY: 64-byte loads of one k-pair row of each B tile; 4-byte
+                            // loads of one k-pair of each A row, all inside the packed tiles.
+                            unsafe {
+                                let bv = |t: usize| -> __m512bh {
+                                    std::mem::transmute(_mm512_loadu_si512(bt.add(t * panel + q * 2 * TN).cast()))
+                                };
+                                let (v0, v1, v2) = (bv(0), bv(1), bv(2));
+                                for i in 0..DM {
+                                    let s: __m512bh =
+                                        std::mem::transmute(_mm512_set1_epi32(at.add(i * TK + 2 * q).cast::<i32>().read_unaligned()));
+                                    acc[3 * i] = _mm512_dpbf16_ps(acc[3 * i], s, v0);
+                                    acc[3 * i + 1] = _mm512_dpbf16_ps(acc[3 * i + 1], s, v1);
+                                    acc[3 * i + 2] = _mm512_dpbf16_ps(acc[3 * i + 2], s, v2);
+                                }
+                            }
+                        }
+                    }
+                    if chunk + 1 < chunks {
+                        *sum = acc;
+                        continue;
+                    }
+                    // the block into C, rounded to bf16; parts past C's edge dropped
+                    let keep = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+                    for i in 0..DM {
+                        let r = ib * DM + i;
+                        if r >= valid_rows {
+                            break;
+                        }
+                        for t in 0..3 {
+                            let c0 = jb * DN + t * TN;
+                            if c0 >= n {
+                                break;
+                            }
+                            let v = _mm512_castsi512_ps(_mm512_and_si512(round_hi(acc[3 * i + t]), keep));
+                            let mask: __mmask16 = if n - c0 >= TN { 0xFFFF } else { (1u16 << (n - c0)) - 1 };
+                            // SAFETY: the masked lanes are columns c0.. < n of row r < valid_rows.
+                            unsafe { _mm512_mask_storeu_ps(cblock.as_mut_ptr().add(r * n + c0).cast(), mask, v) };
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// C = A · B over the packed B, by blocks of MC rows of C (one rayon task each).
@@ -464,5 +590,8 @@ mod imp {
     }
     pub(super) fn product(_: Operand<f32>, _: Operand<f32>) -> Vec<f32> {
         unreachable!("amx::available() is false off x86-64 Linux")
+    }
+    pub(super) fn dot_product(_: Operand<f32>, _: Operand<f32>) -> Vec<f32> {
+        unreachable!("amx::dot_available() is false off x86-64 Linux")
     }
 }

@@ -6,10 +6,13 @@
 //! rounded operands are what the backward pass keeps (half the bytes of f32).
 //!
 //! Which path `--precision bf16` takes ([`Bf16Kernel::chosen`]): AMX tiles ([`super::amx`],
-//! written here) where the CPU has AMX-BF16 and Linux grants it; gemmkit on CPUs with AVX512-BF16;
+//! written here) where the CPU has AMX-BF16 and Linux grants it; on CPUs with AVX512-BF16 a
+//! `vdpbf16ps` register kernel over the same packed operands ([`super::amx::dot_product`], also
+//! written here: 14% faster than gemmkit on a table5 bf16 step on Zen 4, BENCHMARKS.md); gemmkit
+//! where forced (or AVX512-BF16 is reported without AVX-512 BW);
 //! elsewhere the portable one (operands cast to bf16, burn's product — widened to f32 on CPUs
 //! without bf16 units, so it is no faster than f32 there, and neither is gemmkit's own widening
-//! fallback). `WUKONG_BF16=amx|gemmkit|portable` overrides the choice (A/B timing; tests).
+//! fallback). `WUKONG_BF16=amx|avx512|gemmkit|portable` overrides the choice (A/B timing; tests).
 //! Measured gemmkit on Zen 4 at 380–430 GFLOP/s against ~200 for f32 (`../shared/notes/bf16-gemm.md`);
 //! AMX in BENCHMARKS.md.
 
@@ -21,6 +24,8 @@ use rayon::prelude::*;
 pub enum Bf16Kernel {
     /// AMX tile products ([`super::amx`]).
     Amx,
+    /// The AVX512-BF16 register kernel ([`super::amx::dot_product`]: `vdpbf16ps`).
+    Avx512,
     /// gemmkit's bf16 GEMM (this module).
     Gemmkit,
     /// Operands cast to bf16 and multiplied by burn.
@@ -32,6 +37,7 @@ impl Bf16Kernel {
     pub fn describe(self) -> &'static str {
         match self {
             Bf16Kernel::Amx => "bf16 products: AMX tiles (tdpbf16ps, f32 accumulation)",
+            Bf16Kernel::Avx512 => "bf16 products: AVX512-BF16 register kernel (vdpbf16ps, f32 accumulation)",
             Bf16Kernel::Gemmkit => "bf16 products: gemmkit (bf16 dot-product instructions where the CPU has them)",
             Bf16Kernel::Portable => "bf16 products: portable (operands rounded to bf16, multiplied in f32: no bf16 units)",
         }
@@ -47,9 +53,15 @@ impl Bf16Kernel {
                 tracing::warn!("WUKONG_BF16=amx: AMX-BF16 is not available here (CPU or kernel); using gemmkit");
                 Bf16Kernel::Gemmkit
             }
+            Ok("avx512") if super::amx::dot_available() => Bf16Kernel::Avx512,
+            Ok("avx512") => {
+                tracing::warn!("WUKONG_BF16=avx512: this CPU has no AVX512-BF16; using gemmkit");
+                Bf16Kernel::Gemmkit
+            }
             Ok("gemmkit") => Bf16Kernel::Gemmkit,
             Ok("portable") => Bf16Kernel::Portable,
             _ if super::amx::available() => Bf16Kernel::Amx,
+            _ if super::amx::dot_available() => Bf16Kernel::Avx512,
             _ if crate::runtime::cpu_has_bf16_units() => Bf16Kernel::Gemmkit,
             _ => Bf16Kernel::Portable,
         })
@@ -155,6 +167,7 @@ impl<'a> Operand<'a, bf16> {
 pub fn product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
     match Bf16Kernel::chosen() {
         Bf16Kernel::Amx => super::amx::product(a, b),
+        Bf16Kernel::Avx512 => super::amx::dot_product(a, b),
         _ => {
             let (ab, bb) = (to_bf16(a.data), to_bf16(b.data));
             let rounded = |o: Operand<f32>, data| Operand { data, rows: o.rows, cols: o.cols, transposed: o.transposed };
@@ -216,6 +229,11 @@ mod tests {
             k.push(("amx", super::super::amx::product));
         } else {
             eprintln!("AMX-BF16 not available on this machine: AMX kernel not tested here");
+        }
+        if super::super::amx::dot_available() {
+            k.push(("avx512-bf16", super::super::amx::dot_product));
+        } else {
+            eprintln!("AVX512-BF16 not available on this machine: its register kernel not tested here");
         }
         k
     }

@@ -401,7 +401,7 @@ fn bf16_forward(x: &FlexTensor, w: &FlexTensor) -> (FlexTensor, Bf16State) {
     let (xs, ws) = (x.layout().shape().clone(), w.layout().shape().clone());
     let ([m, k], [k2, n]) = ([xs[0], xs[1]], [ws[0], ws[1]]);
     assert_eq!(k, k2, "bf16_matmul: [{m}, {k}] · [{k2}, {n}]");
-    let (y, operands) = if Bf16Kernel::chosen() == Bf16Kernel::Amx {
+    let (y, operands) = if matches!(Bf16Kernel::chosen(), Bf16Kernel::Amx | Bf16Kernel::Avx512) {
         let (x, w) = (contiguous(x), contiguous(w));
         (product(Operand::new(f32s(&x), m, k), Operand::new(f32s(&w), k, n)), Bf16Operands::F32(x, w))
     } else {
@@ -672,8 +672,8 @@ mod tests {
         assert!(max_diff(bmm(a.clone(), b.clone()), a.matmul(b)) < 1e-5);
     }
 
-    /// The bf16 kernel (gemmkit: `vdpbf16ps` where the CPU has it, its widening fallback
-    /// elsewhere) against the portable bf16 path and against f32: values and both gradients, on
+    /// The bf16 kernel this CPU chooses (AMX, the AVX512-BF16 register kernel, or gemmkit — its
+    /// widening fallback on CPUs without bf16 units) against the portable bf16 path and against f32: values and both gradients, on
     /// edge shapes (one row, k = 1, odd sizes), through autodiff and in inference.
     #[test]
     fn bf16_matmul_matches_the_portable_path_and_f32_within_bf16_tolerance() {
