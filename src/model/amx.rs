@@ -8,7 +8,7 @@
 //! by two A and two B tiles: the eight tile registers. B is packed once (in parallel); each rayon
 //! task packs its own block of MC rows of A, which stays in L2 while every column block passes.
 //! The operands arrive in f32 and are rounded to bf16 while they are packed (a separate rounding
-//! pass read and wrote every operand once more), with AVX-512 shuffles and gathers for the
+//! pass read and wrote every operand once more), with AVX-512 shuffles and in-register transposes for the
 //! transposed views the backward products use.
 //!
 //! Linux grants AMX's tile data state per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
@@ -173,41 +173,78 @@ mod imp {
         _mm512_or_si512(_mm512_srli_epi32::<16>(round_hi(lo)), _mm512_and_si512(round_hi(hi), _mm512_set1_epi32(0xFFFF_0000u32 as i32)))
     }
 
+    /// The permutes of [`transpose16`]'s stage `h`: the first row of each pair keeps its columns
+    /// without bit `h` and takes the second row's columns `c − h` for the others; the second row
+    /// takes the first's `c + h` and keeps the rest (indices ≥ 16 name the second operand).
+    const fn butterfly(h: usize, second: bool) -> [i32; 16] {
+        let mut out = [0i32; 16];
+        let mut c = 0;
+        while c < 16 {
+            out[c] = match (c & h == 0, second) {
+                (true, false) => c,
+                (false, false) => 16 + c - h,
+                (true, true) => c + h,
+                (false, true) => 16 + c,
+            } as i32;
+            c += 1;
+        }
+        out
+    }
+    const BUTTERFLIES: [(usize, [i32; 16], [i32; 16]); 4] = [
+        (8, butterfly(8, false), butterfly(8, true)),
+        (4, butterfly(4, false), butterfly(4, true)),
+        (2, butterfly(2, false), butterfly(2, true)),
+        (1, butterfly(1, false), butterfly(1, true)),
+    ];
+
+    /// 16 vectors of 16 dwords → their transpose (`v[i]` lane `c` ← old `v[c]` lane `i`): four
+    /// stages, each swapping the off-diagonal h×h blocks of every 2h×2h block, 64 two-source
+    /// permutes in all. The transposed operands are packed with it (bf16 k-pairs are dwords)
+    /// instead of with gathers: on Zen 4 that took a table5 layer's dX product from 11.3–11.7 to
+    /// 10.9–11.2 ms and dW from 11.6–11.8 to 10.7–10.8 (`examples/amx_phases.rs`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn transpose16(v: &mut [__m512i; 16]) {
+        for (h, first, second) in BUTTERFLIES {
+            // SAFETY: 64-byte loads of 16-element arrays.
+            let (first, second) = unsafe { (_mm512_loadu_si512(first.as_ptr().cast()), _mm512_loadu_si512(second.as_ptr().cast())) };
+            for i in 0..16 {
+                if i & h == 0 {
+                    let (a, b) = (v[i], v[i + h]);
+                    v[i] = _mm512_permutex2var_epi32(a, first, b);
+                    v[i + h] = _mm512_permutex2var_epi32(a, second, b);
+                }
+            }
+        }
+    }
+
     /// Rows `r0..r0 + rows` of A (`rows` a multiple of 16) as `[16-row tile][k tile][16][32]`
     /// bf16, zero-padded past A's rows and k. Whole tile rows are two 16-lane roundings; a whole
-    /// tile of a transposed A gathers each of its rows (32 values `m` apart, in 16 cache lines
-    /// the tile's other rows share).
+    /// tile of a transposed A is 32 runs of 16 values, paired and transposed ([`transpose16`]).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     fn pack_a(a: &Operand<f32>, r0: usize, rows: usize, kp: usize, out: &mut [u16]) {
         let (m, k, data) = (a.rows, a.cols, a.data);
         let ktiles = kp / TK;
-        // element offsets of 32 consecutive k in a transposed A (fit in i32: checked below)
-        let steps = |from: i32| {
-            _mm512_mullo_epi32(
-                _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(from)),
-                _mm512_set1_epi32(m as i32),
-            )
-        };
-        let gatherable = (TK as u64) * (m as u64) < (1 << 31);
-        let (lo_k, hi_k) = (steps(0), steps(16));
         for rt in 0..rows / TM {
             for kt in 0..ktiles {
                 let tile = &mut out[(rt * ktiles + kt) * TM * TK..][..TM * TK];
                 let kb = kt * TK;
                 let len = TK.min(k - kb.min(k));
                 let rb = r0 + rt * TM;
-                if a.transposed && gatherable && len == TK && rb + TM <= m {
-                    // A(r, c) = data[c·m + r]
-                    let src = &data[kb * m + rb..][..(TK - 1) * m + TM];
-                    for (i, row) in tile.chunks_exact_mut(TK).enumerate() {
-                        // SAFETY: the 32 gathered values (k kb.., row rb + i) lie in `src`; the
-                        // store writes the 32-element row.
-                        unsafe {
-                            let at = src.as_ptr().add(i);
-                            let v = bf16_32(_mm512_i32gather_ps::<4>(lo_k, at.cast()), _mm512_i32gather_ps::<4>(hi_k, at.cast()));
-                            _mm512_storeu_si512(row.as_mut_ptr().cast(), v);
-                        }
+                if a.transposed && len == TK && rb + TM <= m {
+                    // A(r, c) = data[c·m + r]: k-pair q of the tile's 16 rows is two rows of
+                    // `data`, 16 values each; the 16 pairs' dwords, transposed, are the tile.
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for (q, v) in v.iter_mut().enumerate() {
+                        let (lo, hi) = (&data[(kb + 2 * q) * m + rb..][..TM], &data[(kb + 2 * q + 1) * m + rb..][..TM]);
+                        // SAFETY: 16-lane loads of 16-element slices.
+                        *v = unsafe { pairs(_mm512_loadu_ps(lo.as_ptr()), _mm512_loadu_ps(hi.as_ptr())) };
+                    }
+                    transpose16(&mut v);
+                    for (row, v) in tile.chunks_exact_mut(TK).zip(v) {
+                        // SAFETY: a 64-byte store into the 32-element row.
+                        unsafe { _mm512_storeu_si512(row.as_mut_ptr().cast(), v) };
                     }
                     continue;
                 }
@@ -249,7 +286,7 @@ mod imp {
         // only with them; `dot_available` checks them).
         if b.transposed {
             // B(r, c) = data[c·k + r]: one column's k-pairs are adjacent in memory; a whole tile
-            // is one pair of 8-lane gathers of (k-pair) f32 couples per tile row.
+            // is 16 such runs of 32, transposed as k-pair dwords.
             out.par_chunks_mut(panel).enumerate().for_each(|(jt, panel)| unsafe { pack_b_panel_transposed(b, jt, panel) });
         } else {
             // B(r, c) = data[r·n + c]: two rows at a time, contiguous in c. A task takes PANELS
@@ -266,29 +303,21 @@ mod imp {
     fn pack_b_panel_transposed(b: &Operand<f32>, jt: usize, panel: &mut [u16]) {
         let (k, n, data) = (b.rows, b.cols, b.data);
         let j0 = jt * TN;
-        // element offsets of the 16 columns (k apart), 8 per gather; they fit in i32 when
-        // 16·k < 2³¹ (else the element-wise path)
-        let gatherable = (TN as u64) * (k as u64) < (1 << 31);
-        let columns = |from: i32| {
-            _mm256_mullo_epi32(
-                _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(from)),
-                _mm256_set1_epi32(k as i32),
-            )
-        };
-        let (first, second) = (columns(0), columns(8));
         for (kt, tile) in panel.chunks_exact_mut(TK * TN).enumerate() {
             let kb = kt * TK;
-            if gatherable && j0 + TN <= n && kb + TK <= k {
-                let src = &data[j0 * k + kb..][..(TN - 1) * k + TK];
-                for (q, row) in tile.chunks_exact_mut(2 * TN).enumerate() {
-                    // SAFETY: the 16 gathered couples (columns j0.., k values kb + 2q, + 1) lie in
-                    // `src`; the store writes the 32-element row.
-                    unsafe {
-                        let at = src.as_ptr().add(2 * q).cast::<i64>();
-                        let lo = _mm512_castsi512_ps(_mm512_i32gather_epi64::<4>(first, at));
-                        let hi = _mm512_castsi512_ps(_mm512_i32gather_epi64::<4>(second, at));
-                        _mm512_storeu_si512(row.as_mut_ptr().cast(), bf16_32(lo, hi));
-                    }
+            if j0 + TN <= n && kb + TK <= k {
+                // B(r, c) = data[c·k + r]: column c's 32 k are one run of `data`, 16 k-pair
+                // dwords; the 16 columns' runs, transposed, are the tile's 16 pair rows.
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (c, v) in v.iter_mut().enumerate() {
+                    let src = &data[(j0 + c) * k + kb..][..TK];
+                    // SAFETY: two 16-lane loads of the 32-element `src`.
+                    *v = unsafe { bf16_32(_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(src.as_ptr().add(16))) };
+                }
+                transpose16(&mut v);
+                for (row, v) in tile.chunks_exact_mut(2 * TN).zip(v) {
+                    // SAFETY: a 64-byte store into the 32-element row.
+                    unsafe { _mm512_storeu_si512(row.as_mut_ptr().cast(), v) };
                 }
                 continue;
             }
