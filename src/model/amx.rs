@@ -11,6 +11,17 @@
 //! pass read and wrote every operand once more), with AVX-512 shuffles and in-register transposes for the
 //! transposed views the backward products use.
 //!
+//! The same packed operands feed a second kernel for CPUs with AVX512-BF16 but no AMX (Zen 4,
+//! Cooper Lake): a register block of 8 rows × 48 columns (24 zmm accumulators), one `vdpbf16ps`
+//! per row and 16 columns for each k-pair, B's tile rows being exactly the 64-byte vectors it
+//! takes and A's k-pairs broadcast from the tile rows ([`dot_product`]). On a Zen 4 it replaced
+//! gemmkit's bf16 GEMM (14% off a table5 bf16 step; gemmkit's layer products ran at 280–330
+//! GFLOP/s where PyTorch's reach 405–430, and tuning its blocking through its `GEMMKIT_*`
+//! variables did not help). Rounding while packing with the CPU's own conversion
+//! (`vcvtne2ps2bf16`, one instruction for the thirteen of two branch-free roundings and a
+//! permute) was tried there and left the packing's share of the products unchanged (4.5% →
+//! 4.4%): the packing is bound by memory, not by the rounding.
+//!
 //! Linux grants AMX's tile data state per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
 //! [`available`] asks once, and is false where the CPU lacks AMX-BF16 or the kernel refuses.
 
