@@ -375,40 +375,43 @@ mod imp {
     }
 
     pub(super) fn product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
-        let (m, k, n) = (a.rows, a.cols, b.cols);
-        if m == 0 || n == 0 || k == 0 {
-            return vec![0f32; m * n];
-        }
-        // C is written whole by the tasks (every row below m, every column below n), so it is
-        // not zeroed first (that memset was 3% of a bf16 table5 step).
-        let mut c: Vec<f32> = Vec::with_capacity(m * n);
-        let (kp, np) = (k.div_ceil(TK) * TK, n.div_ceil(BN) * BN);
-        with_scratch(&PACKED_B, kp * np, |bp| {
-            pack_b(&b, kp, bp);
-            multiply(&a, bp, &mut c.spare_capacity_mut()[..m * n], [m, kp, n, np])
-        });
-        // SAFETY: `multiply` initialised all m·n elements (see `write_block`).
-        unsafe { c.set_len(m * n) };
-        c
+        // SAFETY: `request` checked AVX-512 (F, BW) before granting AMX.
+        unsafe { drive(a, b, BN, BM, tiles) }
     }
 
     pub(super) fn dot_product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
+        // SAFETY: `dot_available` checked AVX-512 F, BW and BF16.
+        unsafe { drive(a, b, DN, TM, dot_tiles) }
+    }
+
+    /// One task of a kernel: rows `r0..` of A packed into `ap`, times the packed B, into `cblock`
+    /// (every element written), `[rows, kp, n, np]`.
+    type Task = unsafe fn(&Operand<f32>, usize, &mut [u16], &[u16], &mut [MaybeUninit<f32>], [usize; 4]);
+
+    /// C = A · B by one kernel: B packed once (columns padded to a multiple of `col_block`), then
+    /// blocks of MC rows of C, one rayon task each (rows padded to a multiple of `row_block`).
+    /// C is written whole by the tasks (every row below m, every column below n), so it is not
+    /// zeroed first (that memset was 3% of a bf16 table5 step).
+    ///
+    /// # Safety
+    /// The CPU has the features `task` was compiled for.
+    unsafe fn drive(a: Operand<f32>, b: Operand<f32>, col_block: usize, row_block: usize, task: Task) -> Vec<f32> {
         let (m, k, n) = (a.rows, a.cols, b.cols);
         if m == 0 || n == 0 || k == 0 {
             return vec![0f32; m * n];
         }
         let mut c: Vec<f32> = Vec::with_capacity(m * n);
-        let (kp, np) = (k.div_ceil(TK) * TK, n.div_ceil(DN) * DN);
+        let (kp, np) = (k.div_ceil(TK) * TK, n.div_ceil(col_block) * col_block);
         with_scratch(&PACKED_B, kp * np, |bp| {
             pack_b(&b, kp, bp);
             let cs = &mut c.spare_capacity_mut()[..m * n];
             cs.par_chunks_mut(MC * n).enumerate().for_each(|(block, cblock)| {
-                let rows = (cblock.len() / n).div_ceil(TM) * TM;
-                // SAFETY: `dot_available` checked AVX-512 F, BW and BF16.
-                with_scratch(&PACKED_A, rows * kp, |ap| unsafe { dot_tiles(&a, block * MC, ap, bp, cblock, [rows, kp, n, np]) });
+                let rows = (cblock.len() / n).div_ceil(row_block) * row_block;
+                // SAFETY: the caller's guarantee.
+                with_scratch(&PACKED_A, rows * kp, |ap| unsafe { task(&a, block * MC, ap, bp, cblock, [rows, kp, n, np]) });
             });
         });
-        // SAFETY: `dot_tiles` initialised all m·n elements (every row below m, column below n).
+        // SAFETY: the tasks initialised all m·n elements.
         unsafe { c.set_len(m * n) };
         c
     }
@@ -486,17 +489,6 @@ mod imp {
                 }
             }
         }
-    }
-
-    /// C = A · B over the packed B, by blocks of MC rows of C (one rayon task each).
-    fn multiply(a: &Operand<f32>, bp: &[u16], c: &mut [MaybeUninit<f32>], [m, kp, n, np]: [usize; 4]) {
-        debug_assert_eq!(c.len(), m * n);
-        c.par_chunks_mut(MC * n).enumerate().for_each(|(block, cblock)| {
-            let valid_rows = cblock.len() / n;
-            let rows = valid_rows.div_ceil(BM) * BM;
-            // SAFETY: `request` checked AVX-512 (F, BW) before granting AMX.
-            with_scratch(&PACKED_A, rows * kp, |ap| unsafe { tiles(a, block * MC, ap, bp, cblock, [rows, kp, n, np]) });
-        });
     }
 
     /// One task: rows `r0..` of A packed into `ap`, times the packed B, into `cblock` (every
