@@ -122,7 +122,7 @@ fn main() {
     });
     let lcb = LinearCompress::new(32, 16, &dev);
     time("LCB 32->16 fwd+bwd", 5, || {
-        let _ = lcb.forward(x.clone()).sum().backward();
+        let _ = lcb.forward(x.clone(), wukong::model::Precision::F32).sum().backward();
     });
     let wl = Tensor::<2>::random([32, 16], Distribution::Default, &dev).require_grad();
     time("LCB reshape-2D fwd+bwd", 5, || {
@@ -139,7 +139,7 @@ fn main() {
         let _ = x.clone().swap_dims(1, 2).reshape([b * d, n]).matmul(wl.clone()).reshape([b, d, 16]).swap_dims(1, 2).into_data();
     });
     time("LCB current fwd only", 5, || {
-        let _ = lcb.forward(x.clone()).into_data();
+        let _ = lcb.forward(x.clone(), wukong::model::Precision::F32).into_data();
     });
     time("LCB W-left fwd only", 5, || {
         let _ = wl.clone().transpose().unsqueeze_dim::<3>(0).matmul(x.clone()).into_data();

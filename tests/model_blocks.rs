@@ -3,6 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use wukong::model::Pass;
+use wukong::model::Precision::F32;
 use wukong::model::layers::{FmBlock, FmBlockSpec, FmKind, LinearCompress, WukongLayer};
 use wukong::model::{DataShape, ModelConfig, WukongConfig};
 
@@ -75,7 +76,7 @@ fn full_fm_is_x_xt_and_attentive_fm_uses_a_per_example_projection() {
     let att = FmBlock::new(&spec(FmKind::Attentive, 5, 2), &device);
     let a = att.attentive.as_ref().unwrap();
     // Y(X) from the compressed input, then X (Xᵀ Y(X)) = (X Xᵀ) Y(X)
-    let c = a.compress.forward(x.clone()).reshape([2, 2 * 4]);
+    let c = a.compress.forward(x.clone(), F32).reshape([2, 2 * 4]);
     let y = a.mlp.forward(c, &Pass::f32()).reshape([2, 5, 3]);
     let want = to_vec(x.clone().matmul(x.clone().swap_dims(1, 2)).matmul(y));
     assert!(max_abs_diff(&to_vec(att.interactions(x, &Pass::f32())), &want) < 1e-4);
@@ -91,7 +92,7 @@ fn block_shapes() {
         assert_eq!(block.interactions(x.clone(), &Pass::f32()).dims(), [3, 7, k]);
         assert_eq!(block.forward(x.clone(), &Pass::f32()).dims(), [3, 6, 4], "{kind:?}");
     }
-    assert_eq!(LinearCompress::new(7, 2, &device).forward(x.clone()).dims(), [3, 2, 4]);
+    assert_eq!(LinearCompress::new(7, 2, &device).forward(x.clone(), F32).dims(), [3, 2, 4]);
     let layer = WukongLayer::new(&spec(FmKind::Static, 7, 6), 5, &device);
     assert_eq!(layer.forward(x, &Pass::f32()).dims(), [3, 11, 4]);
 }
@@ -126,8 +127,8 @@ fn lcb_is_linear_so_it_keeps_the_interaction_order() {
     let lcb = LinearCompress::new(6, 4, &device);
     let x1 = Tensor::<3>::random([2, 6, 4], Distribution::Normal(0.0, 1.0), &device);
     let x2 = Tensor::<3>::random([2, 6, 4], Distribution::Normal(0.0, 1.0), &device);
-    let lhs = to_vec(lcb.forward(x1.clone().mul_scalar(2.5) + x2.clone()));
-    let rhs = to_vec(lcb.forward(x1).mul_scalar(2.5) + lcb.forward(x2));
+    let lhs = to_vec(lcb.forward(x1.clone().mul_scalar(2.5) + x2.clone(), F32));
+    let rhs = to_vec(lcb.forward(x1, F32).mul_scalar(2.5) + lcb.forward(x2, F32));
     assert!(max_abs_diff(&lhs, &rhs) < 1e-5);
     // whereas the FM block's interactions are quadratic: FM(2X) = 4 FM(X)
     let fm = FmBlock::new(&spec(FmKind::Static, 6, 2), &device);
@@ -268,7 +269,7 @@ fn ablations_zero_exactly_what_they_say() {
     let x = Tensor::<3>::random([2, 8, 4], Distribution::Normal(0.0, 1.0), &device);
     let pass = Pass::f32();
     let fmb = full.fmb.as_ref().unwrap().forward(x.clone(), &pass);
-    let lcb = full.lcb.as_ref().unwrap().forward(x.clone());
+    let lcb = full.lcb.as_ref().unwrap().forward(x.clone(), pass.precision);
     let zeros = |n: usize| Tensor::<3>::zeros([2, n, 4], &device);
     let cases = [
         (LayerParts { fmb: false, ..LayerParts::ALL }, Tensor::cat(vec![zeros(5), lcb.clone()], 1) + x.clone()),

@@ -17,7 +17,7 @@ use super::{
     DataShape, Model, ModelSpec, NumericEmbedding, cat_fields, check_common, dense_embeddings, dense_mlp, dense_mlp_flops, mlp_flops,
     num_inputs, numeric_scale,
 };
-use super::{Pass, TableInit};
+use super::{Pass, Precision, TableInit};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -122,7 +122,9 @@ impl Afn {
         let d = self.embedding_dim;
         let e = x.clone().narrow(2, 0, d);
         let log = self.log_norm.forward(e.abs().clamp_min(1e-7).log()); // [b, n, d]
-        let y = self.exp_norm.forward(self.log_neurons.forward(log).exp()); // [b, L, d]
+        // f32 even under bf16: exp() turns the product's bf16 rounding (relative 2⁻⁹ of a sum of
+        // logarithms) into that much relative error of every logarithmic neuron
+        let y = self.exp_norm.forward(self.log_neurons.forward(log, Precision::F32).exp()); // [b, L, d]
         let afn = self.afn_mlp.forward(flatten(y), pass);
         let logit = match (&self.dnn, &self.combine) {
             (Some(dnn), Some(combine)) => {

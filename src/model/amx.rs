@@ -31,6 +31,7 @@
 use rayon::prelude::*;
 
 use super::bf16::{Operand, round_bits};
+use super::fused::View3;
 
 /// Whether this process may run AMX bf16 tiles (asked of the kernel once).
 pub fn available() -> bool {
@@ -67,6 +68,28 @@ pub fn dot_product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
     assert_eq!(a.cols, b.rows, "avx512-bf16 product: inner dimensions differ");
     assert!(dot_available(), "avx512-bf16 product: this CPU has no AVX512-BF16");
     imp::dot_product(a, b)
+}
+
+/// Whether [`batched_dot`] runs here: the interaction products' bf16 kernel needs the same
+/// instructions as [`dot_product`].
+pub fn batched_available() -> bool {
+    dot_available()
+}
+
+/// `a_e · b_e` for every example of two batched strided views (either may be one matrix shared
+/// by every example: batch 1), both rounded to bf16, accumulated in f32 by `vdpbf16ps`, the
+/// result rounded to bf16: `[batch, m, n]` row-major; with `sum`, `Σ_e a_e · b_e` (`[m, n]`,
+/// summed in f32 and rounded once) — the gradient of a shared operand. For the small per-example
+/// products of the interaction layers (FM's `Xᵀ Y` and `X (Xᵀ Y)`, the LCB's `Wᵀ X`, tens to a
+/// few hundred rows each), where [`dot_product`]'s tiling and packing into 16 × 32 tiles would
+/// cost more than the product: each example's operands are packed as k-pair dwords into a few
+/// KiB that stay in L1, then 8-row × 48-column register blocks run over them. Panics unless
+/// [`batched_available`].
+pub(crate) fn batched_dot(a: View3, b: View3, sum: bool) -> Vec<f32> {
+    assert_eq!(a.cols, b.rows, "batched bf16 product: inner dimensions differ");
+    assert!(a.batch == b.batch || a.batch == 1 || b.batch == 1, "batched bf16 product: batches {} and {}", a.batch, b.batch);
+    assert!(batched_available(), "batched bf16 product: this CPU has no AVX512-BF16");
+    imp::batched_dot(a, b, sum)
 }
 
 /// A's tile: 16 rows × 32 k. B's tile: 16 k-pairs × 16 columns × 2. C's tile: 16 × 16 f32.
@@ -384,6 +407,289 @@ mod imp {
         unsafe { drive(a, b, DN, TM, dot_tiles) }
     }
 
+    /// Rows of the batched kernel's register block (× up to three 16-column tiles).
+    const SR: usize = 8;
+
+    /// One example's packed operands (or a shared operand's, packed once per task).
+    struct Small {
+        ap: Vec<u32>,
+        bp: Vec<u32>,
+        /// A's dword strides in `ap`: per row, per k-pair.
+        a_strides: (usize, usize),
+        a_packed: bool,
+        b_packed: bool,
+    }
+
+    pub(super) fn batched_dot(a: View3, b: View3, sum: bool) -> Vec<f32> {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let batch = a.batch.max(b.batch);
+        if m == 0 || n == 0 {
+            return Vec::new();
+        }
+        let (kq, mp, np) = (k.div_ceil(2), m.div_ceil(SR) * SR, n.div_ceil(TN) * TN);
+        let threads = rayon::current_num_threads().max(1);
+        let new_small = || Small { ap: vec![0; mp * kq], bp: vec![0; kq * np], a_strides: (0, 0), a_packed: false, b_packed: false };
+        if sum {
+            // one f32 partial sum per task, added and rounded at the end
+            let chunk = batch.div_ceil(threads).max(1);
+            let starts: Vec<usize> = (0..batch).step_by(chunk).collect();
+            let total = starts
+                .into_par_iter()
+                .map(|start| {
+                    let mut acc = vec![0f32; m * n];
+                    let mut small = new_small();
+                    for e in start..(start + chunk).min(batch) {
+                        // SAFETY: `batched_available` checked the features; `acc` is m × n.
+                        unsafe { example(&a, &b, e, &mut small, acc.as_mut_ptr(), true) };
+                    }
+                    acc
+                })
+                .reduce_with(|mut x, y| {
+                    x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+                    x
+                })
+                .unwrap_or_else(|| vec![0f32; m * n]);
+            return total.into_iter().map(|v| f32::from_bits((round_bits(v) as u32) << 16)).collect();
+        }
+        let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
+        // a few tasks per thread: examples cost the same, so this only absorbs noise
+        let chunk = batch.div_ceil(4 * threads).max(1);
+        out.spare_capacity_mut()[..batch * m * n].par_chunks_mut(chunk * m * n).enumerate().for_each(|(c, o)| {
+            let mut small = new_small();
+            for (i, o) in o.chunks_mut(m * n).enumerate() {
+                // SAFETY: as above; `o` is example c·chunk + i's m × n output, written whole.
+                unsafe { example(&a, &b, c * chunk + i, &mut small, o.as_mut_ptr().cast(), false) };
+            }
+        });
+        // SAFETY: every example's m × n outputs were written.
+        unsafe { out.set_len(batch * m * n) };
+        out
+    }
+
+    /// Example `e`: its operands packed (a shared one only once), then every register block,
+    /// written (rounded) into or added (`sum`) to the row-major m × n `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn example(a: &View3, b: &View3, e: usize, small: &mut Small, out: *mut f32, sum: bool) {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let (kq, mp, np) = (k.div_ceil(2), m.div_ceil(SR) * SR, n.div_ceil(TN) * TN);
+        if !(small.a_packed && a.batch == 1) {
+            small.a_strides = unsafe { pack_small_a(a, e, mp, kq, &mut small.ap) };
+            small.a_packed = true;
+        }
+        if !(small.b_packed && b.batch == 1) {
+            unsafe { pack_small_b(b, e, kq, np, &mut small.bp) };
+            small.b_packed = true;
+        }
+        let (sa_i, sa_q) = small.a_strides;
+        for i0 in (0..mp).step_by(SR) {
+            // SAFETY: rows i0..i0 + SR < mp of the packed A, tiles j0.. < np of the packed B.
+            let ap = unsafe { small.ap.as_ptr().add(i0 * sa_i) };
+            let mut j0 = 0;
+            while j0 < np {
+                let tiles = ((np - j0) / TN).min(3);
+                let bp = unsafe { small.bp.as_ptr().add(j0) };
+                unsafe {
+                    match tiles {
+                        3 => store_small(&small_block::<3>(ap, sa_i, sa_q, bp, np, kq), out, i0, j0, m, n, sum),
+                        2 => store_small(&small_block::<2>(ap, sa_i, sa_q, bp, np, kq), out, i0, j0, m, n, sum),
+                        _ => store_small(&small_block::<1>(ap, sa_i, sa_q, bp, np, kq), out, i0, j0, m, n, sum),
+                    }
+                }
+                j0 += tiles * TN;
+            }
+        }
+    }
+
+    /// SR rows × T tiles of one example: per k-pair, T loads of B, SR broadcasts of A, SR·T
+    /// `vdpbf16ps`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn small_block<const T: usize>(
+        ap: *const u32,
+        sa_i: usize,
+        sa_q: usize,
+        bp: *const u32,
+        np: usize,
+        kq: usize,
+    ) -> [[__m512; T]; SR] {
+        let mut acc = [[_mm512_setzero_ps(); T]; SR];
+        for q in 0..kq {
+            // SAFETY: the caller's bounds: k-pair q < kq of the packed rows and tiles.
+            unsafe {
+                let bv: [__m512bh; T] = std::array::from_fn(|t| std::mem::transmute(_mm512_loadu_si512(bp.add(q * np + t * TN).cast())));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let s: __m512bh = std::mem::transmute(_mm512_set1_epi32(ap.add(r * sa_i + q * sa_q).read() as i32));
+                    for t in 0..T {
+                        acc[t] = _mm512_dpbf16_ps(acc[t], s, bv[t]);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// A register block into the row-major m × n `out` at rows `i0..`, columns `j0..`: rounded to
+    /// bf16, or (`sum`) added in f32; parts past m and n dropped.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn store_small<const T: usize>(acc: &[[__m512; T]; SR], out: *mut f32, i0: usize, j0: usize, m: usize, n: usize, sum: bool) {
+        let keep = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        for (r, acc) in acc.iter().enumerate() {
+            let i = i0 + r;
+            if i >= m {
+                break;
+            }
+            for (t, &v) in acc.iter().enumerate() {
+                let c0 = j0 + t * TN;
+                if c0 >= n {
+                    break;
+                }
+                let mask: __mmask16 = if n - c0 >= TN { 0xFFFF } else { (1u16 << (n - c0)) - 1 };
+                // SAFETY: the masked lanes are columns c0.. < n of row i < m.
+                unsafe {
+                    let p = out.add(i * n + c0);
+                    let v = if sum {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), v)
+                    } else {
+                        _mm512_castsi512_ps(_mm512_and_si512(round_hi(v), keep))
+                    };
+                    _mm512_mask_storeu_ps(p, mask, v);
+                }
+            }
+        }
+    }
+
+    /// Element (i, j) of example e of a view.
+    #[inline(always)]
+    unsafe fn at(v: &View3, e: usize, i: usize, j: usize) -> f32 {
+        // SAFETY: the caller's (i, j) is inside the view, whose layout keeps it in the storage.
+        unsafe { v.matrix(e).offset(i as isize * v.row_stride + j as isize * v.col_stride).read() }
+    }
+
+    /// The bf16 k-pair (r, 2q), (r, 2q + 1) of a matrix indexed (row, k) or (k, column) by `get`;
+    /// zero past k.
+    #[inline(always)]
+    fn pair(k: usize, q: usize, get: impl Fn(usize) -> f32) -> u32 {
+        let hi = if 2 * q + 1 < k { round_bits(get(2 * q + 1)) as u32 } else { 0 };
+        round_bits(get(2 * q)) as u32 | hi << 16
+    }
+
+    /// The first `n` (≤ 16) lanes.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 }
+    }
+
+    /// Up to 16 floats from `p` (`n` of them; the other lanes zero, nothing read past `n`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load_n(p: *const f32, n: usize) -> __m512 {
+        // SAFETY: the caller's `n` values are readable; masked lanes are not accessed.
+        unsafe { if n >= 16 { _mm512_loadu_ps(p) } else { _mm512_maskz_loadu_ps(lanes(n), p) } }
+    }
+
+    /// Example e of A as k-pair dwords, rows padded to `mp` with zeros; returns the dword strides
+    /// (per row, per k-pair). Row-contiguous A: `[row][pair]`, 32 values a vector; column-
+    /// contiguous A (a transposed view): `[pair][row]`, two runs of 16 rows a vector (masked
+    /// loads at the edges: the interaction shapes have k = 24 and 48); other strides one pair at
+    /// a time.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_small_a(v: &View3, e: usize, mp: usize, kq: usize, out: &mut [u32]) -> (usize, usize) {
+        let (m, k) = (v.rows, v.cols);
+        let base = v.matrix(e);
+        let (rs, cs) = (v.row_stride, v.col_stride);
+        if rs == 1 && cs > 1 {
+            for q in 0..kq {
+                let row = &mut out[q * mp..][..mp];
+                // SAFETY: rows i.. < m of k columns 2q and (if < k) 2q + 1; stores inside `row`.
+                unsafe {
+                    let lo = base.offset(2 * q as isize * cs);
+                    let hi = (2 * q + 1 < k).then(|| base.offset((2 * q + 1) as isize * cs));
+                    for i in (0..mp).step_by(16) {
+                        let valid = m.saturating_sub(i);
+                        let l = load_n(lo.add(i), valid);
+                        let h = hi.map_or(_mm512_setzero_ps(), |hi| load_n(hi.add(i), valid));
+                        _mm512_mask_storeu_epi32(row.as_mut_ptr().add(i).cast(), lanes(mp - i), pairs(l, h));
+                    }
+                }
+            }
+            return (1, mp);
+        }
+        for (i, row) in out.chunks_exact_mut(kq).take(mp).enumerate() {
+            if i >= m {
+                row.fill(0);
+                continue;
+            }
+            if cs == 1 {
+                // SAFETY: columns 2q.. < k of row i; stores of the row's kq dwords.
+                unsafe {
+                    let src = base.offset(i as isize * rs);
+                    for q in (0..kq).step_by(16) {
+                        let left = k - 2 * q;
+                        let pairs = bf16_32(load_n(src.add(2 * q), left), load_n(src.add(2 * q + 16), left.saturating_sub(16)));
+                        _mm512_mask_storeu_epi32(row.as_mut_ptr().add(q).cast(), lanes(kq - q), pairs);
+                    }
+                }
+                continue;
+            }
+            for (q, d) in row.iter_mut().enumerate() {
+                *d = pair(k, q, |j| unsafe { at(v, e, i, j) });
+            }
+        }
+        (kq, 1)
+    }
+
+    /// Example e of B as `[pair][column]` k-pair dwords, columns padded to `np` with zeros.
+    /// Row-contiguous B: two runs of 16 columns a vector (masked at the edge); a transposed view
+    /// (each column's k-pairs adjacent): 16 pairs gathered as 64-bit values a vector; other
+    /// strides, and a transposed view's edges, one pair at a time.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_small_b(v: &View3, e: usize, kq: usize, np: usize, out: &mut [u32]) {
+        let (k, n) = (v.rows, v.cols);
+        let base = v.matrix(e);
+        let (rs, cs) = (v.row_stride, v.col_stride);
+        // the gather's offsets (in f32) of 8 consecutive columns
+        let offsets =
+            _mm512_set_epi64(7 * cs as i64, 6 * cs as i64, 5 * cs as i64, 4 * cs as i64, 3 * cs as i64, 2 * cs as i64, cs as i64, 0);
+        let eight = _mm512_set1_epi64(8 * cs as i64);
+        for q in 0..kq {
+            let row = &mut out[q * np..][..np];
+            if cs == 1 {
+                // SAFETY: columns j.. < n of k rows 2q and (if < k) 2q + 1; 16-dword stores
+                // inside `row` (np is a multiple of 16).
+                unsafe {
+                    let lo = base.offset(2 * q as isize * rs);
+                    let hi = (2 * q + 1 < k).then(|| base.offset((2 * q + 1) as isize * rs));
+                    for j in (0..np).step_by(16) {
+                        let valid = n.saturating_sub(j);
+                        let l = load_n(lo.add(j), valid);
+                        let h = hi.map_or(_mm512_setzero_ps(), |hi| load_n(hi.add(j), valid));
+                        _mm512_storeu_si512(row.as_mut_ptr().add(j).cast(), pairs(l, h));
+                    }
+                }
+                continue;
+            }
+            let mut j = 0;
+            if rs == 1 && cs > 1 && 2 * q + 1 < k {
+                // SAFETY: columns j..j + 16 ≤ n, each the two adjacent values of rows 2q, 2q + 1.
+                unsafe {
+                    let p = base.add(2 * q).cast::<f64>();
+                    while j + 16 <= n {
+                        let first = _mm512_add_epi64(offsets, _mm512_set1_epi64((j as isize * cs) as i64));
+                        let v0 = _mm512_i64gather_pd::<4>(first, p);
+                        let v1 = _mm512_i64gather_pd::<4>(_mm512_add_epi64(first, eight), p);
+                        _mm512_storeu_si512(row.as_mut_ptr().add(j).cast(), bf16_32(_mm512_castpd_ps(v0), _mm512_castpd_ps(v1)));
+                        j += 16;
+                    }
+                }
+            }
+            for (j, d) in row.iter_mut().enumerate().take(n).skip(j) {
+                *d = pair(k, q, |r| unsafe { at(v, e, r, j) });
+            }
+            row[n..].fill(0);
+        }
+    }
+
     /// One task of a kernel: rows `r0..` of A packed into `ap`, times the packed B, into `cblock`
     /// (every element written), `[rows, kp, n, np]`.
     type Task = unsafe fn(&Operand<f32>, usize, &mut [u16], &[u16], &mut [MaybeUninit<f32>], [usize; 4]);
@@ -617,6 +923,9 @@ mod imp {
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod imp {
     use super::*;
+    pub(super) fn batched_dot(_: View3, _: View3, _: bool) -> Vec<f32> {
+        unreachable!("amx::batched_available() is false off x86-64 Linux")
+    }
     pub(super) fn request() -> bool {
         false
     }
@@ -625,5 +934,79 @@ mod imp {
     }
     pub(super) fn dot_product(_: Operand<f32>, _: Operand<f32>) -> Vec<f32> {
         unreachable!("amx::dot_available() is false off x86-64 Linux")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        (0..len).map(|i| (crate::rng::splitmix64(seed ^ i as u64) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    /// A batch of `rows × cols` matrices (`batch` 1: shared) stored in one of three layouts:
+    /// row-major, transposed (each matrix stored as its transpose: a swapped-axes view) or
+    /// row-major with every other column skipped (neither stride 1). Returns the storage and
+    /// the element getter used by the reference.
+    fn stored(batch: usize, rows: usize, cols: usize, layout: usize, seed: u64) -> (Vec<f32>, [isize; 3]) {
+        let data = values(batch * rows * cols * 2, seed);
+        let (r, c) = (rows as isize, cols as isize);
+        let strides = match layout {
+            0 => [r * c, c, 1],
+            1 => [r * c, 1, r],
+            _ => [2 * r * c, 2 * c, 2],
+        };
+        (data, [if batch == 1 { 0 } else { strides[0] }, strides[1], strides[2]])
+    }
+
+    fn view(data: &[f32], batch: usize, rows: usize, cols: usize, s: [isize; 3]) -> View3<'_> {
+        View3 { data, offset: 0, batch, rows, cols, batch_stride: s[0], row_stride: s[1], col_stride: s[2] }
+    }
+
+    /// [`batched_dot`] against an f64 product of the bf16-rounded operands, per example and
+    /// summed, on edge shapes (one row, k = 1 and odd k, columns short of one tile and past
+    /// three, rows past one register block), every pair of operand layouts (row-major,
+    /// transposed — the backward's views, packed by gathers for B — and general strides), and
+    /// shared operands on either side.
+    #[test]
+    fn batched_products_match_f64_within_bf16_rounding() {
+        if !batched_available() {
+            eprintln!("AVX512-BF16 not available on this machine: the batched bf16 kernel is not tested here");
+            return;
+        }
+        let r = |v: f32| f32::from_bits((round_bits(v) as u32) << 16) as f64;
+        for &(batch, m, k, n) in
+            &[(3, 1, 1, 1), (2, 5, 7, 3), (4, 9, 17, 20), (3, 64, 128, 24), (2, 13, 64, 50), (5, 33, 33, 100), (2, 8, 31, 48)]
+        {
+            for (la, lb) in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (0, 2), (2, 1)] {
+                for (ba, bb) in [(batch, batch), (1, batch), (batch, 1)] {
+                    let (a, sa) = stored(ba, m, k, la, 1);
+                    let (b, sb) = stored(bb, k, n, lb, 2);
+                    let (va, vb) = (view(&a, ba, m, k, sa), view(&b, bb, k, n, sb));
+                    let get = |v: &View3, e: usize, i: usize, j: usize| {
+                        let e = if v.batch == 1 { 0 } else { e };
+                        r(v.data[(e as isize * v.batch_stride + i as isize * v.row_stride + j as isize * v.col_stride) as usize])
+                    };
+                    let want = |e: usize, i: usize, j: usize| -> f64 { (0..k).map(|p| get(&va, e, i, p) * get(&vb, e, p, j)).sum() };
+                    let name = format!("batch {batch} {m}×{k}×{n}, layouts {la}/{lb}, batches {ba}/{bb}");
+                    let got = batched_dot(va, vb, false);
+                    assert_eq!(got.len(), batch * m * n, "{name}");
+                    for (x, &g) in got.iter().enumerate() {
+                        let (e, i, j) = (x / (m * n), x / n % m, x % n);
+                        let w = want(e, i, j);
+                        assert!((g as f64 - w).abs() <= w.abs() * 2f64.powi(-8) + k as f64 * 1e-6, "{name} at {e},{i},{j}: {g} vs {w}");
+                        assert_eq!(g.to_bits() & 0xFFFF, 0, "{name}: C not rounded to bf16");
+                    }
+                    let summed = batched_dot(va, vb, true);
+                    assert_eq!(summed.len(), m * n, "{name}, summed");
+                    for (x, &g) in summed.iter().enumerate() {
+                        let w: f64 = (0..batch).map(|e| want(e, x / n, x % n)).sum();
+                        let tol = w.abs() * 2f64.powi(-8) + (batch * k) as f64 * 1e-6;
+                        assert!((g as f64 - w).abs() <= tol, "{name}, summed, at {x}: {g} vs {w}");
+                    }
+                }
+            }
+        }
     }
 }

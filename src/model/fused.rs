@@ -19,6 +19,8 @@ use burn::tensor::{DType, Shape, Tensor, TensorData};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+use super::layers::Precision;
+
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
     /// LayerNorm over the last axis: `(x − mean) / √(var + ε) · γ + β`.
@@ -34,9 +36,10 @@ pub trait FusedOps: Backend {
     /// `x · w` (`[m, k] · [k, n]`) with both operands rounded to bf16 and f32 accumulation (the
     /// result rounded to bf16), as f32: [`super::bf16`].
     fn bf16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// Batched f32 product `a_b · b_b` of `[B_a, m, k]` and `[B_b, k, n]` (`B_a`, `B_b` each 1 or
-    /// B; a batch of 1 is shared by every example): [`bmm`].
-    fn fused_bmm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Batched product `a_b · b_b` of `[B_a, m, k]` and `[B_b, k, n]` (`B_a`, `B_b` each 1 or
+    /// B; a batch of 1 is shared by every example), in f32 or (`bf16`) on the CPU's bf16
+    /// dot-product units: [`bmm`].
+    fn fused_bmm(a: FloatTensor<Self>, b: FloatTensor<Self>, bf16: bool) -> FloatTensor<Self>;
 }
 
 /// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
@@ -233,8 +236,8 @@ impl FusedOps for Flex {
     fn bf16_matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
         bf16_forward(&x, &w).0
     }
-    fn fused_bmm(a: FlexTensor, b: FlexTensor) -> FlexTensor {
-        batched_product(View3::of(&a), View3::of(&b))
+    fn fused_bmm(a: FlexTensor, b: FlexTensor, bf16: bool) -> FlexTensor {
+        batched_product(View3::of(&a), View3::of(&b), bf16)
     }
 }
 
@@ -242,15 +245,15 @@ impl FusedOps for Flex {
 /// `data[offset + e·batch_stride + i·row_stride + j·col_stride]`; a batch of 1 has stride 0,
 /// so the one matrix serves every example.
 #[derive(Debug, Clone, Copy)]
-struct View3<'a> {
-    data: &'a [f32],
-    offset: usize,
-    batch: usize,
-    rows: usize,
-    cols: usize,
-    batch_stride: isize,
-    row_stride: isize,
-    col_stride: isize,
+pub(crate) struct View3<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) offset: usize,
+    pub(crate) batch: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) batch_stride: isize,
+    pub(crate) row_stride: isize,
+    pub(crate) col_stride: isize,
 }
 
 impl<'a> View3<'a> {
@@ -271,11 +274,11 @@ impl<'a> View3<'a> {
     }
 
     /// The per-example transposes (no copy).
-    fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
 
-    fn matrix(&self, e: usize) -> *const f32 {
+    pub(crate) fn matrix(&self, e: usize) -> *const f32 {
         // SAFETY: the offset stays inside the storage for every valid example index (the
         // layout's own invariant); an out-of-range pointer is never formed for e < batch.
         unsafe { self.data.as_ptr().offset(self.offset as isize + e as isize * self.batch_stride) }
@@ -318,10 +321,14 @@ fn gemm_one(a: &View3, b: &View3, e: usize, out: &mut [f32], acc: bool, parallel
 /// never zero-filled or copied (burn-flex's batched matmul allocates its output by zero-filling a
 /// byte vector and copying it into an aligned one: 14% of a bf16 Criteo step went to that).
 /// Examples run in parallel, one gemm each; a single product lets gemm parallelize itself.
-fn batched_product(a: View3, b: View3) -> FlexTensor {
+/// `bf16`: [`super::amx::batched_dot`] instead.
+fn batched_product(a: View3, b: View3, bf16: bool) -> FlexTensor {
     assert_eq!(a.cols, b.rows, "fused_bmm: [{}, {}] · [{}, {}]", a.rows, a.cols, b.rows, b.cols);
     assert!(a.batch == b.batch || a.batch == 1 || b.batch == 1, "fused_bmm: batches {} and {}", a.batch, b.batch);
     let (batch, m, n) = (a.batch.max(b.batch), a.rows, b.cols);
+    if bf16 {
+        return tensor(super::amx::batched_dot(a, b, false), Shape::new([batch, m, n]));
+    }
     let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
     if batch * m * n > 0 {
         // SAFETY: gemm writes every element of each m × n output without reading it (`acc` false).
@@ -336,8 +343,11 @@ fn batched_product(a: View3, b: View3) -> FlexTensor {
 }
 
 /// `Σ_e a_e · b_e` (`[1, a.rows, b.cols]`): the gradient of an operand shared by every example.
-fn summed_product(a: View3, b: View3) -> FlexTensor {
+fn summed_product(a: View3, b: View3, bf16: bool) -> FlexTensor {
     let (batch, m, n) = (a.batch.max(b.batch), a.rows, b.cols);
+    if bf16 {
+        return tensor(super::amx::batched_dot(a, b, true), Shape::new([1, m, n]));
+    }
     let chunk = batch.div_ceil(rayon::current_num_threads().max(1)).max(1);
     let sum = (0..batch)
         .step_by(chunk)
@@ -362,22 +372,22 @@ fn summed_product(a: View3, b: View3) -> FlexTensor {
 struct BmmBackward;
 
 impl Backward<Flex, 2> for BmmBackward {
-    /// The operands (shared, not copied).
-    type State = (FlexTensor, FlexTensor);
+    /// The operands (shared, not copied) and whether the products run in bf16.
+    type State = (FlexTensor, FlexTensor, bool);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let (a, b) = ops.state;
+        let (a, b, bf16) = ops.state;
         let g = grads.consume::<Flex>(&ops.node);
         let (va, vb, vg) = (View3::of(&a), View3::of(&b), View3::of(&g));
         let [pa, pb] = ops.parents;
         if let Some(node) = pa {
             // dA_e = dC_e · B_eᵀ (summed over the examples when A is shared)
-            let da = if va.batch == 1 && vg.batch > 1 { summed_product(vg, vb.t()) } else { batched_product(vg, vb.t()) };
+            let da = if va.batch == 1 && vg.batch > 1 { summed_product(vg, vb.t(), bf16) } else { batched_product(vg, vb.t(), bf16) };
             grads.register::<Flex>(node.id, da);
         }
         if let Some(node) = pb {
             // dB_e = A_eᵀ · dC_e (summed over the examples when B is shared)
-            let db = if vb.batch == 1 && vg.batch > 1 { summed_product(va.t(), vg) } else { batched_product(va.t(), vg) };
+            let db = if vb.batch == 1 && vg.batch > 1 { summed_product(va.t(), vg, bf16) } else { batched_product(va.t(), vg, bf16) };
             grads.register::<Flex>(node.id, db);
         }
     }
@@ -492,9 +502,9 @@ impl Backward<Flex, 4> for AddLayerNormBackward {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
-    fn fused_bmm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        let y = <Flex as FusedOps>::fused_bmm(a.primitive().clone(), b.primitive().clone());
-        let state = (a.primitive().clone(), b.primitive().clone());
+    fn fused_bmm(a: FloatTensor<Self>, b: FloatTensor<Self>, bf16: bool) -> FloatTensor<Self> {
+        let y = <Flex as FusedOps>::fused_bmm(a.primitive().clone(), b.primitive().clone(), bf16);
+        let state = (a.primitive().clone(), b.primitive().clone(), bf16);
         match BmmBackward.prepare::<C>([a.node(), b.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(state, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
@@ -560,13 +570,19 @@ pub fn bf16_matmul_kernel(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 
 /// `a_e · b_e` per example for `[B_a, m, k]` and `[B_b, k, n]`, where `B_a` and `B_b` are each B or
 /// 1 (one matrix shared by every example): the interaction products (FM's `Xᵀ Y` and `X (Xᵀ Y)`,
-/// the LCB's `Wᵀ X`). On the CPU backend in f32 our own op, which calls the same `gemm` crate as
-/// burn but writes its outputs (and gradients) straight into fresh buffers; elsewhere burn's
-/// `matmul`.
-pub fn bmm(a: Tensor<3>, b: Tensor<3>) -> Tensor<3> {
+/// the LCB's `Wᵀ X`). On the CPU backend our own op: in f32 it calls the same `gemm` crate as
+/// burn but writes its outputs (and gradients) straight into fresh buffers; in bf16 on a CPU with
+/// AVX512-BF16 (the `amx` or `avx512` bf16 kernel chosen) the small products run on
+/// `vdpbf16ps` ([`super::amx::batched_dot`]), forward and backward, like autocast's bf16 `bmm`
+/// (elsewhere they stay f32). Other backends: burn's `matmul`.
+pub fn bmm(a: Tensor<3>, b: Tensor<3>, precision: Precision) -> Tensor<3> {
+    use super::bf16::Bf16Kernel;
     let [ba, bb] = [a.dims()[0], b.dims()[0]];
     if fused_enabled() && flex_f32(&a) && flex_f32(&b) && (ba == bb || ba == 1 || bb == 1) {
-        Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_bmm(a.into_dispatch(), b.into_dispatch()))
+        let bf16 = precision == Precision::Bf16
+            && matches!(Bf16Kernel::chosen(), Bf16Kernel::Amx | Bf16Kernel::Avx512)
+            && super::amx::batched_available();
+        Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_bmm(a.into_dispatch(), b.into_dispatch(), bf16))
     } else {
         a.matmul(b)
     }
@@ -650,26 +666,36 @@ mod tests {
             ("shared B, A swapped axes", random([5, 6, 8]), random([1, 6, 3]), Box::new(|t: Tensor<3>| t.swap_dims(1, 2)), id()),
             ("one example", random([1, 33, 17]), random([1, 17, 20]), id(), id()),
         ];
-        for (name, a, b, view_a, view_b) in cases {
-            let (a, b) = (a.require_grad(), b.require_grad());
-            let ours = bmm(view_a(a.clone()), view_b(b.clone()));
-            let theirs = view_a(a.clone()).matmul(view_b(b.clone()));
-            assert_eq!(ours.dims(), theirs.dims(), "{name}");
-            assert!(max_diff(ours.clone(), theirs.clone()) < 1e-4, "{name}: values");
-            // a weighted sum, so every output element has its own gradient
-            let weights = Tensor::<3>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &dev);
-            let (g_ours, g_theirs) = ((ours * weights.clone()).sum().backward(), (theirs * weights).sum().backward());
-            for (which, t) in [("a", &a), ("b", &b)] {
-                let (x, y) = (t.grad(&g_ours).expect("ours has a gradient"), t.grad(&g_theirs).expect("burn has a gradient"));
-                assert_eq!(x.dims(), y.dims(), "{name}: d{which} shape");
-                assert!(max_diff(x, y) < 1e-4, "{name}: d{which}");
+        // bf16 (the batched AVX512-BF16 kernel where the CPU has it, else f32 again): within
+        // bf16 rounding of f32 — 2⁻⁸ relative per operand and per result, on sums of ≤ 17 unit
+        // normal products (a wrong operand or transpose is off by O(1))
+        for precision in [Precision::F32, Precision::Bf16] {
+            for (name, a, b, view_a, view_b) in cases.iter() {
+                let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
+                let ours = bmm(view_a(a.clone()), view_b(b.clone()), precision);
+                let theirs = view_a(a.clone()).matmul(view_b(b.clone()));
+                let tol = |t: &Tensor<3>| match precision {
+                    Precision::F32 => 1e-4,
+                    Precision::Bf16 => 0.02 * (1.0 + t.clone().abs().max().into_scalar::<f32>()),
+                };
+                assert_eq!(ours.dims(), theirs.dims(), "{name}");
+                assert!(max_diff(ours.clone(), theirs.clone()) < tol(&theirs), "{name} {precision:?}: values");
+                // a weighted sum, so every output element has its own gradient
+                let weights = Tensor::<3>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &dev);
+                let (g_ours, g_theirs) = ((ours * weights.clone()).sum().backward(), (theirs * weights).sum().backward());
+                for (which, t) in [("a", &a), ("b", &b)] {
+                    let (x, y) = (t.grad(&g_ours).expect("ours has a gradient"), t.grad(&g_theirs).expect("burn has a gradient"));
+                    assert_eq!(x.dims(), y.dims(), "{name}: d{which} shape");
+                    let y = Tensor::<3>::from_inner(y);
+                    assert!(max_diff(Tensor::from_inner(x), y.clone()) < tol(&y), "{name} {precision:?}: d{which}");
+                }
             }
         }
         // inference (no autodiff): the same values
         let plain = Device::flex();
         let (a, b) =
             (Tensor::<3>::random([4, 5, 6], Distribution::Default, &plain), Tensor::<3>::random([1, 6, 2], Distribution::Default, &plain));
-        assert!(max_diff(bmm(a.clone(), b.clone()), a.matmul(b)) < 1e-5);
+        assert!(max_diff(bmm(a.clone(), b.clone(), Precision::F32), a.matmul(b)) < 1e-5);
     }
 
     /// The bf16 kernel this CPU chooses (AMX, the AVX512-BF16 register kernel, or gemmkit — its

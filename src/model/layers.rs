@@ -103,8 +103,9 @@ impl FieldLayerNorm {
     }
 }
 
-/// Precision of the MLP matrix products (the bulk of the FLOPs). Parameters, their gradients,
-/// the optimizer state, the loss and metrics stay f32 either way.
+/// Precision of the matrix products: the MLPs' (the bulk of the FLOPs) and, on CPUs with
+/// AVX512-BF16, the interaction layers' batched products ([`super::fused::bmm`]). Parameters,
+/// their gradients, the optimizer state, the loss and metrics stay f32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -233,11 +234,11 @@ impl LinearCompress {
         Self { weight: Param::from_tensor(w) }
     }
 
-    /// `[b, n_in, d] → [b, n_out, d]`.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    /// `[b, n_in, d] → [b, n_out, d]`, the products in `precision` ([`super::fused::bmm`]).
+    pub fn forward(&self, x: Tensor<3>, precision: Precision) -> Tensor<3> {
         // Wᵀ X per example: the output comes out contiguous (X W on the transposed input
         // left a strided view that made every later add and copy slower).
-        super::fused::bmm(self.weight.val().transpose().unsqueeze_dim::<3>(0), x)
+        super::fused::bmm(self.weight.val().transpose().unsqueeze_dim::<3>(0), x, precision)
     }
 }
 
@@ -327,7 +328,7 @@ impl FmBlock {
 
     /// The FM interaction matrix before flattening: `[b, n, k]` (or `[b, n, n]` for `Full`).
     pub fn interactions(&self, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
-        use super::fused::bmm;
+        let bmm = |a, b| super::fused::bmm(a, b, pass.precision);
         let [b, n, d] = x.dims();
         let xt = x.clone().swap_dims(1, 2); // [b, d, n]
         if let Some(y) = &self.projection {
@@ -335,7 +336,7 @@ impl FmBlock {
             let xty = bmm(xt, y.val().unsqueeze_dim::<3>(0)); // [b, d, k]
             bmm(x, xty)
         } else if let Some(att) = &self.attentive {
-            let c = att.compress.forward(x.clone()); // [b, c, d]
+            let c = att.compress.forward(x.clone(), pass.precision); // [b, c, d]
             let c = c.reshape([b, att.compress.weight.dims()[1] * d]);
             let y = att.mlp.forward(c, pass).reshape([b, n, self.rank]);
             bmm(x, bmm(xt, y))
@@ -408,7 +409,7 @@ impl WukongLayer {
             None => zeros(self.n_fmb),
         };
         let l = match &self.lcb {
-            Some(lcb) => lcb.forward(x.clone()),
+            Some(lcb) => lcb.forward(x.clone(), pass.precision),
             None => zeros(self.n_lcb),
         };
         let out = Tensor::cat(vec![f, l], 1);
@@ -416,7 +417,7 @@ impl WukongLayer {
             return super::fused::layer_norm(&self.norm, out);
         }
         let res = match &self.residual {
-            Some(proj) => proj.forward(x),
+            Some(proj) => proj.forward(x, pass.precision),
             None => x,
         };
         super::fused::add_layer_norm(&self.norm, out, res)

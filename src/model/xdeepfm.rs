@@ -127,7 +127,7 @@ impl XDeepFm {
         for layer in &self.cin {
             let hm = h.dims()[1];
             let z = h.unsqueeze_dim::<4>(2) * x0.clone().unsqueeze_dim::<4>(1); // [b, H, m, d]
-            h = layer.forward(z.reshape([b, hm * m, d])); // [b, H', d]
+            h = layer.forward(z.reshape([b, hm * m, d]), pass.precision); // [b, H', d]
             pooled.push(h.clone().sum_dim(2).reshape([b, h.dims()[1]]));
         }
         let mut logit = self.cin_out.forward(Tensor::cat(pooled, 1)).reshape([b]) + linear + self.bias.val();
