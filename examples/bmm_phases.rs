@@ -1,7 +1,7 @@
 //! The batched interaction products of one table5-shaped Wukong layer (batch 512, n = 64
 //! embeddings of d = 128, k = 24, n_L = 32), forward and backward, through `fused::bmm` as the
 //! training step runs them, in f32 and in bf16 (the AVX512-BF16 batched kernel where the CPU has
-//! it): `cargo run --release --example bmm_phases` (median of 20 of each).
+//! it): `cargo run --release --example bmm_phases [f32|bf16]` (median of 20 of each).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -31,7 +31,11 @@ fn main() {
     let y = Tensor::<2>::random([n, k], Distribution::Default, &dev).require_grad();
     let w = Tensor::<2>::random([n, nl], Distribution::Default, &dev).require_grad();
     let f = |m: usize, kk: usize, nn: usize| 2.0 * (b * m * kk * nn) as f64;
+    let only = std::env::args().nth(1);
     for (label, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
+        if only.as_deref().is_some_and(|o| o != label) {
+            continue;
+        }
         time(&format!("{label} FM X(XᵀY) fwd+bwd"), 3.0 * (f(d, n, k) + f(n, d, k)), || {
             let xty = bmm(x.clone().swap_dims(1, 2), y.clone().unsqueeze_dim::<3>(0), p);
             let _ = bmm(x.clone(), xty, p).sum().backward();

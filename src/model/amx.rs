@@ -640,21 +640,19 @@ mod imp {
     }
 
     /// Example e of B as `[pair][column]` k-pair dwords, columns padded to `np` with zeros.
-    /// Row-contiguous B: two runs of 16 columns a vector (masked at the edge); a transposed view
-    /// (each column's k-pairs adjacent): 16 pairs gathered as 64-bit values a vector; other
-    /// strides, and a transposed view's edges, one pair at a time.
+    /// Row-contiguous B: two runs of 16 columns a vector (masked at the edge). A transposed view
+    /// (each column's k-pairs adjacent in memory, as in the backward's `G · Bᵀ`): blocks of 16
+    /// columns × 16 k-pairs, each column's 32 values rounded as one run and the 16 runs of pair
+    /// dwords transposed ([`transpose16`]; 64-bit gathers of the pairs were 1.8% of a table5
+    /// bf16 step). Other strides, and a transposed view's last columns, one pair at a time.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn pack_small_b(v: &View3, e: usize, kq: usize, np: usize, out: &mut [u32]) {
         let (k, n) = (v.rows, v.cols);
         let base = v.matrix(e);
         let (rs, cs) = (v.row_stride, v.col_stride);
-        // the gather's offsets (in f32) of 8 consecutive columns
-        let offsets =
-            _mm512_set_epi64(7 * cs as i64, 6 * cs as i64, 5 * cs as i64, 4 * cs as i64, 3 * cs as i64, 2 * cs as i64, cs as i64, 0);
-        let eight = _mm512_set1_epi64(8 * cs as i64);
-        for q in 0..kq {
-            let row = &mut out[q * np..][..np];
-            if cs == 1 {
+        if cs == 1 {
+            for q in 0..kq {
+                let row = &mut out[q * np..][..np];
                 // SAFETY: columns j.. < n of k rows 2q and (if < k) 2q + 1; 16-dword stores
                 // inside `row` (np is a multiple of 16).
                 unsafe {
@@ -667,26 +665,37 @@ mod imp {
                         _mm512_storeu_si512(row.as_mut_ptr().add(j).cast(), pairs(l, h));
                     }
                 }
-                continue;
             }
-            let mut j = 0;
-            if rs == 1 && cs > 1 && 2 * q + 1 < k {
-                // SAFETY: columns j..j + 16 ≤ n, each the two adjacent values of rows 2q, 2q + 1.
-                unsafe {
-                    let p = base.add(2 * q).cast::<f64>();
-                    while j + 16 <= n {
-                        let first = _mm512_add_epi64(offsets, _mm512_set1_epi64((j as isize * cs) as i64));
-                        let v0 = _mm512_i64gather_pd::<4>(first, p);
-                        let v1 = _mm512_i64gather_pd::<4>(_mm512_add_epi64(first, eight), p);
-                        _mm512_storeu_si512(row.as_mut_ptr().add(j).cast(), bf16_32(_mm512_castpd_ps(v0), _mm512_castpd_ps(v1)));
-                        j += 16;
+            return;
+        }
+        let mut j0 = 0;
+        if rs == 1 && cs > 1 {
+            while j0 + 16 <= n {
+                for q0 in (0..kq).step_by(16) {
+                    let left = k - 2 * q0;
+                    let mut runs = [_mm512_setzero_si512(); 16];
+                    for (c, run) in runs.iter_mut().enumerate() {
+                        // SAFETY: values 2q0.. < k of column j0 + c < n.
+                        unsafe {
+                            let src = base.offset((j0 + c) as isize * cs).add(2 * q0);
+                            *run = bf16_32(load_n(src, left), load_n(src.add(16), left.saturating_sub(16)));
+                        }
+                    }
+                    transpose16(&mut runs);
+                    for (dq, run) in runs.iter().enumerate().take(kq - q0) {
+                        // SAFETY: 16 dwords of pair row q0 + dq < kq at columns j0.. < np.
+                        unsafe { _mm512_storeu_si512(out.as_mut_ptr().add((q0 + dq) * np + j0).cast(), *run) };
                     }
                 }
+                j0 += 16;
             }
-            for (j, d) in row.iter_mut().enumerate().take(n).skip(j) {
+        }
+        for q in 0..kq {
+            let row = &mut out[q * np..][..np];
+            for (j, d) in row.iter_mut().enumerate().take(n).skip(j0) {
                 *d = pair(k, q, |r| unsafe { at(v, e, r, j) });
             }
-            row[n..].fill(0);
+            row[n.max(j0)..].fill(0);
         }
     }
 
