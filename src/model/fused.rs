@@ -273,6 +273,17 @@ impl<'a> View3<'a> {
         }
     }
 
+    /// Whether this is the per-example transpose of a contiguous `[batch, cols, rows]` tensor
+    /// (its axes 1 and 2 swapped), with more than one example.
+    fn is_swapped(&self) -> bool {
+        self.batch > 1
+            && self.rows > 1
+            && self.cols > 1
+            && self.row_stride == 1
+            && self.col_stride == self.rows as isize
+            && self.batch_stride == (self.rows * self.cols) as isize
+    }
+
     /// The per-example transposes (no copy).
     pub(crate) fn t(self) -> Self {
         Self { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
@@ -381,13 +392,30 @@ impl Backward<Flex, 2> for BmmBackward {
         let (va, vb, vg) = (View3::of(&a), View3::of(&b), View3::of(&g));
         let [pa, pb] = ops.parents;
         if let Some(node) = pa {
-            // dA_e = dC_e · B_eᵀ (summed over the examples when A is shared)
-            let da = if va.batch == 1 && vg.batch > 1 { summed_product(vg, vb.t(), bf16) } else { batched_product(vg, vb.t(), bf16) };
+            // dA_e = dC_e · B_eᵀ (summed over the examples when A is shared). An operand that is
+            // a swapped-axes view of a contiguous tensor (FM's Xᵀ) gets its gradient in the
+            // same memory order, as (B_e · dC_eᵀ)ᵀ: the swap's backward then hands a contiguous
+            // gradient to the sum with the tensor's other uses (a strided add cost 10% of the
+            // FM block's products).
+            let da = if va.batch == 1 && vg.batch > 1 {
+                summed_product(vg, vb.t(), bf16)
+            } else if va.is_swapped() {
+                batched_product(vb, vg.t(), bf16).transpose(1, 2)
+            } else {
+                batched_product(vg, vb.t(), bf16)
+            };
             grads.register::<Flex>(node.id, da);
         }
         if let Some(node) = pb {
-            // dB_e = A_eᵀ · dC_e (summed over the examples when B is shared)
-            let db = if vb.batch == 1 && vg.batch > 1 { summed_product(va.t(), vg, bf16) } else { batched_product(va.t(), vg, bf16) };
+            // dB_e = A_eᵀ · dC_e (summed over the examples when B is shared; in B's memory order
+            // when B is a swapped-axes view, as above)
+            let db = if vb.batch == 1 && vg.batch > 1 {
+                summed_product(va.t(), vg, bf16)
+            } else if vb.is_swapped() {
+                batched_product(vg.t(), va, bf16).transpose(1, 2)
+            } else {
+                batched_product(va.t(), vg, bf16)
+            };
             grads.register::<Flex>(node.id, db);
         }
     }
@@ -665,6 +693,14 @@ mod tests {
             ("shared A (transposed weight)", random([1, 6, 7]), random([5, 6, 9]), Box::new(|t: Tensor<3>| t.swap_dims(1, 2)), id()),
             ("shared B, A swapped axes", random([5, 6, 8]), random([1, 6, 3]), Box::new(|t: Tensor<3>| t.swap_dims(1, 2)), id()),
             ("one example", random([1, 33, 17]), random([1, 17, 20]), id(), id()),
+            // both operands swapped-axes views: gradients computed in their memory order
+            (
+                "per example, both swapped",
+                random([5, 7, 3]),
+                random([5, 4, 7]),
+                Box::new(|t: Tensor<3>| t.swap_dims(1, 2)),
+                Box::new(|t: Tensor<3>| t.swap_dims(1, 2)),
+            ),
         ];
         // bf16 (the batched AVX512-BF16 kernel where the CPU has it, else f32 again): within
         // bf16 rounding of f32 — 2⁻⁸ relative per operand and per result, on sums of ≤ 17 unit
