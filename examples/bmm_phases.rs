@@ -1,6 +1,6 @@
 //! The batched interaction products of one table5-shaped Wukong layer (batch 512, n = 64
-//! embeddings of d = 128, k = 24, n_L = 32), forward and backward, through `fused::bmm` as the
-//! training step runs them, in f32 and in bf16 (the AVX512-BF16 batched kernel where the CPU has
+//! embeddings of d = 128, k = 24, n_L = 32), forward and backward, through `fused::fm` and `fused::bmm` as
+//! the training step runs them, in f32 and in bf16 (the AVX512-BF16 batched kernel where the CPU has
 //! it): `cargo run --release --example bmm_phases [f32|bf16]` (median of 20 of each).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -8,7 +8,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use burn::tensor::{Device, Distribution, Tensor};
 use std::time::Instant;
 use wukong::model::Precision;
-use wukong::model::fused::bmm;
+use wukong::model::fused::{bmm, fm};
 
 fn time(name: &str, flop: f64, mut f: impl FnMut()) {
     f();
@@ -37,8 +37,7 @@ fn main() {
             continue;
         }
         time(&format!("{label} FM X(XᵀY) fwd+bwd"), 3.0 * (f(d, n, k) + f(n, d, k)), || {
-            let xty = bmm(x.clone().swap_dims(1, 2), y.clone().unsqueeze_dim::<3>(0), p);
-            let _ = bmm(x.clone(), xty, p).sum().backward();
+            let _ = fm(x.clone(), y.clone().unsqueeze_dim::<3>(0), p).sum().backward();
         });
         time(&format!("{label} LCB WᵀX fwd+bwd"), 3.0 * f(nl, n, d), || {
             let _ = bmm(w.clone().transpose().unsqueeze_dim::<3>(0), x.clone(), p).sum().backward();

@@ -92,6 +92,25 @@ pub(crate) fn batched_dot(a: View3, b: View3, sum: bool) -> Vec<f32> {
     imp::batched_dot(a, b, sum)
 }
 
+/// FM's optimized interaction `X (Xᵀ Y)` per example in bf16 ([`batched_dot`]'s kernel), both
+/// products of an example back to back while its X is in cache: `x` `[b, n, d]`, `y` `[n, k]`
+/// shared (batch 1) or per example; returns the output `[b, n, k]` and `Z = Xᵀ Y` `[b, d, k]`
+/// (bf16 values, kept for the backward). Panics unless [`batched_available`].
+pub(crate) fn fm_forward(x: View3, y: View3) -> (Vec<f32>, Vec<f32>) {
+    assert!(batched_available(), "bf16 FM: this CPU has no AVX512-BF16");
+    assert!(x.rows == y.rows && (y.batch == 1 || y.batch == x.batch), "bf16 FM: X and Y disagree");
+    imp::fm_forward(x, y)
+}
+
+/// The gradients of [`fm_forward`] for the output's gradient `g` `[b, n, k]`, per example while
+/// its X is in cache: `dZ = Xᵀ G`, then `dX = G Zᵀ + Y dZᵀ` as one product `[G | Y] · [Z | dZ]ᵀ`
+/// (no second pass over dX), and `dY = X dZ` (summed in f32 over the examples and rounded once
+/// when Y is shared). Returns `(dX, dY)`.
+pub(crate) fn fm_backward(x: View3, y: View3, z: &[f32], g: View3) -> (Vec<f32>, Vec<f32>) {
+    assert!(batched_available(), "bf16 FM: this CPU has no AVX512-BF16");
+    imp::fm_backward(x, y, z, g)
+}
+
 /// A's tile: 16 rows × 32 k. B's tile: 16 k-pairs × 16 columns × 2. C's tile: 16 × 16 f32.
 const TM: usize = 16;
 const TK: usize = 32;
@@ -420,15 +439,155 @@ mod imp {
         b_packed: bool,
     }
 
+    impl Small {
+        /// Buffers for products `[m, k] · [k, n]`.
+        fn new(m: usize, k: usize, n: usize) -> Self {
+            let (kq, mp, np) = (k.div_ceil(2), m.div_ceil(SR) * SR, n.div_ceil(TN) * TN);
+            Small { ap: vec![0; mp * kq], bp: vec![0; kq * np], a_strides: (0, 0), a_packed: false, b_packed: false }
+        }
+    }
+
+    /// A one-matrix view of a row-major `rows × cols` slice.
+    fn matrix_view(data: &[f32], rows: usize, cols: usize) -> View3<'_> {
+        View3 { data, offset: 0, batch: 1, rows, cols, batch_stride: 0, row_stride: cols as isize, col_stride: 1 }
+    }
+
+    /// The elements of a written `MaybeUninit` slice.
+    ///
+    /// # Safety
+    /// Every element was written.
+    unsafe fn written(s: &[MaybeUninit<f32>]) -> &[f32] {
+        // SAFETY: the caller's guarantee; MaybeUninit<f32> has f32's layout.
+        unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
+    }
+
+    /// Row i of example e of a view into `dst` (its `cols` values).
+    fn copy_row(v: &View3, e: usize, i: usize, dst: &mut [f32]) {
+        for (j, d) in dst.iter_mut().enumerate().take(v.cols) {
+            // SAFETY: (i, j) is inside the view.
+            *d = unsafe { at(v, e, i, j) };
+        }
+    }
+
+    pub(super) fn fm_forward(x: View3, y: View3) -> (Vec<f32>, Vec<f32>) {
+        let (batch, n, d, k) = (x.batch, x.rows, x.cols, y.cols);
+        let (nk, dk) = (n * k, d * k);
+        let mut out: Vec<f32> = Vec::with_capacity(batch * nk);
+        let mut z: Vec<f32> = Vec::with_capacity(batch * dk);
+        if batch * nk * dk > 0 {
+            let chunk = batch.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+            let xt = x.t();
+            out.spare_capacity_mut()[..batch * nk]
+                .par_chunks_mut(chunk * nk)
+                .zip(z.spare_capacity_mut()[..batch * dk].par_chunks_mut(chunk * dk))
+                .enumerate()
+                .for_each(|(c, (o, zc))| {
+                    let (mut first, mut second) = (Small::new(d, n, k), Small::new(n, d, k));
+                    for (i, (o, zi)) in o.chunks_mut(nk).zip(zc.chunks_mut(dk)).enumerate() {
+                        let e = c * chunk + i;
+                        // SAFETY (both): `batched_available` checked by the caller; each output
+                        // is this example's, written whole before it is read.
+                        unsafe {
+                            example(&xt, &y, e, &mut first, zi.as_mut_ptr().cast(), false);
+                            second.b_packed = false;
+                            example(&x, &matrix_view(written(zi), d, k), e, &mut second, o.as_mut_ptr().cast(), false);
+                        }
+                    }
+                });
+            // SAFETY: every example's outputs were written.
+            unsafe {
+                out.set_len(batch * nk);
+                z.set_len(batch * dk);
+            }
+        }
+        (out, z)
+    }
+
+    pub(super) fn fm_backward(x: View3, y: View3, z: &[f32], g: View3) -> (Vec<f32>, Vec<f32>) {
+        let (batch, n, d, k) = (x.batch, x.rows, x.cols, y.cols);
+        let (nd, nk, dk) = (n * d, n * k, d * k);
+        let shared = y.batch == 1;
+        let chunk = batch.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+        let xt = x.t();
+        let mut dx: Vec<f32> = Vec::with_capacity(batch * nd);
+        // per-example dY, or one partial sum per task
+        let mut dy: Vec<f32> = Vec::with_capacity(if shared { 0 } else { batch * nk });
+        let dy_chunks: Vec<&mut [MaybeUninit<f32>]> =
+            if shared { Vec::new() } else { dy.spare_capacity_mut()[..batch * nk].chunks_mut(chunk * nk).collect() };
+        let mut dy_chunks: Vec<Option<&mut [MaybeUninit<f32>]>> = dy_chunks.into_iter().map(Some).collect();
+        dy_chunks.resize_with(batch.div_ceil(chunk), || None);
+        let partials: Vec<Vec<f32>> = dx.spare_capacity_mut()[..batch * nd]
+            .par_chunks_mut(chunk * nd)
+            .zip(dy_chunks.into_par_iter())
+            .enumerate()
+            .map(|(c, (dxc, mut dyc))| {
+                let (mut s_dz, mut s_dx, mut s_dy) = (Small::new(d, n, k), Small::new(n, 2 * k, d), Small::new(n, d, k));
+                let (mut dz, mut gy, mut zdz) = (vec![0f32; dk], vec![0f32; n * 2 * k], vec![0f32; d * 2 * k]);
+                let mut acc = vec![0f32; if shared { nk } else { 0 }];
+                for (i, dxi) in dxc.chunks_mut(nd).enumerate() {
+                    let e = c * chunk + i;
+                    let ze = &z[e * dk..][..dk];
+                    // SAFETY (the products): as in the forward.
+                    unsafe {
+                        // dZ = Xᵀ G
+                        example(&xt, &g, e, &mut s_dz, dz.as_mut_ptr(), false);
+                        // dX = G Zᵀ + Y dZᵀ = [G | Y] · [Z | dZ]ᵀ, one product
+                        for r in 0..n {
+                            let row = &mut gy[r * 2 * k..][..2 * k];
+                            copy_row(&g, e, r, &mut row[..k]);
+                            copy_row(&y, e, r, &mut row[k..]);
+                        }
+                        for r in 0..d {
+                            let row = &mut zdz[r * 2 * k..][..2 * k];
+                            row[..k].copy_from_slice(&ze[r * k..][..k]);
+                            row[k..].copy_from_slice(&dz[r * k..][..k]);
+                        }
+                        (s_dx.a_packed, s_dx.b_packed) = (false, false);
+                        example(
+                            &matrix_view(&gy, n, 2 * k),
+                            &matrix_view(&zdz, d, 2 * k).t(),
+                            0,
+                            &mut s_dx,
+                            dxi.as_mut_ptr().cast(),
+                            false,
+                        );
+                        // dY = X dZ, summed over the examples when Y is shared
+                        s_dy.b_packed = false;
+                        let dzv = matrix_view(&dz, d, k);
+                        match dyc.as_deref_mut() {
+                            Some(dyc) => example(&x, &dzv, e, &mut s_dy, dyc[i * nk..].as_mut_ptr().cast(), false),
+                            None => example(&x, &dzv, e, &mut s_dy, acc.as_mut_ptr(), true),
+                        }
+                    }
+                }
+                acc
+            })
+            .collect();
+        // SAFETY: every example's dX (and, per example, dY) was written.
+        unsafe {
+            dx.set_len(batch * nd);
+            if !shared {
+                dy.set_len(batch * nk);
+            }
+        }
+        if shared {
+            let mut total = vec![0f32; nk];
+            for p in &partials {
+                total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+            }
+            dy = total.into_iter().map(|v| f32::from_bits((round_bits(v) as u32) << 16)).collect();
+        }
+        (dx, dy)
+    }
+
     pub(super) fn batched_dot(a: View3, b: View3, sum: bool) -> Vec<f32> {
         let (m, k, n) = (a.rows, a.cols, b.cols);
         let batch = a.batch.max(b.batch);
         if m == 0 || n == 0 {
             return Vec::new();
         }
-        let (kq, mp, np) = (k.div_ceil(2), m.div_ceil(SR) * SR, n.div_ceil(TN) * TN);
         let threads = rayon::current_num_threads().max(1);
-        let new_small = || Small { ap: vec![0; mp * kq], bp: vec![0; kq * np], a_strides: (0, 0), a_packed: false, b_packed: false };
+        let new_small = || Small::new(m, k, n);
         if sum {
             // one f32 partial sum per task, added and rounded at the end
             let chunk = batch.div_ceil(threads).max(1);
@@ -933,6 +1092,12 @@ mod imp {
 mod imp {
     use super::*;
     pub(super) fn batched_dot(_: View3, _: View3, _: bool) -> Vec<f32> {
+        unreachable!("amx::batched_available() is false off x86-64 Linux")
+    }
+    pub(super) fn fm_forward(_: View3, _: View3) -> (Vec<f32>, Vec<f32>) {
+        unreachable!("amx::batched_available() is false off x86-64 Linux")
+    }
+    pub(super) fn fm_backward(_: View3, _: View3, _: &[f32], _: View3) -> (Vec<f32>, Vec<f32>) {
         unreachable!("amx::batched_available() is false off x86-64 Linux")
     }
     pub(super) fn request() -> bool {

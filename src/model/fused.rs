@@ -40,6 +40,9 @@ pub trait FusedOps: Backend {
     /// B; a batch of 1 is shared by every example), in f32 or (`bf16`) on the CPU's bf16
     /// dot-product units: [`bmm`].
     fn fused_bmm(a: FloatTensor<Self>, b: FloatTensor<Self>, bf16: bool) -> FloatTensor<Self>;
+    /// FM's `X (Xᵀ Y)` for `x` `[b, n, d]` and `y` `[1 or b, n, k]` in bf16, both products of an
+    /// example at once: [`fm`].
+    fn fused_fm(x: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
@@ -239,6 +242,9 @@ impl FusedOps for Flex {
     fn fused_bmm(a: FlexTensor, b: FlexTensor, bf16: bool) -> FlexTensor {
         batched_product(View3::of(&a), View3::of(&b), bf16)
     }
+    fn fused_fm(x: FlexTensor, y: FlexTensor) -> FlexTensor {
+        fm_forward(&x, &y).0
+    }
 }
 
 /// A strided `[batch, rows, cols]` f32 view of a tensor's storage: element `(e, i, j)` at
@@ -377,6 +383,36 @@ fn summed_product(a: View3, b: View3, bf16: bool) -> FlexTensor {
         })
         .unwrap_or_else(|| vec![0f32; m * n]);
     tensor(sum, Shape::new([1, m, n]))
+}
+
+/// [`super::amx::fm_forward`] as tensors: the output `[b, n, k]` and `Z = Xᵀ Y` `[b, d, k]`.
+fn fm_forward(x: &FlexTensor, y: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let (vx, vy) = (View3::of(x), View3::of(y));
+    let (b, n, d, k) = (vx.batch, vx.rows, vx.cols, vy.cols);
+    let (out, z) = super::amx::fm_forward(vx, vy);
+    (tensor(out, Shape::new([b, n, k])), tensor(z, Shape::new([b, d, k])))
+}
+
+#[derive(Debug)]
+struct FmBackward;
+
+impl Backward<Flex, 2> for FmBackward {
+    /// X and Y (shared, not copied) and the forward's `Z = Xᵀ Y`.
+    type State = (FlexTensor, FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (x, y, z) = ops.state;
+        let g = grads.consume::<Flex>(&ops.node);
+        let (vx, vy, vg) = (View3::of(&x), View3::of(&y), View3::of(&g));
+        let (dx, dy) = super::amx::fm_backward(vx, vy, f32s(&z), vg);
+        let [px, py] = ops.parents;
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, tensor(dx, x.layout().shape().clone()));
+        }
+        if let Some(node) = py {
+            grads.register::<Flex>(node.id, tensor(dy, y.layout().shape().clone()));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -539,6 +575,15 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
+    fn fused_fm(x: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (out, z) = fm_forward(x.primitive(), y.primitive());
+        let state = (x.primitive().clone(), y.primitive().clone(), z);
+        match FmBackward.prepare::<C>([x.node(), y.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
     fn bf16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let (y, state) = bf16_forward(x.primitive(), w.primitive());
         match Bf16MatmulBackward.prepare::<C>([x.node(), w.node()]).compute_bound().stateful() {
@@ -604,15 +649,36 @@ pub fn bf16_matmul_kernel(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
 /// `vdpbf16ps` ([`super::amx::batched_dot`]), forward and backward, like autocast's bf16 `bmm`
 /// (elsewhere they stay f32). Other backends: burn's `matmul`.
 pub fn bmm(a: Tensor<3>, b: Tensor<3>, precision: Precision) -> Tensor<3> {
-    use super::bf16::Bf16Kernel;
     let [ba, bb] = [a.dims()[0], b.dims()[0]];
     if fused_enabled() && flex_f32(&a) && flex_f32(&b) && (ba == bb || ba == 1 || bb == 1) {
-        let bf16 = precision == Precision::Bf16
-            && matches!(Bf16Kernel::chosen(), Bf16Kernel::Amx | Bf16Kernel::Avx512)
-            && super::amx::batched_available();
+        let bf16 = batched_bf16(precision);
         Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_bmm(a.into_dispatch(), b.into_dispatch(), bf16))
     } else {
         a.matmul(b)
+    }
+}
+
+/// Whether the interaction products run on the batched bf16 kernel: `--precision bf16` with the
+/// `amx` or `avx512` bf16 path on a CPU with AVX512-BF16.
+fn batched_bf16(precision: Precision) -> bool {
+    use super::bf16::Bf16Kernel;
+    precision == Precision::Bf16 && matches!(Bf16Kernel::chosen(), Bf16Kernel::Amx | Bf16Kernel::Avx512) && super::amx::batched_available()
+}
+
+/// FM's optimized interaction `X (Xᵀ Y)` for `x` `[b, n, d]` and `y` `[1, n, k]` (static, shared)
+/// or `[b, n, k]` (attentive, per example). Where the interaction products run in bf16
+/// ([`bmm`]) one op does both products of an example while its X is in cache, and in the
+/// backward `Xᵀ G`, `[G | Y]·[Z | dZ]ᵀ` (dX in one product) and `X dZ` the same way
+/// ([`super::amx::fm_forward`]): the block as separate `bmm`s streamed X or a tensor of its size
+/// through memory six times. Elsewhere the two [`bmm`]s.
+pub fn fm(x: Tensor<3>, y: Tensor<3>, precision: Precision) -> Tensor<3> {
+    let [b, n, _] = x.dims();
+    let [by, ny, _] = y.dims();
+    if fused_enabled() && batched_bf16(precision) && flex_f32(&x) && flex_f32(&y) && n == ny && (by == 1 || by == b) {
+        Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_fm(x.into_dispatch(), y.into_dispatch()))
+    } else {
+        let xty = bmm(x.clone().swap_dims(1, 2), y, precision); // [b, d, k]
+        bmm(x, xty, precision)
     }
 }
 
@@ -732,6 +798,37 @@ mod tests {
         let (a, b) =
             (Tensor::<3>::random([4, 5, 6], Distribution::Default, &plain), Tensor::<3>::random([1, 6, 2], Distribution::Default, &plain));
         assert!(max_diff(bmm(a.clone(), b.clone(), Precision::F32), a.matmul(b)) < 1e-5);
+    }
+
+    /// FM's `X (Xᵀ Y)` through [`fm`] in bf16 (one fused op per example where the CPU has
+    /// AVX512-BF16, else the two products) against burn's f32 products: values and the
+    /// gradients of X and Y within bf16 rounding, for a shared (static) Y and a per-example
+    /// (attentive) one, on odd shapes and the table5 block's.
+    #[test]
+    fn fm_in_bf16_matches_f32_within_bf16_tolerance() {
+        let dev = Device::flex().autodiff();
+        dev.seed(5);
+        let random = |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        // 40 examples: several per task, so per-task sums of a shared Y's gradient are exercised
+        for (b, n, d, k) in [(3, 5, 7, 3), (4, 13, 33, 5), (2, 64, 128, 24), (1, 9, 16, 17), (40, 6, 10, 4)] {
+            for by in [1, b] {
+                let (x, y) = (random([b, n, d]).require_grad(), random([by, n, k]).require_grad());
+                let ours = fm(x.clone(), y.clone(), Precision::Bf16);
+                let theirs = x.clone().matmul(x.clone().swap_dims(1, 2).matmul(y.clone()));
+                let tol = |t: &Tensor<3>| 0.03 * (1.0 + t.clone().abs().max().into_scalar::<f32>());
+                let name = format!("b {b}, n {n}, d {d}, k {k}, Y batch {by}");
+                assert_eq!(ours.dims(), [b, n, k], "{name}");
+                assert!(max_diff(ours.clone(), theirs.clone()) < tol(&theirs), "{name}: values");
+                let weights = Tensor::<3>::random([b, n, k], Distribution::Normal(0.0, 1.0), &dev);
+                let (g_ours, g_theirs) = ((ours * weights.clone()).sum().backward(), (theirs * weights).sum().backward());
+                for (which, t) in [("x", &x), ("y", &y)] {
+                    let (p, q) = (t.grad(&g_ours).expect("ours has a gradient"), t.grad(&g_theirs).expect("burn has a gradient"));
+                    assert_eq!(p.dims(), q.dims(), "{name}: d{which} shape");
+                    let q = Tensor::<3>::from_inner(q);
+                    assert!(max_diff(Tensor::from_inner(p), q.clone()) < tol(&q), "{name}: d{which}");
+                }
+            }
+        }
     }
 
     /// The bf16 kernel this CPU chooses (AMX, the AVX512-BF16 register kernel, or gemmkit — its

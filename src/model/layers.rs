@@ -328,20 +328,18 @@ impl FmBlock {
 
     /// The FM interaction matrix before flattening: `[b, n, k]` (or `[b, n, n]` for `Full`).
     pub fn interactions(&self, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
-        let bmm = |a, b| super::fused::bmm(a, b, pass.precision);
         let [b, n, d] = x.dims();
-        let xt = x.clone().swap_dims(1, 2); // [b, d, n]
         if let Some(y) = &self.projection {
             // X (Xᵀ Y): O(n k d) instead of O(n² d).
-            let xty = bmm(xt, y.val().unsqueeze_dim::<3>(0)); // [b, d, k]
-            bmm(x, xty)
+            super::fused::fm(x, y.val().unsqueeze_dim::<3>(0), pass.precision)
         } else if let Some(att) = &self.attentive {
             let c = att.compress.forward(x.clone(), pass.precision); // [b, c, d]
             let c = c.reshape([b, att.compress.weight.dims()[1] * d]);
             let y = att.mlp.forward(c, pass).reshape([b, n, self.rank]);
-            bmm(x, bmm(xt, y))
+            super::fused::fm(x, y, pass.precision)
         } else {
-            bmm(x, xt)
+            let xt = x.clone().swap_dims(1, 2); // [b, d, n]
+            super::fused::bmm(x, xt, pass.precision)
         }
     }
 
