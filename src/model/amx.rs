@@ -111,6 +111,12 @@ pub(crate) fn fm_backward(x: View3, y: View3, z: &[f32], g: View3) -> (Vec<f32>,
     imp::fm_backward(x, y, z, g)
 }
 
+/// `v` rounded to bf16 ([`round_bits`]), as the f32 of the same value: how every product here
+/// returns its result.
+fn bf16_value(v: f32) -> f32 {
+    f32::from_bits((round_bits(v) as u32) << 16)
+}
+
 /// A's tile: 16 rows × 32 k. B's tile: 16 k-pairs × 16 columns × 2. C's tile: 16 × 16 f32.
 const TM: usize = 16;
 const TK: usize = 32;
@@ -512,10 +518,12 @@ mod imp {
         let mut dx: Vec<f32> = Vec::with_capacity(batch * nd);
         // per-example dY, or one partial sum per task
         let mut dy: Vec<f32> = Vec::with_capacity(if shared { 0 } else { batch * nk });
-        let dy_chunks: Vec<&mut [MaybeUninit<f32>]> =
-            if shared { Vec::new() } else { dy.spare_capacity_mut()[..batch * nk].chunks_mut(chunk * nk).collect() };
-        let mut dy_chunks: Vec<Option<&mut [MaybeUninit<f32>]>> = dy_chunks.into_iter().map(Some).collect();
-        dy_chunks.resize_with(batch.div_ceil(chunk), || None);
+        // each task's per-example dY outputs (none when Y is shared)
+        let dy_chunks: Vec<Option<&mut [MaybeUninit<f32>]>> = if shared {
+            (0..batch.div_ceil(chunk)).map(|_| None).collect()
+        } else {
+            dy.spare_capacity_mut()[..batch * nk].chunks_mut(chunk * nk).map(Some).collect()
+        };
         let partials: Vec<Vec<f32>> = dx.spare_capacity_mut()[..batch * nd]
             .par_chunks_mut(chunk * nd)
             .zip(dy_chunks.into_par_iter())
@@ -575,7 +583,7 @@ mod imp {
             for p in &partials {
                 total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
             }
-            dy = total.into_iter().map(|v| f32::from_bits((round_bits(v) as u32) << 16)).collect();
+            dy = total.into_iter().map(bf16_value).collect();
         }
         (dx, dy)
     }
@@ -608,7 +616,7 @@ mod imp {
                     x
                 })
                 .unwrap_or_else(|| vec![0f32; m * n]);
-            return total.into_iter().map(|v| f32::from_bits((round_bits(v) as u32) << 16)).collect();
+            return total.into_iter().map(bf16_value).collect();
         }
         let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
         // a few tasks per thread: examples cost the same, so this only absorbs noise
@@ -747,6 +755,31 @@ mod imp {
         unsafe { if n >= 16 { _mm512_loadu_ps(p) } else { _mm512_maskz_loadu_ps(lanes(n), p) } }
     }
 
+    /// k-pairs of `k` runs of `count` contiguous values, run r at `base + r·stride`: row q of `out`
+    /// (`width` ≥ count dwords, a multiple of 16 or the end of `out`) holds runs 2q and 2q + 1
+    /// element by element as k-pair dwords, zeros past `count` (and for the missing second run of
+    /// an odd k). Both packings' contiguous case: A's columns when A is a transposed view, B's
+    /// rows when B is row-major.
+    ///
+    /// # Safety
+    /// Every run's `count` values are readable; `out` holds ⌈k/2⌉ rows of `width`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_pair_runs(base: *const f32, stride: isize, k: usize, count: usize, width: usize, out: &mut [u32]) {
+        for (q, row) in out.chunks_exact_mut(width).take(k.div_ceil(2)).enumerate() {
+            // SAFETY: the caller's runs 2q and (if < k) 2q + 1; masked stores inside `row`.
+            unsafe {
+                let lo = base.offset(2 * q as isize * stride);
+                let hi = (2 * q + 1 < k).then(|| base.offset((2 * q + 1) as isize * stride));
+                for i in (0..width).step_by(16) {
+                    let valid = count.saturating_sub(i);
+                    let l = load_n(lo.add(i), valid);
+                    let h = hi.map_or(_mm512_setzero_ps(), |hi| load_n(hi.add(i), valid));
+                    _mm512_mask_storeu_epi32(row.as_mut_ptr().add(i).cast(), lanes(width - i), pairs(l, h));
+                }
+            }
+        }
+    }
+
     /// Example e of A as k-pair dwords, rows padded to `mp` with zeros; returns the dword strides
     /// (per row, per k-pair). Row-contiguous A: `[row][pair]`, 32 values a vector; column-
     /// contiguous A (a transposed view): `[pair][row]`, two runs of 16 rows a vector (masked
@@ -758,20 +791,8 @@ mod imp {
         let base = v.matrix(e);
         let (rs, cs) = (v.row_stride, v.col_stride);
         if rs == 1 && cs > 1 {
-            for q in 0..kq {
-                let row = &mut out[q * mp..][..mp];
-                // SAFETY: rows i.. < m of k columns 2q and (if < k) 2q + 1; stores inside `row`.
-                unsafe {
-                    let lo = base.offset(2 * q as isize * cs);
-                    let hi = (2 * q + 1 < k).then(|| base.offset((2 * q + 1) as isize * cs));
-                    for i in (0..mp).step_by(16) {
-                        let valid = m.saturating_sub(i);
-                        let l = load_n(lo.add(i), valid);
-                        let h = hi.map_or(_mm512_setzero_ps(), |hi| load_n(hi.add(i), valid));
-                        _mm512_mask_storeu_epi32(row.as_mut_ptr().add(i).cast(), lanes(mp - i), pairs(l, h));
-                    }
-                }
-            }
+            // SAFETY: column j of A is m values from base + j·cs.
+            unsafe { pack_pair_runs(base, cs, k, m, mp, out) };
             return (1, mp);
         }
         for (i, row) in out.chunks_exact_mut(kq).take(mp).enumerate() {
@@ -810,21 +831,8 @@ mod imp {
         let base = v.matrix(e);
         let (rs, cs) = (v.row_stride, v.col_stride);
         if cs == 1 {
-            for q in 0..kq {
-                let row = &mut out[q * np..][..np];
-                // SAFETY: columns j.. < n of k rows 2q and (if < k) 2q + 1; 16-dword stores
-                // inside `row` (np is a multiple of 16).
-                unsafe {
-                    let lo = base.offset(2 * q as isize * rs);
-                    let hi = (2 * q + 1 < k).then(|| base.offset((2 * q + 1) as isize * rs));
-                    for j in (0..np).step_by(16) {
-                        let valid = n.saturating_sub(j);
-                        let l = load_n(lo.add(j), valid);
-                        let h = hi.map_or(_mm512_setzero_ps(), |hi| load_n(hi.add(j), valid));
-                        _mm512_storeu_si512(row.as_mut_ptr().add(j).cast(), pairs(l, h));
-                    }
-                }
-            }
+            // SAFETY: row r of B is n values from base + r·rs.
+            unsafe { pack_pair_runs(base, rs, k, n, np, out) };
             return;
         }
         let mut j0 = 0;
@@ -1065,7 +1073,6 @@ mod imp {
     /// task this writes every element of its rows of C.
     #[inline(always)]
     fn write_block(scratch: &[[f32; TM * TN]; 4], c: &mut [MaybeUninit<f32>], n: usize, valid_rows: usize, i0: usize, j0: usize) {
-        let round = |v: f32| f32::from_bits((round_bits(v) as u32) << 16);
         for (t, tile) in scratch.iter().enumerate() {
             let (r0, c0) = (i0 + (t / 2) * TM, j0 + (t % 2) * TN);
             if c0 >= n {
@@ -1076,11 +1083,11 @@ mod imp {
                 let src = &tile[i * TN..][..TN];
                 if len == TN {
                     for (d, &v) in c[(r0 + i) * n + c0..][..TN].iter_mut().zip(src) {
-                        d.write(round(v));
+                        d.write(bf16_value(v));
                     }
                 } else {
                     for (d, &v) in c[(r0 + i) * n + c0..][..len].iter_mut().zip(src) {
-                        d.write(round(v));
+                        d.write(bf16_value(v));
                     }
                 }
             }
@@ -1149,7 +1156,7 @@ mod tests {
             eprintln!("AVX512-BF16 not available on this machine: the batched bf16 kernel is not tested here");
             return;
         }
-        let r = |v: f32| f32::from_bits((round_bits(v) as u32) << 16) as f64;
+        let r = |v: f32| bf16_value(v) as f64;
         for &(batch, m, k, n) in
             &[(3, 1, 1, 1), (2, 5, 7, 3), (4, 9, 17, 20), (3, 64, 128, 24), (2, 13, 64, 50), (5, 33, 33, 100), (2, 8, 31, 48)]
         {
