@@ -3,7 +3,7 @@
 //! `WUKONG_BF16` overrides): the
 //! forward `X·W`, `dX = dY·Wᵀ` and `dW = Xᵀ·dY`, from f32 operands as the training step passes
 //! them. `cargo run --release --example amx_phases [table5]` (median and minimum of 20 of each; `table5`:
-//! every product shape of a table5 step, and their sum over the step's layers).
+//! every product shape of a table5 step, and their sum over the step's layers; `M K N`: one shape).
 // the binary's allocator, so buffer reuse behaves as in training
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -23,6 +23,11 @@ fn main() {
             (512, 2048, 1024, 1),
             (512, 1024, 1, 1),
         ],
+        // `M K N`: one shape (a small M shows the packing of B, which does not shrink with M)
+        Some(m) if m.parse::<usize>().is_ok() => {
+            let dim = |i: usize| std::env::args().nth(i).and_then(|v| v.parse().ok()).expect("amx_phases M K N");
+            vec![(dim(1), dim(2), dim(3), 1)]
+        }
         _ => vec![(512, 2048, 2048, 1)],
     };
     let mut total = 0.0;

@@ -70,6 +70,127 @@ pub fn dot_product(a: Operand<f32>, b: Operand<f32>) -> Vec<f32> {
     imp::dot_product(a, b)
 }
 
+/// A weight matrix W (`k × n`, row-major f32) rounded to bf16 and packed for [`product`]'s or
+/// [`dot_product`]'s kernel in both orientations a layer's products read it: as the forward's B
+/// (`X·W`) and, transposed, as the B of `dX = dY·Wᵀ`. Packing W for every product read it
+/// twice per step from memory (the forward's and the backward's packing, ~10% of a table5 bf16
+/// step on Zen 4); a packing made once — in the forward on the first use of a W, or by the
+/// optimizer while the updated rows of W are in cache (`super::packed`) — serves both products
+/// and every forward until W changes (evaluation and serving never pack again).
+pub struct PackedWeight {
+    k: usize,
+    n: usize,
+    /// AMX tiles (column blocks of 32) or the register kernel (48).
+    amx: bool,
+    forward: Vec<Line>,
+    transposed: Vec<Line>,
+}
+
+/// Rows of W per band of [`PackedWeight`]'s packing: one column tile of Wᵀ's, half a k tile of W's.
+pub const BAND: usize = TN;
+
+impl PackedWeight {
+    /// Zeroed packings of a `k × n` W for AMX tiles (`amx`, where [`available`]) or the register
+    /// kernel (where [`dot_available`]); None where that kernel cannot run.
+    pub fn new(k: usize, n: usize, amx: bool) -> Option<Self> {
+        if !(if amx { available() } else { dot_available() }) {
+            return None;
+        }
+        let mut w = PackedWeight { k, n, amx, forward: Vec::new(), transposed: Vec::new() };
+        let [kp, np, kp_t, np_t] = w.padded();
+        // zero once: packing writes only positions inside W, so the padding stays zero
+        w.forward = vec![Line([0; 32]); (kp * np).div_ceil(32)];
+        w.transposed = vec![Line([0; 32]); (kp_t * np_t).div_ceil(32)];
+        Some(w)
+    }
+
+    /// W's shape `[k, n]`.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.k, self.n]
+    }
+
+    /// Bytes held by the two packings.
+    pub fn bytes(&self) -> usize {
+        64 * (self.forward.len() + self.transposed.len())
+    }
+
+    /// `[kp, np]` of W's packing and `[kp_t, np_t]` of Wᵀ's: k padded to whole k tiles, columns
+    /// to whole column blocks of the kernel.
+    fn padded(&self) -> [usize; 4] {
+        let block = if self.amx { BN } else { DN };
+        [self.k.div_ceil(TK) * TK, self.n.div_ceil(block) * block, self.n.div_ceil(TK) * TK, self.k.div_ceil(block) * block]
+    }
+
+    /// Packs all of W (`k · n` values, row-major), bands in parallel.
+    pub fn pack(&mut self, w: &[f32]) {
+        assert_eq!(w.len(), self.k * self.n, "packed weight: {} values for {} × {}", w.len(), self.k, self.n);
+        let n = self.n.max(1);
+        let bands = self.bands();
+        w.par_chunks(BAND * n).enumerate().for_each(|(b, rows)| bands.pack(b, rows));
+    }
+
+    /// A packer that takes W band by band ([`Bands::pack`]), for a caller that writes W in bands
+    /// (the fused optimizer packs each band of updated rows while it is in cache).
+    pub fn bands(&mut self) -> Bands<'_> {
+        let [kp, _, kp_t, _] = self.padded();
+        Bands {
+            claimed: (0..self.k.div_ceil(BAND)).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+            fwd: self.forward.as_mut_ptr().cast(),
+            tr: self.transposed.as_mut_ptr().cast(),
+            dims: [self.k, self.n, kp, kp_t],
+            _packing: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Writes bands of W into a [`PackedWeight`] from several threads, each band once (a band's
+/// positions are its own, so concurrent bands never touch the same bytes).
+pub struct Bands<'a> {
+    claimed: Vec<std::sync::atomic::AtomicBool>,
+    fwd: *mut u16,
+    tr: *mut u16,
+    /// `[k, n, kp, kp_t]`.
+    dims: [usize; 4],
+    _packing: std::marker::PhantomData<&'a mut PackedWeight>,
+}
+
+// SAFETY: the pointers are into buffers borrowed mutably for 'a; threads write disjoint bands
+// (each band claimed once, atomically).
+unsafe impl Send for Bands<'_> {}
+unsafe impl Sync for Bands<'_> {}
+
+impl Bands<'_> {
+    /// Packs band `band`: rows `BAND · band ..` of W, `rows` holding them (BAND rows of `n`
+    /// values, fewer only for the last band). Panics on a band out of range, a wrong length, or
+    /// a band packed twice.
+    pub fn pack(&self, band: usize, rows: &[f32]) {
+        let [k, n, kp, kp_t] = self.dims;
+        assert!(band < self.claimed.len(), "packed weight: band {band} of {}", self.claimed.len());
+        assert_eq!(rows.len(), BAND.min(k - band * BAND) * n, "packed weight: band {band}'s length");
+        assert!(!self.claimed[band].swap(true, std::sync::atomic::Ordering::Relaxed), "packed weight: band {band} packed twice");
+        if n == 0 {
+            return;
+        }
+        // SAFETY: PackedWeight::new checked the kernel's CPU features (AVX-512 F and BW for
+        // both); the band is in range, claimed by this call only, and the buffers are borrowed
+        // mutably by `self`.
+        unsafe { imp::pack_band(rows, n, band, [kp, kp_t], self.fwd, self.tr) }
+    }
+}
+
+/// `a · W` (`transposed`: `a · Wᵀ`) over W's packing: [`product`]'s contract (f32 `a` rounded to
+/// bf16 while it is packed, f32 accumulation, C rounded to bf16) without packing W.
+pub fn weight_product(a: Operand<f32>, w: &PackedWeight, transposed: bool) -> Vec<f32> {
+    assert_eq!(a.cols, if transposed { w.n } else { w.k }, "packed weight product: inner dimensions differ");
+    imp::weight_product(a, w, transposed)
+}
+
+/// The u16 elements of cache lines.
+fn lines_as_u16(lines: &[Line]) -> &[u16] {
+    // SAFETY: a Line is 32 plain u16s with no padding.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast::<u16>(), 32 * lines.len()) }
+}
+
 /// Whether [`batched_dot`] runs here: the interaction products' bf16 kernel needs the same
 /// instructions as [`dot_product`].
 pub fn batched_available() -> bool {
@@ -339,7 +460,7 @@ mod imp {
     /// B (`k × n`) as `[16-column tile][k tile][16 pairs][16 columns][2]` bf16, zero-padded to
     /// `kp × np`: the k tiles of one column tile are consecutive 1 KiB tiles. Every element of
     /// `out` (`kp · np` long) is written, padding included, so a reused buffer needs no clearing.
-    fn pack_b(b: &Operand<f32>, kp: usize, out: &mut [u16]) {
+    pub(super) fn pack_b(b: &Operand<f32>, kp: usize, out: &mut [u16]) {
         let panel = kp * TN;
         // SAFETY (both arms): both callers run only with AVX-512 F and BW (`request` grants AMX
         // only with them; `dot_available` checks them).
@@ -871,31 +992,116 @@ mod imp {
     type Task = unsafe fn(&Operand<f32>, usize, &mut [u16], &[u16], &mut [MaybeUninit<f32>], [usize; 4]);
 
     /// C = A · B by one kernel: B packed once (columns padded to a multiple of `col_block`), then
-    /// blocks of MC rows of C, one rayon task each (rows padded to a multiple of `row_block`).
-    /// C is written whole by the tasks (every row below m, every column below n), so it is not
-    /// zeroed first (that memset was 3% of a bf16 table5 step).
+    /// [`drive_packed`].
     ///
     /// # Safety
     /// The CPU has the features `task` was compiled for.
     unsafe fn drive(a: Operand<f32>, b: Operand<f32>, col_block: usize, row_block: usize, task: Task) -> Vec<f32> {
-        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let (k, n) = (a.cols, b.cols);
+        let (kp, np) = (k.div_ceil(TK) * TK, n.div_ceil(col_block) * col_block);
+        with_scratch(&PACKED_B, kp * np, |bp| {
+            pack_b(&b, kp, bp);
+            // SAFETY: the caller's guarantee.
+            unsafe { drive_packed(a, bp, [kp, n, np], row_block, task) }
+        })
+    }
+
+    /// C = A · B for a packed B (`kp × np`, `n` columns of it real): blocks of MC rows of C, one
+    /// rayon task each (rows padded to a multiple of `row_block`). C is written whole by the
+    /// tasks (every row below m, every column below n), so it is not zeroed first (that memset
+    /// was 3% of a bf16 table5 step).
+    ///
+    /// # Safety
+    /// The CPU has the features `task` was compiled for.
+    unsafe fn drive_packed(a: Operand<f32>, bp: &[u16], [kp, n, np]: [usize; 3], row_block: usize, task: Task) -> Vec<f32> {
+        let (m, k) = (a.rows, a.cols);
         if m == 0 || n == 0 || k == 0 {
             return vec![0f32; m * n];
         }
         let mut c: Vec<f32> = Vec::with_capacity(m * n);
-        let (kp, np) = (k.div_ceil(TK) * TK, n.div_ceil(col_block) * col_block);
-        with_scratch(&PACKED_B, kp * np, |bp| {
-            pack_b(&b, kp, bp);
-            let cs = &mut c.spare_capacity_mut()[..m * n];
-            cs.par_chunks_mut(MC * n).enumerate().for_each(|(block, cblock)| {
-                let rows = (cblock.len() / n).div_ceil(row_block) * row_block;
-                // SAFETY: the caller's guarantee.
-                with_scratch(&PACKED_A, rows * kp, |ap| unsafe { task(&a, block * MC, ap, bp, cblock, [rows, kp, n, np]) });
-            });
+        let cs = &mut c.spare_capacity_mut()[..m * n];
+        cs.par_chunks_mut(MC * n).enumerate().for_each(|(block, cblock)| {
+            let rows = (cblock.len() / n).div_ceil(row_block) * row_block;
+            // SAFETY: the caller's guarantee.
+            with_scratch(&PACKED_A, rows * kp, |ap| unsafe { task(&a, block * MC, ap, bp, cblock, [rows, kp, n, np]) });
         });
         // SAFETY: the tasks initialised all m·n elements.
         unsafe { c.set_len(m * n) };
         c
+    }
+
+    /// `a · W` (or `a · Wᵀ`) over a [`PackedWeight`]'s packing, by the kernel it was packed for.
+    pub(super) fn weight_product(a: Operand<f32>, w: &PackedWeight, transposed: bool) -> Vec<f32> {
+        let [kp, np, kp_t, np_t] = w.padded();
+        let (bp, dims) = if transposed { (&w.transposed, [kp_t, w.k, np_t]) } else { (&w.forward, [kp, w.n, np]) };
+        let bp = lines_as_u16(bp);
+        // SAFETY: PackedWeight::new grants AMX only where `available` (which checked AVX-512 F
+        // and BW), the register kernel only where `dot_available`.
+        unsafe { if w.amx { drive_packed(a, bp, dims, BM, tiles) } else { drive_packed(a, bp, dims, TM, dot_tiles) } }
+    }
+
+    /// Rows `BAND · band ..` of W (`rows`: those rows, row-major, `n` values each; fewer than
+    /// BAND only at W's end) into both packings: W's as the forward's B (the band is half a k
+    /// tile: its pair rows in every column tile) and Wᵀ's as dX's B (W's rows are Wᵀ's columns:
+    /// the band is one column tile, all its k tiles, each 16 runs of 32 values of a row rounded
+    /// and transposed as k-pair dwords). Positions past W's edges are not written (they stay
+    /// zero).
+    ///
+    /// # Safety
+    /// `fwd` and `tr` point to the packings' buffers (`[kp, np]` and `[kp_t, np_t]` of
+    /// [`PackedWeight::padded`]); no other thread writes this band's positions or reads them.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_band(rows: &[f32], n: usize, band: usize, [kp, kp_t]: [usize; 2], fwd: *mut u16, tr: *mut u16) {
+        let count = rows.len() / n;
+        let row = |i: usize| (i < count).then(|| &rows[i * n..][..n]);
+        let pair0 = band * BAND / 2;
+        for jt in 0..n.div_ceil(TN) {
+            let j0 = jt * TN;
+            for pp in 0..count.div_ceil(2) {
+                let (lo, hi) = (&rows[2 * pp * n..][..n], row(2 * pp + 1));
+                // SAFETY (all writes): pair row pair0 + pp < kp / 2 of column tile jt < np / TN.
+                let dst = unsafe { fwd.add(jt * kp * TN + (pair0 + pp) * 2 * TN) };
+                match hi {
+                    Some(hi) if j0 + TN <= n => unsafe {
+                        let v = pairs(_mm512_loadu_ps(lo.as_ptr().add(j0)), _mm512_loadu_ps(hi.as_ptr().add(j0)));
+                        _mm512_storeu_si512(dst.cast(), v);
+                    },
+                    _ => {
+                        for j in 0..TN.min(n - j0) {
+                            unsafe {
+                                *dst.add(2 * j) = round_bits(lo[j0 + j]);
+                                *dst.add(2 * j + 1) = hi.map_or(0, |h| round_bits(h[j0 + j]));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: column tile `band` < np_t / TN of Wᵀ's packing.
+        let panel = unsafe { tr.add(band * kp_t * TN) };
+        for kt in 0..n.div_ceil(TK) {
+            let c0 = kt * TK;
+            // SAFETY (all writes): k tile kt < kp_t / TK of the panel.
+            let tile = unsafe { panel.add(kt * TK * TN) };
+            if count == BAND && c0 + TK <= n {
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (c, v) in v.iter_mut().enumerate() {
+                    let src = &rows[c * n + c0..][..TK];
+                    // SAFETY: two 16-lane loads of the 32-element `src`.
+                    *v = unsafe { bf16_32(_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(src.as_ptr().add(16))) };
+                }
+                transpose16(&mut v);
+                for (q, v) in v.iter().enumerate() {
+                    unsafe { _mm512_storeu_si512(tile.add(q * 2 * TN).cast(), *v) };
+                }
+                continue;
+            }
+            for c in 0..count {
+                for r in 0..TK.min(n - c0) {
+                    unsafe { *tile.add((r / 2) * 2 * TN + 2 * c + r % 2) = round_bits(rows[c * n + c0 + r]) };
+                }
+            }
+        }
     }
 
     /// One task of the register kernel: rows `r0..` of A packed into `ap` (the AMX layout), times
@@ -1116,6 +1322,12 @@ mod imp {
     pub(super) fn dot_product(_: Operand<f32>, _: Operand<f32>) -> Vec<f32> {
         unreachable!("amx::dot_available() is false off x86-64 Linux")
     }
+    pub(super) fn weight_product(_: Operand<f32>, _: &PackedWeight, _: bool) -> Vec<f32> {
+        unreachable!("no PackedWeight is made off x86-64 Linux")
+    }
+    pub(super) unsafe fn pack_band(_: &[f32], _: usize, _: usize, _: [usize; 2], _: *mut u16, _: *mut u16) {
+        unreachable!("no PackedWeight is made off x86-64 Linux")
+    }
 }
 
 #[cfg(test)]
@@ -1150,6 +1362,61 @@ mod tests {
     /// three, rows past one register block), every pair of operand layouts (row-major,
     /// transposed — the backward's views, packed by gathers for B — and general strides), and
     /// shared operands on either side.
+    /// A [`PackedWeight`] holds exactly what packing W per product makes (the forward's B and
+    /// dX's transposed B, bit for bit, padding included), whether packed whole or band by band in
+    /// any order (the optimizer's way), so its products are the per-product kernel's bit for bit;
+    /// on edge shapes (one row or column, sizes off every tile and block, a last band of one row)
+    /// for every packed kernel the machine has. A band packed twice, or of the wrong length, panics.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn packed_weights_equal_packing_per_product() {
+        let kernels: Vec<bool> = [true, false].into_iter().filter(|&amx| if amx { available() } else { dot_available() }).collect();
+        if kernels.is_empty() {
+            eprintln!("no AMX or AVX512-BF16 here: packed weights not tested");
+            return;
+        }
+        for &amx in &kernels {
+            for &(k, n) in &[(1, 1), (1, 40), (17, 1), (16, 16), (33, 17), (32, 48), (49, 97), (64, 130), (130, 33)] {
+                let w = values(k * n, 11);
+                let mut whole = PackedWeight::new(k, n, amx).expect("kernel available");
+                whole.pack(&w);
+                let [kp, np, kp_t, np_t] = whole.padded();
+                let (mut fwd, mut tr) = (vec![0u16; kp * np], vec![0u16; kp_t * np_t]);
+                imp::pack_b(&Operand::new(&w, k, n), kp, &mut fwd);
+                imp::pack_b(&Operand::transpose_of(&w, k, n), kp_t, &mut tr);
+                assert!(lines_as_u16(&whole.forward) == &fwd[..], "amx {amx} {k}×{n}: W's packing differs");
+                assert!(lines_as_u16(&whole.transposed) == &tr[..], "amx {amx} {k}×{n}: Wᵀ's packing differs");
+                // band by band, last band first, as separate calls
+                let mut banded = PackedWeight::new(k, n, amx).unwrap();
+                {
+                    let bands = banded.bands();
+                    for b in (0..k.div_ceil(BAND)).rev() {
+                        bands.pack(b, &w[b * BAND * n..((b + 1) * BAND).min(k) * n]);
+                    }
+                    let twice = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bands.pack(0, &w[..BAND.min(k) * n])));
+                    assert!(twice.is_err(), "a band packed twice must panic");
+                }
+                let same = |a: &[Line], b: &[Line]| lines_as_u16(a) == lines_as_u16(b);
+                assert!(
+                    same(&banded.forward, &whole.forward) && same(&banded.transposed, &whole.transposed),
+                    "amx {amx} {k}×{n}: bands differ"
+                );
+                let short = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    PackedWeight::new(k, n, amx).unwrap().bands().pack(0, &w[..n - 1])
+                }));
+                assert!(short.is_err(), "a band of the wrong length must panic");
+                let per_product: fn(Operand<f32>, Operand<f32>) -> Vec<f32> = if amx { product } else { dot_product };
+                for m in [1, 5, 33] {
+                    let (x, g) = (values(m * k, 12), values(m * n, 13));
+                    let got = weight_product(Operand::new(&x, m, k), &whole, false);
+                    assert!(got == per_product(Operand::new(&x, m, k), Operand::new(&w, k, n)), "amx {amx} {m}×{k}×{n}: X·W");
+                    let got = weight_product(Operand::new(&g, m, n), &whole, true);
+                    assert!(got == per_product(Operand::new(&g, m, n), Operand::transpose_of(&w, k, n)), "amx {amx} {m}×{k}×{n}: dY·Wᵀ");
+                }
+            }
+        }
+    }
+
     #[test]
     fn batched_products_match_f64_within_bf16_rounding() {
         if !batched_available() {

@@ -462,10 +462,22 @@ impl Backward<Flex, 2> for BmmBackward {
 /// copies (a separate rounding pass over every operand was 5% of a bf16 table5 step there). On
 /// gemmkit's path the operands rounded once in the forward pass (half the bytes of f32), as
 /// gemmkit multiplies bf16 storage.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Bf16Operands {
     F32(FlexTensor, FlexTensor),
+    /// X, and W's packing in both orientations (`super::packed`): dX reads `Wᵀ`'s packing.
+    Packed(FlexTensor, std::sync::Arc<super::amx::PackedWeight>),
     Rounded(Vec<gemmkit::bf16>, Vec<gemmkit::bf16>),
+}
+
+impl std::fmt::Debug for Bf16Operands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Bf16Operands::F32(..) => "F32",
+            Bf16Operands::Packed(..) => "Packed",
+            Bf16Operands::Rounded(..) => "Rounded",
+        })
+    }
 }
 
 type Bf16State = (Bf16Operands, [usize; 3]);
@@ -476,8 +488,13 @@ fn bf16_forward(x: &FlexTensor, w: &FlexTensor) -> (FlexTensor, Bf16State) {
     let ([m, k], [k2, n]) = ([xs[0], xs[1]], [ws[0], ws[1]]);
     assert_eq!(k, k2, "bf16_matmul: [{m}, {k}] · [{k2}, {n}]");
     let (y, operands) = if matches!(Bf16Kernel::chosen(), Bf16Kernel::Amx | Bf16Kernel::Avx512) {
-        let (x, w) = (contiguous(x), contiguous(w));
-        (product(Operand::new(f32s(&x), m, k), Operand::new(f32s(&w), k, n)), Bf16Operands::F32(x, w))
+        let x = contiguous(x);
+        if let Some(packed) = super::packed::lookup_or_pack(w, [k, n]) {
+            (super::amx::weight_product(Operand::new(f32s(&x), m, k), &packed, false), Bf16Operands::Packed(x, packed))
+        } else {
+            let w = contiguous(w);
+            (product(Operand::new(f32s(&x), m, k), Operand::new(f32s(&w), k, n)), Bf16Operands::F32(x, w))
+        }
     } else {
         let (xb, wb) = (to_bf16(f32s(&contiguous(x))), to_bf16(f32s(&contiguous(w))));
         (gemmkit_product(Operand::new(&xb, m, k), Operand::new(&wb, k, n)), Bf16Operands::Rounded(xb, wb))
@@ -501,6 +518,12 @@ impl Backward<Flex, 2> for Bf16MatmulBackward {
             Bf16Operands::F32(x, w) => {
                 let g = contiguous(&g);
                 let dx = px.as_ref().map(|_| product(Operand::new(f32s(&g), m, n), Operand::transpose_of(f32s(&w), k, n)));
+                let dw = pw.as_ref().map(|_| product(Operand::transpose_of(f32s(&x), m, k), Operand::new(f32s(&g), m, n)));
+                (dx, dw)
+            }
+            Bf16Operands::Packed(x, w) => {
+                let g = contiguous(&g);
+                let dx = px.as_ref().map(|_| super::amx::weight_product(Operand::new(f32s(&g), m, n), &w, true));
                 let dw = pw.as_ref().map(|_| product(Operand::transpose_of(f32s(&x), m, k), Operand::new(f32s(&g), m, n)));
                 (dx, dw)
             }

@@ -18,6 +18,7 @@ pub mod finalmlp;
 pub mod fused;
 pub mod layers;
 pub mod masknet;
+pub mod packed;
 pub mod simple;
 pub mod wukong;
 pub mod xdeepfm;

@@ -86,6 +86,9 @@ impl FusedAdamOps for Flex {
         let (c1, eps_hat) = corrections(b1, b2, eps as f32, time as i32);
         let (f1, f2) = (1.0 - b1, 1.0 - b2);
         let shape = param.layout().shape().clone();
+        // a bf16 packing of θ (a weight of the bf16 products) is taken out before θ is written
+        // in place, and re-made from the updated rows while they are in cache
+        let mut packed = crate::model::packed::take(&param).filter(|w| w.shape().iter().product::<usize>() == shape.num_elements());
         let grad = owned_contiguous(grad, false);
         let (mut p, mut m, mut v) = (owned_contiguous(param, true), owned_contiguous(moment_1, true), owned_contiguous(moment_2, true));
         {
@@ -93,13 +96,32 @@ impl FusedAdamOps for Flex {
             let (ps, ms, vs) = (p.storage_mut::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>());
             assert!(g.len() == ps.len() && ms.len() == ps.len() && vs.len() == ps.len(), "fused Adam: buffers of unequal size");
             let k = Consts { lr, b1, b2, f1, f2, c1, eps_hat, wd, scale };
-            ps.par_chunks_mut(CHUNK)
-                .zip(ms.par_chunks_mut(CHUNK))
-                .zip(vs.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(((p, m), v), g)| adam_chunk(p, m, v, g, k));
+            if let Some(w) = packed.as_mut() {
+                // bands of whole rows of θ ([k, n]), each packed right after its update
+                let rows = crate::model::amx::BAND * w.shape()[1].max(1);
+                let bands = w.bands();
+                ps.par_chunks_mut(rows)
+                    .zip(ms.par_chunks_mut(rows))
+                    .zip(vs.par_chunks_mut(rows))
+                    .zip(g.par_chunks(rows))
+                    .enumerate()
+                    .for_each(|(b, (((p, m), v), g))| {
+                        adam_chunk(p, m, v, g, k);
+                        bands.pack(b, p);
+                    });
+            } else {
+                ps.par_chunks_mut(CHUNK)
+                    .zip(ms.par_chunks_mut(CHUNK))
+                    .zip(vs.par_chunks_mut(CHUNK))
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|(((p, m), v), g)| adam_chunk(p, m, v, g, k));
+            }
         }
-        (p.reshape(shape.clone()), m.reshape(shape.clone()), v.reshape(shape))
+        let p = p.reshape(shape.clone());
+        if let Some(w) = packed {
+            crate::model::packed::insert(&p, w);
+        }
+        (p, m.reshape(shape.clone()), v.reshape(shape))
     }
 
     fn fused_sum_squares(x: FlexTensor) -> FlexTensor {
@@ -569,6 +591,58 @@ mod tests {
             let copies = COPIES.with(|c| c.get()) - before;
             assert_eq!(copies, 0, "step {step}: {copies} buffers copied");
         }
+    }
+
+    /// A weight with a bf16 packing (`--precision bf16` on a packed kernel) is still updated in
+    /// place, to exactly the values of a step without one, and its packing is re-made from the
+    /// updated rows: the packing found afterwards is that of the new values, bit for bit (shapes
+    /// off the band and tile sizes; the last band partial).
+    #[test]
+    fn a_packed_weight_is_repacked_with_its_update_in_place() {
+        use crate::model::{amx, bf16::Operand, packed};
+        let (k, n) = (70, 45);
+        let values = |seed: u64, len: usize| -> Vec<f32> {
+            (0..len).map(|i| ((crate::rng::splitmix64(seed ^ i as u64) % 2001) as f32 - 1000.0) / 500.0).collect()
+        };
+        let flat = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [k * n]));
+        let w = FlexTensor::from_data(TensorData::new(values(1, k * n), [k, n]));
+        if packed::lookup_or_pack(&w, [k, n]).is_none() {
+            eprintln!("no packed bf16 kernel here (AMX or AVX512-BF16): nothing to re-pack");
+            return;
+        }
+        let param = w.reshape(Shape::new([k * n]));
+        drop(w);
+        let h = [0.01, 0.9, 0.999, 1e-8, 0.0, 3.0, 0.5];
+        let before = COPIES.with(|c| c.get());
+        let (p, _, _) = Flex::fused_adam_step(
+            param,
+            flat(values(2, k * n)),
+            flat(values(3, k * n)),
+            flat(values(4, k * n).iter().map(|v| v.abs()).collect()),
+            h,
+        );
+        assert_eq!(COPIES.with(|c| c.get()) - before, 0, "a buffer was copied");
+        let (want, _, _) = Flex::fused_adam_step(
+            flat(values(1, k * n)),
+            flat(values(2, k * n)),
+            flat(values(3, k * n)),
+            flat(values(4, k * n).iter().map(|v| v.abs()).collect()),
+            h,
+        );
+        assert!(p.storage::<f32>() == want.storage::<f32>(), "the update differs from the step without a packing");
+        assert!(p.storage::<f32>() != &values(1, k * n)[..], "the step did not move θ");
+        let w = p.reshape(Shape::new([k, n]));
+        let repacked = packed::find(&w, [k, n]).expect("the step re-made the packing");
+        let amx_tiles = crate::model::bf16::Bf16Kernel::chosen() == crate::model::bf16::Bf16Kernel::Amx;
+        let per_product = if amx_tiles { amx::product } else { amx::dot_product };
+        let (x, g, wv) = (values(5, 9 * k), values(6, 9 * n), w.storage::<f32>());
+        assert!(
+            amx::weight_product(Operand::new(&x, 9, k), &repacked, false) == per_product(Operand::new(&x, 9, k), Operand::new(wv, k, n))
+        );
+        assert!(
+            amx::weight_product(Operand::new(&g, 9, n), &repacked, true)
+                == per_product(Operand::new(&g, 9, n), Operand::transpose_of(wv, k, n))
+        );
     }
 
     /// Memory throughput of the fused step on a large buffer (`cargo test --release -- --ignored
