@@ -20,5 +20,6 @@ pub mod rng;
 pub mod runtime;
 pub mod scale;
 pub mod serve;
+pub mod simd;
 pub mod train;
 pub mod tune;

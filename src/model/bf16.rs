@@ -98,34 +98,20 @@ fn convert_plain(out: &mut [bf16], x: &[f32]) {
     }
 }
 
-/// The same loops compiled for AVX-512 and AVX2, chosen at run time (the default target is
-/// SSE2), as the fused Adam does.
-#[cfg(target_arch = "x86_64")]
-mod wide {
-    use super::*;
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn convert_avx512(out: &mut [bf16], x: &[f32]) {
-        convert_plain(out, x)
-    }
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn convert_avx2(out: &mut [bf16], x: &[f32]) {
-        convert_plain(out, x)
+/// One chunk's rounding, run on the widest vector instructions the CPU has (`crate::simd`).
+struct Convert<'a>(&'a mut [bf16], &'a [f32]);
+
+impl crate::simd::Wide for Convert<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        convert_plain(self.0, self.1)
     }
 }
 
 /// `out[i] = x[i]` rounded to bf16 (nearest even).
 pub fn convert(out: &mut [bf16], x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: each is called only where the CPU has the features it was compiled for.
-        if std::arch::is_x86_feature_detected!("avx512bw") {
-            return unsafe { wide::convert_avx512(out, x) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return unsafe { wide::convert_avx2(out, x) };
-        }
-    }
-    convert_plain(out, x)
+    crate::simd::run(Convert(out, x))
 }
 
 /// A `rows × cols` operand over row-major data, or (`transposed`) over the row-major data of its
@@ -340,6 +326,14 @@ mod tests {
             let want = bf16::from_f32(x);
             assert_eq!(converted[i].to_bits(), want.to_bits(), "{x:e} ({:#010x})", x.to_bits());
             assert_eq!(round_bits(x), want.to_bits(), "{x:e} ({:#010x})", x.to_bits());
+        }
+        // and on every instruction set the CPU offers, not only the widest
+        use crate::simd::{Isa, run_on};
+        for isa in [Isa::Baseline, Isa::Avx2, Isa::Avx512] {
+            let mut on = vec![bf16::ZERO; xs.len()];
+            if run_on(isa, Convert(&mut on, &xs)).is_some() {
+                assert!(on.iter().zip(&converted).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} rounds differently");
+            }
         }
     }
 
