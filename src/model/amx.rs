@@ -481,16 +481,25 @@ mod imp {
     /// Column tile `jt` (all its k tiles) of a transposed B.
     #[target_feature(enable = "avx512f,avx512bw")]
     fn pack_b_panel_transposed(b: &Operand<f32>, jt: usize, panel: &mut [u16]) {
-        let (k, n, data) = (b.rows, b.cols, b.data);
-        let j0 = jt * TN;
+        // B(r, c) = data[c·k + r]: column c is one run of k values
+        let (k, n) = (b.rows, b.cols);
+        let columns = (jt * TN).min(n)..((jt + 1) * TN).min(n);
+        pack_runs_transposed(&b.data[columns.start * k..columns.end * k], k, panel);
+    }
+
+    /// One column tile of a packed B (`panel`: all its k tiles, every element written) from up to
+    /// 16 runs of `len` values (`runs`), run c holding column c's k values: whole tiles are 16 runs
+    /// of 32 rounded as k-pair dwords and transposed ([`transpose16`]); edges one value at a time,
+    /// zero past the runs. A transposed B's column tile, and Wᵀ's from a band of W's rows.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pack_runs_transposed(runs: &[f32], len: usize, panel: &mut [u16]) {
+        let count = runs.len().checked_div(len).unwrap_or(0);
         for (kt, tile) in panel.chunks_exact_mut(TK * TN).enumerate() {
             let kb = kt * TK;
-            if j0 + TN <= n && kb + TK <= k {
-                // B(r, c) = data[c·k + r]: column c's 32 k are one run of `data`, 16 k-pair
-                // dwords; the 16 columns' runs, transposed, are the tile's 16 pair rows.
+            if count == TN && kb + TK <= len {
                 let mut v = [_mm512_setzero_si512(); 16];
                 for (c, v) in v.iter_mut().enumerate() {
-                    let src = &data[(j0 + c) * k + kb..][..TK];
+                    let src = &runs[c * len + kb..][..TK];
                     // SAFETY: two 16-lane loads of the 32-element `src`.
                     *v = unsafe { bf16_32(_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(src.as_ptr().add(16))) };
                 }
@@ -502,16 +511,40 @@ mod imp {
                 continue;
             }
             tile.fill(0);
-            for j in 0..TN.min(n.saturating_sub(j0)) {
-                for r in 0..TK.min(k.saturating_sub(kb)) {
-                    tile[(r / 2) * 2 * TN + 2 * j + r % 2] = round_bits(data[(j0 + j) * k + kb + r]);
+            for c in 0..count {
+                for r in 0..TK.min(len.saturating_sub(kb)) {
+                    tile[(r / 2) * 2 * TN + 2 * c + r % 2] = round_bits(runs[c * len + kb + r]);
+                }
+            }
+        }
+    }
+
+    /// One pair row of a row-major B's column tile at columns `j0..` (`dst`: its 32 elements, all
+    /// written): rows `lo` and `hi` (None past B's last row: zeros) paired lane by lane, a whole
+    /// row as two 16-lane roundings and one blend.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pack_pair_row(lo: Option<&[f32]>, hi: Option<&[f32]>, j0: usize, dst: &mut [u16]) {
+        match (lo, hi) {
+            (Some(lo), Some(hi)) if j0 + TN <= lo.len() => {
+                let (lo, hi) = (&lo[j0..][..TN], &hi[j0..][..TN]);
+                // SAFETY: 16-lane loads of 16-element slices, a 64-byte store into 32.
+                unsafe {
+                    let v = pairs(_mm512_loadu_ps(lo.as_ptr()), _mm512_loadu_ps(hi.as_ptr()));
+                    _mm512_storeu_si512(dst[..2 * TN].as_mut_ptr().cast(), v);
+                }
+            }
+            _ => {
+                for (j, d) in dst[..2 * TN].chunks_exact_mut(2).enumerate() {
+                    let at = |r: Option<&[f32]>| r.and_then(|r| r.get(j0 + j)).map_or(0, |&v| round_bits(v));
+                    d[0] = at(lo);
+                    d[1] = at(hi);
                 }
             }
         }
     }
 
     /// Column tiles `jt0..` (`panels`: up to PANELS consecutive panels of `panel` elements) of a
-    /// row-major B: whole 16-column rows are two 16-lane roundings and one blend.
+    /// row-major B, pair row by pair row ([`pack_pair_row`]).
     #[target_feature(enable = "avx512f,avx512bw")]
     fn pack_b_panels(b: &Operand<f32>, jt0: usize, panel: usize, panels: &mut [u16]) {
         let (k, n, data) = (b.rows, b.cols, b.data);
@@ -520,25 +553,7 @@ mod imp {
         for p in 0..panel / (2 * TN) {
             let (lo, hi) = (row(2 * p), row(2 * p + 1));
             for (t, out) in panels.iter_mut().enumerate() {
-                let j0 = (jt0 + t) * TN;
-                let dst = &mut out[p * 2 * TN..][..2 * TN];
-                match (lo, hi) {
-                    (Some(lo), Some(hi)) if j0 + TN <= n => {
-                        let (lo, hi) = (&lo[j0..][..TN], &hi[j0..][..TN]);
-                        // SAFETY: 16-lane loads of 16-element slices, a 64-byte store into 32.
-                        unsafe {
-                            let v = pairs(_mm512_loadu_ps(lo.as_ptr()), _mm512_loadu_ps(hi.as_ptr()));
-                            _mm512_storeu_si512(dst.as_mut_ptr().cast(), v);
-                        }
-                    }
-                    _ => {
-                        for (j, d) in dst.chunks_exact_mut(2).enumerate() {
-                            let at = |r: Option<&[f32]>| r.and_then(|r| r.get(j0 + j)).map_or(0, |&v| round_bits(v));
-                            d[0] = at(lo);
-                            d[1] = at(hi);
-                        }
-                    }
-                }
+                pack_pair_row(lo, hi, (jt0 + t) * TN, &mut out[p * 2 * TN..][..2 * TN]);
             }
         }
     }
@@ -1041,11 +1056,11 @@ mod imp {
     }
 
     /// Rows `BAND · band ..` of W (`rows`: those rows, row-major, `n` values each; fewer than
-    /// BAND only at W's end) into both packings: W's as the forward's B (the band is half a k
-    /// tile: its pair rows in every column tile) and Wᵀ's as dX's B (W's rows are Wᵀ's columns:
-    /// the band is one column tile, all its k tiles, each 16 runs of 32 values of a row rounded
-    /// and transposed as k-pair dwords). Positions past W's edges are not written (they stay
-    /// zero).
+    /// BAND only at W's end) into both packings, with the per-product packing's own pieces: W's
+    /// as the forward's B (the band is half a k tile: its pair rows in every column tile,
+    /// [`pack_pair_row`]) and Wᵀ's as dX's B (W's rows are Wᵀ's columns: the band is one column
+    /// tile, [`pack_runs_transposed`]). Column tiles past W's columns and pair rows past its last
+    /// row belong to no band and stay as allocated (zero).
     ///
     /// # Safety
     /// `fwd` and `tr` point to the packings' buffers (`[kp, np]` and `[kp_t, np_t]` of
@@ -1056,52 +1071,16 @@ mod imp {
         let row = |i: usize| (i < count).then(|| &rows[i * n..][..n]);
         let pair0 = band * BAND / 2;
         for jt in 0..n.div_ceil(TN) {
-            let j0 = jt * TN;
             for pp in 0..count.div_ceil(2) {
-                let (lo, hi) = (&rows[2 * pp * n..][..n], row(2 * pp + 1));
-                // SAFETY (all writes): pair row pair0 + pp < kp / 2 of column tile jt < np / TN.
-                let dst = unsafe { fwd.add(jt * kp * TN + (pair0 + pp) * 2 * TN) };
-                match hi {
-                    Some(hi) if j0 + TN <= n => unsafe {
-                        let v = pairs(_mm512_loadu_ps(lo.as_ptr().add(j0)), _mm512_loadu_ps(hi.as_ptr().add(j0)));
-                        _mm512_storeu_si512(dst.cast(), v);
-                    },
-                    _ => {
-                        for j in 0..TN.min(n - j0) {
-                            unsafe {
-                                *dst.add(2 * j) = round_bits(lo[j0 + j]);
-                                *dst.add(2 * j + 1) = hi.map_or(0, |h| round_bits(h[j0 + j]));
-                            }
-                        }
-                    }
-                }
+                // SAFETY: pair row pair0 + pp < kp / 2 of column tile jt < np / TN, this band's
+                // alone (the caller's guarantee).
+                let dst = unsafe { std::slice::from_raw_parts_mut(fwd.add(jt * kp * TN + (pair0 + pp) * 2 * TN), 2 * TN) };
+                pack_pair_row(row(2 * pp), row(2 * pp + 1), jt * TN, dst);
             }
         }
-        // SAFETY: column tile `band` < np_t / TN of Wᵀ's packing.
-        let panel = unsafe { tr.add(band * kp_t * TN) };
-        for kt in 0..n.div_ceil(TK) {
-            let c0 = kt * TK;
-            // SAFETY (all writes): k tile kt < kp_t / TK of the panel.
-            let tile = unsafe { panel.add(kt * TK * TN) };
-            if count == BAND && c0 + TK <= n {
-                let mut v = [_mm512_setzero_si512(); 16];
-                for (c, v) in v.iter_mut().enumerate() {
-                    let src = &rows[c * n + c0..][..TK];
-                    // SAFETY: two 16-lane loads of the 32-element `src`.
-                    *v = unsafe { bf16_32(_mm512_loadu_ps(src.as_ptr()), _mm512_loadu_ps(src.as_ptr().add(16))) };
-                }
-                transpose16(&mut v);
-                for (q, v) in v.iter().enumerate() {
-                    unsafe { _mm512_storeu_si512(tile.add(q * 2 * TN).cast(), *v) };
-                }
-                continue;
-            }
-            for c in 0..count {
-                for r in 0..TK.min(n - c0) {
-                    unsafe { *tile.add((r / 2) * 2 * TN + 2 * c + r % 2) = round_bits(rows[c * n + c0 + r]) };
-                }
-            }
-        }
+        // SAFETY: column tile `band` < np_t / TN of Wᵀ's packing, this band's alone.
+        let panel = unsafe { std::slice::from_raw_parts_mut(tr.add(band * kp_t * TN), kp_t * TN) };
+        pack_runs_transposed(rows, n, panel);
     }
 
     /// One task of the register kernel: rows `r0..` of A packed into `ap` (the AMX layout), times
