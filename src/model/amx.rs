@@ -109,11 +109,6 @@ impl PackedWeight {
         [self.k, self.n]
     }
 
-    /// Bytes held by the two packings.
-    pub fn bytes(&self) -> usize {
-        64 * (self.forward.len() + self.transposed.len())
-    }
-
     /// `[kp, np]` of W's packing and `[kp_t, np_t]` of Wᵀ's: k padded to whole k tiles, columns
     /// to whole column blocks of the kernel.
     fn padded(&self) -> [usize; 4] {

@@ -39,6 +39,13 @@ fn same_storage(a: &FlexTensor, b: &FlexTensor) -> bool {
     a.as_ptr() == b.as_ptr() && a.len() == b.len()
 }
 
+impl Entry {
+    /// Whether this is the packing of `w`'s storage as a `shape` matrix.
+    fn packs(&self, w: &FlexTensor, shape: [usize; 2]) -> bool {
+        same_storage(&self.storage, w) && self.packed.shape() == shape
+    }
+}
+
 /// Whether `w` is exactly one whole row-major `k × n` f32 buffer (the only tensors cached).
 fn whole(w: &FlexTensor, [k, n]: [usize; 2]) -> bool {
     w.dtype() == DType::F32 && w.is_contiguous() && w.bytes().len() == k * n * 4 && w.as_slice::<f32>().is_some_and(|s| s.len() == k * n)
@@ -57,7 +64,7 @@ fn kernel() -> Option<bool> {
 pub(crate) fn find(w: &FlexTensor, shape: [usize; 2]) -> Option<Arc<PackedWeight>> {
     let mut entries = cache();
     entries.retain(|e| !e.storage.is_unique());
-    entries.iter().find(|e| same_storage(&e.storage, w) && e.packed.shape() == shape).map(|e| e.packed.clone())
+    entries.iter().find(|e| e.packs(w, shape)).map(|e| e.packed.clone())
 }
 
 /// W's packing (`w` a `[k, n]` weight): the cached one when W's storage was packed before as that
@@ -76,7 +83,7 @@ pub(crate) fn lookup_or_pack(w: &FlexTensor, shape: [usize; 2]) -> Option<Arc<Pa
     let packed = Arc::new(packed);
     let mut entries = cache();
     // another thread may have packed the same W meanwhile: keep one entry
-    if let Some(e) = entries.iter().find(|e| same_storage(&e.storage, w) && e.packed.shape() == shape) {
+    if let Some(e) = entries.iter().find(|e| e.packs(w, shape)) {
         return Some(e.packed.clone());
     }
     entries.push(Entry { storage: w.clone(), packed: packed.clone() });
@@ -103,19 +110,8 @@ pub(crate) fn insert(w: &FlexTensor, packed: PackedWeight) {
         return;
     }
     let mut entries = cache();
-    entries.retain(|e| !(same_storage(&e.storage, w) && e.packed.shape() == packed.shape()));
+    entries.retain(|e| !e.packs(w, packed.shape()));
     entries.push(Entry { storage: w.clone(), packed: Arc::new(packed) });
-}
-
-/// Entries held now and the bytes of their packings (tests, memory reports).
-pub fn held() -> (usize, usize) {
-    let entries = cache();
-    (entries.len(), entries.iter().map(|e| e.packed.bytes()).sum())
-}
-
-/// Drops every entry (tests; a process that is done with its models).
-pub fn clear() {
-    cache().clear();
 }
 
 #[cfg(test)]

@@ -96,26 +96,20 @@ impl FusedAdamOps for Flex {
             let (ps, ms, vs) = (p.storage_mut::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>());
             assert!(g.len() == ps.len() && ms.len() == ps.len() && vs.len() == ps.len(), "fused Adam: buffers of unequal size");
             let k = Consts { lr, b1, b2, f1, f2, c1, eps_hat, wd, scale };
-            if let Some(w) = packed.as_mut() {
-                // bands of whole rows of θ ([k, n]), each packed right after its update
-                let rows = crate::model::amx::BAND * w.shape()[1].max(1);
-                let bands = w.bands();
-                ps.par_chunks_mut(rows)
-                    .zip(ms.par_chunks_mut(rows))
-                    .zip(vs.par_chunks_mut(rows))
-                    .zip(g.par_chunks(rows))
-                    .enumerate()
-                    .for_each(|(b, (((p, m), v), g))| {
-                        adam_chunk(p, m, v, g, k);
+            // with a packing: bands of whole rows of θ ([k, n]), each packed right after its update
+            let chunk = packed.as_ref().map_or(CHUNK, |w| crate::model::amx::BAND * w.shape()[1].max(1));
+            let bands = packed.as_mut().map(|w| w.bands());
+            ps.par_chunks_mut(chunk)
+                .zip(ms.par_chunks_mut(chunk))
+                .zip(vs.par_chunks_mut(chunk))
+                .zip(g.par_chunks(chunk))
+                .enumerate()
+                .for_each(|(b, (((p, m), v), g))| {
+                    adam_chunk(p, m, v, g, k);
+                    if let Some(bands) = &bands {
                         bands.pack(b, p);
-                    });
-            } else {
-                ps.par_chunks_mut(CHUNK)
-                    .zip(ms.par_chunks_mut(CHUNK))
-                    .zip(vs.par_chunks_mut(CHUNK))
-                    .zip(g.par_chunks(CHUNK))
-                    .for_each(|(((p, m), v), g)| adam_chunk(p, m, v, g, k));
-            }
+                    }
+                });
         }
         let p = p.reshape(shape.clone());
         if let Some(w) = packed {
