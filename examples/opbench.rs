@@ -149,6 +149,26 @@ fn main() {
     time("top MLP 2048-256-128-1 fwd+bwd", 5, || {
         let _ = top.forward(t2.clone(), &Pass::f32()).sum().backward();
     });
+    // BatchNorm in training mode: burn's (transposing copies) against the fused kernel, on a
+    // batch-normed MLP layer's activations (FinalMLP, DCNv2, DLRM … on Frappe) and AFN's 3-D input
+    for shape in [[b, 1024], [b, 256]] {
+        let bn = burn::nn::BatchNormConfig::new(shape[1]).init(&dev);
+        let a = Tensor::<2>::random(shape, Distribution::Default, &dev).require_grad();
+        time(&format!("batch norm (burn) fwd+bwd {shape:?}"), 5, || {
+            let _ = bn.forward(a.clone()).sum().backward();
+        });
+        time(&format!("batch norm (fused) fwd+bwd {shape:?}"), 5, || {
+            let _ = wukong::model::batch_norm::batch_norm(&bn, a.clone()).sum().backward();
+        });
+    }
+    let bn3 = burn::nn::BatchNormConfig::new(10).init(&dev);
+    let a3 = Tensor::<3>::random([b, 10, 64], Distribution::Default, &dev).require_grad();
+    time("batch norm (burn) fwd+bwd [4096,10,64]", 5, || {
+        let _ = bn3.forward(a3.clone()).sum().backward();
+    });
+    time("batch norm (fused) fwd+bwd [4096,10,64]", 5, || {
+        let _ = wukong::model::batch_norm::batch_norm(&bn3, a3.clone()).sum().backward();
+    });
     time("sum().backward() harness alone [4096,32,64]", 5, || {
         let _ = x.clone().sum().backward();
     });

@@ -70,6 +70,12 @@ fn cases() -> Vec<(&'static str, &'static str, &'static str)> {
             "finalmlp",
             "embedding_dim = 3\nmlp1_hidden_units = [8, 4]\nmlp2_hidden_units = [6, 4]\nfs_hidden_units = [5]\nfs1_context = [0, 2]\nnum_heads = 2\ndense_mlp = [4]",
         ),
+        // batch-normed MLPs (the fused BatchNorm's 2-D path; AFN+ above has the 3-D one)
+        (
+            "finalmlp-bn",
+            "finalmlp",
+            "embedding_dim = 3\nmlp1_hidden_units = [8, 4]\nmlp2_hidden_units = [6]\nmlp1_batch_norm = true\nmlp2_batch_norm = true\nfs_hidden_units = [5]\nnum_heads = 2\ndense_mlp = [4]",
+        ),
         (
             "masknet-serial",
             "masknet",

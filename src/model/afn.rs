@@ -121,10 +121,10 @@ impl Afn {
         let [b, _, _] = x.dims();
         let d = self.embedding_dim;
         let e = x.clone().narrow(2, 0, d);
-        let log = self.log_norm.forward(e.abs().clamp_min(1e-7).log()); // [b, n, d]
+        let log = super::batch_norm::batch_norm(&self.log_norm, e.abs().clamp_min(1e-7).log()); // [b, n, d]
         // f32 even under bf16: exp() turns the product's bf16 rounding (relative 2⁻⁹ of a sum of
         // logarithms) into that much relative error of every logarithmic neuron
-        let y = self.exp_norm.forward(self.log_neurons.forward(log, Precision::F32).exp()); // [b, L, d]
+        let y = super::batch_norm::batch_norm(&self.exp_norm, self.log_neurons.forward(log, Precision::F32).exp()); // [b, L, d]
         let afn = self.afn_mlp.forward(flatten(y), pass);
         let logit = match (&self.dnn, &self.combine) {
             (Some(dnn), Some(combine)) => {

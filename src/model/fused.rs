@@ -43,6 +43,14 @@ pub trait FusedOps: Backend {
     /// FM's `X (Xᵀ Y)` for `x` `[b, n, d]` and `y` `[1 or b, n, k]` in bf16, both products of an
     /// example at once: [`fm`].
     fn fused_fm(x: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// BatchNorm of `x` `[batch, channels, …]` with the batch's statistics: `(y, mean, biased
+    /// variance)`, the statistics per channel and untracked ([`super::batch_norm`]).
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
@@ -312,6 +320,48 @@ impl FusedOps for Flex {
     }
     fn fused_fm(x: FlexTensor, y: FlexTensor) -> FlexTensor {
         fm_forward(&x, &y).0
+    }
+    fn fused_batch_norm_train(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, epsilon: f64) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let out = bn_forward(&x, &gamma, &beta, epsilon);
+        (out.0, out.1, out.2)
+    }
+}
+
+/// [`super::batch_norm::forward`] on tensors: `(y, mean, var)`.
+fn bn_forward(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> (FlexTensor, FlexTensor, FlexTensor) {
+    assert_eq!(x.dtype(), DType::F32, "fused BatchNorm is f32-only");
+    let shape = x.layout().shape().clone();
+    let dims = super::batch_norm::dims(shape.as_slice());
+    let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+    let (y, mean, var) = super::batch_norm::forward(f32s(&x), dims, f32s(&gamma), f32s(&beta), eps);
+    let c = Shape::new([dims[1]]);
+    (tensor(y, shape), tensor(mean, c.clone()), tensor(var, c))
+}
+
+/// The input, γ, the batch's mean and variance, ε.
+type BnState = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, f64);
+
+#[derive(Debug)]
+struct BatchNormBackward;
+
+impl Backward<Flex, 3> for BatchNormBackward {
+    type State = BnState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (x, gamma, mean, var, eps) = ops.state;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let shape = x.layout().shape().clone();
+        let dims = super::batch_norm::dims(shape.as_slice());
+        let x = contiguous(&x);
+        let (dx, dgamma, dbeta) =
+            super::batch_norm::backward(f32s(&g), f32s(&x), dims, f32s(&mean), f32s(&var), f32s(&contiguous(&gamma)), eps);
+        let c = Shape::new([dims[1]]);
+        let [px, pg, pb] = ops.parents;
+        for (parent, grad) in [(px, tensor(dx, shape)), (pg, tensor(dgamma, c.clone())), (pb, tensor(dbeta, c))] {
+            if let Some(n) = parent {
+                grads.register::<Flex>(n.id, grad);
+            }
+        }
     }
 }
 
@@ -675,6 +725,21 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
+    fn fused_batch_norm_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, mean, var) = bn_forward(x.primitive(), gamma.primitive(), beta.primitive(), epsilon);
+        let state = (x.primitive().clone(), gamma.primitive().clone(), mean.clone(), var.clone(), epsilon);
+        let y = match BatchNormBackward.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(state, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        (y, <Self as burn::backend::AutodiffBackend>::from_inner(mean), <Self as burn::backend::AutodiffBackend>::from_inner(var))
+    }
+
     fn bf16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let (y, state) = bf16_forward(x.primitive(), w.primitive());
         match Bf16MatmulBackward.prepare::<C>([x.node(), w.node()]).compute_bound().stateful() {
@@ -771,6 +836,23 @@ pub fn fm(x: Tensor<3>, y: Tensor<3>, precision: Precision) -> Tensor<3> {
         let xty = bmm(x.clone().swap_dims(1, 2), y, precision); // [b, d, k]
         bmm(x, xty, precision)
     }
+}
+
+/// Training-mode BatchNorm through the fused op: `(y, mean, biased variance)`, the statistics
+/// detached. The caller checked that `x` is f32 on the CPU backend ([`super::batch_norm::batch_norm`]).
+pub(crate) fn batch_norm_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+) -> (Tensor<D>, Tensor<1>, Tensor<1>) {
+    let (y, mean, var) = <burn::backend::Dispatch as FusedOps>::fused_batch_norm_train(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        epsilon,
+    );
+    (Tensor::from_dispatch(y), Tensor::from_dispatch(mean), Tensor::from_dispatch(var))
 }
 
 /// Whether [`layer_norm`] takes the fused kernel for this input.

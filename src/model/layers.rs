@@ -163,7 +163,7 @@ impl Mlp {
         for (i, layer) in self.hidden.iter().enumerate() {
             x = linear(layer, x, pass);
             if let Some(bn) = self.norms.get(i) {
-                x = bn.forward(x);
+                x = super::batch_norm::batch_norm(bn, x);
             }
             x = self.dropout.forward(relu(x), pass);
         }
@@ -199,7 +199,7 @@ impl HiddenLayers {
         for (i, layer) in self.layers.iter().enumerate() {
             x = linear(layer, x, pass);
             if let Some(bn) = self.norms.get(i) {
-                x = bn.forward(x);
+                x = super::batch_norm::batch_norm(bn, x);
             }
             x = self.dropout.forward(relu(x), pass);
         }

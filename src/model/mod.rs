@@ -9,6 +9,7 @@
 pub mod afn;
 pub mod amx;
 pub mod autoint;
+pub mod batch_norm;
 pub mod bf16;
 pub mod dcnv2;
 pub mod dlrm;
