@@ -129,7 +129,7 @@ impl Afn {
         let logit = match (&self.dnn, &self.combine) {
             (Some(dnn), Some(combine)) => {
                 let second = dnn.forward(flatten(x.narrow(2, d, d)), pass);
-                combine.forward(Tensor::cat(vec![afn, second], 1))
+                super::layers::linear_f32(combine, Tensor::cat(vec![afn, second], 1))
             }
             _ => afn,
         };

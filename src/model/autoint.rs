@@ -102,7 +102,11 @@ impl SelfAttention {
             let a = t.dims()[2];
             t.reshape([b, n, self.heads, a / self.heads]).swap_dims(1, 2) // [b, h, n, a/h]
         };
-        let (q, k, v) = (split(self.query.forward(x.clone())), split(self.key.forward(x.clone())), split(self.value.forward(x.clone())));
+        let (q, k, v) = (
+            split(super::layers::linear_f32(&self.query, x.clone())),
+            split(super::layers::linear_f32(&self.key, x.clone())),
+            split(super::layers::linear_f32(&self.value, x.clone())),
+        );
         let dk = q.dims()[3];
         let mut scores = q.matmul(k.swap_dims(2, 3));
         if self.scale {
@@ -111,7 +115,7 @@ impl SelfAttention {
         let weights = self.dropout.forward(softmax(scores, 3), pass);
         let out = weights.matmul(v).swap_dims(1, 2).reshape([b, n, self.heads * dk]);
         let out = match &self.residual {
-            Some(r) => out + r.forward(x),
+            Some(r) => out + super::layers::linear_f32(r, x),
             None if self.identity => out + x,
             None => out,
         };
@@ -190,7 +194,7 @@ impl AutoInt {
         for layer in &self.attention {
             x = layer.forward(x, pass);
         }
-        let mut logit = self.attention_out.forward(flatten(x));
+        let mut logit = super::layers::linear_f32(&self.attention_out, flatten(x));
         if let Some(dnn) = &self.dnn {
             logit = logit + dnn.forward(flatten(x0), pass);
         }

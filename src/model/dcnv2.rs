@@ -77,7 +77,7 @@ pub struct CrossLayer {
 
 impl CrossLayer {
     pub fn forward(&self, x0: Tensor<2>, x: Tensor<2>) -> Tensor<2> {
-        x0 * self.u.forward(x.clone()) + x
+        x0 * super::layers::linear_f32(&self.u, x.clone()) + x
     }
 }
 
@@ -113,8 +113,8 @@ impl CrossMixLayer {
     pub fn forward(&self, x0: Tensor<2>, x: Tensor<2>) -> Tensor<2> {
         let [b, dim] = x.dims();
         let [e, r, _] = self.c.dims();
-        let gates = softmax(self.gate.forward(x.clone()), 1); // [b, E]
-        let h = tanh(x.clone().matmul(self.v.val())).reshape([b, e, r]).swap_dims(0, 1); // [E, b, r]
+        let gates = softmax(super::layers::linear_f32(&self.gate, x.clone()), 1); // [b, E]
+        let h = tanh(super::fused::matmul(x.clone(), self.v.val())).reshape([b, e, r]).swap_dims(0, 1); // [E, b, r]
         let h = tanh(h.matmul(self.c.val())); // [E, b, r]
         let experts = (h.matmul(self.u.val()) + self.bias.val().reshape([1, 1, dim])) * x0.unsqueeze_dim::<3>(0); // [E, b, D]
         let mixed = (experts * gates.swap_dims(0, 1).reshape([e, b, 1])).sum_dim(0).reshape([b, dim]);
@@ -189,9 +189,9 @@ impl Dcnv2 {
             x = layer.forward(x0.clone(), x);
         }
         let logit = match (&self.cross_out, &self.dnn) {
-            (Some(out), Some(dnn)) => out.forward(x) + dnn.forward(x0, pass), // parallel
-            (None, Some(dnn)) => dnn.forward(x, pass),                        // stacked
-            (Some(out), None) => out.forward(x),                              // cross network only
+            (Some(out), Some(dnn)) => super::layers::linear_f32(out, x) + dnn.forward(x0, pass), // parallel
+            (None, Some(dnn)) => dnn.forward(x, pass),                                           // stacked
+            (Some(out), None) => super::layers::linear_f32(out, x),                              // cross network only
             (None, None) => unreachable!("built with a cross output or a DNN"),
         };
         logit.reshape([b])

@@ -219,6 +219,6 @@ impl FinalMlp {
         let w = self.bilinear.val().unsqueeze_dim::<4>(1); // [h, 1, a, c]
         let x1w = x1.matmul(w).reshape([h, b, c]).swap_dims(0, 1); // [b, h, c]
         let pair = (x1w * h2.clone().reshape([b, h, c])).sum_dim(2).sum_dim(1).reshape([b]);
-        (self.w1.forward(h1) + self.w2.forward(h2)).reshape([b]) + pair
+        (super::layers::linear_f32(&self.w1, h1) + super::layers::linear_f32(&self.w2, h2)).reshape([b]) + pair
     }
 }

@@ -814,6 +814,19 @@ pub fn bmm(a: Tensor<3>, b: Tensor<3>, precision: Precision) -> Tensor<3> {
     }
 }
 
+/// `x · w` (`[m, k] · [k, n]`) in f32: on the CPU backend through [`bmm`]'s op as one product
+/// (gemm, like burn's `matmul`, but its output and both gradients written straight into fresh
+/// buffers: burn-flex allocates every product's output by zero-filling a byte vector and copying
+/// it into an aligned one, which made a Linear layer's forward + backward 3–34% slower across the
+/// MLP shapes of `examples/opbench.rs`); burn's `matmul` elsewhere.
+pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    if fused_enabled() && flex_f32(&x) && flex_f32(&w) {
+        bmm(x.unsqueeze_dim::<3>(0), w.unsqueeze_dim::<3>(0), Precision::F32).squeeze_dim::<2>(0)
+    } else {
+        x.matmul(w)
+    }
+}
+
 /// Whether the interaction products run on the batched bf16 kernel: `--precision bf16` with the
 /// `amx` or `avx512` bf16 path on a CPU with AVX512-BF16.
 fn batched_bf16(precision: Precision) -> bool {

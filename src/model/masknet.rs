@@ -108,8 +108,8 @@ impl MaskBlock {
 
     /// `emb` guides the mask; `h` is what gets masked.
     fn forward(&self, emb: Tensor<2>, h: Tensor<2>, pass: &Pass) -> Tensor<2> {
-        let mask = self.mask_out.forward(relu(self.mask_hidden.forward(emb)));
-        let out = self.hidden.forward(mask * h);
+        let mask = super::layers::linear_f32(&self.mask_out, relu(super::layers::linear_f32(&self.mask_hidden, emb)));
+        let out = super::layers::linear_f32(&self.hidden, mask * h);
         let out = relu(match &self.norm {
             Some(ln) => super::fused::layer_norm(ln, out),
             None => out,

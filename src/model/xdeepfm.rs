@@ -130,7 +130,7 @@ impl XDeepFm {
             h = layer.forward(z.reshape([b, hm * m, d]), pass.precision); // [b, H', d]
             pooled.push(h.clone().sum_dim(2).reshape([b, h.dims()[1]]));
         }
-        let mut logit = self.cin_out.forward(Tensor::cat(pooled, 1)).reshape([b]) + linear + self.bias.val();
+        let mut logit = super::layers::linear_f32(&self.cin_out, Tensor::cat(pooled, 1)).reshape([b]) + linear + self.bias.val();
         if let Some(dnn) = &self.dnn {
             logit = logit + dnn.forward(flatten(x0), pass).reshape([b]);
         }
