@@ -30,11 +30,8 @@ fn main() {
             let y = lin.forward(x.clone()).sum();
             let _ = y.backward();
         });
-        time(&format!("x·W through fused bmm fwd+bwd {b}x{i} -> {o}"), 5, || {
-            let w = lin.weight.val();
-            let y = wukong::model::fused::bmm(x.clone().unsqueeze_dim::<3>(0), w.unsqueeze_dim::<3>(0), wukong::model::Precision::F32);
-            let y = y.squeeze_dim::<2>(0) + lin.bias.as_ref().unwrap().val().unsqueeze::<2>();
-            let _ = y.sum().backward();
+        time(&format!("linear (ours) fwd+bwd {b}x{i} -> {o}"), 5, || {
+            let _ = wukong::model::layers::linear_f32(&lin, x.clone()).sum().backward();
         });
     }
     let ln = LayerNormConfig::new(64).init(&dev);

@@ -20,7 +20,7 @@
 //! the running statistics (which [`batch_norm`] updates as `BatchNorm::forward` does).
 
 use burn::nn::BatchNorm;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 /// Rows per parallel task (a Frappe MLP row is 256–1024 values).
@@ -199,8 +199,7 @@ pub(crate) fn backward(
 /// burn's own `forward`.
 pub fn batch_norm<const D: usize>(norm: &BatchNorm, x: Tensor<D>) -> Tensor<D> {
     let device = x.device();
-    let flex = device.clone().inner() == burn::tensor::Device::flex() && x.dtype() == DType::F32;
-    if !(super::fused::fused_enabled() && flex && device.is_autodiff() && norm.training.is_enabled()) {
+    if !(super::fused::fused_enabled() && super::fused::flex_f32(&x) && device.is_autodiff() && norm.training.is_enabled()) {
         return norm.forward(x);
     }
     let [channels] = norm.gamma.shape().dims();

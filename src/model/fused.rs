@@ -322,8 +322,7 @@ impl FusedOps for Flex {
         fm_forward(&x, &y).0
     }
     fn fused_batch_norm_train(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, epsilon: f64) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let out = bn_forward(&x, &gamma, &beta, epsilon);
-        (out.0, out.1, out.2)
+        bn_forward(&x, &gamma, &beta, epsilon)
     }
 }
 
@@ -874,7 +873,7 @@ pub fn fusable<const D: usize>(norm: &burn::nn::LayerNorm, x: &Tensor<D>) -> boo
 }
 
 /// Whether `t` is an f32 tensor on the CPU backend (Flex), the only kind our kernels take.
-fn flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
+pub(crate) fn flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
     t.device().inner() == burn::tensor::Device::flex() && t.dtype() == DType::F32
 }
 

@@ -147,25 +147,27 @@ pub enum Precision {
 }
 
 /// `x W + b` in the pass's matmul precision (burn's `Linear::forward` computes the same,
-/// `x.matmul(W) + b`; the product here is our op's, [`super::fused::matmul`]).
+/// `x.matmul(W) + b`; the product here is our op's).
 pub fn linear(layer: &Linear, x: Tensor<2>, pass: &Pass) -> Tensor<2> {
-    let y = match pass.precision {
-        Precision::F32 => return linear_f32(layer, x),
-        Precision::Bf16 => super::fused::bf16_matmul(x, layer.weight.val()),
-    };
-    match &layer.bias {
-        Some(b) => y + b.val().unsqueeze::<2>(),
-        None => y,
-    }
+    project(layer, x, pass.precision)
 }
 
-/// `layer.forward(x)` in f32 for `x` `[…, d_in]` (the leading axes flattened into rows of one
-/// product, [`super::fused::matmul`]): the same values as burn's `Linear::forward`, whose product
-/// copies its output once more.
+/// `layer.forward(x)` in f32 for `x` `[…, d_in]`: the same values as burn's `Linear::forward`,
+/// whose product copies its output once more.
 pub fn linear_f32<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    project(layer, x, Precision::F32)
+}
+
+/// `x W + b` for `x` `[…, d_in]`, the leading axes flattened into the rows of one product
+/// ([`super::fused::matmul`] in f32, [`super::fused::bf16_matmul`] in bf16).
+fn project<const D: usize>(layer: &Linear, x: Tensor<D>, precision: Precision) -> Tensor<D> {
     let mut dims = x.dims();
     let k = dims[D - 1];
-    let y = super::fused::matmul(x.reshape([dims.iter().product::<usize>() / k.max(1), k]), layer.weight.val());
+    let rows = x.reshape([dims.iter().product::<usize>() / k.max(1), k]);
+    let y = match precision {
+        Precision::F32 => super::fused::matmul(rows, layer.weight.val()),
+        Precision::Bf16 => super::fused::bf16_matmul(rows, layer.weight.val()),
+    };
     let y = match &layer.bias {
         Some(b) => y + b.val().unsqueeze::<2>(),
         None => y,
