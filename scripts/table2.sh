@@ -27,7 +27,8 @@ fi
 THREADS=${THREADS:-2}
 BIN=${WUKONG_BIN:-target/release/wukong}
 [ -x "$BIN" ] || cargo build --release
-MODELS="wukong finalmlp dcnv2 dlrm masknet xdeepfm autoint afn"
+# MODELS= picks and orders the models (all eight by default)
+MODELS=${MODELS:-"wukong finalmlp dcnv2 dlrm masknet xdeepfm autoint afn"}
 for ds in "$@"; do
   dirs=()
   for m in $MODELS; do
