@@ -51,6 +51,9 @@ pub trait FusedOps: Backend {
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// One xDeepFM CIN layer: `h` `[b, H, d]`, `x0` `[b, m, d]`, `w` `[H·m, H']` → `[b, H', d]`
+    /// without the outer-product tensor ([`super::cin`]).
+    fn fused_cin(h: FloatTensor<Self>, x0: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// Rows per parallel task: large enough to amortize scheduling, small enough to balance.
@@ -323,6 +326,42 @@ impl FusedOps for Flex {
     }
     fn fused_batch_norm_train(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, epsilon: f64) -> (FlexTensor, FlexTensor, FlexTensor) {
         bn_forward(&x, &gamma, &beta, epsilon)
+    }
+    fn fused_cin(h: FlexTensor, x0: FlexTensor, w: FlexTensor) -> FlexTensor {
+        cin_forward(&h, &x0, &w).0
+    }
+}
+
+/// [`super::cin::forward`] on tensors: the output and the layer's sizes.
+fn cin_forward(h: &FlexTensor, x0: &FlexTensor, w: &FlexTensor) -> (FlexTensor, super::cin::CinDims) {
+    let (hs, xs, ws) = (h.layout().shape(), x0.layout().shape(), w.layout().shape());
+    assert!(hs.num_dims() == 3 && xs.num_dims() == 3 && ws.num_dims() == 2, "fused CIN: [b, H, d], [b, m, d] and [H·m, H']");
+    let n = super::cin::CinDims { b: hs[0], h: hs[1], m: xs[1], d: hs[2], o: ws[1] };
+    assert!(xs[0] == n.b && xs[2] == n.d && ws[0] == n.h * n.m, "fused CIN: shapes {hs:?}, {xs:?}, {ws:?}");
+    let (h, x0, w) = (contiguous(h), contiguous(x0), contiguous(w));
+    let out = super::cin::forward(f32s(&h), f32s(&x0), f32s(&w), n);
+    (tensor(out, Shape::new([n.b, n.o, n.d])), n)
+}
+
+#[derive(Debug)]
+struct CinBackward;
+
+impl Backward<Flex, 3> for CinBackward {
+    /// h, x0, W (shared, not copied) and the sizes.
+    type State = (FlexTensor, FlexTensor, FlexTensor, super::cin::CinDims);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (h, x0, w, n) = ops.state;
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (h, x0, w) = (contiguous(&h), contiguous(&x0), contiguous(&w));
+        let (dh, dx0, dw) = super::cin::backward(f32s(&g), f32s(&h), f32s(&x0), f32s(&w), n);
+        let [ph, px, pw] = ops.parents;
+        let grads_of = [(ph, dh, vec![n.b, n.h, n.d]), (px, dx0, vec![n.b, n.m, n.d]), (pw, dw, vec![n.h * n.m, n.o])];
+        for (parent, grad, shape) in grads_of {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, tensor(grad, Shape::from(shape)));
+            }
+        }
     }
 }
 
@@ -739,6 +778,15 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         (y, <Self as burn::backend::AutodiffBackend>::from_inner(mean), <Self as burn::backend::AutodiffBackend>::from_inner(var))
     }
 
+    fn fused_cin(h: FloatTensor<Self>, x0: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (out, n) = cin_forward(h.primitive(), x0.primitive(), w.primitive());
+        let state = (h.primitive().clone(), x0.primitive().clone(), w.primitive().clone(), n);
+        match CinBackward.prepare::<C>([h.node(), x0.node(), w.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
     fn bf16_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         let (y, state) = bf16_forward(x.primitive(), w.primitive());
         match Bf16MatmulBackward.prepare::<C>([x.node(), w.node()]).compute_bound().stateful() {
@@ -824,6 +872,23 @@ pub fn matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     } else {
         x.matmul(w)
     }
+}
+
+/// One xDeepFM CIN layer, `out[e, o, t] = Σ_{i,j} w[i·m + j, o]·h[e, i, t]·x0[e, j, t]` for `h`
+/// `[b, H, d]`, `x0` `[b, m, d]`, `w` `[H·m, H']`: in f32 on the CPU backend one op that never
+/// builds the `[b, H·m, d]` outer products ([`super::cin`]); elsewhere (and in bf16, whose
+/// products run on [`bmm`]'s kernel) the outer products and a `Wᵀ z` product.
+pub fn cin(h: Tensor<3>, x0: Tensor<3>, w: Tensor<2>, precision: Precision) -> Tensor<3> {
+    if fused_enabled() && precision == Precision::F32 && flex_f32(&h) && flex_f32(&x0) && flex_f32(&w) {
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FusedOps>::fused_cin(
+            h.into_dispatch(),
+            x0.into_dispatch(),
+            w.into_dispatch(),
+        ));
+    }
+    let ([b, hm, d], m) = (h.dims(), x0.dims()[1]);
+    let z = h.unsqueeze_dim::<4>(2) * x0.unsqueeze_dim::<4>(1); // [b, H, m, d]
+    bmm(w.transpose().unsqueeze_dim::<3>(0), z.reshape([b, hm * m, d]), precision)
 }
 
 /// Whether the interaction products run on the batched bf16 kernel: `--precision bf16` with the
@@ -983,6 +1048,52 @@ mod tests {
         let (a, b) =
             (Tensor::<3>::random([4, 5, 6], Distribution::Default, &plain), Tensor::<3>::random([1, 6, 2], Distribution::Default, &plain));
         assert!(max_diff(bmm(a.clone(), b.clone(), Precision::F32), a.matmul(b)) < 1e-5);
+    }
+
+    /// The fused CIN layer against burn's own ops (outer products, reshape, `Wᵀ z`): values and
+    /// the gradients of h, x0 and W, on odd shapes, across the chunk and group sizes, and for a
+    /// first layer (h is x0 itself: both gradients reach one tensor).
+    #[test]
+    fn cin_matches_burn_ops_with_gradients() {
+        let dev = Device::flex().autodiff();
+        dev.seed(11);
+        let random = |shape: Vec<usize>| Tensor::<3>::random(shape.clone(), Distribution::Normal(0.0, 1.0), &dev);
+        for (b, hh, m, d, o, first) in
+            [(1, 1, 1, 1, 1, false), (5, 3, 4, 7, 2, false), (40, 6, 6, 10, 8, true), (300, 4, 5, 3, 3, false), (3, 12, 12, 16, 64, true)]
+        {
+            let x0 = random(vec![b, m, d]).require_grad();
+            let h = if first { x0.clone() } else { random(vec![b, hh, d]).require_grad() };
+            let hh = h.dims()[1];
+            let w = Tensor::<2>::random([hh * m, o], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+            let ours = cin(h.clone(), x0.clone(), w.clone(), Precision::F32);
+            let z = h.clone().unsqueeze_dim::<4>(2) * x0.clone().unsqueeze_dim::<4>(1);
+            let theirs = w.clone().transpose().unsqueeze_dim::<3>(0).matmul(z.reshape([b, hh * m, d]));
+            assert_eq!(ours.dims(), theirs.dims());
+            let scale = 1.0 + theirs.clone().abs().max().into_scalar::<f32>();
+            assert!(max_diff(ours.clone(), theirs.clone()) < 1e-5 * scale, "values b={b} H={hh} m={m} d={d} H'={o}");
+            let weights = Tensor::<3>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &dev);
+            let (g_ours, g_theirs) = ((ours * weights.clone()).sum().backward(), (theirs * weights).sum().backward());
+            let grad3 = |t: &Tensor<3>, g| Tensor::<3>::from_inner(t.grad(g).expect("a gradient"));
+            let mut pairs = vec![("x0", grad3(&x0, &g_ours), grad3(&x0, &g_theirs))];
+            if !first {
+                pairs.push(("h", grad3(&h, &g_ours), grad3(&h, &g_theirs)));
+            }
+            for (which, x, y) in pairs {
+                let tol = 1e-5 * (1.0 + y.clone().abs().max().into_scalar::<f32>()) * (hh * m) as f32;
+                assert!(max_diff(x, y) < tol, "d{which} b={b} H={hh} m={m} d={d} H'={o}");
+            }
+            let (x, y) = (Tensor::<2>::from_inner(w.grad(&g_ours).unwrap()), Tensor::<2>::from_inner(w.grad(&g_theirs).unwrap()));
+            let tol = 1e-5 * (1.0 + y.clone().abs().max().into_scalar::<f32>()) * (b * d) as f32;
+            assert!(max_diff(x, y) < tol, "dW b={b} H={hh} m={m} d={d} H'={o}");
+        }
+        // inference (no autodiff): the same values as the ops
+        let plain = Device::flex();
+        let (h, x0) =
+            (Tensor::<3>::random([4, 3, 5], Distribution::Default, &plain), Tensor::<3>::random([4, 2, 5], Distribution::Default, &plain));
+        let w = Tensor::<2>::random([6, 7], Distribution::Default, &plain);
+        let z = h.clone().unsqueeze_dim::<4>(2) * x0.clone().unsqueeze_dim::<4>(1);
+        let theirs = w.clone().transpose().unsqueeze_dim::<3>(0).matmul(z.reshape([4, 6, 5]));
+        assert!(max_diff(cin(h, x0, w, Precision::F32), theirs) < 1e-5);
     }
 
     /// FM's `X (Xᵀ Y)` through [`fm`] in bf16 (one fused op per example where the CPU has

@@ -11,6 +11,7 @@ pub mod amx;
 pub mod autoint;
 pub mod batch_norm;
 pub mod bf16;
+pub(crate) mod cin;
 pub mod dcnv2;
 pub mod dlrm;
 pub mod embedding;

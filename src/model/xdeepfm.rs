@@ -125,9 +125,7 @@ impl XDeepFm {
         let mut h = x0.clone();
         let mut pooled = Vec::with_capacity(self.cin.len());
         for layer in &self.cin {
-            let hm = h.dims()[1];
-            let z = h.unsqueeze_dim::<4>(2) * x0.clone().unsqueeze_dim::<4>(1); // [b, H, m, d]
-            h = layer.forward(z.reshape([b, hm * m, d]), pass.precision); // [b, H', d]
+            h = super::fused::cin(h, x0.clone(), layer.weight.val(), pass.precision); // [b, H', d]
             pooled.push(h.clone().sum_dim(2).reshape([b, h.dims()[1]]));
         }
         let mut logit = super::layers::linear_f32(&self.cin_out, Tensor::cat(pooled, 1)).reshape([b]) + linear + self.bias.val();
