@@ -38,6 +38,54 @@ pub fn point_dir(out: &Path, id: &str) -> PathBuf {
     out.join("points").join(id)
 }
 
+/// The name of the lock files [`hold`] takes (ignored by git).
+pub const LOCK_FILE: &str = ".wukong-lock";
+
+/// An exclusive hold on an experiment directory (or one point of it) for as long as it lives.
+/// Two processes training into one directory would interleave each other's checkpoints and
+/// results (a second `wukong tune` started on a running search, a trial started by hand while
+/// the search's child trains it). The operating system drops the lock when the process ends,
+/// however it ends, so a killed run leaves nothing stale behind to clear.
+#[derive(Debug)]
+pub struct Hold {
+    _file: std::fs::File,
+}
+
+/// Takes the lock file `path` (created if missing) for this process, or an error naming `what`,
+/// the file and the process that holds it.
+pub fn hold(path: &Path, what: &str) -> Result<Hold> {
+    use std::io::{Read, Seek, Write};
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // the holder's pid, for the message a second process prints
+            file.set_len(0)?;
+            file.rewind()?;
+            write!(file, "{}", std::process::id())?;
+            Ok(Hold { _file: file })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = if pid.trim().is_empty() { "unknown".to_string() } else { pid.trim().to_string() };
+            bail!(
+                "{what} is in use by another process (pid {pid}; lock {}): wait for it to finish or stop it — two runs writing one directory would corrupt each other's checkpoints",
+                path.display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+}
+
 /// What to do with a point, from its directory.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PointState {
@@ -131,4 +179,25 @@ pub fn run_all(points: &[Point], out: &Path, opts: &RunOptions, mut after: impl 
         after(&done)?;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_directory_is_refused_to_a_second_holder_until_released() {
+        let dir = std::env::temp_dir().join(format!("wukong-hold-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lock = dir.join("search").join(LOCK_FILE);
+        let first = hold(&lock, "search dir").expect("the first hold");
+        // a second open file description conflicts like another process would
+        let err = hold(&lock, "search dir").expect_err("held already").to_string();
+        assert!(err.contains("search dir is in use by another process"), "{err}");
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        drop(first);
+        let again = hold(&lock, "search dir").expect("released when dropped");
+        drop(again);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

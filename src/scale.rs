@@ -703,6 +703,7 @@ pub fn plan(path: &Path) -> Result<String> {
 pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions) -> Result<Vec<PathBuf>> {
     let (sweep, points) = points(path)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let _hold = experiment::hold(&out.join(experiment::LOCK_FILE), &format!("sweep directory {}", out.display()))?;
     if out.join("sweep.toml").exists() {
         let before = std::fs::read_to_string(out.join("sweep.toml"))?;
         if before != std::fs::read_to_string(path)? {

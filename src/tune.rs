@@ -373,6 +373,9 @@ fn seed_points(space: &SpaceFile, best: &Point) -> Vec<Point> {
 pub fn run_only(path: &Path, out: &Path, opts: &crate::train::RunOptions, id: &str) -> Result<()> {
     let (space, trials) = trials(path)?;
     let points: Vec<Point> = trials.iter().map(|(_, p)| p.clone()).collect();
+    // the parent search holds the directory; a child holds its one point
+    let _hold =
+        experiment::hold(&out.join("points").join(format!("{id}{}", experiment::LOCK_FILE)), &format!("point {id} of {}", out.display()))?;
     if let Some(p) = points.iter().find(|p| p.id == id) {
         experiment::run_point(p, out, &trial_options(&space, out, &points, opts))?;
         return Ok(());
@@ -392,6 +395,7 @@ pub fn run_only(path: &Path, out: &Path, opts: &crate::train::RunOptions, id: &s
 pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions, launch: Option<Launch>) -> Result<Summary> {
     let (space, trials) = trials(path)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let _hold = experiment::hold(&out.join(experiment::LOCK_FILE), &format!("search directory {}", out.display()))?;
     let points: Vec<Point> = trials.iter().map(|(_, p)| p.clone()).collect();
     let children = launch.filter(|_| space.parallel > 1);
     if let Some(launch) = children {

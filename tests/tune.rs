@@ -79,6 +79,25 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     assert_eq!(std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap(), before);
 }
 
+/// A search directory another process holds is refused with a message naming it and that
+/// process, before anything is trained; so is a trial a running search's child holds.
+#[test]
+fn a_search_directory_in_use_is_refused() {
+    let dir = common::workdir("tune-held");
+    write(&dir, SPACE);
+    let out = dir.join("out");
+    let opts = RunOptions { out_dir: out.clone(), ..Default::default() };
+    let held = wukong::experiment::hold(&out.join(wukong::experiment::LOCK_FILE), "test").unwrap();
+    let err = format!("{:#}", tune::run(&dir.join("space.toml"), &out, &opts, None).unwrap_err());
+    assert!(err.contains("is in use by another process") && err.contains(&out.display().to_string()), "{err}");
+    assert!(!out.join("points").exists(), "nothing trained");
+    drop(held);
+    let point = wukong::experiment::hold(&out.join("points").join(format!("trial-002{}", wukong::experiment::LOCK_FILE)), "test").unwrap();
+    let err = format!("{:#}", tune::run_only(&dir.join("space.toml"), &out, &opts, "trial-002").unwrap_err());
+    assert!(err.contains("point trial-002") && err.contains("is in use"), "{err}");
+    drop(point);
+}
+
 #[test]
 fn grids_and_bad_spaces() {
     let dir = common::workdir("tune-grid");
