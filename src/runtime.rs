@@ -135,9 +135,29 @@ pub fn env_info(device: &str) -> serde_json::Value {
     })
 }
 
+/// This process's own executable, for re-launching itself as a child (`wukong tune`'s parallel
+/// trials). On Linux `/proc/self/exe`: a fork executes it as the image this process runs, even
+/// after the file was rebuilt or replaced — a search lasting days outlives rebuilds, and
+/// `current_exe()` then names "… (deleted)", which cannot be started. Only for a direct spawn: a
+/// launcher (`mpirun`) would resolve the path as its own binary.
+pub fn own_executable() -> std::io::Result<std::path::PathBuf> {
+    let proc_self = std::path::Path::new("/proc/self/exe");
+    if cfg!(target_os = "linux") && proc_self.exists() { Ok(proc_self.to_path_buf()) } else { std::env::current_exe() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn our_own_executable_can_be_started_again() {
+        // the unit-test binary here; `--list` makes it print its tests and exit 0
+        let exe = own_executable().unwrap();
+        #[cfg(target_os = "linux")]
+        assert_eq!(exe, std::path::Path::new("/proc/self/exe"));
+        let out = std::process::Command::new(&exe).arg("--list").output().unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("our_own_executable_can_be_started_again"));
+    }
 
     #[test]
     fn device_specs() {

@@ -30,7 +30,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(id) = &a.only {
         return wukong::tune::run_only(&a.space, &a.out, &RunOptions { verbose: false, ..opts }, id);
     }
-    let exe = std::env::current_exe()?;
+    let exe = wukong::runtime::own_executable()?;
     let launch = |id: &str, threads: usize| {
         let mut c = std::process::Command::new(&exe);
         c.arg("--threads").arg(threads.to_string()).arg("tune").arg(&a.space).arg("--out").arg(&a.out);
