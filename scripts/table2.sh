@@ -29,15 +29,30 @@ BIN=${WUKONG_BIN:-target/release/wukong}
 [ -x "$BIN" ] || cargo build --release
 # MODELS= picks and orders the models (all eight by default)
 MODELS=${MODELS:-"wukong finalmlp dcnv2 dlrm masknet xdeepfm autoint afn"}
+# A search that fails (a bad space, a directory another process holds) is reported and the
+# queue goes on with the next one: the queue runs for days, and one failure should not idle it.
+failed=()
 for ds in "$@"; do
   dirs=()
+  ok=1
   for m in $MODELS; do
     space="configs/tune/${ds}_${m}.toml"
     out="experiments/table2/${ds}_${m}"
     [ -f "$space" ] || { echo "no search space $space" >&2; exit 1; }
     echo "== $(date -u +%FT%TZ) $space → $out"
-    "$BIN" --threads "$THREADS" tune "$space" --out "$out"
-    dirs+=(--tuned "$out")
+    if "$BIN" --threads "$THREADS" tune "$space" --out "$out"; then
+      dirs+=(--tuned "$out")
+    else
+      echo "== FAILED: $space (exit $?); going on with the next search" >&2
+      failed+=("$space")
+      ok=0
+    fi
   done
-  "$BIN" compare "${dirs[@]}" --out "experiments/table2/${ds}.md"
+  if [ "$ok" = 1 ]; then
+    "$BIN" compare "${dirs[@]}" --out "experiments/table2/${ds}.md"
+  fi
 done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "failed searches: ${failed[*]}" >&2
+  exit 1
+fi
