@@ -124,7 +124,7 @@ impl Afn {
         let log = super::batch_norm::batch_norm(&self.log_norm, e.abs().clamp_min(1e-7).log()); // [b, n, d]
         // f32 even under bf16: exp() turns the product's bf16 rounding (relative 2⁻⁹ of a sum of
         // logarithms) into that much relative error of every logarithmic neuron
-        let y = super::batch_norm::batch_norm(&self.exp_norm, self.log_neurons.forward(log, Precision::F32).exp()); // [b, L, d]
+        let y = super::batch_norm::batch_norm(&self.exp_norm, super::fused::exp(self.log_neurons.forward(log, Precision::F32))); // [b, L, d]
         let afn = self.afn_mlp.forward(flatten(y), pass);
         let logit = match (&self.dnn, &self.combine) {
             (Some(dnn), Some(combine)) => {

@@ -15,6 +15,7 @@ pub(crate) mod cin;
 pub mod dcnv2;
 pub mod dlrm;
 pub mod embedding;
+pub(crate) mod exp;
 pub mod export;
 pub mod finalmlp;
 pub mod fused;
