@@ -27,10 +27,8 @@ pub(crate) fn exp1(x: f32) -> f32 {
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
     let z = r * r;
-    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1)
-        * z
-        + r
-        + 1.0;
+    let p =
+        (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5) * z + r + 1.0;
     // 2ⁿ in the exponent bits; n = 128 (x within 0.35 of ln f32::MAX) as 2¹²⁷·2
     let scale = f32::from_bits((((n.min(127.0) as i32) + 127) as u32) << 23);
     let y = p * scale * if n > 127.0 { 2.0 } else { 1.0 };

@@ -341,11 +341,13 @@ impl FusedOps for Flex {
 /// output: AFN+'s neurons are `[4096, 800, 64]`, 840 MB, on Frappe), else into a new one.
 fn exp_forward(mut x: FlexTensor) -> FlexTensor {
     let numel = x.layout().shape().num_elements();
-    if x.dtype() == DType::F32 && x.is_contiguous() && x.layout().start_offset() == 0 {
-        if let Some(values) = x.try_storage_mut::<f32>().filter(|v| v.len() == numel) {
-            super::exp::exp_in_place(values);
-            return x;
-        }
+    if x.dtype() == DType::F32
+        && x.is_contiguous()
+        && x.layout().start_offset() == 0
+        && let Some(values) = x.try_storage_mut::<f32>().filter(|v| v.len() == numel)
+    {
+        super::exp::exp_in_place(values);
+        return x;
     }
     let shape = x.layout().shape().clone();
     let x = contiguous(&x);
