@@ -86,7 +86,11 @@ pub fn read_tuned(dir: &Path) -> Result<Tuned> {
         .map(|&seed| read_run(&crate::experiment::point_dir(dir, &crate::tune::seed_point_id(seed))))
         .collect::<Result<Vec<_>>>()?;
     let points = std::fs::read_dir(dir.join("points")).with_context(|| format!("cannot list {}/points", dir.display()))?;
-    let trials = points.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("trial-")).count();
+    // the trials' run directories (not the lock files a parallel search's children leave beside them)
+    let trials = points
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("trial-") && e.file_type().is_ok_and(|t| t.is_dir()))
+        .count();
     let name = rows[0].config.name.trim_end_matches(&format!("-best-seed{}", seeds[0])).to_string();
     Ok(Tuned { dir: dir.to_path_buf(), name, trials, best: field(&s, "best", &spath)?, seeds: rows })
 }

@@ -195,6 +195,8 @@ fn parallel_trials_train_in_child_processes_with_a_share_of_the_threads() {
             toml::from_str(&std::fs::read_to_string(out.join(format!("points/{}/config.toml", p.id))).unwrap()).unwrap();
         assert_eq!(saved.train.lr, s["train.lr"].as_float().unwrap());
     }
+    // the children's lock files beside their points are not trials of the Table-2 row
+    assert_eq!(wukong::compare::read_tuned(&out).unwrap().trials, 3);
 }
 
 /// The Table-2 search spaces (`configs/tune/`, one per model and dataset): every trial each draws
