@@ -33,6 +33,12 @@ pub fn run(a: Args) -> Result<()> {
     let exe = wukong::runtime::own_executable()?;
     let launch = |id: &str, threads: usize| {
         let mut c = std::process::Command::new(&exe);
+        // started through /proc/self/exe (so a replaced binary cannot mix versions), but shown in
+        // `ps` and found by `pgrep` under the name the user started: its own argv[0]
+        #[cfg(unix)]
+        if let Some(name) = std::env::args_os().next() {
+            std::os::unix::process::CommandExt::arg0(&mut c, name);
+        }
         c.arg("--threads").arg(threads.to_string()).arg("tune").arg(&a.space).arg("--out").arg(&a.out);
         c.arg("--device").arg(&a.device).arg("--only").arg(id);
         c
