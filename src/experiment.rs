@@ -86,6 +86,33 @@ pub fn hold(path: &Path, what: &str) -> Result<Hold> {
     }
 }
 
+/// The process that holds the lock file `path` now, if one does — read without touching the
+/// lock (taking it to test it, even for an instant, could make a starting trial fail). On Linux
+/// from `/proc/locks` (the flock of that file's device and inode, and its owner's pid); `None`
+/// where that is not available, or when nobody holds it. A finished run leaves its pid in the
+/// file, so the file's contents alone cannot say this.
+pub fn holder(path: &Path) -> Option<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        let dev = meta.dev();
+        // the kernel prints a device as major:minor in hex (the glibc encoding of dev_t)
+        let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+        let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+        let locks = std::fs::read_to_string("/proc/locks").ok()?;
+        locks.lines().filter(|l| !l.contains("->")).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok()).flatten()
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 /// What to do with a point, from its directory.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PointState {
@@ -195,7 +222,10 @@ mod tests {
         let err = hold(&lock, "search dir").expect_err("held already").to_string();
         assert!(err.contains("search dir is in use by another process"), "{err}");
         assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        #[cfg(target_os = "linux")]
+        assert_eq!(holder(&lock), Some(std::process::id()), "the holder is read from /proc/locks");
         drop(first);
+        assert_eq!(holder(&lock), None, "released: nobody holds it, though the file still names the pid");
         let again = hold(&lock, "search dir").expect("released when dropped");
         drop(again);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -303,7 +303,7 @@ fn trial_options(space: &SpaceFile, out: &Path, points: &[Point], opts: &crate::
 /// Trains the unfinished `points` in child processes, `slots` at a time, each with its share of
 /// the threads; stops starting new ones at the first failure and reports it once the running
 /// ones ended.
-fn run_children(points: &[Point], out: &Path, slots: usize, launch: Launch) -> Result<()> {
+fn run_children(points: &[Point], out: &Path, slots: usize, launch: Launch, after: &dyn Fn() -> Result<()>) -> Result<()> {
     let pending: Vec<&Point> =
         points.iter().filter(|p| experiment::state(&experiment::point_dir(out, &p.id)) != experiment::PointState::Finished).collect();
     if pending.is_empty() {
@@ -332,7 +332,11 @@ fn run_children(points: &[Point], out: &Path, slots: usize, launch: Launch) -> R
         let mut still = Vec::with_capacity(running.len());
         for (id, mut child) in running {
             match child.try_wait().with_context(|| format!("waiting for {id}"))? {
-                Some(status) if status.success() => tracing::info!("{id} finished"),
+                Some(status) if status.success() => {
+                    tracing::info!("{id} finished");
+                    // the leaderboard grows as trials end, not only when the last one does
+                    after()?;
+                }
                 Some(status) => failed.push(format!("{id} ({status})")),
                 None => still.push((id, child)),
             }
@@ -341,6 +345,84 @@ fn run_children(points: &[Point], out: &Path, slots: usize, launch: Launch) -> R
     }
     ensure!(failed.is_empty(), "failed: {} (their output is above; the same command continues the search)", failed.join(", "));
     Ok(())
+}
+
+/// Rewrites `leaderboard.md` and `leaderboard.csv` from the trials finished so far.
+fn write_leaderboard(space: &SpaceFile, trials: &[(Settings, Point)], out: &Path) -> Result<()> {
+    let mut pairs: Vec<(Settings, Finished)> = Vec::new();
+    for (s, p) in trials {
+        if experiment::state(&experiment::point_dir(out, &p.id)) == experiment::PointState::Finished {
+            pairs.push((s.clone(), experiment::run_point_finished(p, out)?));
+        }
+    }
+    let (md, csv) = leaderboard(space, &pairs)?;
+    crate::runtime::write_atomic(&out.join("leaderboard.md"), md.as_bytes())?;
+    crate::runtime::write_atomic(&out.join("leaderboard.csv"), csv.as_bytes())
+}
+
+/// Where a search stands, read from its directory without taking any lock (so it can be asked
+/// while the search runs, from another shell): whether a process holds the search, and for each
+/// trial and seed re-run its state, evaluations so far, best validation metric so far and time.
+pub fn status(path: &Path, out: &Path) -> Result<String> {
+    let (space, trials) = trials(path)?;
+    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
+    let search_holder = experiment::holder(&out.join(experiment::LOCK_FILE));
+    let mut rows = Vec::new();
+    let mut finished = 0;
+    let mut ids: Vec<String> = trials.iter().map(|(_, p)| p.id.clone()).collect();
+    ids.extend(space.seeds.iter().map(|&s| seed_point_id(s)));
+    let mut started_unfinished = 0;
+    for id in &ids {
+        let dir = experiment::point_dir(out, id);
+        let point_holder = experiment::holder(&out.join("points").join(format!("{id}{}", experiment::LOCK_FILE)));
+        // the evaluations so far (a torn last line of a running trial is skipped)
+        let evals: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get(key).is_some())
+            .collect();
+        let best = evals.iter().map(|v| metric_of(v, key)).filter(|x| x.is_finite()).min_by(|a, b| better(space.metric)(a, b));
+        let seconds = evals.last().map(|v| metric_of(v, "seconds"));
+        let state = match experiment::state(&dir) {
+            experiment::PointState::Finished => {
+                finished += 1;
+                let r: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(dir.join(crate::train::checkpoint::RESULT))?).unwrap_or_default();
+                match r["stop_reason"].as_str().and_then(|s| s.strip_prefix(crate::train::prune::PRUNED_AT)) {
+                    Some(at) => format!("pruned at evaluation {}", at.split(':').next().unwrap_or(at)),
+                    None => "finished".to_string(),
+                }
+            }
+            _ if point_holder.is_some() => format!("running (pid {})", point_holder.unwrap_or_default()),
+            _ if dir.exists() => {
+                started_unfinished += 1;
+                "started".to_string()
+            }
+            _ => "pending".to_string(),
+        };
+        rows.push(format!(
+            "| {id} | {state} | {} | {} | {} |",
+            evals.len(),
+            best.map_or(String::new(), |b| format!("{b:.6}")),
+            seconds.map_or(String::new(), |t| format!("{t:.0}"))
+        ));
+    }
+    // a sequential search trains in its own process: its one started, unfinished point is the running one
+    let mut text = match search_holder {
+        Some(pid) => format!("search {} is running (pid {pid})", out.display()),
+        None => format!("search {} is not running", out.display()),
+    };
+    text.push_str(&format!(": {finished} of {} trials and seed re-runs finished\n\n", ids.len()));
+    if search_holder.is_some() && space.parallel == 1 && started_unfinished == 1 {
+        rows = rows.into_iter().map(|r| r.replacen("| started |", "| running (in the search's process) |", 1)).collect();
+    }
+    text.push_str(&format!("| point | state | evaluations | best {key} so far | seconds |\n|---|---|---|---|---|\n"));
+    for r in rows {
+        text.push_str(&r);
+        text.push('\n');
+    }
+    Ok(text)
 }
 
 /// The best finished trial by the validation metric.
@@ -398,23 +480,17 @@ pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions, launch: Opt
     let _hold = experiment::hold(&out.join(experiment::LOCK_FILE), &format!("search directory {}", out.display()))?;
     let points: Vec<Point> = trials.iter().map(|(_, p)| p.clone()).collect();
     let children = launch.filter(|_| space.parallel > 1);
+    let write = || write_leaderboard(&space, &trials, out);
     if let Some(launch) = children {
-        run_children(&points, out, space.parallel, launch)?;
+        run_children(&points, out, space.parallel, launch, &write)?;
     }
-    let write = |done: &[Finished]| -> Result<()> {
-        let pairs: Vec<(Settings, Finished)> =
-            done.iter().map(|f| (trials.iter().find(|(_, p)| p.id == f.id).expect("a trial").0.clone(), f.clone())).collect();
-        let (md, csv) = leaderboard(&space, &pairs)?;
-        crate::runtime::write_atomic(&out.join("leaderboard.md"), md.as_bytes())?;
-        crate::runtime::write_atomic(&out.join("leaderboard.csv"), csv.as_bytes())
-    };
-    let done = experiment::run_all(&points, out, &trial_options(&space, out, &points, opts), write)?;
+    let done = experiment::run_all(&points, out, &trial_options(&space, out, &points, opts), |_| write())?;
     let best = best_of(&space, &done)?;
     let best_trial = trials.iter().find(|(_, p)| p.id == best.id).expect("a trial");
     // the best config with each seed (its trial seed included if listed: a separate run anyway)
     let seed_points = seed_points(&space, &best_trial.1);
     if let Some(launch) = children {
-        run_children(&seed_points, out, space.parallel, launch)?;
+        run_children(&seed_points, out, space.parallel, launch, &|| Ok(()))?;
     }
     let seeded = experiment::run_all(&seed_points, out, opts, |_| Ok(()))?;
     let col = |k: &str| seeded.iter().map(|f| metric_of(&f.result, k)).collect::<Vec<_>>();

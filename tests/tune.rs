@@ -233,3 +233,40 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
         ["frappe", "movielens100k", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
     assert_eq!(per_dataset, expected, "one space per model and dataset");
 }
+
+/// `wukong tune --status`: read from the directory alone, while a search runs or after, without
+/// taking a lock; holders are the processes that hold the search's and the points' locks now.
+#[test]
+fn the_status_of_a_search_names_each_points_state_and_who_runs_it() {
+    let dir = common::workdir("tune-status");
+    write(
+        &dir,
+        "name = \"s\"\nbase = \"base.toml\"\ntrials = 3\nseed = 2\nseeds = []\n[space]\n\"train.lr\" = { loguniform = [1e-3, 3e-2] }\n",
+    );
+    let (space, out) = (dir.join("space.toml"), dir.join("out"));
+    let opts = RunOptions { out_dir: out.clone(), ..Default::default() };
+    tune::run(&space, &out, &opts, None).unwrap();
+    let st = tune::status(&space, &out).unwrap();
+    assert!(st.contains("is not running: 3 of 3 trials and seed re-runs finished"), "{st}");
+    let done = st.lines().find(|l| l.starts_with("| trial-001 |")).unwrap();
+    assert!(done.contains("| finished | 1 | 0."), "one evaluation, its validation AUC: {done}");
+    // trial-003 interrupted (no result yet), trial-002 never started
+    std::fs::remove_file(out.join("points/trial-003/result.json")).unwrap();
+    std::fs::remove_dir_all(out.join("points/trial-002")).unwrap();
+    let st = tune::status(&space, &out).unwrap();
+    assert!(st.contains("1 of 3 trials"), "{st}");
+    assert!(st.contains("| trial-002 | pending | 0 |  |  |"), "{st}");
+    assert!(st.contains("| trial-003 | started | 1 |"), "{st}");
+    // a process holding the search and a point (here this one) is named, where the OS tells it
+    let _search = wukong::experiment::hold(&out.join(wukong::experiment::LOCK_FILE), "search").unwrap();
+    let _point =
+        wukong::experiment::hold(&out.join("points").join(format!("trial-003{}", wukong::experiment::LOCK_FILE)), "point").unwrap();
+    let st = tune::status(&space, &out).unwrap();
+    if cfg!(target_os = "linux") {
+        let me = std::process::id();
+        assert!(st.contains(&format!("is running (pid {me})")), "{st}");
+        assert!(st.contains(&format!("| trial-003 | running (pid {me}) | 1 |")), "{st}");
+    }
+    // and the status never took a lock: the holds above are still ours alone
+    assert!(wukong::experiment::hold(&out.join(wukong::experiment::LOCK_FILE), "search").is_err());
+}

@@ -14,12 +14,20 @@ pub struct Args {
     out: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Print where the search in --out stands (running or not; each trial's state, evaluations
+    /// and best validation metric so far) and exit; takes no lock, so it works while it runs.
+    #[arg(long)]
+    status: bool,
     /// Train only this trial or seed re-run (the child processes of a parallel search).
     #[arg(long, hide = true)]
     only: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.status {
+        print!("{}", wukong::tune::status(&a.space, &a.out)?);
+        return Ok(());
+    }
     let opts = RunOptions {
         device: a.device.clone(),
         out_dir: a.out.clone(),
