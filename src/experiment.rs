@@ -113,6 +113,80 @@ pub fn holder(path: &Path) -> Option<u32> {
     }
 }
 
+/// Where an experiment directory stands, read from it without taking any lock (so it can be
+/// asked while a search or sweep runs, from another shell): whether a process holds the
+/// directory, and for each point (in `ids` order) its state — finished, pruned, running (the
+/// process holding the point, or the directory's own process when it trains one point at a
+/// time), started, pending — its evaluations so far, best `key` so far (higher is better when
+/// `higher_better`) and time; then a rough time left from the finished points' mean duration.
+pub fn status(out: &Path, ids: &[String], key: &str, higher_better: bool, slots: usize) -> Result<String> {
+    let holder_now = holder(&out.join(LOCK_FILE));
+    let (mut rows, mut finished, mut started, mut durations) = (Vec::new(), 0, 0, Vec::new());
+    for id in ids {
+        let dir = point_dir(out, id);
+        let point_holder = holder(&out.join("points").join(format!("{id}{LOCK_FILE}")));
+        // the evaluations so far (a torn last line of a running point is skipped)
+        let evals: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get(key).is_some())
+            .collect();
+        let values = evals.iter().filter_map(|v| v[key].as_f64()).filter(|x| x.is_finite());
+        let best = if higher_better { values.reduce(f64::max) } else { values.reduce(f64::min) };
+        let state = match (state(&dir), point_holder) {
+            (PointState::Finished, _) => {
+                finished += 1;
+                let text = std::fs::read_to_string(dir.join(checkpoint::RESULT)).with_context(|| format!("point {id}: no result.json"))?;
+                let r: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("point {id}: unreadable result.json"))?;
+                durations.extend(r["seconds"].as_f64());
+                match r["stop_reason"].as_str().and_then(|s| s.strip_prefix(crate::train::prune::PRUNED_AT)) {
+                    Some(at) => format!("pruned at evaluation {}", at.split(':').next().unwrap_or(at)),
+                    None => "finished".to_string(),
+                }
+            }
+            (_, Some(pid)) => format!("running (pid {pid})"),
+            _ if dir.exists() => {
+                started += 1;
+                "started".to_string()
+            }
+            _ => "pending".to_string(),
+        };
+        let seconds = evals.last().and_then(|v| v["seconds"].as_f64());
+        rows.push(format!(
+            "| {id} | {state} | {} | {} | {} |",
+            evals.len(),
+            best.map_or(String::new(), |b| format!("{b:.6}")),
+            seconds.map_or(String::new(), |t| format!("{t:.0}"))
+        ));
+    }
+    // one point at a time trains in the directory's own process: its one started point is that one
+    if holder_now.is_some() && slots == 1 && started == 1 {
+        rows = rows.into_iter().map(|r| r.replacen("| started |", "| running (in the holder's process) |", 1)).collect();
+    }
+    let mut text = match holder_now {
+        Some(pid) => format!("{} is running (pid {pid})", out.display()),
+        None => format!("{} is not running", out.display()),
+    };
+    text.push_str(&format!(": {finished} of {} points finished", ids.len()));
+    if !durations.is_empty() && finished < ids.len() {
+        let mean = durations.iter().sum::<f64>() / durations.len() as f64;
+        let left = (ids.len() - finished) as f64 * mean / slots.max(1) as f64;
+        text.push_str(&format!(
+            "; about {:.1} h left at the finished points' mean of {:.0} min each, {} at a time",
+            left / 3600.0,
+            mean / 60.0,
+            slots.max(1)
+        ));
+    }
+    text.push_str(&format!("\n\n| point | state | evaluations | best {key} so far | seconds |\n|---|---|---|---|---|\n"));
+    for r in rows {
+        text.push_str(&r);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
 /// What to do with a point, from its directory.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PointState {

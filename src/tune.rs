@@ -360,69 +360,13 @@ fn write_leaderboard(space: &SpaceFile, trials: &[(Settings, Point)], out: &Path
     crate::runtime::write_atomic(&out.join("leaderboard.csv"), csv.as_bytes())
 }
 
-/// Where a search stands, read from its directory without taking any lock (so it can be asked
-/// while the search runs, from another shell): whether a process holds the search, and for each
-/// trial and seed re-run its state, evaluations so far, best validation metric so far and time.
+/// Where a search stands (see [`experiment::status`]): its trials, then its seed re-runs.
 pub fn status(path: &Path, out: &Path) -> Result<String> {
     let (space, trials) = trials(path)?;
-    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
-    let search_holder = experiment::holder(&out.join(experiment::LOCK_FILE));
-    let mut rows = Vec::new();
-    let mut finished = 0;
     let mut ids: Vec<String> = trials.iter().map(|(_, p)| p.id.clone()).collect();
     ids.extend(space.seeds.iter().map(|&s| seed_point_id(s)));
-    let mut started_unfinished = 0;
-    for id in &ids {
-        let dir = experiment::point_dir(out, id);
-        let point_holder = experiment::holder(&out.join("points").join(format!("{id}{}", experiment::LOCK_FILE)));
-        // the evaluations so far (a torn last line of a running trial is skipped)
-        let evals: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v.get(key).is_some())
-            .collect();
-        let best = evals.iter().map(|v| metric_of(v, key)).filter(|x| x.is_finite()).min_by(|a, b| better(space.metric)(a, b));
-        let seconds = evals.last().map(|v| metric_of(v, "seconds"));
-        let state = match experiment::state(&dir) {
-            experiment::PointState::Finished => {
-                finished += 1;
-                let r: serde_json::Value =
-                    serde_json::from_str(&std::fs::read_to_string(dir.join(crate::train::checkpoint::RESULT))?).unwrap_or_default();
-                match r["stop_reason"].as_str().and_then(|s| s.strip_prefix(crate::train::prune::PRUNED_AT)) {
-                    Some(at) => format!("pruned at evaluation {}", at.split(':').next().unwrap_or(at)),
-                    None => "finished".to_string(),
-                }
-            }
-            _ if point_holder.is_some() => format!("running (pid {})", point_holder.unwrap_or_default()),
-            _ if dir.exists() => {
-                started_unfinished += 1;
-                "started".to_string()
-            }
-            _ => "pending".to_string(),
-        };
-        rows.push(format!(
-            "| {id} | {state} | {} | {} | {} |",
-            evals.len(),
-            best.map_or(String::new(), |b| format!("{b:.6}")),
-            seconds.map_or(String::new(), |t| format!("{t:.0}"))
-        ));
-    }
-    // a sequential search trains in its own process: its one started, unfinished point is the running one
-    let mut text = match search_holder {
-        Some(pid) => format!("search {} is running (pid {pid})", out.display()),
-        None => format!("search {} is not running", out.display()),
-    };
-    text.push_str(&format!(": {finished} of {} trials and seed re-runs finished\n\n", ids.len()));
-    if search_holder.is_some() && space.parallel == 1 && started_unfinished == 1 {
-        rows = rows.into_iter().map(|r| r.replacen("| started |", "| running (in the search's process) |", 1)).collect();
-    }
-    text.push_str(&format!("| point | state | evaluations | best {key} so far | seconds |\n|---|---|---|---|---|\n"));
-    for r in rows {
-        text.push_str(&r);
-        text.push('\n');
-    }
-    Ok(text)
+    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
+    experiment::status(out, &ids, key, space.metric == Metric::Auc, space.parallel)
 }
 
 /// The best finished trial by the validation metric.

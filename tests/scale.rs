@@ -94,6 +94,19 @@ fn a_sweep_runs_reports_and_resumes_where_it_stopped() {
     let before: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(victim.join("result.json")).unwrap()).unwrap();
     std::fs::remove_file(victim.join("result.json")).unwrap();
     assert_eq!(experiment::state(&victim), PointState::Interrupted);
+    // `wukong scale --status` reads where the sweep stands from its directory
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wukong"))
+        .arg("scale")
+        .arg(dir.join("sweep.toml"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--status")
+        .output()
+        .unwrap();
+    let st = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(st.contains("is not running: 4 of 5 points finished; about "), "{st}");
+    assert!(st.contains("| wukong-2 | started |") && st.contains("| wukong-3 | finished |"), "{st}");
     let again = experiment::run_all(&points, &out, &opts, |_| Ok(())).unwrap();
     assert_eq!(again.iter().filter(|d| d.trained_now).map(|d| d.id.as_str()).collect::<Vec<_>>(), ["wukong-2"]);
     let after = &again[2].result;

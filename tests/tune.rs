@@ -247,14 +247,14 @@ fn the_status_of_a_search_names_each_points_state_and_who_runs_it() {
     let opts = RunOptions { out_dir: out.clone(), ..Default::default() };
     tune::run(&space, &out, &opts, None).unwrap();
     let st = tune::status(&space, &out).unwrap();
-    assert!(st.contains("is not running: 3 of 3 trials and seed re-runs finished"), "{st}");
+    assert!(st.contains("is not running: 3 of 3 points finished"), "{st}");
     let done = st.lines().find(|l| l.starts_with("| trial-001 |")).unwrap();
     assert!(done.contains("| finished | 1 | 0."), "one evaluation, its validation AUC: {done}");
     // trial-003 interrupted (no result yet), trial-002 never started
     std::fs::remove_file(out.join("points/trial-003/result.json")).unwrap();
     std::fs::remove_dir_all(out.join("points/trial-002")).unwrap();
     let st = tune::status(&space, &out).unwrap();
-    assert!(st.contains("1 of 3 trials"), "{st}");
+    assert!(st.contains("1 of 3 points finished; about "), "with a time left from the finished one: {st}");
     assert!(st.contains("| trial-002 | pending | 0 |  |  |"), "{st}");
     assert!(st.contains("| trial-003 | started | 1 |"), "{st}");
     // a process holding the search and a point (here this one) is named, where the OS tells it

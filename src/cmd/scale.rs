@@ -19,6 +19,10 @@ pub struct Args {
     /// Only write the table, fits and plots from the finished points (train nothing).
     #[arg(long)]
     report_only: bool,
+    /// Print where the sweep in --out stands (running or not; each point's state, evaluations
+    /// and best validation metric so far) and exit; takes no lock, so it works while it runs.
+    #[arg(long)]
+    status: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -29,6 +33,15 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let out = a.out.expect("clap requires --out without --plan");
+    if a.status {
+        let (_, points) = wukong::scale::points(&a.sweep)?;
+        let ids: Vec<String> = points.iter().map(|p| p.id.clone()).collect();
+        // the sweep's points share one monitored metric (its base config's)
+        let auc = points.first().is_none_or(|p| p.config.train.monitor == wukong::config::Monitor::Auc);
+        let key = if auc { "valid_auc" } else { "valid_logloss" };
+        print!("{}", wukong::experiment::status(&out, &ids, key, auc, 1)?);
+        return Ok(());
+    }
     let opts =
         RunOptions { device: a.device, out_dir: out.clone(), verbose: true, faults: checkpoint::Faults::from_env()?, ..Default::default() };
     let written = if a.report_only {
