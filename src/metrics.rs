@@ -98,6 +98,61 @@ impl MetricAccumulator {
     }
 }
 
+/// Platt scaling: the `(a, b)` that minimise the mean LogLoss of σ(a·z + b) over pairs of logit
+/// `z` and label (≥ 0.5 is positive) — fitted on a validation split, it turns an AUC-selected
+/// model's over- or under-confident scores into probabilities without changing their order (so
+/// AUC is unchanged) as long as `a > 0`. Newton's method on the two parameters (the loss is
+/// convex in them) from the identity (1, 0), each step halved until the loss falls. `None` when
+/// there is nothing to fit (no pairs, one class only, non-finite scores) or the fit would reverse
+/// the order (`a ≤ 0`).
+pub fn platt(logits: &[f32], labels: &[f32]) -> Option<(f64, f64)> {
+    let n = logits.len().min(labels.len());
+    let positives = labels[..n].iter().filter(|&&y| y >= 0.5).count();
+    if n == 0 || positives == 0 || positives == n || logits[..n].iter().any(|z| !z.is_finite()) {
+        return None;
+    }
+    let loss = |a: f64, b: f64| -> f64 {
+        logits[..n].iter().zip(&labels[..n]).map(|(&z, &y)| bce_from_logit(a * z as f64 + b, y >= 0.5)).sum::<f64>() / n as f64
+    };
+    let (mut a, mut b) = (1.0f64, 0.0f64);
+    let mut current = loss(a, b);
+    for _ in 0..100 {
+        // gradient and Hessian of the mean loss in (a, b)
+        let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for (&z, &y) in logits[..n].iter().zip(&labels[..n]) {
+            let z = z as f64;
+            let p = 1.0 / (1.0 + (-(a * z + b)).exp());
+            let r = p - if y >= 0.5 { 1.0 } else { 0.0 };
+            let w = (p * (1.0 - p)).max(1e-12);
+            ga += r * z;
+            gb += r;
+            haa += w * z * z;
+            hab += w * z;
+            hbb += w;
+        }
+        let det = haa * hbb - hab * hab;
+        if !(det.is_finite() && det > 0.0) {
+            break;
+        }
+        let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
+        let mut t = 1.0;
+        let mut improved = false;
+        while t > 1e-6 {
+            let (na, nb) = (a - t * da, b - t * db);
+            let l = loss(na, nb);
+            if l.is_finite() && l <= current {
+                (a, b, current, improved) = (na, nb, l, true);
+                break;
+            }
+            t *= 0.5;
+        }
+        if !improved || (t * da).abs().max((t * db).abs()) < 1e-9 {
+            break;
+        }
+    }
+    (a > 0.0 && a.is_finite() && b.is_finite()).then_some((a, b))
+}
+
 /// Reliability diagram: `bins` groups of equal size by predicted probability; each gives (mean
 /// predicted, observed positive rate, count).
 pub fn reliability(scores: &[(f64, bool)], bins: usize) -> Vec<(f64, f64, usize)> {
@@ -127,6 +182,43 @@ mod tests {
             a.push(s, y);
         }
         a
+    }
+
+    #[test]
+    fn platt_scaling_by_hand_and_on_samples() {
+        // logit +1: 3 of 4 positive, logit -1: 1 of 4 — σ(a·1 + b) = 3/4 and σ(-a + b) = 1/4 fit
+        // exactly: a = ln 3, b = 0
+        let z = [1.0f32, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0];
+        let y = [1.0f32, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0];
+        let (a, b) = platt(&z, &y).unwrap();
+        assert!((a - 3f64.ln()).abs() < 1e-6 && b.abs() < 1e-6, "{a} {b}");
+        // 3 of 4 at +1, 2 of 4 at -1: a = b = ln(3) / 2
+        let y2 = [1.0f32, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0];
+        let (a, b) = platt(&z, &y2).unwrap();
+        assert!((a - 3f64.ln() / 2.0).abs() < 1e-6 && (b - 3f64.ln() / 2.0).abs() < 1e-6, "{a} {b}");
+        // labels drawn from σ(0.5 z - 1) but scored 3× over-confident: the fit undoes it
+        let mut rng = crate::rng::SplitMix64(7);
+        let (mut zs, mut ys) = (Vec::new(), Vec::new());
+        for _ in 0..40_000 {
+            let t = -4.0 + 8.0 * rng.unit();
+            ys.push(if rng.unit() < 1.0 / (1.0 + (-(0.5 * t - 1.0)).exp()) { 1.0 } else { 0.0 });
+            zs.push((3.0 * t) as f32);
+        }
+        let (a, b) = platt(&zs, &ys).unwrap();
+        assert!((a - 0.5 / 3.0).abs() < 0.01 && (b + 1.0).abs() < 0.05, "{a} {b}");
+        let mean =
+            |a: f64, b: f64| zs.iter().zip(&ys).map(|(&z, &y)| bce_from_logit(a * z as f64 + b, y >= 0.5)).sum::<f64>() / zs.len() as f64;
+        assert!(mean(a, b) < mean(1.0, 0.0) - 0.1, "{} vs {}", mean(a, b), mean(1.0, 0.0));
+        // at the optimum the loss is flat in both directions
+        for (da, db) in [(1e-3, 0.0), (-1e-3, 0.0), (0.0, 1e-3), (0.0, -1e-3)] {
+            assert!(mean(a + da, b + db) >= mean(a, b) - 1e-12);
+        }
+        // nothing to fit
+        assert_eq!(platt(&[], &[]), None);
+        assert_eq!(platt(&[0.5, -0.5], &[1.0, 1.0]), None, "one class");
+        assert_eq!(platt(&[f32::NAN, 0.5], &[1.0, 0.0]), None);
+        // scores in reverse order would need a < 0: refused
+        assert_eq!(platt(&[2.0, 1.0, -1.0, -2.0], &[0.0, 0.0, 1.0, 1.0]), None);
     }
 
     #[test]

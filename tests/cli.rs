@@ -67,6 +67,20 @@ fn train_eval_predict_flops() {
     assert_eq!(probs.len(), 600);
     assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)));
 
+    // predict --calibrated: every score through the run's Platt scaling, σ(a·z + b) of the raw logit z
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&run_dir).join("result.json")).unwrap()).unwrap();
+    let (a, b) = (result["calibrated"]["a"].as_f64().unwrap(), result["calibrated"]["b"].as_f64().unwrap());
+    let cal = dir.join("pred-calibrated.txt");
+    run_ok(bin().args(["predict", "--calibrated", "--run", &run_dir, "--data"]).arg(dir.join("test.libsvm")).arg("--out").arg(&cal));
+    let calibrated: Vec<f64> = std::fs::read_to_string(&cal).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(calibrated.len(), probs.len());
+    for (p, c) in probs.iter().zip(&calibrated) {
+        let z = (p / (1.0 - p)).ln();
+        let want = 1.0 / (1.0 + (-(a * z + b)).exp());
+        assert!((c - want).abs() < 1e-4, "raw {p} → calibrated {c}, expected {want} (a {a}, b {b})");
+    }
+
     // serve as a process: score over HTTP (same as predict), SIGHUP reloads, SIGTERM exits cleanly
     serve_process(&run_dir, &probs);
 

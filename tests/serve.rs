@@ -503,3 +503,42 @@ fn slow_clients_are_timed_out_and_cannot_block_shutdown() {
     server.stop().unwrap();
     assert!(t.elapsed() < Duration::from_secs(2), "shutdown took {:?}", t.elapsed());
 }
+
+/// `serve --calibrated`: the run's Platt scaling (fitted on its validation split) on every
+/// served score, σ(a·z + b) of the raw logit; a run without one is refused at load.
+#[test]
+fn calibrated_serving_maps_every_score_by_the_runs_platt_scaling() {
+    let f = fixture();
+    let run = &f.runs[0].1;
+    let result: Value = serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap();
+    let (a, b) = (result["calibrated"]["a"].as_f64().unwrap(), result["calibrated"]["b"].as_f64().unwrap());
+    let raw = predicted(run, &f.dir.join("test.csv"), false);
+    let rows = typed_rows(&f.dir);
+    let server = start(run, ServeConfig { calibrated: true, ..Default::default() });
+    let (status, _, body) = post(&server, "/v1/score", json!({ "rows": rows }));
+    assert_eq!(status, 200, "{body}");
+    let served: Vec<f64> = body["scores"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(served.len(), raw.len());
+    for ((_, p), s) in raw.iter().zip(&served) {
+        let z = (p / (1.0 - p)).ln();
+        let want = 1.0 / (1.0 + (-(a * z + b)).exp());
+        assert!((s - want).abs() < 1e-5, "raw {p} → served {s}, expected {want}");
+    }
+    server.stop().unwrap();
+    // a run whose result.json has no calibration (trained before it existed) is refused
+    let old = f.dir.join("uncalibrated-run");
+    let _ = std::fs::remove_dir_all(&old);
+    std::fs::create_dir_all(&old).unwrap();
+    for e in std::fs::read_dir(run).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), old.join(e.file_name())).unwrap();
+        }
+    }
+    let mut r = result.clone();
+    r.as_object_mut().unwrap().remove("calibrated");
+    std::fs::write(old.join("result.json"), r.to_string()).unwrap();
+    let err = format!("{:#}", Scorer::load_with(&old, &burn::tensor::Device::flex(), true).err().unwrap());
+    assert!(err.contains("has no calibration"), "{err}");
+    assert!(Scorer::load(&old, &burn::tensor::Device::flex()).is_ok(), "without --calibrated it serves as before");
+}

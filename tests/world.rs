@@ -194,4 +194,14 @@ fn runs_report_both_selections_and_a_reliability_table() {
     assert_eq!(rows.len(), 10);
     assert_eq!(rows.iter().map(|r| r[3]).sum::<f64>(), 2000.0);
     assert!(rows.windows(2).all(|w| w[0][1] <= w[1][1]));
+    // the selected checkpoint calibrated on validation (Platt): its validation LogLoss can only
+    // fall (the fit minimises it; the identity is a candidate), its ranking stays (AUC within
+    // the rounding of the mapped logits to f32)
+    let c = &r["calibrated"];
+    assert_eq!(c["method"], "platt", "{c}");
+    assert!(c["a"].as_f64().unwrap() > 0.0);
+    assert!(c["valid_logloss"].as_f64().unwrap() <= auc["valid_logloss"].as_f64().unwrap() + 1e-6, "{c} vs {auc}");
+    assert!((c["test_auc"].as_f64().unwrap() - r["test_auc"].as_f64().unwrap()).abs() < 1e-4, "{c}");
+    assert!((c["valid_auc"].as_f64().unwrap() - r["valid_auc"].as_f64().unwrap()).abs() < 1e-4, "{c}");
+    assert!(c["test_logloss"].as_f64().unwrap().is_finite());
 }

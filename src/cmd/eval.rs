@@ -55,13 +55,17 @@ pub struct PredictArgs {
     /// with its file:line and field; `skip` writes an output line naming the row and why.
     #[arg(long, value_parser = parse_bad_lines)]
     bad_lines: Option<wukong::data::BadLines>,
+    /// Calibrated probabilities: the run's Platt scaling (result.json `calibrated`, fitted on its
+    /// validation split) applied to every score; the ranking is the same.
+    #[arg(long)]
+    calibrated: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
 pub fn predict(a: PredictArgs) -> Result<()> {
     let dev = wukong::runtime::parse_device(&a.device)?;
-    let scorer = Scorer::load(&a.run, &dev)?;
+    let scorer = Scorer::load_with(&a.run, &dev, a.calibrated)?;
     let format = a.format.unwrap_or_else(|| OutFormat::from_path(a.out.as_deref()));
     let keep: Vec<String> = a.id_columns.into_iter().chain(a.keep).collect();
     let mut opts = PredictOptions { unlabeled: a.unlabeled, keep, format, batch_rows: a.batch_rows, part: None, bad_lines: a.bad_lines };

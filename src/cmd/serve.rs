@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Threads of the async HTTP runtime (parsing, encoding, responses).
     #[arg(long, default_value_t = 1)]
     http_threads: usize,
+    /// Serve calibrated probabilities: the run's Platt scaling (result.json `calibrated`, fitted
+    /// on its validation split) applied to every score; the ranking is the same.
+    #[arg(long)]
+    calibrated: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -59,6 +63,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         header_timeout: Duration::from_secs_f64(a.read_timeout_s),
         body_timeout: Duration::from_secs_f64(a.read_timeout_s),
         drain_timeout: Duration::from_secs_f64(a.drain_timeout_s),
+        calibrated: a.calibrated,
         ..ServeConfig::default()
     };
     serve_forever(a.run, a.addr, cfg, device, a.http_threads)

@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub body_timeout: Duration,
     /// On shutdown, how long open connections may take to finish.
     pub drain_timeout: Duration,
+    /// Serve calibrated probabilities (the run's Platt scaling, also on reloads).
+    pub calibrated: bool,
 }
 
 impl Default for ServeConfig {
@@ -79,6 +81,7 @@ impl Default for ServeConfig {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            calibrated: false,
         }
     }
 }
@@ -323,7 +326,7 @@ async fn accept_loop(
 
 impl App {
     fn new(run: PathBuf, cfg: ServeConfig, device: Device) -> Result<Arc<Self>> {
-        let scorer = Scorer::load(&run, &device)?;
+        let scorer = Scorer::load_with(&run, &device, cfg.calibrated)?;
         let loaded = Loaded { scorer: Arc::new(scorer), dir: run, version: 1, loaded_at: unix_now() };
         Ok(Arc::new(Self {
             cfg,
@@ -345,8 +348,10 @@ impl App {
     async fn reload(self: &Arc<Self>, dir: PathBuf) -> Result<u64> {
         let _one = self.reload_lock.lock().await;
         let device = self.device.clone();
-        let d = dir.clone();
-        let scorer = tokio::task::spawn_blocking(move || Scorer::load(&d, &device)).await.context("the loading thread failed")??;
+        let (d, calibrated) = (dir.clone(), self.cfg.calibrated);
+        let scorer = tokio::task::spawn_blocking(move || Scorer::load_with(&d, &device, calibrated))
+            .await
+            .context("the loading thread failed")??;
         let version = self.versions.fetch_add(1, Ordering::SeqCst) + 1;
         let loaded = Loaded { scorer: Arc::new(scorer), dir, version, loaded_at: unix_now() };
         *self.model.write().unwrap() = Arc::new(loaded);

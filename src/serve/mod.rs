@@ -64,12 +64,22 @@ pub struct Scorer {
     pub result: Option<Value>,
     /// The encoder's fingerprint (a hash of all its vocabularies: computed once, at load).
     pub encoder_fingerprint: String,
+    /// Platt scaling (a, b) applied to every logit (`--calibrated`: the run's
+    /// `result.json` `calibrated`, fitted on its validation split); `None`: the raw model.
+    pub calibration: Option<(f64, f64)>,
 }
 
 impl Scorer {
     /// Loads the run in `dir` and checks that it scores (one all-missing row must give a finite
     /// probability), so a broken run is refused at load time, not on the first request.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(dir, device, false)
+    }
+
+    /// [`Scorer::load`], and with `calibrated` every score mapped by the run's Platt scaling
+    /// (an error when its `result.json` has none: a run trained before it existed, or without
+    /// an in-memory test split).
+    pub fn load_with(dir: &Path, device: &Device, calibrated: bool) -> Result<Self> {
         let run = load_run(dir, device)?;
         let cols = schema_columns(&run.config.data, &run.encoder.field_names());
         // the label's position stays (a row may carry it) but unbound: requests are never labelled
@@ -84,7 +94,21 @@ impl Scorer {
         };
         let result = std::fs::read_to_string(dir.join("result.json")).ok().and_then(|s| serde_json::from_str(&s).ok());
         let encoder_fingerprint = run.encoder.fingerprint();
-        let scorer = Self { layout: SlotLayout::of(&run.encoder), run, device: device.clone(), json, result, encoder_fingerprint };
+        let calibration = if calibrated {
+            let c = result.as_ref().map(|r: &Value| &r["calibrated"]).filter(|c| !c.is_null()).with_context(|| {
+                format!("{}: --calibrated, but its result.json has no calibration (retrain with this version)", dir.display())
+            })?;
+            let (a, b) = (c["a"].as_f64(), c["b"].as_f64());
+            Some(
+                a.zip(b)
+                    .filter(|(a, b)| *a > 0.0 && a.is_finite() && b.is_finite())
+                    .with_context(|| format!("{}: result.json has an invalid calibration {c}", dir.display()))?,
+            )
+        } else {
+            None
+        };
+        let scorer =
+            Self { layout: SlotLayout::of(&run.encoder), run, device: device.clone(), json, result, encoder_fingerprint, calibration };
         let probe = scorer.score_json(&[Value::Object(Default::default())]).map_err(|e| anyhow::anyhow!("{e}"))?;
         anyhow::ensure!(probe[0].is_finite(), "{}: the model scores an empty row as {} (not finite)", dir.display(), probe[0]);
         Ok(scorer)
@@ -107,8 +131,13 @@ impl Scorer {
             return Ok(Vec::new());
         }
         let batch = batch_of(data, self.run.encoder.total_rows(), &self.run.encoder.extra_embeddings())?;
-        let out = crate::train::batch_logits(&self.run.model, &batch, &self.layout, self.run.config.train.precision, &self.device)?;
+        let mut out = crate::train::batch_logits(&self.run.model, &batch, &self.layout, self.run.config.train.precision, &self.device)?;
         anyhow::ensure!(out.len() == data.len(), "scored {} of {} rows", out.len(), data.len());
+        if let Some((a, b)) = self.calibration {
+            for z in &mut out {
+                *z = (a * *z as f64 + b) as f32;
+            }
+        }
         Ok(out)
     }
 
