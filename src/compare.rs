@@ -15,6 +15,9 @@ pub struct Row {
     pub valid_auc: f64,
     pub test_auc: Option<f64>,
     pub test_logloss: Option<f64>,
+    /// The test LogLoss of the selected checkpoint calibrated on validation (Platt scaling;
+    /// runs from before it existed have none).
+    pub calibrated_test_logloss: Option<f64>,
     pub dense_params: u64,
     pub embedding_params: u64,
     pub forward_flops: u64,
@@ -53,6 +56,7 @@ pub fn read_run(dir: &Path) -> Result<Row> {
         valid_auc: field(&r, "valid_auc", &rpath)?,
         test_auc: field(&r, "test_auc", &rpath)?,
         test_logloss: field(&r, "test_logloss", &rpath)?,
+        calibrated_test_logloss: r["calibrated"]["test_logloss"].as_f64(),
         dense_params: field(&r, "dense_params", &rpath)?,
         embedding_params: field(&r, "embedding_params", &rpath)?,
         forward_flops: field(&r, "forward_flops_per_example", &rpath)?,
@@ -105,20 +109,22 @@ fn mean_pm_std(v: &[f64]) -> String {
 /// The paper's Table 2 from tuned searches: mean ± std over the seeds of each best config.
 pub fn tuned_table(rows: &[Tuned]) -> String {
     let mut s = String::new();
-    s.push_str("| search | model | test AUC (mean ± std) | test LogLoss (mean ± std) | seeds | trials (best) | #params (dense + embedding) | MFLOP/example | train s/epoch | search directory |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| search | model | test AUC (mean ± std) | test LogLoss (mean ± std) | calibrated test LogLoss (mean ± std) | seeds | trials (best) | #params (dense + embedding) | MFLOP/example | train s/epoch | search directory |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for t in rows {
         let auc: Vec<f64> = t.seeds.iter().map(|r| r.test_auc.unwrap_or(f64::NAN)).collect();
         let ll: Vec<f64> = t.seeds.iter().map(|r| r.test_logloss.unwrap_or(f64::NAN)).collect();
+        let cal: Vec<f64> = t.seeds.iter().map(|r| r.calibrated_test_logloss.unwrap_or(f64::NAN)).collect();
         let first = &t.seeds[0];
         let secs = t.seeds.iter().map(|r| r.seconds_per_epoch).sum::<f64>() / t.seeds.len() as f64;
         writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} ({}) | {} ({} + {}) | {:.3} | {:.1} | `{}` |",
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} ({} + {}) | {:.3} | {:.1} | `{}` |",
             t.name,
             first.config.model.name(),
             mean_pm_std(&auc),
             mean_pm_std(&ll),
+            mean_pm_std(&cal),
             t.seeds.len(),
             t.trials,
             t.best,
@@ -141,8 +147,8 @@ fn opt(x: Option<f64>) -> String {
 /// The markdown table (rows in the given order).
 pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
-    s.push_str("| model | config | test AUC | reference AUC | Δ AUC | test LogLoss | valid AUC | #params (dense + embedding) | MFLOP/example | train s/epoch | best epoch / run | run directory |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| model | config | test AUC | reference AUC | Δ AUC | test LogLoss | calibrated test LogLoss | valid AUC | #params (dense + embedding) | MFLOP/example | train s/epoch | best epoch / run | run directory |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let reference = r.config.reference.as_ref();
         let delta = match (r.test_auc, reference) {
@@ -151,13 +157,14 @@ pub fn table(rows: &[Row]) -> String {
         };
         writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.6} | {} ({} + {}) | {:.3} | {:.1} | {} / {} | `{}` |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.6} | {} ({} + {}) | {:.3} | {:.1} | {} / {} | `{}` |",
             r.config.model.name(),
             r.config.name,
             opt(r.test_auc),
             reference.map_or("–".into(), |rf| format!("{:.4} ({})", rf.test_auc, rf.source)),
             delta,
             opt(r.test_logloss),
+            opt(r.calibrated_test_logloss),
             r.valid_auc,
             r.dense_params + r.embedding_params,
             r.dense_params,

@@ -69,9 +69,13 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     // `wukong compare --tuned`: the Table-2 row of the search
     let row = wukong::compare::read_tuned(&out).unwrap();
     assert_eq!((row.name.as_str(), row.trials, row.best.as_str(), row.seeds.len()), ("t", 4, summary.best.as_str(), 2));
-    let table = wukong::compare::tuned_table(&[row]);
+    let table = wukong::compare::tuned_table(std::slice::from_ref(&row));
     let sd = summary.test_auc_std.unwrap();
     assert!(table.contains(&format!("| t | wukong | {mean:.6} ± {sd:.6} |")), "{table}");
+    // the seeds' calibrated test LogLoss (Platt scaling on validation), mean ± std, in its column
+    let cal: Vec<f64> = row.seeds.iter().map(|r| r.calibrated_test_logloss.unwrap()).collect();
+    let (cm, cs) = tune::mean_std(&cal).unwrap();
+    assert!(table.contains(&format!(" | {cm:.6} ± {cs:.6} | 2 | 4 (")), "{table}");
     // a second invocation trains nothing again
     let before = std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap();
     let again = tune::run(&dir.join("space.toml"), &out, &opts, None).unwrap();
