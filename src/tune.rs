@@ -260,13 +260,15 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
     for k in &keys {
         md.push_str(&format!(" {k} |"));
     }
-    md.push_str(" valid AUC | valid LogLoss | test AUC | test LogLoss | seconds | pruned at |\n|---|---|");
-    md.push_str(&"---|".repeat(keys.len() + 6));
+    md.push_str(" valid AUC | valid LogLoss | test AUC | test LogLoss | calibrated test LogLoss | seconds | pruned at |\n|---|---|");
+    md.push_str(&"---|".repeat(keys.len() + 7));
     md.push('\n');
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut header = vec!["rank".to_string(), "trial".to_string()];
     header.extend(keys.iter().map(|k| k.to_string()));
-    header.extend(["valid_auc", "valid_logloss", "test_auc", "test_logloss", "seconds", "pruned_at"].map(String::from));
+    header.extend(
+        ["valid_auc", "valid_logloss", "test_auc", "test_logloss", "calibrated_test_logloss", "seconds", "pruned_at"].map(String::from),
+    );
     w.write_record(&header)?;
     for (rank, &i) in order.iter().enumerate() {
         let (s, f) = &trials[i];
@@ -275,6 +277,8 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
         let mut rec = vec![(rank + 1).to_string(), f.id.clone()];
         rec.extend(keys.iter().map(|k| s[*k].to_string()));
         rec.extend(nums.iter().map(|x| format!("{x:.6}")));
+        // Platt-calibrated on validation (empty for runs from before it existed)
+        rec.push(r["calibrated"]["test_logloss"].as_f64().map_or(String::new(), |x| format!("{x:.6}")));
         rec.push(format!("{:.1}", metric_of(r, "seconds")));
         // the evaluation at which the median rule stopped the trial (empty: it was not pruned)
         let pruned = r["stop_reason"].as_str().and_then(|s| s.strip_prefix(crate::train::prune::PRUNED_AT));

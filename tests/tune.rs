@@ -52,6 +52,8 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     assert_eq!(rows.len(), 4);
     let aucs: Vec<f64> = rows.iter().map(|r| r[col].parse().unwrap()).collect();
     assert!(aucs.windows(2).all(|w| w[0] >= w[1]), "{aucs:?}");
+    let cal = header.iter().position(|h| h == "calibrated_test_logloss").unwrap();
+    assert!(rows.iter().all(|r| r[cal].parse::<f64>().unwrap().is_finite()), "every trial's calibrated test LogLoss");
     assert_eq!(&rows[0][1], summary.best.as_str());
     assert!(std::fs::read_to_string(out.join("leaderboard.md")).unwrap().contains("| 1 | trial-"));
     // two seeds of the best config: mean ± std from their test metrics
