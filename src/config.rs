@@ -260,6 +260,14 @@ pub enum Monitor {
 }
 
 impl Monitor {
+    /// Its validation value's key in a run's `result.json` and `metrics.jsonl`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Monitor::Auc => "valid_auc",
+            Monitor::Logloss => "valid_logloss",
+        }
+    }
+
     /// The metric this one is not.
     pub fn other(self) -> Self {
         match self {

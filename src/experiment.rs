@@ -121,7 +121,9 @@ pub fn holder(path: &Path) -> Option<u32> {
 /// `higher_better`) and time; then a rough time left from the finished points' mean duration.
 pub fn status(out: &Path, ids: &[String], key: &str, higher_better: bool, slots: usize) -> Result<String> {
     let holder_now = holder(&out.join(LOCK_FILE));
-    let (mut rows, mut finished, mut started, mut durations) = (Vec::new(), 0, 0, Vec::new());
+    // first each point's facts, then its label: whether a started point is the one training in
+    // the directory's own process depends on how many points were started
+    let (mut points, mut finished, mut started, mut durations) = (Vec::new(), 0, 0, Vec::new());
     for id in ids {
         let dir = point_dir(out, id);
         let point_holder = holder(&out.join("points").join(format!("{id}{LOCK_FILE}")));
@@ -134,36 +136,38 @@ pub fn status(out: &Path, ids: &[String], key: &str, higher_better: bool, slots:
             .collect();
         let values = evals.iter().filter_map(|v| v[key].as_f64()).filter(|x| x.is_finite());
         let best = if higher_better { values.reduce(f64::max) } else { values.reduce(f64::min) };
-        let state = match (state(&dir), point_holder) {
+        let label = match (state(&dir), point_holder) {
             (PointState::Finished, _) => {
                 finished += 1;
                 let text = std::fs::read_to_string(dir.join(checkpoint::RESULT)).with_context(|| format!("point {id}: no result.json"))?;
                 let r: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("point {id}: unreadable result.json"))?;
                 durations.extend(r["seconds"].as_f64());
                 match r["stop_reason"].as_str().and_then(|s| s.strip_prefix(crate::train::prune::PRUNED_AT)) {
-                    Some(at) => format!("pruned at evaluation {}", at.split(':').next().unwrap_or(at)),
-                    None => "finished".to_string(),
+                    Some(at) => Some(format!("pruned at evaluation {}", at.split(':').next().unwrap_or(at))),
+                    None => Some("finished".to_string()),
                 }
             }
-            (_, Some(pid)) => format!("running (pid {pid})"),
+            (_, Some(pid)) => Some(format!("running (pid {pid})")),
             _ if dir.exists() => {
                 started += 1;
-                "started".to_string()
+                None
             }
-            _ => "pending".to_string(),
+            _ => Some("pending".to_string()),
         };
         let seconds = evals.last().and_then(|v| v["seconds"].as_f64());
-        rows.push(format!(
-            "| {id} | {state} | {} | {} | {} |",
-            evals.len(),
-            best.map_or(String::new(), |b| format!("{b:.6}")),
-            seconds.map_or(String::new(), |t| format!("{t:.0}"))
-        ));
+        points.push((id, label, evals.len(), best, seconds));
     }
     // one point at a time trains in the directory's own process: its one started point is that one
-    if holder_now.is_some() && slots == 1 && started == 1 {
-        rows = rows.into_iter().map(|r| r.replacen("| started |", "| running (in the holder's process) |", 1)).collect();
-    }
+    let in_holder = holder_now.is_some() && slots == 1 && started == 1;
+    let started_label = if in_holder { "running (in the holder's process)" } else { "started" };
+    let rows = points.into_iter().map(|(id, label, evals, best, seconds)| {
+        format!(
+            "| {id} | {} | {evals} | {} | {} |",
+            label.as_deref().unwrap_or(started_label),
+            best.map_or(String::new(), |b| format!("{b:.6}")),
+            seconds.map_or(String::new(), |t| format!("{t:.0}"))
+        )
+    });
     let mut text = match holder_now {
         Some(pid) => format!("{} is running (pid {pid})", out.display()),
         None => format!("{} is not running", out.display()),

@@ -98,6 +98,13 @@ impl MetricAccumulator {
     }
 }
 
+/// Maps logits in place by a Platt scaling `(a, b)` from [`platt`]: z ↦ a·z + b (still a logit).
+pub fn apply_platt((a, b): (f64, f64), logits: &mut [f32]) {
+    for z in logits {
+        *z = (a * *z as f64 + b) as f32;
+    }
+}
+
 /// Platt scaling: the `(a, b)` that minimise the mean LogLoss of σ(a·z + b) over pairs of logit
 /// `z` and label (≥ 0.5 is positive) — fitted on a validation split, it turns an AUC-selected
 /// model's over- or under-confident scores into probabilities without changing their order (so

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::config::ExperimentConfig;
+use crate::config::{ExperimentConfig, Monitor};
 use crate::experiment::{self, Finished, Point};
 use crate::rng::SplitMix64;
 
@@ -41,7 +41,7 @@ pub struct SpaceFile {
     #[serde(default = "one")]
     pub seed: u64,
     #[serde(default)]
-    pub metric: Metric,
+    pub metric: Monitor,
     /// Seeds of the final re-runs of the best trial (empty: none).
     #[serde(default)]
     pub seeds: Vec<u64>,
@@ -89,14 +89,6 @@ pub enum Search {
     #[default]
     Random,
     Grid,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Metric {
-    #[default]
-    Auc,
-    Logloss,
 }
 
 /// The values a key may take.
@@ -221,9 +213,9 @@ fn metric_of(r: &serde_json::Value, key: &str) -> f64 {
 }
 
 /// A trial's place on the leaderboard: better first (NaN last).
-fn better(metric: Metric) -> impl Fn(&f64, &f64) -> std::cmp::Ordering {
+fn better(metric: Monitor) -> impl Fn(&f64, &f64) -> std::cmp::Ordering {
     move |a, b| {
-        let (a, b) = if metric == Metric::Auc { (-a, -b) } else { (*a, *b) };
+        let (a, b) = if metric == Monitor::Auc { (-a, -b) } else { (*a, *b) };
         a.partial_cmp(&b).unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
     }
 }
@@ -252,7 +244,7 @@ pub fn mean_std(v: &[f64]) -> Option<(f64, f64)> {
 
 /// Markdown and CSV leaderboards of the finished trials, best first by the validation metric.
 pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result<(String, String)> {
-    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
+    let key = space.metric.key();
     let mut order: Vec<usize> = (0..trials.len()).collect();
     order.sort_by(|&a, &b| better(space.metric)(&metric_of(&trials[a].1.result, key), &metric_of(&trials[b].1.result, key)));
     let keys: Vec<&String> = space.space.keys().collect();
@@ -352,6 +344,8 @@ fn run_children(points: &[Point], out: &Path, slots: usize, launch: Launch, afte
 }
 
 /// Rewrites `leaderboard.md` and `leaderboard.csv` from the trials finished so far.
+/// Reads the results back from disk each time: with parallel trials they were written by child
+/// processes (a few small files per trial; a search has tens of trials).
 fn write_leaderboard(space: &SpaceFile, trials: &[(Settings, Point)], out: &Path) -> Result<()> {
     let mut pairs: Vec<(Settings, Finished)> = Vec::new();
     for (s, p) in trials {
@@ -369,13 +363,13 @@ pub fn status(path: &Path, out: &Path) -> Result<String> {
     let (space, trials) = trials(path)?;
     let mut ids: Vec<String> = trials.iter().map(|(_, p)| p.id.clone()).collect();
     ids.extend(space.seeds.iter().map(|&s| seed_point_id(s)));
-    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
-    experiment::status(out, &ids, key, space.metric == Metric::Auc, space.parallel)
+    let key = space.metric.key();
+    experiment::status(out, &ids, key, space.metric == Monitor::Auc, space.parallel)
 }
 
 /// The best finished trial by the validation metric.
 fn best_of<'a>(space: &SpaceFile, done: &'a [Finished]) -> Result<&'a Finished> {
-    let key = if space.metric == Metric::Auc { "valid_auc" } else { "valid_logloss" };
+    let key = space.metric.key();
     done.iter().min_by(|a, b| better(space.metric)(&metric_of(&a.result, key), &metric_of(&b.result, key))).context("no trial finished")
 }
 

@@ -541,4 +541,13 @@ fn calibrated_serving_maps_every_score_by_the_runs_platt_scaling() {
     let err = format!("{:#}", Scorer::load_with(&old, &burn::tensor::Device::flex(), true).err().unwrap());
     assert!(err.contains("has no calibration"), "{err}");
     assert!(Scorer::load(&old, &burn::tensor::Device::flex()).is_ok(), "without --calibrated it serves as before");
+    // an invalid calibration (an order-reversing or zero slope, a non-finite or missing value,
+    // hand-edited or corrupt) is refused by name, never served
+    for bad in [json!({"a": -0.5, "b": 0.1}), json!({"a": 0.0, "b": 0.1}), json!({"a": 1.0, "b": "nan"}), json!({"b": 0.1})] {
+        let mut r = result.clone();
+        r["calibrated"] = bad.clone();
+        std::fs::write(old.join("result.json"), r.to_string()).unwrap();
+        let err = format!("{:#}", Scorer::load_with(&old, &burn::tensor::Device::flex(), true).err().unwrap());
+        assert!(err.contains("invalid calibration") && err.contains("uncalibrated-run"), "{bad}: {err}");
+    }
 }

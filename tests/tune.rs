@@ -265,6 +265,12 @@ fn the_status_of_a_search_names_each_points_state_and_who_runs_it() {
     assert!(st.contains("| trial-003 | started | 1 |"), "{st}");
     // a process holding the search and a point (here this one) is named, where the OS tells it
     let _search = wukong::experiment::hold(&out.join(wukong::experiment::LOCK_FILE), "search").unwrap();
+    if cfg!(target_os = "linux") {
+        // a sequential search trains its one started point in its own process
+        let st = tune::status(&space, &out).unwrap();
+        assert!(st.contains("| trial-003 | running (in the holder's process) | 1 |"), "{st}");
+        assert!(st.contains("| trial-002 | pending |"), "{st}");
+    }
     let _point =
         wukong::experiment::hold(&out.join("points").join(format!("trial-003{}", wukong::experiment::LOCK_FILE)), "point").unwrap();
     let st = tune::status(&space, &out).unwrap();

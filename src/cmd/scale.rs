@@ -37,9 +37,8 @@ pub fn run(a: Args) -> Result<()> {
         let (_, points) = wukong::scale::points(&a.sweep)?;
         let ids: Vec<String> = points.iter().map(|p| p.id.clone()).collect();
         // the sweep's points share one monitored metric (its base config's)
-        let auc = points.first().is_none_or(|p| p.config.train.monitor == wukong::config::Monitor::Auc);
-        let key = if auc { "valid_auc" } else { "valid_logloss" };
-        print!("{}", wukong::experiment::status(&out, &ids, key, auc, 1)?);
+        let monitor = points.first().map_or(wukong::config::Monitor::Auc, |p| p.config.train.monitor);
+        print!("{}", wukong::experiment::status(&out, &ids, monitor.key(), monitor == wukong::config::Monitor::Auc, 1)?);
         return Ok(());
     }
     let opts =

@@ -133,10 +133,8 @@ impl Scorer {
         let batch = batch_of(data, self.run.encoder.total_rows(), &self.run.encoder.extra_embeddings())?;
         let mut out = crate::train::batch_logits(&self.run.model, &batch, &self.layout, self.run.config.train.precision, &self.device)?;
         anyhow::ensure!(out.len() == data.len(), "scored {} of {} rows", out.len(), data.len());
-        if let Some((a, b)) = self.calibration {
-            for z in &mut out {
-                *z = (a * *z as f64 + b) as f32;
-            }
+        if let Some(ab) = self.calibration {
+            crate::metrics::apply_platt(ab, &mut out);
         }
         Ok(out)
     }

@@ -1285,7 +1285,11 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
                 score_on(&best, &lp.valid_data, &lp.encoder, t.eval_batch_size, t.precision, &device, lp.stepper.data_parallel())?;
             match crate::metrics::platt(&vl, &vd.labels) {
                 Some((a, b)) => {
-                    let map = |l: &[f32]| l.iter().map(|&z| (a * z as f64 + b) as f32).collect::<Vec<f32>>();
+                    let map = |l: &[f32]| {
+                        let mut l = l.to_vec();
+                        crate::metrics::apply_platt((a, b), &mut l);
+                        l
+                    };
                     let (cv, ct) = (metrics_of(&map(&vl), &vd.labels)?, metrics_of(&map(tl), &td.labels)?);
                     log(
                         v,
