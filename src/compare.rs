@@ -85,9 +85,10 @@ pub fn read_tuned(dir: &Path) -> Result<Tuned> {
     let s: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", spath.display()))?;
     let seeds: Vec<u64> = field(&s, "seeds", &spath)?;
     anyhow::ensure!(!seeds.is_empty(), "{}: the search re-ran its best config with no seed", spath.display());
+    let best: String = field(&s, "best", &spath)?;
     let rows = seeds
         .iter()
-        .map(|&seed| read_run(&crate::experiment::point_dir(dir, &crate::tune::seed_point_id(seed))))
+        .map(|&seed| read_run(&crate::experiment::point_dir(dir, &crate::tune::seed_point_id(&best, seed))))
         .collect::<Result<Vec<_>>>()?;
     let points = std::fs::read_dir(dir.join("points")).with_context(|| format!("cannot list {}/points", dir.display()))?;
     // the trials' run directories (not the lock files a parallel search's children leave beside them)
@@ -96,7 +97,7 @@ pub fn read_tuned(dir: &Path) -> Result<Tuned> {
         .filter(|e| e.file_name().to_string_lossy().starts_with("trial-") && e.file_type().is_ok_and(|t| t.is_dir()))
         .count();
     let name = rows[0].config.name.trim_end_matches(&format!("-best-seed{}", seeds[0])).to_string();
-    Ok(Tuned { dir: dir.to_path_buf(), name, trials, best: field(&s, "best", &spath)?, seeds: rows })
+    Ok(Tuned { dir: dir.to_path_buf(), name, trials, best, seeds: rows })
 }
 
 fn mean_pm_std(v: &[f64]) -> String {

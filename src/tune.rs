@@ -1,7 +1,11 @@
 //! `wukong tune`: hyperparameter search over any config keys through the experiment runner
 //! (resumable: trials are regenerated from the seed and finished ones read back), selection by
 //! the validation metric only, then the best config re-run with several seeds and reported as
-//! mean ± std of the test metrics. A space file:
+//! mean ± std of the test metrics. Random search explores; an optional second stage exploits:
+//! `refine` more trials, each a copy of one of the `refine_top` best trials of the first stage
+//! (by the validation metric) with about half its keys moved to a nearby value — a seeded
+//! function of the first stage's results, so a restart draws the same trials again. The budget
+//! is `trials + refine` for every model alike. A space file:
 //! ```toml
 //! name = "frappe-wukong"
 //! base = "../frappe_wukong.toml"    # relative to this file
@@ -14,6 +18,8 @@
 //! prune = "median"                  # stop trials below the median of finished ones ("none")
 //! prune_grace_evals = 2             # … never during a trial's first evaluations
 //! prune_min_trials = 3              # … nor before this many trials finished
+//! refine = 8                        # then 8 trials near the best (after all the trials above)
+//! refine_top = 3                    # … each a perturbed copy of one of the 3 best, in turn
 //! [space]
 //! "train.lr" = { loguniform = [1e-4, 1e-2] }
 //! "model.dropout" = { uniform = [0.0, 0.3] }
@@ -56,6 +62,12 @@ pub struct SpaceFile {
     pub prune_grace_evals: usize,
     #[serde(default = "three")]
     pub prune_min_trials: usize,
+    /// Trials of the second stage (0: none), drawn near the first stage's best once it finished.
+    #[serde(default)]
+    pub refine: usize,
+    /// How many of the first stage's best trials the second stage perturbs, in turn.
+    #[serde(default = "three")]
+    pub refine_top: usize,
     pub space: BTreeMap<String, Domain>,
 }
 
@@ -121,6 +133,30 @@ impl Domain {
         }
     }
 
+    /// A value near `v` (a first-stage trial's): a step of up to a quarter of the range (on the
+    /// log scale for log-uniform), clamped to it; an integer ±1; another choice. `v` as drawn by
+    /// [`Domain::sample`] (a value of another type is resampled).
+    fn perturb(&self, v: &toml::Value, rng: &mut SplitMix64) -> toml::Value {
+        let step = |rng: &mut SplitMix64| 0.25 * (2.0 * rng.unit() - 1.0);
+        match (self, v) {
+            (Domain::Choice(c), _) if c.len() > 1 => {
+                let others: Vec<&toml::Value> = c.iter().filter(|x| *x != v).collect();
+                others[(rng.next_u64() % others.len() as u64) as usize].clone()
+            }
+            (Domain::Choice(_), _) => v.clone(),
+            (Domain::Uniform([a, b]), toml::Value::Float(x)) => toml::Value::Float((x + step(rng) * (b - a)).clamp(*a, *b)),
+            (Domain::Loguniform([a, b]), toml::Value::Float(x)) if *x > 0.0 => {
+                toml::Value::Float((x.ln() + step(rng) * (b.ln() - a.ln())).clamp(a.ln(), b.ln()).exp().clamp(*a, *b))
+            }
+            (Domain::Int([a, b]), toml::Value::Integer(x)) => {
+                let up = rng.next_u64().is_multiple_of(2);
+                let y = if (up && x < b) || x <= a { x + 1 } else { x - 1 };
+                toml::Value::Integer(y.clamp(*a, *b))
+            }
+            _ => self.sample(rng),
+        }
+    }
+
     /// Grid values (choices, or every integer of a small range).
     fn grid(&self, key: &str) -> Result<Vec<toml::Value>> {
         match self {
@@ -151,20 +187,18 @@ fn set(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
 /// One trial's settings, in key order.
 pub type Settings = BTreeMap<String, toml::Value>;
 
-/// The space file, the trials' settings (deterministic from the seed) and their points.
+/// The space file, the first stage's trials' settings (deterministic from the seed) and their
+/// points; the second stage's are [`refined`] from their results.
 pub fn trials(path: &Path) -> Result<(SpaceFile, Vec<(Settings, Point)>)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let space: SpaceFile = toml::from_str(&text).with_context(|| format!("invalid space {}", path.display()))?;
     ensure!(space.trials > 0, "trials must be positive");
     ensure!(space.parallel > 0, "parallel must be positive");
+    ensure!(space.refine == 0 || space.refine_top > 0, "refine_top must be positive when refine is");
     ensure!(!space.space.is_empty(), "the space is empty");
     for (k, d) in &space.space {
         d.check(k)?;
     }
-    let base_path = path.parent().unwrap_or(Path::new(".")).join(&space.base);
-    let base: toml::Table =
-        toml::from_str(&std::fs::read_to_string(&base_path).with_context(|| format!("cannot read {}", base_path.display()))?)
-            .with_context(|| format!("invalid base config {}", base_path.display()))?;
     let settings: Vec<Settings> = match space.search {
         Search::Random => {
             let mut rng = SplitMix64(crate::rng::mix(space.seed ^ 0x7E5E_A4C4));
@@ -190,18 +224,82 @@ pub fn trials(path: &Path) -> Result<(SpaceFile, Vec<(Settings, Point)>)> {
             grid
         }
     };
-    let mut out = Vec::with_capacity(settings.len());
-    for (i, s) in settings.into_iter().enumerate() {
-        let id = format!("trial-{:03}", i + 1);
-        let mut table = base.clone();
-        for (k, v) in &s {
-            set(&mut table, k, v.clone())?;
-        }
-        table.insert("name".into(), toml::Value::String(format!("{}-{id}", space.name)));
-        let config = ExperimentConfig::parse(&toml::to_string(&table)?).with_context(|| format!("{id} ({})", describe(&s)))?;
-        out.push((s, Point { id, family: "trial".into(), config }));
-    }
+    let base = base_table(path, &space)?;
+    let out = settings.into_iter().enumerate().map(|(i, s)| trial(&space, &base, i, s)).collect::<Result<_>>()?;
     Ok((space, out))
+}
+
+/// The base config the space's values are set into.
+fn base_table(path: &Path, space: &SpaceFile) -> Result<toml::Table> {
+    let base_path = path.parent().unwrap_or(Path::new(".")).join(&space.base);
+    toml::from_str(&std::fs::read_to_string(&base_path).with_context(|| format!("cannot read {}", base_path.display()))?)
+        .with_context(|| format!("invalid base config {}", base_path.display()))
+}
+
+/// The trial with 0-based index `i` (id `trial-<i+1>`) and its settings.
+fn trial(space: &SpaceFile, base: &toml::Table, i: usize, s: Settings) -> Result<(Settings, Point)> {
+    let id = trial_id(i);
+    let mut table = base.clone();
+    for (k, v) in &s {
+        set(&mut table, k, v.clone())?;
+    }
+    table.insert("name".into(), toml::Value::String(format!("{}-{id}", space.name)));
+    let config = ExperimentConfig::parse(&toml::to_string(&table)?).with_context(|| format!("{id} ({})", describe(&s)))?;
+    Ok((s, Point { id, family: "trial".into(), config }))
+}
+
+fn trial_id(i: usize) -> String {
+    format!("trial-{:03}", i + 1)
+}
+
+/// The ids of the second stage's trials (known before their settings are).
+fn refine_ids(space: &SpaceFile, first: usize) -> Vec<String> {
+    (first..first + space.refine).map(trial_id).collect()
+}
+
+/// The second stage's trials: each a copy of one of the first stage's `refine_top` best (by the
+/// validation metric; every first-stage trial must have finished) with each key moved to a
+/// nearby value with probability ½ (at least one key, and never a copy of a trial already
+/// drawn). A seeded function of the first stage's results: the same on every restart.
+pub fn refined(path: &Path, space: &SpaceFile, first: &[(Settings, Point)], out: &Path) -> Result<Vec<(Settings, Point)>> {
+    if space.refine == 0 {
+        return Ok(Vec::new());
+    }
+    let mut done = Vec::with_capacity(first.len());
+    for (s, p) in first {
+        let f = experiment::run_point_finished(p, out)
+            .with_context(|| format!("the refinement stage needs the first stage's {} trials finished", first.len()))?;
+        done.push((s, f));
+    }
+    let key = space.metric.key();
+    done.sort_by(|a, b| better(space.metric)(&metric_of(&a.1.result, key), &metric_of(&b.1.result, key)));
+    let parents: Vec<&Settings> = done.iter().take(space.refine_top).map(|(s, _)| *s).collect();
+    let mut seen: Vec<Settings> = first.iter().map(|(s, _)| s.clone()).collect();
+    let mut rng = SplitMix64(crate::rng::mix(space.seed ^ 0x2EF1_4E5E));
+    let base = base_table(path, space)?;
+    let mut out_trials = Vec::with_capacity(space.refine);
+    for j in 0..space.refine {
+        let parent = parents[j % parents.len()];
+        let mut child = parent.clone();
+        // a few draws for a new setting (a space of few choices may have none left: then the last)
+        for _ in 0..64 {
+            child = parent.clone();
+            let keys: Vec<&String> = space.space.keys().collect();
+            let forced = keys[(rng.next_u64() % keys.len() as u64) as usize];
+            for (k, d) in &space.space {
+                if k == forced || rng.unit() < 0.5 {
+                    let moved = d.perturb(&parent[k], &mut rng);
+                    child.insert(k.clone(), moved);
+                }
+            }
+            if !seen.contains(&child) {
+                break;
+            }
+        }
+        seen.push(child.clone());
+        out_trials.push(trial(space, &base, first.len() + j, child)?);
+    }
+    Ok(out_trials)
 }
 
 fn describe(s: &Settings) -> String {
@@ -358,13 +456,29 @@ fn write_leaderboard(space: &SpaceFile, trials: &[(Settings, Point)], out: &Path
     crate::runtime::write_atomic(&out.join("leaderboard.csv"), csv.as_bytes())
 }
 
-/// Where a search stands (see [`experiment::status`]): its trials, then its seed re-runs.
+/// Where a search stands (see [`experiment::status`]): its trials (the second stage's by id
+/// until the first stage has finished), then its seed re-runs (once the best is known).
 pub fn status(path: &Path, out: &Path) -> Result<String> {
-    let (space, trials) = trials(path)?;
-    let mut ids: Vec<String> = trials.iter().map(|(_, p)| p.id.clone()).collect();
-    ids.extend(space.seeds.iter().map(|&s| seed_point_id(s)));
-    let key = space.metric.key();
-    experiment::status(out, &ids, key, space.metric == Monitor::Auc, space.parallel)
+    let (space, first) = trials(path)?;
+    let first_done = first.iter().all(|(_, p)| experiment::state(&experiment::point_dir(out, &p.id)) == experiment::PointState::Finished);
+    let mut ids: Vec<String> = first.iter().map(|(_, p)| p.id.clone()).collect();
+    if first_done {
+        let second = refined(path, &space, &first, out)?;
+        let all = [first, second].concat();
+        ids.extend(all[ids.len()..].iter().map(|(_, p)| p.id.clone()));
+        let done: Option<Vec<Finished>> = all.iter().map(|(_, p)| experiment::run_point_finished(p, out).ok()).collect();
+        match done {
+            Some(done) => {
+                let best = best_of(&space, &done)?;
+                ids.extend(space.seeds.iter().map(|&s| seed_point_id(&best.id, s)));
+            }
+            None => ids.extend(space.seeds.iter().map(|&s| seed_point_id("tbd", s))),
+        }
+    } else {
+        ids.extend(refine_ids(&space, first.len()));
+        ids.extend(space.seeds.iter().map(|&s| seed_point_id("tbd", s)));
+    }
+    experiment::status(out, &ids, space.metric.key(), space.metric == Monitor::Auc, space.parallel)
 }
 
 /// The best finished trial by the validation metric.
@@ -373,9 +487,10 @@ fn best_of<'a>(space: &SpaceFile, done: &'a [Finished]) -> Result<&'a Finished> 
     done.iter().min_by(|a, b| better(space.metric)(&metric_of(&a.result, key), &metric_of(&b.result, key))).context("no trial finished")
 }
 
-/// The point (run directory under `<out>/points`) of the best config's re-run with seed `s`.
-pub fn seed_point_id(s: u64) -> String {
-    format!("best-seed{s}")
+/// The point (run directory under `<out>/points`) of trial `best`'s re-run with seed `s`: named
+/// after the trial, so a second stage that finds a new best re-runs it beside the old one's.
+pub fn seed_point_id(best: &str, s: u64) -> String {
+    format!("best-{best}-seed{s}")
 }
 
 /// The seed re-runs of the best trial.
@@ -387,19 +502,23 @@ fn seed_points(space: &SpaceFile, best: &Point) -> Vec<Point> {
             let mut config = best.config.clone();
             config.train.seed = s;
             config.name = format!("{}-best-seed{s}", space.name);
-            Point { id: seed_point_id(s), family: "best".into(), config }
+            Point { id: seed_point_id(&best.id, s), family: "best".into(), config }
         })
         .collect()
 }
 
-/// Trains only the trial or seed re-run `id` (the child process of a parallel search). A seed
-/// re-run needs every trial finished (the best one is read back from their results).
+/// Trains only the trial or seed re-run `id` (the child process of a parallel search). A
+/// second-stage trial needs the first stage finished, a seed re-run every trial (the best one is
+/// read back from their results).
 pub fn run_only(path: &Path, out: &Path, opts: &crate::train::RunOptions, id: &str) -> Result<()> {
-    let (space, trials) = trials(path)?;
-    let points: Vec<Point> = trials.iter().map(|(_, p)| p.clone()).collect();
+    let (space, first) = trials(path)?;
     // the parent search holds the directory; a child holds its one point
     let _hold =
         experiment::hold(&out.join("points").join(format!("{id}{}", experiment::LOCK_FILE)), &format!("point {id} of {}", out.display()))?;
+    let mut points: Vec<Point> = first.iter().map(|(_, p)| p.clone()).collect();
+    if !points.iter().any(|p| p.id == id) {
+        points.extend(refined(path, &space, &first, out)?.into_iter().map(|(_, p)| p));
+    }
     if let Some(p) = points.iter().find(|p| p.id == id) {
         experiment::run_point(p, out, &trial_options(&space, out, &points, opts))?;
         return Ok(());
@@ -413,20 +532,38 @@ pub fn run_only(path: &Path, out: &Path, opts: &crate::train::RunOptions, id: &s
     Ok(())
 }
 
+/// Trains (or reads back) the trials `stage`, in child processes when given a launcher; the
+/// leaderboard (of every trial in `all` finished so far) is rewritten as each one ends.
+fn run_stage(
+    space: &SpaceFile,
+    stage: &[(Settings, Point)],
+    all: &[(Settings, Point)],
+    out: &Path,
+    opts: &crate::train::RunOptions,
+    children: Option<Launch>,
+) -> Result<Vec<Finished>> {
+    let points: Vec<Point> = stage.iter().map(|(_, p)| p.clone()).collect();
+    let peers: Vec<Point> = all.iter().map(|(_, p)| p.clone()).collect();
+    let write = || write_leaderboard(space, all, out);
+    if let Some(launch) = children {
+        run_children(&points, out, space.parallel, launch, &write)?;
+    }
+    experiment::run_all(&points, out, &trial_options(space, out, &peers, opts), |_| write())
+}
+
 /// Runs (or continues) the search, then the seeds of the best trial; writes `leaderboard.md`,
 /// `leaderboard.csv` and `summary.json` into `out` after every trial. With `parallel > 1` in
 /// the space and a `launch`er, trials and seed re-runs train in child processes.
 pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions, launch: Option<Launch>) -> Result<Summary> {
-    let (space, trials) = trials(path)?;
+    let (space, first) = trials(path)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let _hold = experiment::hold(&out.join(experiment::LOCK_FILE), &format!("search directory {}", out.display()))?;
-    let points: Vec<Point> = trials.iter().map(|(_, p)| p.clone()).collect();
     let children = launch.filter(|_| space.parallel > 1);
-    let write = || write_leaderboard(&space, &trials, out);
-    if let Some(launch) = children {
-        run_children(&points, out, space.parallel, launch, &write)?;
-    }
-    let done = experiment::run_all(&points, out, &trial_options(&space, out, &points, opts), |_| write())?;
+    // the first stage, then the second (drawn from the first's results), each through the runner
+    let mut done = run_stage(&space, &first, &first, out, opts, children)?;
+    let second = refined(path, &space, &first, out)?;
+    let trials = [first, second].concat();
+    done.extend(run_stage(&space, &trials[done.len()..], &trials, out, opts, children)?);
     let best = best_of(&space, &done)?;
     let best_trial = trials.iter().find(|(_, p)| p.id == best.id).expect("a trial");
     // the best config with each seed (its trial seed included if listed: a separate run anyway)

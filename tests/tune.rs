@@ -60,8 +60,10 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     let seed_auc: Vec<f64> = [1, 2]
         .iter()
         .map(|s| {
-            let r: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(out.join(format!("points/best-seed{s}/result.json"))).unwrap()).unwrap();
+            let r: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join(format!("points/best-{}-seed{s}/result.json", summary.best))).unwrap(),
+            )
+            .unwrap();
             r["test_auc"].as_f64().unwrap()
         })
         .collect();
@@ -83,6 +85,61 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     let again = tune::run(&dir.join("space.toml"), &out, &opts, None).unwrap();
     assert_eq!(again.best, summary.best);
     assert_eq!(std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap(), before);
+}
+
+/// The second stage (`refine`): trials drawn near the first stage's best once it finished —
+/// each a copy of one of the `refine_top` best with some keys moved a bounded step, never a
+/// setting already tried, the same on a restart; the budget and leaderboard include them and the
+/// seeds re-run the best of all.
+#[test]
+fn a_second_stage_refines_near_the_first_stages_best() {
+    let dir = common::workdir("tune-refine");
+    write(&dir, &SPACE.replace("seeds = [1, 2]\n", "seeds = [1]\nrefine = 3\nrefine_top = 2\n"));
+    let (space_path, out) = (dir.join("space.toml"), dir.join("out"));
+    let opts = RunOptions { out_dir: out.clone(), ..Default::default() };
+    // before the first stage has finished, a second-stage trial cannot be drawn
+    let err = format!("{:#}", tune::run_only(&space_path, &out, &opts, "trial-005").unwrap_err());
+    assert!(err.contains("the refinement stage needs the first stage's 4 trials finished"), "{err}");
+    let st = tune::status(&space_path, &out).unwrap();
+    assert!(st.contains("0 of 8 points finished") && st.contains("| trial-007 | pending |"), "{st}");
+    let summary = tune::run(&space_path, &out, &opts, None).unwrap();
+    let (space, first) = tune::trials(&space_path).unwrap();
+    let second = tune::refined(&space_path, &space, &first, &out).unwrap();
+    assert_eq!(second.iter().map(|(_, p)| p.id.as_str()).collect::<Vec<_>>(), ["trial-005", "trial-006", "trial-007"]);
+    // the parents: the first stage's two best by validation AUC, in turn
+    let auc = |id: &str| result(&out, id)["valid_auc"].as_f64().unwrap();
+    let mut ranked: Vec<&(tune::Settings, wukong::experiment::Point)> = first.iter().collect();
+    ranked.sort_by(|a, b| auc(&b.1.id).partial_cmp(&auc(&a.1.id)).unwrap());
+    for (j, (child, p)) in second.iter().enumerate() {
+        let parent = &ranked[j % 2].0;
+        assert!(first.iter().all(|(s, _)| s != child), "{}: a new setting", p.id);
+        assert!(second[..j].iter().all(|(s, _)| s != child), "{}: not drawn twice", p.id);
+        let lr = (child["train.lr"].as_float().unwrap(), parent["train.lr"].as_float().unwrap());
+        assert!((1e-4..=3e-2).contains(&lr.0) && (lr.0 / lr.1).ln().abs() <= 0.25 * (3e-2f64 / 1e-4).ln() + 1e-12, "{}: {lr:?}", p.id);
+        let dropout = (child["model.dropout"].as_float().unwrap(), parent["model.dropout"].as_float().unwrap());
+        assert!((0.0..=0.2).contains(&dropout.0) && (dropout.0 - dropout.1).abs() <= 0.05 + 1e-12, "{}: {dropout:?}", p.id);
+        let layers = child["model.num_layers"].as_integer().unwrap();
+        assert!((1..=2).contains(&layers));
+        // what the trial trained is what was drawn (a restart draws the same)
+        let saved: toml::Table =
+            toml::from_str(&std::fs::read_to_string(out.join(format!("points/{}/config.toml", p.id))).unwrap()).unwrap();
+        assert_eq!(saved["train"]["lr"].as_float(), Some(lr.0), "{}", p.id);
+        assert_eq!(saved["model"]["num_layers"].as_integer(), Some(layers), "{}", p.id);
+    }
+    // every trial is on the leaderboard; the seed re-runs the best of all seven
+    let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 8, "{csv}");
+    let best_all = (1..=7).map(|i| format!("trial-{i:03}")).max_by(|a, b| auc(a).partial_cmp(&auc(b)).unwrap()).unwrap();
+    assert_eq!(summary.best, best_all);
+    assert!(result(&out, &format!("best-{best_all}-seed1"))["test_auc"].as_f64().unwrap().is_finite());
+    let st = tune::status(&space_path, &out).unwrap();
+    assert!(st.contains("8 of 8 points finished") && st.contains(&format!("| best-{best_all}-seed1 | finished |")), "{st}");
+    let row = wukong::compare::read_tuned(&out).unwrap();
+    assert_eq!((row.trials, row.best.as_str()), (7, best_all.as_str()));
+    // a second invocation trains nothing again
+    let before = std::fs::metadata(out.join("points/trial-006/result.json")).unwrap().modified().unwrap();
+    assert_eq!(tune::run(&space_path, &out, &opts, None).unwrap().best, summary.best);
+    assert_eq!(std::fs::metadata(out.join("points/trial-006/result.json")).unwrap().modified().unwrap(), before);
 }
 
 /// A search directory another process holds is refused with a message naming it and that
@@ -174,7 +231,7 @@ fn parallel_trials_train_in_child_processes_with_a_share_of_the_threads() {
     let dir = common::workdir("tune-parallel");
     write_long(
         &dir,
-        "name = \"p\"\nbase = \"base.toml\"\ntrials = 3\nseed = 4\nseeds = [1, 2]\nparallel = 2\n\
+        "name = \"p\"\nbase = \"base.toml\"\ntrials = 3\nseed = 4\nseeds = [1, 2]\nparallel = 2\nrefine = 1\n\
          [space]\n\"train.lr\" = { loguniform = [1e-3, 3e-2] }\n\"model.num_fmb\" = { choice = [2, 4] }\n",
     );
     let out = dir.join("out");
@@ -188,21 +245,29 @@ fn parallel_trials_train_in_child_processes_with_a_share_of_the_threads() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("3 to train, 2 at a time with 1 thread(s) each"), "{stderr}");
+    assert!(stderr.contains("1 to train, 1 at a time with 2 thread(s) each"), "the second stage's one trial: {stderr}");
     assert!(stderr.contains("2 to train, 2 at a time with 1 thread(s) each"), "the seed re-runs too: {stderr}");
-    for id in ["trial-001", "trial-002", "trial-003", "best-seed1", "best-seed2"] {
-        assert!(result(&out, id)["test_auc"].as_f64().unwrap().is_finite(), "{id}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let best = summary["best"].as_str().unwrap();
+    for id in ["trial-001", "trial-002", "trial-003", "trial-004"]
+        .map(String::from)
+        .into_iter()
+        .chain([1, 2].map(|s| format!("best-{best}-seed{s}")))
+    {
+        assert!(result(&out, &id)["test_auc"].as_f64().unwrap().is_finite(), "{id}");
     }
     let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 4, "{csv}");
-    // the children trained the configs the search drew
-    let (_, trials) = tune::trials(&dir.join("space.toml")).unwrap();
-    for (s, p) in &trials {
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    // the children trained the configs the search drew, in both stages
+    let (space, first) = tune::trials(&dir.join("space.toml")).unwrap();
+    let second = tune::refined(&dir.join("space.toml"), &space, &first, &out).unwrap();
+    for (s, p) in first.iter().chain(&second) {
         let saved: wukong::config::ExperimentConfig =
             toml::from_str(&std::fs::read_to_string(out.join(format!("points/{}/config.toml", p.id))).unwrap()).unwrap();
         assert_eq!(saved.train.lr, s["train.lr"].as_float().unwrap());
     }
     // the children's lock files beside their points are not trials of the Table-2 row
-    assert_eq!(wukong::compare::read_tuned(&out).unwrap().trials, 3);
+    assert_eq!(wukong::compare::read_tuned(&out).unwrap().trials, 4);
 }
 
 /// The Table-2 search spaces (`configs/tune/`, one per model and dataset): every trial each draws
@@ -212,6 +277,7 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tune");
     let mut per_dataset = std::collections::BTreeMap::<String, usize>::new();
     let mut shared_keys = std::collections::BTreeMap::<String, Vec<String>>::new();
+    let mut refine = std::collections::BTreeMap::<String, (usize, usize)>::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
@@ -219,6 +285,9 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
         let (space, trials) = tune::trials(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         assert_eq!((space.trials, trials.len(), space.seeds.len()), (16, 16, 3), "{}", path.display());
         assert_eq!(space.prune, tune::Prune::Median, "{}", path.display());
+        // the second stage's budget is the dataset's, for every model alike
+        let stage2 = refine.entry(stem[..stem.rfind('_').unwrap()].to_string()).or_insert((space.refine, space.refine_top));
+        assert_eq!(*stage2, (space.refine, space.refine_top), "{}: another second stage than its dataset's", path.display());
         for key in ["train.lr", "train.emb_lr", "train.emb_l2", "model.embedding_dim"] {
             assert!(space.space.contains_key(key), "{}: {key}", path.display());
         }
@@ -238,6 +307,7 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
     let expected: std::collections::BTreeMap<String, usize> =
         ["frappe", "movielens100k", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
     assert_eq!(per_dataset, expected, "one space per model and dataset");
+    assert_eq!(refine["frappe"], (8, 3), "Frappe's second stage");
 }
 
 /// `wukong tune --status`: read from the directory alone, while a search runs or after, without
