@@ -457,27 +457,23 @@ fn write_leaderboard(space: &SpaceFile, trials: &[(Settings, Point)], out: &Path
 }
 
 /// Where a search stands (see [`experiment::status`]): its trials (the second stage's by id
-/// until the first stage has finished), then its seed re-runs (once the best is known).
+/// until the first stage has finished), then the seed re-runs of the best trial finished so far
+/// (the final best's once every trial has finished; `best-tbd-…` before any has).
 pub fn status(path: &Path, out: &Path) -> Result<String> {
     let (space, first) = trials(path)?;
-    let first_done = first.iter().all(|(_, p)| experiment::state(&experiment::point_dir(out, &p.id)) == experiment::PointState::Finished);
+    let finished = |p: &Point| experiment::state(&experiment::point_dir(out, &p.id)) == experiment::PointState::Finished;
+    // the second stage is drawn once the first has finished; its ids are known before
+    let second = if first.iter().all(|(_, p)| finished(p)) { refined(path, &space, &first, out)? } else { Vec::new() };
+    let done: Vec<Finished> = first
+        .iter()
+        .chain(&second)
+        .filter(|(_, p)| finished(p))
+        .map(|(_, p)| experiment::run_point_finished(p, out))
+        .collect::<Result<_>>()?;
+    let best = if done.is_empty() { "tbd".to_string() } else { best_of(&space, &done)?.id.clone() };
     let mut ids: Vec<String> = first.iter().map(|(_, p)| p.id.clone()).collect();
-    if first_done {
-        let second = refined(path, &space, &first, out)?;
-        let all = [first, second].concat();
-        ids.extend(all[ids.len()..].iter().map(|(_, p)| p.id.clone()));
-        let done: Option<Vec<Finished>> = all.iter().map(|(_, p)| experiment::run_point_finished(p, out).ok()).collect();
-        match done {
-            Some(done) => {
-                let best = best_of(&space, &done)?;
-                ids.extend(space.seeds.iter().map(|&s| seed_point_id(&best.id, s)));
-            }
-            None => ids.extend(space.seeds.iter().map(|&s| seed_point_id("tbd", s))),
-        }
-    } else {
-        ids.extend(refine_ids(&space, first.len()));
-        ids.extend(space.seeds.iter().map(|&s| seed_point_id("tbd", s)));
-    }
+    ids.extend(refine_ids(&space, first.len()));
+    ids.extend(space.seeds.iter().map(|&s| seed_point_id(&best, s)));
     experiment::status(out, &ids, space.metric.key(), space.metric == Monitor::Auc, space.parallel)
 }
 

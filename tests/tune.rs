@@ -102,6 +102,7 @@ fn a_second_stage_refines_near_the_first_stages_best() {
     assert!(err.contains("the refinement stage needs the first stage's 4 trials finished"), "{err}");
     let st = tune::status(&space_path, &out).unwrap();
     assert!(st.contains("0 of 8 points finished") && st.contains("| trial-007 | pending |"), "{st}");
+    assert!(st.contains("| best-tbd-seed1 | pending |"), "no trial finished, no best yet: {st}");
     let summary = tune::run(&space_path, &out, &opts, None).unwrap();
     let (space, first) = tune::trials(&space_path).unwrap();
     let second = tune::refined(&space_path, &space, &first, &out).unwrap();
@@ -136,6 +137,15 @@ fn a_second_stage_refines_near_the_first_stages_best() {
     assert!(st.contains("8 of 8 points finished") && st.contains(&format!("| best-{best_all}-seed1 | finished |")), "{st}");
     let row = wukong::compare::read_tuned(&out).unwrap();
     assert_eq!((row.trials, row.best.as_str()), (7, best_all.as_str()));
+    // while the second stage runs, the status names the seed runs of the best finished so far
+    for id in ["trial-005", "trial-006", "trial-007"] {
+        std::fs::rename(out.join(format!("points/{id}/result.json")), out.join(format!("points/{id}/result.json.kept"))).unwrap();
+    }
+    let st = tune::status(&space_path, &out).unwrap();
+    assert!(st.contains(&format!("| best-{}-seed1 |", ranked[0].1.id)), "the first stage's best: {st}");
+    for id in ["trial-005", "trial-006", "trial-007"] {
+        std::fs::rename(out.join(format!("points/{id}/result.json.kept")), out.join(format!("points/{id}/result.json"))).unwrap();
+    }
     // a second invocation trains nothing again
     let before = std::fs::metadata(out.join("points/trial-006/result.json")).unwrap().modified().unwrap();
     assert_eq!(tune::run(&space_path, &out, &opts, None).unwrap().best, summary.best);
