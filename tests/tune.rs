@@ -192,6 +192,7 @@ fn grids_and_bad_spaces() {
     assert!(bad("[space]\n\"lr\" = { choice = [0.1] }\n").contains("needs its section"));
     assert!(bad("[space]\n\"model.dropout\" = { choice = [1.5] }\n").contains("model.dropout"));
     assert!(bad("[space]\n\"train.nope\" = { choice = [1] }\n").contains("nope"));
+    assert!(bad("refine = 2\nrefine_top = 0\n[space]\n\"train.lr\" = { choice = [0.1] }\n").contains("refine_top must be positive"));
 }
 
 /// A base whose trials evaluate three times (every two of their six steps) and never stop on
