@@ -271,12 +271,12 @@ pub fn refined(path: &Path, space: &SpaceFile, first: &[(Settings, Point)], out:
             .with_context(|| format!("the refinement stage needs the first stage's {} trials finished", first.len()))?;
         done.push((s, f));
     }
-    let key = space.metric.key();
-    done.sort_by(|a, b| better(space.metric)(&metric_of(&a.1.result, key), &metric_of(&b.1.result, key)));
-    let parents: Vec<&Settings> = done.iter().take(space.refine_top).map(|(s, _)| *s).collect();
+    let parents: Vec<&Settings> =
+        ranked(space.metric, &done, |d| &d.1.result).into_iter().take(space.refine_top).map(|(s, _)| *s).collect();
     let mut seen: Vec<Settings> = first.iter().map(|(s, _)| s.clone()).collect();
     let mut rng = SplitMix64(crate::rng::mix(space.seed ^ 0x2EF1_4E5E));
     let base = base_table(path, space)?;
+    let keys: Vec<&String> = space.space.keys().collect();
     let mut out_trials = Vec::with_capacity(space.refine);
     for j in 0..space.refine {
         let parent = parents[j % parents.len()];
@@ -284,7 +284,6 @@ pub fn refined(path: &Path, space: &SpaceFile, first: &[(Settings, Point)], out:
         // a few draws for a new setting (a space of few choices may have none left: then the last)
         for _ in 0..64 {
             child = parent.clone();
-            let keys: Vec<&String> = space.space.keys().collect();
             let forced = keys[(rng.next_u64() % keys.len() as u64) as usize];
             for (k, d) in &space.space {
                 if k == forced || rng.unit() < 0.5 {
@@ -310,12 +309,20 @@ fn metric_of(r: &serde_json::Value, key: &str) -> f64 {
     r[key].as_f64().unwrap_or(f64::NAN)
 }
 
-/// A trial's place on the leaderboard: better first (NaN last).
-fn better(metric: Monitor) -> impl Fn(&f64, &f64) -> std::cmp::Ordering {
-    move |a, b| {
-        let (a, b) = if metric == Monitor::Auc { (-a, -b) } else { (*a, *b) };
+/// `items` best first by the space's validation metric (NaN last; ties keep their order): the
+/// one ordering of the leaderboard, the best trial and the second stage's parents.
+fn ranked<T>(metric: Monitor, items: &[T], result: impl Fn(&T) -> &serde_json::Value) -> Vec<&T> {
+    let key = metric.key();
+    let score = |t: &T| {
+        let x = metric_of(result(t), key);
+        if metric == Monitor::Auc { -x } else { x }
+    };
+    let mut order: Vec<&T> = items.iter().collect();
+    order.sort_by(|a, b| {
+        let (a, b) = (score(a), score(b));
         a.partial_cmp(&b).unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
-    }
+    });
+    order
 }
 
 /// The outcome: leaderboard rows (best first) and the seeds' summary.
@@ -343,8 +350,7 @@ pub fn mean_std(v: &[f64]) -> Option<(f64, f64)> {
 /// Markdown and CSV leaderboards of the finished trials, best first by the validation metric.
 pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result<(String, String)> {
     let key = space.metric.key();
-    let mut order: Vec<usize> = (0..trials.len()).collect();
-    order.sort_by(|&a, &b| better(space.metric)(&metric_of(&trials[a].1.result, key), &metric_of(&trials[b].1.result, key)));
+    let order = ranked(space.metric, trials, |t| &t.1.result);
     let keys: Vec<&String> = space.space.keys().collect();
     let mut md = format!("# Tuning `{}` — {} trials, selected by validation {}\n\n| rank | trial |", space.name, trials.len(), key);
     for k in &keys {
@@ -360,8 +366,7 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
         ["valid_auc", "valid_logloss", "test_auc", "test_logloss", "calibrated_test_logloss", "seconds", "pruned_at"].map(String::from),
     );
     w.write_record(&header)?;
-    for (rank, &i) in order.iter().enumerate() {
-        let (s, f) = &trials[i];
+    for (rank, (s, f)) in order.into_iter().enumerate() {
         let r = &f.result;
         let nums = ["valid_auc", "valid_logloss", "test_auc", "test_logloss"].map(|k| metric_of(r, k));
         let mut rec = vec![(rank + 1).to_string(), f.id.clone()];
@@ -479,8 +484,7 @@ pub fn status(path: &Path, out: &Path) -> Result<String> {
 
 /// The best finished trial by the validation metric.
 fn best_of<'a>(space: &SpaceFile, done: &'a [Finished]) -> Result<&'a Finished> {
-    let key = space.metric.key();
-    done.iter().min_by(|a, b| better(space.metric)(&metric_of(&a.result, key), &metric_of(&b.result, key))).context("no trial finished")
+    ranked(space.metric, done, |f| &f.result).first().copied().context("no trial finished")
 }
 
 /// The point (run directory under `<out>/points`) of trial `best`'s re-run with seed `s`: named
@@ -581,4 +585,19 @@ pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions, launch: Opt
     };
     crate::runtime::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranking_puts_the_better_validation_metric_first_nan_last_and_keeps_ties_in_order() {
+        let r = |id: &str, auc: f64, ll: f64| (id.to_string(), serde_json::json!({ "valid_auc": auc, "valid_logloss": ll }));
+        let items = [r("a", 0.90, 0.30), r("b", f64::NAN, f64::NAN), r("c", 0.95, 0.40), r("d", 0.90, 0.20)];
+        let ids = |m| ranked(m, &items, |t| &t.1).iter().map(|t| t.0.as_str()).collect::<Vec<_>>();
+        // serde_json writes NaN as null: read back as NaN, ranked last under either metric
+        assert_eq!(ids(Monitor::Auc), ["c", "a", "d", "b"]);
+        assert_eq!(ids(Monitor::Logloss), ["d", "a", "c", "b"]);
+    }
 }
