@@ -318,7 +318,9 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
     let expected: std::collections::BTreeMap<String, usize> =
         ["frappe", "movielens100k", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
     assert_eq!(per_dataset, expected, "one space per model and dataset");
-    assert_eq!(refine["frappe"], (8, 3), "Frappe's second stage");
+    for ds in ["frappe", "movielens100k", "movielens10m_tags"] {
+        assert_eq!(refine[ds], (8, 3), "{ds}: the second stage of every dataset");
+    }
 }
 
 /// `wukong tune --status`: read from the directory alone, while a search runs or after, without
