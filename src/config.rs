@@ -88,8 +88,12 @@ pub struct TrainConfig {
     /// A loss spike is a loss above this × its running mean (0 = only non-finite values are
     /// anomalies) …
     pub guard_spike_factor: f64,
-    /// … and above the running mean + this × its running standard deviation.
+    /// … and above the running mean + this × its running standard deviation …
     pub guard_spike_sigma: f64,
+    /// … and at least this much (in nats of mean log-loss) above the running mean: a nearly
+    /// memorized training set (mean 0.0006, std 0.0007) trips both relative rules on a harmless
+    /// 0.005 batch, and three such rollbacks would end a run.
+    pub guard_spike_min_excess: f64,
     /// Memory of the loss's running statistics, in steps.
     pub guard_window: usize,
     /// Steps observed before spikes are checked.
@@ -138,6 +142,7 @@ impl Default for TrainConfig {
             guard: Default::default(),
             guard_spike_factor: 3.0,
             guard_spike_sigma: 6.0,
+            guard_spike_min_excess: 0.1,
             guard_window: 100,
             guard_min_steps: 100,
             guard_max_rollbacks: 3,
@@ -218,6 +223,7 @@ impl TrainConfig {
         int("train.keep_checkpoints", self.keep_checkpoints, 1, 1000)?;
         num("train.guard_spike_factor", self.guard_spike_factor, 0.0, 1e6)?;
         num("train.guard_spike_sigma", self.guard_spike_sigma, 0.0, 1e6)?;
+        num("train.guard_spike_min_excess", self.guard_spike_min_excess, 0.0, 1e6)?;
         int("train.guard_window", self.guard_window, 1, 1 << 30)?;
         int("train.guard_min_steps", self.guard_min_steps, 0, 1 << 40)?;
         int("train.guard_max_rollbacks", self.guard_max_rollbacks, 0, 1_000_000)?;
