@@ -318,7 +318,7 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
     let expected: std::collections::BTreeMap<String, usize> =
         ["frappe", "movielens100k", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
     assert_eq!(per_dataset, expected, "one space per model and dataset");
-    for ds in ["frappe", "movielens100k", "movielens10m_tags"] {
+    for ds in expected.keys() {
         assert_eq!(refine[ds], (8, 3), "{ds}: the second stage of every dataset");
     }
 }
