@@ -332,7 +332,7 @@ impl Stepper {
         };
         self.dropout_stream = pass.dropout_stream();
         let grad_norm = self.adam.grad_norm(&model, &dense_grads);
-        let mut report = StepReport { loss, grad_norm, emb_grad_norm: 0.0 };
+        let mut report = StepReport { loss, grad_norm, emb_grad_norm: 0.0, examples: batch.size };
         if let Some(accept) = accept {
             if let Some((g, _)) = &sparse {
                 report.emb_grad_norm = (g.clone().powi_scalar(2).sum().into_scalar::<f32>() as f64).sqrt();
@@ -448,7 +448,7 @@ impl Stepper {
         profile::mark(Phase::Communication);
 
         let grad_norm = self.adam.grad_norm(&model, &dense_grads);
-        let mut report = StepReport { loss: (totals[0] / global) as f32, grad_norm, emb_grad_norm: 0.0 };
+        let mut report = StepReport { loss: (totals[0] / global) as f32, grad_norm, emb_grad_norm: 0.0, examples: global as usize };
         if let Some(accept) = accept {
             let mut squares = [emb_grad.iter().map(|&g| g as f64 * g as f64).sum::<f64>()];
             if sharded {
@@ -1203,7 +1203,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             s.examples += examples;
             s.epoch_loss_sum += report.loss as f64 * examples as f64;
             s.epoch_examples += examples;
-            s.guard.observe(&guard_cfg, report.loss);
+            s.guard.observe(&guard_cfg, report.loss, report.examples);
             if faults.diverge_at_step == Some(s.step) {
                 lp.stepper.perturb_for_tests();
             }
