@@ -94,7 +94,8 @@ pub struct GuardConfig {
     /// Steps observed before spikes are checked (non-finite values are checked from the start).
     pub min_steps: usize,
     /// Rows of a full batch (`train.batch_size`): the statistics are those of full batches'
-    /// mean losses, and a batch of n < this rows is judged and weighted for its n.
+    /// mean losses, and a batch of n < this rows is weighted for its n (and, from
+    /// [`MIN_JUDGED_FRACTION`] of this on, judged for its n).
     pub batch_size: usize,
 }
 
@@ -273,8 +274,9 @@ mod tests {
 
     /// Seen in nine Table-2 runs on MovieLens 10M tags (e.g. FinalMLP's trial-001, epoch 8): the
     /// epoch's last batch holds 14 rows; its mean loss 1.78 against full batches' 0.168 ± 0.044
-    /// rolled the run back and halved its learning rates. Judged for its 14 rows it passes; a
-    /// full batch at that loss, or a short one far beyond its own noise, is still a spike.
+    /// rolled the run back and halved its learning rates. A 14-row batch is now too short to be
+    /// judged for spikes (see `a_few_rows_are_not_judged_for_spikes`); a full batch at that loss,
+    /// or half a batch far beyond its own noise, is still a spike.
     #[test]
     fn a_short_last_batch_is_judged_by_its_own_noise() {
         let mut g = GuardState::default();
