@@ -69,6 +69,11 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Multiply both learning rates by this when the monitored metric does not improve (1 = off).
     pub plateau_lr_factor: f64,
+    /// The plateau rule never takes the learning rates below this fraction of their base values
+    /// (PyTorch's `ReduceLROnPlateau(min_lr=…)`, as a fraction); 0 (default) = no floor. With
+    /// `plateau_lr_factor = 0.1` and a floor of 0.1 the rates are cut once and training goes on at
+    /// a tenth of them until `patience` stops it.
+    pub plateau_min_lr_scale: f64,
     pub seed: u64,
     /// Matrix products of the MLPs: `f32` (default) or `bf16` (mixed precision: bf16 inputs and
     /// weights, f32 accumulation, f32 master weights, optimizer state, loss and metrics).
@@ -133,6 +138,7 @@ impl Default for TrainConfig {
             monitor: Monitor::Auc,
             patience: 2,
             plateau_lr_factor: 0.1,
+            plateau_min_lr_scale: 0.0,
             seed: 2024,
             precision: Default::default(),
             eval_every_steps: 0,
@@ -217,6 +223,7 @@ impl TrainConfig {
         num("train.emb_l2", self.emb_l2, 0.0, 1e3)?;
         int("train.patience", self.patience, 0, 1_000_000)?;
         above("train.plateau_lr_factor", self.plateau_lr_factor, 0.0, 1.0)?;
+        num("train.plateau_min_lr_scale", self.plateau_min_lr_scale, 0.0, 1.0)?;
         int("train.eval_every_steps", self.eval_every_steps, 0, 1 << 40)?;
         int("train.checkpoint_every_steps", self.checkpoint_every_steps, 0, 1 << 40)?;
         num("train.checkpoint_every_secs", self.checkpoint_every_secs, 0.0, 1e9)?;

@@ -839,7 +839,7 @@ impl Loop<'_> {
             }
         } else if s.step > self.warmup {
             s.bad_evals += 1;
-            s.lr_scale *= t.plateau_lr_factor;
+            s.lr_scale = plateau_cut(s.lr_scale, t.plateau_lr_factor, t.plateau_min_lr_scale);
         }
         let other = t.monitor.other();
         if s.best_other.as_ref().is_none_or(|b| other.score(&valid) > other.score(&b.metrics())) {
@@ -888,6 +888,12 @@ impl Loop<'_> {
         }
         self.checkpoint()
     }
+}
+
+/// The plateau rule's new learning-rate scale after an evaluation without improvement: cut by
+/// `factor`, never below `floor` (a scale already under the floor is not raised).
+fn plateau_cut(scale: f64, factor: f64, floor: f64) -> f64 {
+    (scale * factor).max(floor.min(scale))
 }
 
 fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) -> Result<TrainOutcome> {
