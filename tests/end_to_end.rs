@@ -100,8 +100,7 @@ fn tiny_training_learns_and_the_checkpoint_round_trips() {
     for f in [checkpoint::CONFIG, checkpoint::ENCODER, checkpoint::MODEL, checkpoint::METRICS, checkpoint::RESULT, checkpoint::ENV] {
         assert!(out.run_dir.join(f).is_file(), "{f} missing");
     }
-    let lines = std::fs::read_to_string(out.run_dir.join(checkpoint::METRICS)).unwrap();
-    assert_eq!(lines.lines().count(), out.epochs_run);
+    assert_eq!(common::metrics_lines(&out.run_dir).len(), out.epochs_run);
 
     // Reloading the run reproduces the reported test metrics exactly (same best weights).
     let (_, m) = reload_and_score_test(&out.run_dir, &dir);
@@ -216,9 +215,7 @@ fn logloss_monitor_keeps_the_epoch_with_the_lowest_validation_logloss() {
     cfg.train.patience = 6;
     cfg.train.plateau_lr_factor = 1.0;
     let out = train_quietly(&cfg, &dir);
-    let lines = std::fs::read_to_string(out.run_dir.join(checkpoint::METRICS)).unwrap();
-    let losses: Vec<f64> =
-        lines.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["valid_logloss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> = common::metrics_lines(&out.run_dir).iter().map(|e| e["valid_logloss"].as_f64().unwrap()).collect();
     let best = losses.iter().cloned().fold(f64::INFINITY, f64::min);
     assert_eq!(out.valid.logloss, best);
     assert_eq!(losses[out.best_epoch - 1], best);
@@ -240,8 +237,7 @@ fn plateau_cuts_stop_at_the_floor() {
     cfg.train.plateau_lr_factor = 0.5;
     cfg.train.plateau_min_lr_scale = 0.2;
     let out = train_quietly(&cfg, &dir);
-    let lines = std::fs::read_to_string(out.run_dir.join(checkpoint::METRICS)).unwrap();
-    let evals: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let evals = common::metrics_lines(&out.run_dir);
     let (mut scale, mut cuts) = (1.0f64, 0);
     for e in &evals {
         if !e["best"].as_bool().unwrap() && e["step"].as_u64().unwrap() > cfg.train.warmup_steps as u64 {

@@ -114,10 +114,6 @@ fn result(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join(checkpoint::RESULT)).unwrap()).unwrap()
 }
 
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join(checkpoint::METRICS)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 /// The embedding table in the run's newest checkpoint (of rank `shard`'s part in a sharded job).
 fn final_table(run: &Path, shard: Option<usize>) -> Vec<f32> {
     let cfg = ExperimentConfig::load(&run.join(checkpoint::CONFIG)).unwrap();
@@ -195,7 +191,7 @@ fn equal_steps(mode: &str) {
     let two = train(2, &dir, &["--config", "c.toml", "--out", "two"], None);
     assert!(two.status.success(), "{}", text(&two));
     let (r1, r2) = (run_dir(&dir.join("one")), run_dir(&dir.join("two")));
-    let (m1, m2) = (metrics(&r1), metrics(&r2));
+    let (m1, m2) = (common::metrics_lines(&r1), common::metrics_lines(&r2));
     assert_eq!(m1.len(), m2.len());
     assert!(m1.len() >= 46, "an evaluation per step: {}", m1.len());
     for (a, b) in m1.iter().zip(&m2) {

@@ -75,11 +75,9 @@ fn fingerprint(run: &Path) -> (serde_json::Value, Vec<serde_json::Value>) {
     for timing in ["seconds", "checkpoint_seconds", "checkpoints_written"] {
         result.as_object_mut().unwrap().remove(timing);
     }
-    let lines = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+    let lines = common::metrics_lines(run)
+        .into_iter()
+        .map(|mut v| {
             let o = v.as_object_mut().unwrap();
             o.remove("seconds");
             o.remove("epoch_seconds");

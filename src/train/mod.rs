@@ -891,9 +891,10 @@ impl Loop<'_> {
 }
 
 /// The plateau rule's new learning-rate scale after an evaluation without improvement: cut by
-/// `factor`, never below `floor` (a scale already under the floor is not raised).
+/// `factor`, never below `floor` (the scale starts at 1 and only this cut lowers it, so it is
+/// never under a floor of at most 1).
 fn plateau_cut(scale: f64, factor: f64, floor: f64) -> f64 {
-    (scale * factor).max(floor.min(scale))
+    (scale * factor).max(floor)
 }
 
 fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) -> Result<TrainOutcome> {

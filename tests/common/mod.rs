@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A fresh, empty scratch directory unique to this test process and `tag`.
 pub fn workdir(tag: &str) -> PathBuf {
@@ -38,4 +38,11 @@ pub const MODELS: [(&str, &str); 15] = [
 #[allow(dead_code)]
 pub fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
+/// A run directory's `metrics.jsonl`, one JSON object per evaluation.
+#[allow(dead_code)]
+pub fn metrics_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run_dir.join(wukong::train::checkpoint::METRICS)).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
