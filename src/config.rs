@@ -74,6 +74,12 @@ pub struct TrainConfig {
     /// `plateau_lr_factor = 0.1` and a floor of 0.1 the rates are cut once and training goes on at
     /// a tenth of them until `patience` stops it.
     pub plateau_min_lr_scale: f64,
+    /// A fixed step schedule beside the plateau rule (PyTorch's `MultiStepLR`): after each of
+    /// these epochs (1-based, counted at the end-of-epoch evaluation) both learning rates are
+    /// multiplied by `lr_milestone_factor`. Empty (default) = none. Not bounded by
+    /// `plateau_min_lr_scale`; set `plateau_lr_factor = 1` for the step schedule alone.
+    pub lr_milestones: Vec<usize>,
+    pub lr_milestone_factor: f64,
     pub seed: u64,
     /// Matrix products of the MLPs: `f32` (default) or `bf16` (mixed precision: bf16 inputs and
     /// weights, f32 accumulation, f32 master weights, optimizer state, loss and metrics).
@@ -139,6 +145,8 @@ impl Default for TrainConfig {
             patience: 2,
             plateau_lr_factor: 0.1,
             plateau_min_lr_scale: 0.0,
+            lr_milestones: Vec::new(),
+            lr_milestone_factor: 0.1,
             seed: 2024,
             precision: Default::default(),
             eval_every_steps: 0,
@@ -224,6 +232,10 @@ impl TrainConfig {
         int("train.patience", self.patience, 0, 1_000_000)?;
         above("train.plateau_lr_factor", self.plateau_lr_factor, 0.0, 1.0)?;
         num("train.plateau_min_lr_scale", self.plateau_min_lr_scale, 0.0, 1.0)?;
+        above("train.lr_milestone_factor", self.lr_milestone_factor, 0.0, 1.0)?;
+        if self.lr_milestones.first() == Some(&0) || self.lr_milestones.windows(2).any(|w| w[0] >= w[1]) {
+            anyhow::bail!("train.lr_milestones must be increasing epoch numbers from 1, got {:?}", self.lr_milestones);
+        }
         int("train.eval_every_steps", self.eval_every_steps, 0, 1 << 40)?;
         int("train.checkpoint_every_steps", self.checkpoint_every_steps, 0, 1 << 40)?;
         num("train.checkpoint_every_secs", self.checkpoint_every_secs, 0.0, 1e9)?;

@@ -251,3 +251,51 @@ fn plateau_cuts_stop_at_the_floor() {
     assert!(cuts >= 4, "only {cuts} evaluations without a gain in {}: the floor was not exercised", evals.len());
     assert!(evals.last().unwrap()["lr"].as_f64().unwrap() >= 0.2 * cfg.train.lr - 1e-12);
 }
+
+/// `lr_milestones`: the rates step down after the named epochs whatever validation does, and a
+/// plateau cut afterwards never raises a scale the milestones took under the plateau floor.
+#[test]
+fn milestones_step_the_rates_and_the_plateau_floor_does_not_undo_them() {
+    let _turn = serial();
+    let dir = workdir("milestones");
+    generate(&dir);
+    let mut cfg = config(&dir);
+    cfg.train.epochs = 6;
+    cfg.train.eval_every_steps = 8;
+    cfg.train.patience = 100;
+    cfg.train.lr = 0.01;
+    cfg.train.lr_milestones = vec![1, 2];
+    cfg.train.lr_milestone_factor = 0.25;
+    cfg.train.plateau_lr_factor = 0.5;
+    cfg.train.plateau_min_lr_scale = 0.1;
+    let out = train_quietly(&cfg, &dir);
+    let evals = common::metrics_lines(&out.run_dir);
+    let (mut scale, mut steps, mut late_cuts) = (1.0f64, 0, 0);
+    for e in &evals {
+        let epoch = e["epoch"].as_u64().unwrap() as usize;
+        if !e["best"].as_bool().unwrap() && e["step"].as_u64().unwrap() > cfg.train.warmup_steps as u64 {
+            scale = (scale * 0.5).max(0.1).min(scale);
+            late_cuts += usize::from(epoch > 2);
+        }
+        if e["end_of_epoch"].as_bool().unwrap() && (epoch == 1 || epoch == 2) {
+            scale *= 0.25;
+            steps += 1;
+        }
+        let lr = e["lr"].as_f64().unwrap();
+        assert!((lr - cfg.train.lr * scale).abs() < 1e-12, "step {}: lr {lr}, expected {}", e["step"], cfg.train.lr * scale);
+    }
+    assert_eq!(steps, 2);
+    // The milestones alone take the scale to 1/16, under the floor of 0.1; the test needs a
+    // plateau cut after them to see the floor leave it there.
+    assert!(late_cuts >= 1, "no evaluation without a gain after epoch 2 in {}: the floor was not exercised", evals.len());
+    assert!(evals.last().unwrap()["lr"].as_f64().unwrap() <= cfg.train.lr / 16.0 + 1e-12);
+}
+
+#[test]
+fn bad_milestones_are_refused_by_name() {
+    for bad in [vec![0usize], vec![3, 3], vec![4, 2]] {
+        let train = wukong::config::TrainConfig { lr_milestones: bad.clone(), ..Default::default() };
+        let err = format!("{:#}", train.validate().unwrap_err());
+        assert!(err.contains("train.lr_milestones"), "{bad:?}: {err}");
+    }
+}

@@ -841,6 +841,9 @@ impl Loop<'_> {
             s.bad_evals += 1;
             s.lr_scale = plateau_cut(s.lr_scale, t.plateau_lr_factor, t.plateau_min_lr_scale);
         }
+        if end_of_epoch && t.lr_milestones.contains(&epoch) {
+            s.lr_scale *= t.lr_milestone_factor;
+        }
         let other = t.monitor.other();
         if s.best_other.as_ref().is_none_or(|b| other.score(&valid) > other.score(&b.metrics())) {
             s.best_other = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
@@ -891,10 +894,10 @@ impl Loop<'_> {
 }
 
 /// The plateau rule's new learning-rate scale after an evaluation without improvement: cut by
-/// `factor`, never below `floor` (the scale starts at 1 and only this cut lowers it, so it is
-/// never under a floor of at most 1).
+/// `factor`, never below `floor` — and never raised: a milestone cut (`lr_milestones`) may
+/// already have taken the scale under the floor.
 fn plateau_cut(scale: f64, factor: f64, floor: f64) -> f64 {
-    (scale * factor).max(floor)
+    (scale * factor).max(floor).min(scale)
 }
 
 fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) -> Result<TrainOutcome> {
