@@ -221,34 +221,60 @@ fn logloss_monitor_keeps_the_epoch_with_the_lowest_validation_logloss() {
     assert_eq!(losses[out.best_epoch - 1], best);
 }
 
-/// The plateau rule cuts both rates on every evaluation without a gain, but never under
-/// `plateau_min_lr_scale`: the logged rates replay from the `best` flags alone, and the floor is
-/// reached and held (the run is made to overfit so that several evaluations fail to improve).
-#[test]
-fn plateau_cuts_stop_at_the_floor() {
+/// A run made to overfit (an evaluation every 8 steps at lr 0.01, no early stop), so that several
+/// evaluations fail to improve; `rules` sets the rate rules under test. Its evaluations.
+fn overfitting_run(
+    tag: &str,
+    epochs: usize,
+    rules: impl FnOnce(&mut wukong::config::TrainConfig),
+) -> (ExperimentConfig, Vec<serde_json::Value>) {
     let _turn = serial();
-    let dir = workdir("plateau-floor");
+    let dir = workdir(tag);
     generate(&dir);
     let mut cfg = config(&dir);
-    cfg.train.epochs = 8;
+    cfg.train.epochs = epochs;
     cfg.train.eval_every_steps = 8;
     cfg.train.patience = 100;
     cfg.train.lr = 0.01;
-    cfg.train.plateau_lr_factor = 0.5;
-    cfg.train.plateau_min_lr_scale = 0.2;
+    rules(&mut cfg.train);
     let out = train_quietly(&cfg, &dir);
-    let evals = common::metrics_lines(&out.run_dir);
-    let (mut scale, mut cuts) = (1.0f64, 0);
-    for e in &evals {
-        if !e["best"].as_bool().unwrap() && e["step"].as_u64().unwrap() > cfg.train.warmup_steps as u64 {
-            scale = (scale * 0.5).max(0.2);
-            cuts += 1;
+    (cfg, common::metrics_lines(&out.run_dir))
+}
+
+/// Replays the rate rules from each evaluation's `best` and `end_of_epoch` flags alone and checks
+/// every logged rate against them: on an evaluation without a gain after warm-up the plateau rule
+/// cuts by its factor, not under its floor and never upwards; at the end of a milestone epoch the
+/// milestone factor applies. Returns the epochs of the plateau cuts and the milestone steps taken.
+fn replay_rates(evals: &[serde_json::Value], t: &wukong::config::TrainConfig) -> (Vec<usize>, usize) {
+    let (mut scale, mut cuts, mut steps) = (1.0f64, Vec::new(), 0);
+    for e in evals {
+        let epoch = e["epoch"].as_u64().unwrap() as usize;
+        if !e["best"].as_bool().unwrap() && e["step"].as_u64().unwrap() > t.warmup_steps as u64 {
+            scale = (scale * t.plateau_lr_factor).max(t.plateau_min_lr_scale).min(scale);
+            cuts.push(epoch);
+        }
+        if e["end_of_epoch"].as_bool().unwrap() && t.lr_milestones.contains(&epoch) {
+            scale *= t.lr_milestone_factor;
+            steps += 1;
         }
         let lr = e["lr"].as_f64().unwrap();
-        assert!((lr - cfg.train.lr * scale).abs() < 1e-12, "step {}: lr {lr}, expected {}", e["step"], cfg.train.lr * scale);
+        assert!((lr - t.lr * scale).abs() < 1e-12, "step {}: lr {lr}, expected {}", e["step"], t.lr * scale);
     }
+    (cuts, steps)
+}
+
+/// The plateau rule cuts both rates on every evaluation without a gain, but never under
+/// `plateau_min_lr_scale`: the logged rates replay from the `best` flags alone, and the floor is
+/// reached and held.
+#[test]
+fn plateau_cuts_stop_at_the_floor() {
+    let (cfg, evals) = overfitting_run("plateau-floor", 8, |t| {
+        t.plateau_lr_factor = 0.5;
+        t.plateau_min_lr_scale = 0.2;
+    });
+    let (cuts, _) = replay_rates(&evals, &cfg.train);
     // Three cuts reach the floor (0.5³ = 0.125 < 0.2); the test needs at least one more to see it held.
-    assert!(cuts >= 4, "only {cuts} evaluations without a gain in {}: the floor was not exercised", evals.len());
+    assert!(cuts.len() >= 4, "only {} evaluations without a gain in {}: the floor was not exercised", cuts.len(), evals.len());
     assert!(evals.last().unwrap()["lr"].as_f64().unwrap() >= 0.2 * cfg.train.lr - 1e-12);
 }
 
@@ -256,37 +282,17 @@ fn plateau_cuts_stop_at_the_floor() {
 /// plateau cut afterwards never raises a scale the milestones took under the plateau floor.
 #[test]
 fn milestones_step_the_rates_and_the_plateau_floor_does_not_undo_them() {
-    let _turn = serial();
-    let dir = workdir("milestones");
-    generate(&dir);
-    let mut cfg = config(&dir);
-    cfg.train.epochs = 6;
-    cfg.train.eval_every_steps = 8;
-    cfg.train.patience = 100;
-    cfg.train.lr = 0.01;
-    cfg.train.lr_milestones = vec![1, 2];
-    cfg.train.lr_milestone_factor = 0.25;
-    cfg.train.plateau_lr_factor = 0.5;
-    cfg.train.plateau_min_lr_scale = 0.1;
-    let out = train_quietly(&cfg, &dir);
-    let evals = common::metrics_lines(&out.run_dir);
-    let (mut scale, mut steps, mut late_cuts) = (1.0f64, 0, 0);
-    for e in &evals {
-        let epoch = e["epoch"].as_u64().unwrap() as usize;
-        if !e["best"].as_bool().unwrap() && e["step"].as_u64().unwrap() > cfg.train.warmup_steps as u64 {
-            scale = (scale * 0.5).max(0.1).min(scale);
-            late_cuts += usize::from(epoch > 2);
-        }
-        if e["end_of_epoch"].as_bool().unwrap() && (epoch == 1 || epoch == 2) {
-            scale *= 0.25;
-            steps += 1;
-        }
-        let lr = e["lr"].as_f64().unwrap();
-        assert!((lr - cfg.train.lr * scale).abs() < 1e-12, "step {}: lr {lr}, expected {}", e["step"], cfg.train.lr * scale);
-    }
+    let (cfg, evals) = overfitting_run("milestones", 6, |t| {
+        t.lr_milestones = vec![1, 2];
+        t.lr_milestone_factor = 0.25;
+        t.plateau_lr_factor = 0.5;
+        t.plateau_min_lr_scale = 0.1;
+    });
+    let (cuts, steps) = replay_rates(&evals, &cfg.train);
     assert_eq!(steps, 2);
     // The milestones alone take the scale to 1/16, under the floor of 0.1; the test needs a
     // plateau cut after them to see the floor leave it there.
+    let late_cuts = cuts.iter().filter(|&&epoch| epoch > 2).count();
     assert!(late_cuts >= 1, "no evaluation without a gain after epoch 2 in {}: the floor was not exercised", evals.len());
     assert!(evals.last().unwrap()["lr"].as_f64().unwrap() <= cfg.train.lr / 16.0 + 1e-12);
 }
