@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on this (CPU) machine, everything the GPU machine needs into gpu-bundle/ (git-ignored;
 # the device tool carries it): the `vulkan` build of `wukong`, the device test binary, and the
-# Vulkan loader (libvulkan1 from Debian's packages) to put beside them. The GPU machine has no
+# Vulkan loader and GL dispatch libraries (from Debian's packages) to put beside them. The GPU machine has no
 # Rust toolchain and no network. A clean `vulkan` build takes ~40 CPU-minutes; it gets its own
 # target directory so it never invalidates the default (CPU) build.
 #
@@ -23,10 +23,14 @@ for line in sys.stdin:
 cp "$test_exe" "$bundle/device-tests"
 strip "$bundle/wukong" "$bundle/device-tests"
 
-if [ ! -e "$bundle/lib/libvulkan.so.1" ]; then
+# The Vulkan loader and the GL vendor-neutral dispatch libraries: NVIDIA's Vulkan driver
+# (libGLX_nvidia.so.0) loads libGLdispatch/libGLX, which bare CUDA images lack. On the lent H200
+# (2026-12-04) the loader alone found no adapter; with these libraries unpacked it ran.
+if [ ! -e "$bundle/lib/libGLdispatch.so.0" ]; then
   tmp=$(mktemp -d)
-  (cd "$tmp" && apt-get download libvulkan1 >/dev/null 2>&1 && dpkg-deb -x libvulkan1_*.deb root)
-  cp -L "$tmp"/root/usr/lib/x86_64-linux-gnu/libvulkan.so.1 "$bundle/lib/"
+  (cd "$tmp" && apt-get download libvulkan1 libglvnd0 libglx0 libegl1 libgl1 libopengl0 >/dev/null 2>&1 \
+    && for d in *.deb; do dpkg-deb -x "$d" root; done)
+  cp -L "$tmp"/root/usr/lib/x86_64-linux-gnu/lib*.so.[0-9] "$bundle/lib/"
   rm -rf "$tmp"
 fi
 du -sh "$bundle"/*

@@ -15,9 +15,18 @@ bundle="$PWD/gpu-bundle"
 export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 device="${WUKONG_GPU:-vulkan}"
 report="$out/gpu_report.md"
+# Seconds allowed to each step (tests, equivalence, each training and bench): a hung driver or a
+# slow compile costs one step, not the lease.
+limit="${GPU_STEP_LIMIT:-240}"
 
-# The NVIDIA Vulkan driver is libGLX_nvidia.so.0; containers often lack its ICD manifest.
-if ! ls /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json >/dev/null 2>&1; then
+# The NVIDIA Vulkan driver is libGLX_nvidia.so.0. Prefer the manifest the driver mount ships
+# (seen at /usr/local/nvidia/share/vulkan/icd.d on the lent H200); containers often have none in
+# the loader's default places, and then one is written for the library ldconfig finds.
+driver_icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [ -e "$driver_icd" ]; then
+  export VK_ICD_FILENAMES="$driver_icd" VK_DRIVER_FILES="$driver_icd"
+  echo "using the driver's ICD manifest $driver_icd"
+elif ! ls /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json >/dev/null 2>&1; then
   glx=$(ldconfig -p 2>/dev/null | awk '/libGLX_nvidia.so.0/ {print $NF; exit}')
   if [ -n "$glx" ]; then
     printf '{"file_format_version":"1.0.0","ICD":{"library_path":"%s","api_version":"1.3.0"}}\n' "$glx" > "$out/nvidia_icd.json"
@@ -40,35 +49,56 @@ fi
 step() { echo; echo "== $1"; echo >> "$report"; echo "## $1" >> "$report"; echo >> "$report"; }
 
 step "Device tests (tests/device.rs, WUKONG_TEST_DEVICE=$device)"
-WUKONG_TEST_DEVICE="$device" "$bundle/device-tests" --test-threads 1 2>&1 | tee "$out/device-tests.log"
+WUKONG_TEST_DEVICE="$device" timeout "$limit" "$bundle/device-tests" --test-threads 1 2>&1 | tee "$out/device-tests.log"
 echo "exit ${PIPESTATUS[0]}: \`$(grep 'test result' "$out/device-tests.log" | tail -1)\`" >> "$report"
 
 step "CPU vs $device equivalence (Frappe config, 5 steps)"
-"$bundle/wukong" equivalence benchmarks/configs/frappe.toml --device "$device" --steps 5 2>&1 | tee "$out/equivalence.log"
+timeout "$limit" "$bundle/wukong" equivalence benchmarks/configs/frappe.toml --device "$device" --steps 5 2>&1 | tee "$out/equivalence.log"
 { echo '```'; grep -v BENCH_RESULT "$out/equivalence.log"; echo '```'; } >> "$report"
 
-step "Frappe on $device (configs/frappe_wukong.toml)"
-if [ -e ../shared/data/frappe ] || [ -e shared/data/frappe ]; then
-  cfg=configs/frappe_wukong.toml
-  [ -e ../shared/data/frappe ] || { sed 's#\.\./shared/#shared/#g' "$cfg" > "$out/frappe_gpu.toml"; cfg="$out/frappe_gpu.toml"; }
-  "$bundle/wukong" train --config "$cfg" --device "$device" --out "$out/runs" 2>&1 | tee "$out/frappe-train.log" | grep -v '^epoch .*\[' 
-  grep -E "test AUC|best epoch" "$out/frappe-train.log" >> "$report"
-  "$bundle/wukong" train --config "$cfg" --device "$device" --precision bf16 --out "$out/runs" 2>&1 | tee "$out/frappe-train-bf16.log" | grep -v '^epoch .*\['
-  echo "bf16:" >> "$report"; grep -E "test AUC|best epoch" "$out/frappe-train-bf16.log" >> "$report"
-  "$bundle/wukong" train --config "$cfg" --device "$device" --emb-storage f16 --out "$out/runs" 2>&1 | tee "$out/frappe-train-f16-table.log" | grep -v '^epoch .*\['
-  echo "f16 embedding table:" >> "$report"; grep -E "test AUC|best epoch|error" "$out/frappe-train-f16-table.log" >> "$report"
-else
-  echo "skipped: no Frappe data (../shared/data/frappe or shared/data/frappe)" | tee -a "$report"
+# Order after the checks: the figures that matter most first (a lease is minutes long and the
+# run may be cut): Frappe in f32, speed in f32 at both batch sizes, then bf16 speed, then the bf16
+# and f16-table Frappe runs.
+cfg=configs/frappe_wukong.toml
+have_frappe=1
+if [ ! -e ../shared/data/frappe ]; then
+  if [ -e shared/data/frappe ]; then
+    sed 's#\.\./shared/#shared/#g' "$cfg" > "$out/frappe_gpu.toml"; cfg="$out/frappe_gpu.toml"
+  else
+    have_frappe=0
+  fi
 fi
 
-for p in f32 bf16; do
-  for b in 4096 65536; do
-    step "Speed at batch $b, $p: ours ($device) vs PyTorch (CUDA eager, torch.compile)"
-    "$bundle/wukong" bench benchmarks/configs/frappe.toml benchmarks/configs/criteo.toml \
-      --device "$device" --batch-size "$b" --precision "$p" --work-dir "$out/bench-work" \
-      --out "$out/bench-$b-$p.md" 2>"$out/bench-$b-$p.log"
-    cat "$out/bench-$b-$p.md" >> "$report" 2>/dev/null || echo "bench failed: see bench-$b-$p.log" >> "$report"
-  done
-done
+frappe() { # $1: label, then extra train flags
+  local label="$1"; shift
+  step "Frappe on $device, $label (configs/frappe_wukong.toml)"
+  if [ "$have_frappe" = 0 ]; then
+    echo "skipped: no Frappe data (../shared/data/frappe or shared/data/frappe)" | tee -a "$report"; return
+  fi
+  local log="$out/frappe-train-$label.log"
+  timeout "$limit" "$bundle/wukong" train --config "$cfg" --device "$device" --out "$out/runs" "$@" 2>&1 \
+    | tee "$log" | grep -v '^epoch .*\['
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || echo "exit $rc (124: cut at ${limit} s)" >> "$report"
+  grep -E "test AUC|best epoch|error|guard" "$log" >> "$report"
+}
+
+speed() { # $1: batch, $2: precision
+  step "Speed at batch $1, $2: ours ($device) vs PyTorch (CUDA eager, torch.compile)"
+  timeout "$limit" "$bundle/wukong" bench benchmarks/configs/frappe.toml benchmarks/configs/criteo.toml \
+    --device "$device" --batch-size "$1" --precision "$2" --work-dir "$out/bench-work" \
+    --out "$out/bench-$1-$2.md" 2>"$out/bench-$1-$2.log"
+  local rc=$?
+  [ "$rc" = 0 ] || echo "exit $rc (124: cut at ${limit} s)" >> "$report"
+  cat "$out/bench-$1-$2.md" >> "$report" 2>/dev/null || echo "bench failed: see bench-$1-$2.log" >> "$report"
+}
+
+frappe f32
+speed 4096 f32
+speed 65536 f32
+speed 4096 bf16
+speed 65536 bf16
+frappe bf16 --precision bf16
+frappe f16-table --emb-storage f16
 rm -rf "$out/bench-work"
 echo; echo "report: $report"

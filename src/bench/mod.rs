@@ -467,8 +467,15 @@ pub fn report_dp(rows: &[(Spec, Vec<DpRow>)], cpu: &str) -> String {
     out
 }
 
-/// The markdown report: one speed table (ratio ours/this per row) and the phase shares.
-pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f64, String>)], header: &str) -> String {
+/// The burn backend a `--device` runs on, for labels ("Flex" on the CPU, else the device).
+pub fn backend_name(device: &str) -> String {
+    if device == "cpu" { "Flex".to_string() } else { device.to_string() }
+}
+
+/// The markdown report: one speed table (ratio ours/this per row) and the phase shares. `device`
+/// names our backend in the rows (a GPU run must not read as the CPU backend).
+pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f64, String>)], header: &str, device: &str) -> String {
+    let ours_name = format!("ours (burn {})", backend_name(device));
     let mut s = String::new();
     s.push_str(header);
     s.push_str("\n| config | framework | ms/step median (min–max) | train ex/s | train GFLOP/s | score ex/s | peak RSS MiB | ours / this (time) |\n");
@@ -483,7 +490,7 @@ pub fn report(results: &[ConfigResult], peaks: &[(String, std::result::Result<f6
         }
         let label = format!("{} (b={}, {:.2} MFLOP/ex{tags})", r.spec.name, r.spec.batch_size, r.spec.forward_flops as f64 / 1e6);
         let burn_adam = r.ours_burn_adam.iter().map(|m| ("ours, burn's Adam", m));
-        for (name, m) in [("ours (burn Flex)", &r.ours)]
+        for (name, m) in [(ours_name.as_str(), &r.ours)]
             .into_iter()
             .chain(burn_adam)
             .chain([("PyTorch eager", &r.eager), ("PyTorch compile", &r.compiled)])
@@ -556,5 +563,21 @@ mod tests {
         assert_eq!(m.median_ms(), 4.0);
         assert_eq!(m.min_ms(), 1.0);
         assert_eq!(m.max_ms(), 10.0);
+    }
+
+    /// A GPU run's rows and peak must name the device's backend: the first H200 report labelled
+    /// Vulkan timings "burn Flex" (the CPU backend).
+    #[test]
+    fn report_names_the_backend_that_ran() {
+        let spec = Spec::parse("name = \"t\"\n[model]\nname = \"fm\"\nembedding_dim = 4\n[shape]\nvocab = [5, 7]\nsteps = 2\nwarmup = 0\n")
+            .unwrap();
+        let m = Measurement { step_ms: vec![2.0, 4.0], ..Default::default() };
+        let r = ConfigResult { spec, ours: Ok(m), eager: Err("not run".into()), compiled: Err("not run".into()), ours_burn_adam: None };
+        let peaks = vec![(format!("burn 0.22.1 {} (ours), f32", backend_name("vulkan")), Ok(1.0))];
+        let gpu = report(std::slice::from_ref(&r), &peaks, "", "vulkan");
+        assert!(gpu.contains("| ours (burn vulkan) | 3.0 (2.0–4.0) |"), "{gpu}");
+        assert!(gpu.contains("burn 0.22.1 vulkan (ours), f32"), "{gpu}");
+        assert!(!gpu.contains("Flex"), "{gpu}");
+        assert!(report(&[r], &[], "", "cpu").contains("| ours (burn Flex) |"));
     }
 }

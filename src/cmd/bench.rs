@@ -329,7 +329,7 @@ pub fn run(a: Args) -> Result<()> {
                     a.device.clone(),
                 ],
             ));
-            peaks.push((format!("burn 0.22.1 Flex (ours), {precision}"), ours));
+            peaks.push((format!("burn 0.22.1 {} (ours), {precision}", bench::backend_name(&a.device)), ours));
             if torch_ok && precision == "bf16" && a.device == "cpu" && !wukong::runtime::cpu_has_bf16_units() {
                 // PyTorch's bf16 product without bf16 units is a single-threaded fallback that
                 // takes minutes at this size.
@@ -360,7 +360,7 @@ pub fn run(a: Args) -> Result<()> {
         results.first().map(|r| r.spec.steps).unwrap_or(0),
         results.first().map(|r| r.spec.warmup).unwrap_or(0),
     );
-    let table = bench::report(&results, &peaks, &header);
+    let table = bench::report(&results, &peaks, &header, &a.device);
     println!("{table}");
     if let Some(p) = a.out {
         wukong::runtime::write_atomic(&p, table.as_bytes())?;
