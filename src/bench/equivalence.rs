@@ -12,15 +12,6 @@ use crate::train::Stepper;
 
 /// Collects every float parameter's values (in visiting order, which is the same for two copies
 /// of one model).
-struct Collect(Vec<Vec<f32>>);
-
-impl burn::module::ModuleVisitor for Collect {
-    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
-        let v = param.val().into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
-        self.0.push(v);
-    }
-}
-
 /// Result of running the same steps on two devices from the same initial parameters.
 #[derive(Debug, Clone, Serialize)]
 pub struct Equivalence {
@@ -32,6 +23,10 @@ pub struct Equivalence {
     pub max_loss_diff: f64,
     /// max over parameter tensors of ‖p_a − p_b‖ / max(‖p_a‖, 1e-12) after the last step.
     pub max_param_rel_diff: f64,
+    /// The tensor where that maximum is (its path, as checkpoint keys) and its norm ‖p_a‖:
+    /// a small tensor (a bias, a LayerNorm shift) magnifies float-order differences.
+    pub worst_param: String,
+    pub worst_param_norm: f64,
     pub tolerance: f64,
     pub passed: bool,
 }
@@ -57,16 +52,17 @@ pub fn equivalence(spec: &Spec, data: EncodedDataset, device_a: &str, device_b: 
         losses_a.push(sa.step(&batch, spec.train.lr, spec.train.emb_lr)?);
         losses_b.push(sb.step(&batch, spec.train.lr, spec.train.emb_lr)?);
     }
-    let (mut pa, mut pb) = (Collect(Vec::new()), Collect(Vec::new()));
-    sa.model().visit(&mut pa);
-    sb.model().visit(&mut pb);
-    anyhow::ensure!(pa.0.len() == pb.0.len(), "the two models have different parameter lists");
-    let mut max_rel = 0.0f64;
-    for (a, b) in pa.0.iter().zip(&pb.0) {
-        anyhow::ensure!(a.len() == b.len(), "parameter sizes differ between devices");
-        let diff = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-        let norm = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        max_rel = max_rel.max(diff / norm.max(1e-12));
+    let (pa, pb) = (crate::model::export::named_parameters(sa.model()), crate::model::export::named_parameters(sb.model()));
+    anyhow::ensure!(pa.len() == pb.len(), "the two models have different parameter lists");
+    let (mut max_rel, mut worst_param, mut worst_param_norm) = (0.0f64, String::new(), 0.0f64);
+    for (a, b) in pa.iter().zip(&pb) {
+        anyhow::ensure!(a.values.len() == b.values.len(), "parameter {} differs in size between devices", a.name);
+        let diff = a.values.iter().zip(&b.values).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm = a.values.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let rel = diff / norm.max(1e-12);
+        if rel > max_rel {
+            (max_rel, worst_param, worst_param_norm) = (rel, a.name.clone(), norm);
+        }
     }
     let max_loss_diff = losses_a.iter().zip(&losses_b).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
     let passed = max_loss_diff <= tolerance && max_rel <= tolerance && losses_a.len() == steps;
@@ -77,6 +73,8 @@ pub fn equivalence(spec: &Spec, data: EncodedDataset, device_a: &str, device_b: 
         losses_b,
         max_loss_diff,
         max_param_rel_diff: max_rel,
+        worst_param,
+        worst_param_norm,
         tolerance,
         passed,
     })

@@ -120,9 +120,10 @@ pub fn equivalence(a: EquivalenceArgs) -> Result<()> {
         println!("step {:>3}: loss {} {x:.7}  {} {y:.7}  |diff| {:.2e}", i + 1, a.reference, a.device, (x - y).abs());
     }
     println!(
-        "max |loss diff| {:.3e}, max relative parameter diff {:.3e} (tolerance {:.1e}): {}",
+        "max |loss diff| {:.3e}, max relative parameter diff {:.3e}{} (tolerance {:.1e}): {}",
         r.max_loss_diff,
         r.max_param_rel_diff,
+        if r.worst_param.is_empty() { String::new() } else { format!(" at {} (norm {:.3e})", r.worst_param, r.worst_param_norm) },
         r.tolerance,
         if r.passed { "PASS" } else { "FAIL" }
     );
