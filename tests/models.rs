@@ -78,6 +78,11 @@ fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_feature
     }
 }
 
+/// `common::MODELS`, then the models with their interaction part switched off.
+fn models_and_switched_off() -> impl Iterator<Item = (&'static str, &'static str)> {
+    common::MODELS.iter().copied().chain(common::INTERACTION_OFF.iter().map(|&(name, body, _)| (name, body)))
+}
+
 /// Every float parameter except the embedding table (updated by its own optimizer from the
 /// gathered rows) must receive a gradient — fresh, and after a checkpoint round trip. A
 /// parameter created without `require_grad` silently stays at its initial value (it happened:
@@ -86,7 +91,7 @@ fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_feature
 fn every_parameter_receives_a_gradient_fresh_and_after_a_checkpoint_round_trip() {
     use wukong::model::export::{model_parameters, named_gradients, strip_variant};
     let _turn = serial();
-    let variants = common::MODELS.iter().flat_map(|&(name, body)| {
+    let variants = models_and_switched_off().flat_map(|(name, body)| {
         // and each model that has it with every dense feature embedded on its own
         let per_feature = toml::from_str::<ModelConfig>(&format!("name = \"{name}\"\n{body}\nnumeric_embedding = \"per_feature\"")).ok();
         std::iter::once((name, model_config(name, body))).chain(per_feature.map(|c| (name, c)))
@@ -118,7 +123,7 @@ fn every_parameter_receives_a_gradient_fresh_and_after_a_checkpoint_round_trip()
 #[test]
 fn embedding_row_gradients_match_finite_differences_for_every_model() {
     let _turn = serial();
-    for (name, body) in common::MODELS {
+    for (name, body) in models_and_switched_off() {
         let device = Device::flex();
         device.seed(7);
         let ad = device.clone().autodiff();
@@ -255,4 +260,43 @@ fn half_precision_tables_and_lazy_adam_train_like_the_default() {
     assert!(f16 > base - 0.01, "f16 table {f16} vs f32 {base}");
     assert!(bf16 > base - 0.01, "bf16 table {bf16} vs f32 {base}");
     assert!(adam > 0.85, "lazy Adam {adam}");
+}
+
+/// The interaction switches of the MovieLens 100K third pass (RESULTS.md): each model's
+/// interaction part can be turned off by a config key, leaving its embeddings and MLPs. Off, the
+/// part's parameters are gone (not merely unused), the FLOP count drops, the model still gives a
+/// finite logit per example, and every remaining parameter gets a gradient (the common checks
+/// above run on these variants through `common::INTERACTION_OFF`).
+#[test]
+fn interaction_switches_remove_the_interaction_part() {
+    use wukong::model::export::model_parameters;
+    let _turn = serial();
+    let device = Device::flex();
+    let shape = DataShape { fields: 3, dense: 2, table_rows: 12 };
+    for (i, &(name, off_body, part)) in common::INTERACTION_OFF.iter().enumerate() {
+        let (on_name, on_body) = common::INTERACTION_ON[i];
+        assert_eq!(on_name, name);
+        let (on, off) = (model_config(name, on_body), model_config(name, off_body));
+        off.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let count = |c: &ModelConfig| {
+            let names: Vec<String> = model_parameters(&c.init(&shape, &device)).into_iter().map(|t| t.name).collect();
+            names.iter().filter(|n| n.contains(part)).count()
+        };
+        assert!(count(&on) > 0, "{name}: the test's name '{part}' matches no parameter with the interaction on");
+        assert_eq!(count(&off), 0, "{name}: '{part}' parameters remain with the interaction off");
+        assert!(off.forward_flops(&shape) < on.forward_flops(&shape), "{name}: FLOPs did not drop");
+        let b = batch(5, 2, 1);
+        let (z, _) = off.init(&shape, &device).forward(
+            &SparseInput::from_batch(&b, &SlotLayout::one_hot(3), &device),
+            false,
+            &wukong::model::Pass::f32(),
+        );
+        let z: Vec<f32> = z.into_data().try_to_vec().unwrap();
+        assert!(z.len() == 5 && z.iter().all(|v| v.is_finite()), "{name}: {z:?}");
+    }
+    // a switch that would leave nothing is refused by name
+    let bad = model_config("afn+", "embedding_dim = 8\nuse_afn = false\nensemble_dnn = false");
+    assert!(bad.validate().unwrap_err().to_string().contains("use_afn"));
+    let bad = model_config("xdeepfm", "embedding_dim = 8\ncin_hidden_units = []\ndnn_hidden_units = []");
+    assert!(bad.validate().unwrap_err().to_string().contains("cin_hidden_units"));
 }

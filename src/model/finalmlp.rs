@@ -42,6 +42,10 @@ pub struct FinalMlpConfig {
     pub fs1_context: Vec<usize>,
     pub fs2_context: Vec<usize>,
     pub num_heads: usize,
+    /// The streams' multi-head bilinear term (the model's stream-level interaction). `false`
+    /// keeps only the linear terms w₁ᵀh₁ + w₂ᵀh₂ + b: an ensemble of two MLPs (the interaction
+    /// switch of the MovieLens 100K third pass, RESULTS.md).
+    pub bilinear_fusion: bool,
     pub dense_mlp: Vec<usize>,
     pub num_dense_embeddings: usize,
     /// Dense features as embeddings: `"mlp"` (an MLP into `num_dense_embeddings`, the paper's) or
@@ -65,6 +69,7 @@ impl Default for FinalMlpConfig {
             fs1_context: vec![],
             fs2_context: vec![],
             num_heads: 1,
+            bilinear_fusion: true,
             dense_mlp: vec![64],
             num_dense_embeddings: 1,
             numeric_embedding: NumericEmbedding::Mlp,
@@ -116,8 +121,8 @@ pub struct FinalMlp {
     pub mlp2: HiddenLayers,
     pub w1: Linear,
     pub w2: Linear,
-    /// `[heads, h₁/heads, h₂/heads]`.
-    pub bilinear: Param<Tensor<3>>,
+    /// `[heads, h₁/heads, h₂/heads]`; absent with `bilinear_fusion = false`.
+    pub bilinear: Option<Param<Tensor<3>>>,
     pub embedding_dim: usize,
 }
 
@@ -179,7 +184,9 @@ impl ModelSpec for FinalMlpConfig {
             mlp2: HiddenLayers::new(n * d, &self.mlp2_hidden_units, self.mlp2_dropout, self.mlp2_batch_norm, device),
             w1: LinearConfig::new(o1, 1).init(device),
             w2: LinearConfig::new(o2, 1).with_bias(false).init(device),
-            bilinear: Param::from_tensor(Tensor::<3>::random([h, o1 / h, o2 / h], Distribution::Uniform(-bound, bound), device)),
+            bilinear: self
+                .bilinear_fusion
+                .then(|| Param::from_tensor(Tensor::<3>::random([h, o1 / h, o2 / h], Distribution::Uniform(-bound, bound), device))),
             embedding_dim: d,
         })
     }
@@ -198,7 +205,7 @@ impl ModelSpec for FinalMlpConfig {
             + mlp_flops(n * d, &h1, l1)
             + mlp_flops(n * d, &h2, l2)
             + 2 * (o1 + o2)
-            + 2 * o1 * o2 / self.num_heads as u64
+            + if self.bilinear_fusion { 2 * o1 * o2 / self.num_heads as u64 } else { 0 }
     }
 }
 
@@ -214,11 +221,13 @@ impl FinalMlp {
         };
         let h1 = self.mlp1.forward(gated(&self.gate1, x.clone()), pass);
         let h2 = self.mlp2.forward(gated(&self.gate2, x), pass);
-        let [h, a, c] = self.bilinear.dims();
-        let x1 = h1.clone().reshape([b, h, 1, a]).swap_dims(0, 1); // [h, b, 1, a]
-        let w = self.bilinear.val().unsqueeze_dim::<4>(1); // [h, 1, a, c]
+        let linear = (super::layers::linear_f32(&self.w1, h1.clone()) + super::layers::linear_f32(&self.w2, h2.clone())).reshape([b]);
+        let Some(bilinear) = &self.bilinear else { return linear };
+        let [h, a, c] = bilinear.dims();
+        let x1 = h1.reshape([b, h, 1, a]).swap_dims(0, 1); // [h, b, 1, a]
+        let w = bilinear.val().unsqueeze_dim::<4>(1); // [h, 1, a, c]
         let x1w = x1.matmul(w).reshape([h, b, c]).swap_dims(0, 1); // [b, h, c]
-        let pair = (x1w * h2.clone().reshape([b, h, c])).sum_dim(2).sum_dim(1).reshape([b]);
-        (super::layers::linear_f32(&self.w1, h1) + super::layers::linear_f32(&self.w2, h2)).reshape([b]) + pair
+        let pair = (x1w * h2.reshape([b, h, c])).sum_dim(2).sum_dim(1).reshape([b]);
+        linear + pair
     }
 }

@@ -43,6 +43,10 @@ pub struct MaskNetConfig {
     /// Parallel: the MLP over the concatenated block outputs.
     pub dnn_hidden_units: Vec<usize>,
     pub reduction_ratio: f64,
+    /// The instance-guided mask (the model's interaction). `false` multiplies by nothing: each
+    /// block is then a LayerNorm'd hidden layer, the model an MLP (the interaction switch of
+    /// the MovieLens 100K third pass, RESULTS.md).
+    pub use_mask: bool,
     pub emb_layernorm: bool,
     pub net_layernorm: bool,
     /// Dropout after every MaskBlock and in the parallel MLP's hidden layers.
@@ -65,6 +69,7 @@ impl Default for MaskNetConfig {
             parallel_block_dim: 64,
             dnn_hidden_units: vec![400, 400, 400],
             reduction_ratio: 1.0,
+            use_mask: true,
             emb_layernorm: true,
             net_layernorm: true,
             dropout: 0.0,
@@ -77,8 +82,9 @@ impl Default for MaskNetConfig {
 
 #[derive(Module, Debug)]
 pub struct MaskBlock {
-    pub mask_hidden: Linear,
-    pub mask_out: Linear,
+    /// Absent with `use_mask = false`.
+    pub mask_hidden: Option<Linear>,
+    pub mask_out: Option<Linear>,
     pub hidden: Linear,
     pub norm: Option<LayerNorm>,
     pub dropout: Dropout,
@@ -93,23 +99,26 @@ impl MaskBlock {
     fn new(emb: usize, d_in: usize, d_out: usize, c: &MaskNetConfig, device: &Device) -> Self {
         let mid = mask_units(d_in, c.reduction_ratio);
         Self {
-            mask_hidden: LinearConfig::new(emb, mid).init(device),
-            mask_out: LinearConfig::new(mid, d_in).init(device),
+            mask_hidden: c.use_mask.then(|| LinearConfig::new(emb, mid).init(device)),
+            mask_out: c.use_mask.then(|| LinearConfig::new(mid, d_in).init(device)),
             hidden: LinearConfig::new(d_in, d_out).with_bias(false).init(device),
             norm: c.net_layernorm.then(|| LayerNormConfig::new(d_out).init(device)),
             dropout: Dropout::new(c.dropout),
         }
     }
 
-    fn flops(emb: usize, d_in: usize, d_out: usize, ratio: f64) -> u64 {
-        let mid = mask_units(d_in, ratio);
-        2 * (emb * mid + mid * d_in + d_in * d_out) as u64
+    fn flops(emb: usize, d_in: usize, d_out: usize, c: &MaskNetConfig) -> u64 {
+        let mask = if c.use_mask { mask_units(d_in, c.reduction_ratio) * (emb + d_in) } else { 0 };
+        2 * (mask + d_in * d_out) as u64
     }
 
     /// `emb` guides the mask; `h` is what gets masked.
     fn forward(&self, emb: Tensor<2>, h: Tensor<2>, pass: &Pass) -> Tensor<2> {
-        let mask = super::layers::linear_f32(&self.mask_out, relu(super::layers::linear_f32(&self.mask_hidden, emb)));
-        let out = super::layers::linear_f32(&self.hidden, mask * h);
+        let masked = match (&self.mask_hidden, &self.mask_out) {
+            (Some(hidden), Some(out)) => super::layers::linear_f32(out, relu(super::layers::linear_f32(hidden, emb))) * h,
+            _ => h,
+        };
+        let out = super::layers::linear_f32(&self.hidden, masked);
         let out = relu(match &self.norm {
             Some(ln) => super::fused::layer_norm(ln, out),
             None => out,
@@ -184,20 +193,19 @@ impl ModelSpec for MaskNetConfig {
     }
     fn forward_flops(&self, shape: &DataShape) -> u64 {
         let emb = num_inputs(shape, self.numeric_embedding, self.num_dense_embeddings) * self.embedding_dim;
-        let r = self.reduction_ratio;
         dense_mlp_flops(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, self.embedding_dim)
             + match self.model_type {
                 MaskNetType::Serial => {
                     let mut d_in = emb;
                     let mut t = 0;
                     for &h in &self.block_hidden_units {
-                        t += MaskBlock::flops(emb, d_in, h, r);
+                        t += MaskBlock::flops(emb, d_in, h, self);
                         d_in = h;
                     }
                     t + 2 * d_in as u64
                 }
                 MaskNetType::Parallel => {
-                    self.parallel_num_blocks as u64 * MaskBlock::flops(emb, emb, self.parallel_block_dim, r)
+                    self.parallel_num_blocks as u64 * MaskBlock::flops(emb, emb, self.parallel_block_dim, self)
                         + mlp_flops(self.parallel_num_blocks * self.parallel_block_dim, &self.dnn_hidden_units, 1)
                 }
             }

@@ -57,7 +57,8 @@ pub struct XDeepFm {
     /// `numeric_embedding = "per_feature"`: one vector per dense feature, `[num_dense, width]`.
     pub numeric: Option<Param<Tensor<2>>>,
     pub cin: Vec<LinearCompress>,
-    pub cin_out: Linear,
+    /// Absent with an empty CIN.
+    pub cin_out: Option<Linear>,
     pub dnn: Option<Mlp>,
     pub bias: Param<Tensor<1>>,
 }
@@ -70,9 +71,12 @@ impl ModelSpec for XDeepFmConfig {
         vec![self.embedding_dim, 1]
     }
     fn validate(&self) -> anyhow::Result<()> {
+        // An empty CIN is allowed (the interaction switch of the MovieLens 100K third pass,
+        // RESULTS.md): the model is then the linear part plus the DNN.
+        anyhow::ensure!(self.cin_hidden_units.iter().all(|&h| h > 0), "model.cin_hidden_units needs positive widths");
         anyhow::ensure!(
-            !self.cin_hidden_units.is_empty() && self.cin_hidden_units.iter().all(|&h| h > 0),
-            "model.cin_hidden_units needs positive widths"
+            !self.cin_hidden_units.is_empty() || !self.dnn_hidden_units.is_empty(),
+            "model.cin_hidden_units = [] needs model.dnn_hidden_units (nothing would model interactions)"
         );
         check_common(self.embedding_dim, self.num_dense_embeddings, &[("dropout", self.dropout)])
     }
@@ -93,7 +97,7 @@ impl ModelSpec for XDeepFmConfig {
             dense: dense_mlp(shape, self.numeric_embedding, &self.dense_mlp, self.num_dense_embeddings, d + 1, device),
             numeric: numeric_scale(shape, self.numeric_embedding, d + 1, device),
             cin,
-            cin_out: LinearConfig::new(self.cin_hidden_units.iter().sum(), 1).init(device),
+            cin_out: (!self.cin_hidden_units.is_empty()).then(|| LinearConfig::new(self.cin_hidden_units.iter().sum(), 1).init(device)),
             dnn: (!self.dnn_hidden_units.is_empty())
                 .then(|| Mlp::with_batch_norm(m * d, &self.dnn_hidden_units, 1, self.dropout, self.batch_norm, device)),
             bias: Param::from_tensor(Tensor::<1>::zeros([1], device)),
@@ -128,7 +132,11 @@ impl XDeepFm {
             h = super::fused::cin(h, x0.clone(), layer.weight.val(), pass.precision); // [b, H', d]
             pooled.push(h.clone().sum_dim(2).reshape([b, h.dims()[1]]));
         }
-        let mut logit = super::layers::linear_f32(&self.cin_out, Tensor::cat(pooled, 1)).reshape([b]) + linear + self.bias.val();
+        // the CIN's logit first: the order of the sums the model had before the CIN could be off
+        let mut logit = match &self.cin_out {
+            Some(cin_out) => super::layers::linear_f32(cin_out, Tensor::cat(pooled, 1)).reshape([b]) + linear + self.bias.val(),
+            None => linear + self.bias.val(),
+        };
         if let Some(dnn) = &self.dnn {
             logit = logit + dnn.forward(flatten(x0), pass).reshape([b]);
         }
