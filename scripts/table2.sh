@@ -3,7 +3,7 @@
 # configs/tune/<dataset>_<model>.toml is run by `wukong tune` into experiments/table2/<search>/,
 # then `wukong compare --tuned` writes experiments/table2/<dataset>.md.
 #
-#   scripts/table2.sh movielens100k [frappe movielens10m_tags]   (THREADS=2 by default)
+#   scripts/table2.sh movielens100k [frappe movielens10m_tags movielens100k3]   (THREADS=2 by default)
 #   scripts/table2.sh --save     stages the finished runs' small files for a commit
 #
 # Resumable at every level: a finished trial or seed re-run is read back, not retrained, and an

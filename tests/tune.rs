@@ -316,10 +316,42 @@ fn the_shipped_search_spaces_draw_valid_configs_with_equal_budgets() {
         assert_eq!(first, &shared, "{}: other non-model keys than its dataset's", path.display());
     }
     let expected: std::collections::BTreeMap<String, usize> =
-        ["frappe", "movielens100k", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
+        ["frappe", "movielens100k", "movielens100k3", "movielens10m_tags"].iter().map(|d| (d.to_string(), 8)).collect();
     assert_eq!(per_dataset, expected, "one space per model and dataset");
     for ds in expected.keys() {
         assert_eq!(refine[ds], (8, 3), "{ds}: the second stage of every dataset");
+    }
+}
+
+/// The MovieLens 100K third pass: each model's space is its second-pass space (same budget,
+/// seed, stages) with one interaction switch, off in about half of the draws and on in the rest.
+#[test]
+fn the_third_pass_spaces_add_one_interaction_switch_to_the_second_pass() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tune");
+    let off = |key: &str, v: &toml::Value| match key {
+        "model.ablate" => v.as_array().is_some_and(|a| a.iter().any(|x| x.as_str() == Some("fmb"))),
+        "model.interaction" => v.as_str() == Some("cat"),
+        "model.num_cross_layers" | "model.attention_layers" => v.as_integer() == Some(0),
+        "model.use_mask" | "model.bilinear_fusion" | "model.use_afn" => v.as_bool() == Some(false),
+        "model.cin_hidden_units" => v.as_array().is_some_and(|a| a.is_empty()),
+        _ => false,
+    };
+    for m in ["wukong", "dlrm", "dcnv2", "autoint", "masknet", "finalmlp", "afn", "xdeepfm"] {
+        let (second, _) = tune::trials(&dir.join(format!("movielens100k_{m}.toml"))).unwrap();
+        let (third, draws) = tune::trials(&dir.join(format!("movielens100k3_{m}.toml"))).unwrap();
+        assert_eq!(
+            (third.trials, third.seed, third.refine, third.refine_top, &third.seeds),
+            (second.trials, second.seed, second.refine, second.refine_top, &second.seeds),
+            "{m}"
+        );
+        let changed: Vec<&String> = third.space.keys().filter(|k| second.space.get(*k) != third.space.get(*k)).collect();
+        assert_eq!(changed.len(), 1, "{m}: one key added or widened, got {changed:?}");
+        assert!(second.space.keys().all(|k| third.space.contains_key(k)), "{m}: a second-pass key is missing");
+        let switched = draws.iter().filter(|(s, _)| s.get(changed[0].as_str()).is_some_and(|v| off(changed[0], v))).count();
+        assert!((4..=12).contains(&switched), "{m}: {switched} of 16 draws switch the interaction off");
+        for (_, p) in &draws {
+            p.config.model.validate().unwrap_or_else(|e| panic!("{m} {}: {e:#}", p.id));
+        }
     }
 }
 
