@@ -10,8 +10,6 @@ use crate::data::{BatchLoader, EncodedDataset};
 use crate::model::SlotLayout;
 use crate::train::Stepper;
 
-/// Collects every float parameter's values (in visiting order, which is the same for two copies
-/// of one model).
 /// Result of running the same steps on two devices from the same initial parameters.
 #[derive(Debug, Clone, Serialize)]
 pub struct Equivalence {
