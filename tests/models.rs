@@ -79,8 +79,9 @@ fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_feature
 }
 
 /// `common::MODELS`, then the models with their interaction part switched off.
-fn models_and_switched_off() -> impl Iterator<Item = (&'static str, &'static str)> {
-    common::MODELS.iter().copied().chain(common::INTERACTION_OFF.iter().map(|&(name, body, _)| (name, body)))
+fn models_and_switched_off() -> impl Iterator<Item = (&'static str, String)> {
+    let on = common::MODELS.iter().map(|&(name, body)| (name, body.to_string()));
+    on.chain(common::INTERACTION_OFF.iter().map(|&(i, line, _)| common::switched_off(i, line)))
 }
 
 /// Every float parameter except the embedding table (updated by its own optimizer from the
@@ -94,7 +95,7 @@ fn every_parameter_receives_a_gradient_fresh_and_after_a_checkpoint_round_trip()
     let variants = models_and_switched_off().flat_map(|(name, body)| {
         // and each model that has it with every dense feature embedded on its own
         let per_feature = toml::from_str::<ModelConfig>(&format!("name = \"{name}\"\n{body}\nnumeric_embedding = \"per_feature\"")).ok();
-        std::iter::once((name, model_config(name, body))).chain(per_feature.map(|c| (name, c)))
+        std::iter::once((name, model_config(name, &body))).chain(per_feature.map(|c| (name, c)))
     });
     for (name, c) in variants {
         let ad = Device::flex().autodiff();
@@ -127,7 +128,7 @@ fn embedding_row_gradients_match_finite_differences_for_every_model() {
         let device = Device::flex();
         device.seed(7);
         let ad = device.clone().autodiff();
-        let mut c = model_config(name, body);
+        let mut c = model_config(name, &body);
         // big enough initial rows that every path carries signal
         let text = toml::to_string(&c)
             .unwrap()
@@ -273,10 +274,9 @@ fn interaction_switches_remove_the_interaction_part() {
     let _turn = serial();
     let device = Device::flex();
     let shape = DataShape { fields: 3, dense: 2, table_rows: 12 };
-    for (i, &(name, off_body, part)) in common::INTERACTION_OFF.iter().enumerate() {
-        let (on_name, on_body) = common::INTERACTION_ON[i];
-        assert_eq!(on_name, name);
-        let (on, off) = (model_config(name, on_body), model_config(name, off_body));
+    for &(i, line, part) in &common::INTERACTION_OFF {
+        let (name, off_body) = common::switched_off(i, line);
+        let (on, off) = (model_config(name, common::MODELS[i].1), model_config(name, &off_body));
         off.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         let count = |c: &ModelConfig| {
             let names: Vec<String> = model_parameters(&c.init(&shape, &device)).into_iter().map(|t| t.name).collect();

@@ -34,45 +34,28 @@ pub const MODELS: [(&str, &str); 15] = [
     ),
 ];
 
-/// Models with an interaction part, as configured in `MODELS`, and the same with the part
-/// switched off (the MovieLens 100K third pass's switches) plus a substring of the part's
-/// parameter names.
+/// The interaction switches (the MovieLens 100K third pass's): an entry of `MODELS` by index, the
+/// config line that switches its interaction part off, and a substring of that part's parameter
+/// names.
 #[allow(dead_code)]
-pub const INTERACTION_ON: [(&str, &str); 7] = [
-    (MODELS[0].0, MODELS[0].1),
-    (MODELS[5].0, MODELS[5].1),
-    (MODELS[7].0, MODELS[7].1),
-    (MODELS[8].0, MODELS[8].1),
-    (MODELS[9].0, MODELS[9].1),
-    (MODELS[10].0, MODELS[10].1),
-    (MODELS[12].0, MODELS[12].1),
+pub const INTERACTION_OFF: [(usize, &str, &str); 7] = [
+    (0, "ablate = [\"fmb\"]", "fmb"),
+    (5, "num_cross_layers = 0", "cross."),
+    (7, "attention_layers = 0", "attention."),
+    (8, "use_afn = false", "log_neurons"),
+    (9, "bilinear_fusion = false", "bilinear"),
+    (10, "use_mask = false", "mask_"),
+    (12, "cin_hidden_units = []", "cin"),
 ];
+
+/// `MODELS[i]` with its interaction switched off by `line` (which replaces a line of the same key).
 #[allow(dead_code)]
-pub const INTERACTION_OFF: [(&str, &str, &str); 7] = [
-    (
-        "wukong",
-        "embedding_dim = 8\nnum_layers = 1\nnum_fmb = 4\nnum_lcb = 4\nfm_rank = 2\nfmb_mlp = [16]\ntop_mlp = [16]\ndense_mlp = [8]\nablate = [\"fmb\"]",
-        "fmb",
-    ),
-    ("dcnv2", "embedding_dim = 8\nnum_cross_layers = 0\ndnn_hidden_units = [32, 16]", "cross."),
-    (
-        "autoint+",
-        "embedding_dim = 8\nattention_dim = 8\nnum_heads = 2\nuse_scale = true\ndnn_hidden_units = [32]\nattention_layers = 0",
-        "attention.",
-    ),
-    (
-        "afn+",
-        "embedding_dim = 8\nlogarithmic_neurons = 16\nafn_hidden_units = [32]\ndnn_hidden_units = [32]\nuse_afn = false",
-        "log_neurons",
-    ),
-    (
-        "finalmlp",
-        "embedding_dim = 8\nmlp1_hidden_units = [32, 16]\nmlp2_hidden_units = [32, 16]\nnum_heads = 2\nfs_hidden_units = [16]\nbilinear_fusion = false",
-        "bilinear",
-    ),
-    ("masknet", "embedding_dim = 8\nparallel_num_blocks = 2\nparallel_block_dim = 16\ndnn_hidden_units = [32]\nuse_mask = false", "mask_"),
-    ("xdeepfm", "embedding_dim = 8\ncin_hidden_units = []\ndnn_hidden_units = [32]", "cin"),
-];
+pub fn switched_off(i: usize, line: &str) -> (&'static str, String) {
+    let (name, body) = MODELS[i];
+    let key = line.split('=').next().unwrap().trim();
+    let kept = body.lines().filter(|l| l.split('=').next().unwrap().trim() != key);
+    (name, kept.chain([line]).collect::<Vec<_>>().join("\n"))
+}
 
 /// The message of a caught panic.
 #[allow(dead_code)]
