@@ -47,6 +47,8 @@ fi
 } > "$report"
 
 step() { echo; echo "== $1"; echo >> "$report"; echo "## $1" >> "$report"; echo >> "$report"; }
+# A step's failure in the report: its exit status, and whether the time limit cut it.
+failed_note() { [ "$1" = 0 ] || echo "exit $1$([ "$1" = 124 ] && echo ": cut at ${limit} s")" >> "$report"; }
 
 step "Device tests (tests/device.rs, WUKONG_TEST_DEVICE=$device)"
 WUKONG_TEST_DEVICE="$device" timeout "$limit" "$bundle/device-tests" --test-threads 1 2>&1 | tee "$out/device-tests.log"
@@ -78,8 +80,7 @@ frappe() { # $1: label, then extra train flags
   local log="$out/frappe-train-$label.log"
   timeout "$limit" "$bundle/wukong" train --config "$cfg" --device "$device" --out "$out/runs" "$@" 2>&1 \
     | tee "$log" | grep -v '^epoch .*\['
-  local rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || echo "exit $rc (124: cut at ${limit} s)" >> "$report"
+  failed_note "${PIPESTATUS[0]}"
   grep -E "test AUC|best epoch|error|guard" "$log" >> "$report"
 }
 
@@ -88,8 +89,7 @@ speed() { # $1: batch, $2: precision
   timeout "$limit" "$bundle/wukong" bench benchmarks/configs/frappe.toml benchmarks/configs/criteo.toml \
     --device "$device" --batch-size "$1" --precision "$2" --work-dir "$out/bench-work" \
     --out "$out/bench-$1-$2.md" 2>"$out/bench-$1-$2.log"
-  local rc=$?
-  [ "$rc" = 0 ] || echo "exit $rc (124: cut at ${limit} s)" >> "$report"
+  failed_note $?
   cat "$out/bench-$1-$2.md" >> "$report" 2>/dev/null || echo "bench failed: see bench-$1-$2.log" >> "$report"
 }
 
