@@ -302,3 +302,62 @@ fn resume_refuses_what_it_cannot_continue() {
     assert!(!out.status.success());
     assert!(text.contains("cannot be used with"), "{text}");
 }
+
+/// `--resume DIR --epochs N` extends a run that reached its cap: it ends bit-identical to the run
+/// started with N epochs (metrics, result, saved config). What extension could not make into that
+/// run is refused by name: fewer epochs, an early-stopped run, a warm-up set as a fraction.
+#[test]
+fn a_run_at_its_cap_extends_to_the_run_started_with_more_epochs() {
+    let dir = common::workdir("resume-extend");
+    write_data(&dir);
+    let cfg = write_config(&dir, WUKONG, false, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("epochs = 3\n"), "{text}");
+    let cfg5 = dir.join("cfg-5.toml");
+    std::fs::write(&cfg5, text.replace("epochs = 3\n", "epochs = 5\n")).unwrap();
+    let (out, log) = train(&cfg5, &dir.join("reference"), None);
+    assert!(out.status.success(), "{log}");
+    let reference = only_run(&dir.join("reference"));
+
+    let (out, log) = train(&cfg, &dir.join("short"), None);
+    assert!(out.status.success(), "{log}");
+    let run = only_run(&dir.join("short"));
+    let short = fingerprint(&run);
+    assert_eq!(short.0["epochs_run"], 3, "{:?}", short.0);
+    let extend = |run: &Path, epochs: &str| output(bin().args(["train", "--resume"]).arg(run).args(["--epochs", epochs]));
+    let (out, log) = extend(&run, "5");
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("extending the run from 3 to 5 epochs"), "{log}");
+    let (got, want) = (fingerprint(&run), fingerprint(&reference));
+    assert_eq!(got.0, want.0, "the extended run's result differs from the 5-epoch run's");
+    assert_eq!(got.1, want.1, "the extended run's metrics differ from the 5-epoch run's");
+    assert_ne!(got.1, short.1, "the extension trained nothing");
+    let saved = |r: &Path| std::fs::read_to_string(r.join("config.toml")).unwrap();
+    assert_eq!(saved(&run), saved(&reference), "the run directory's config says 5 epochs");
+
+    let (out, log) = extend(&run, "4");
+    assert!(!out.status.success());
+    assert!(log.contains("it was started with 5; a run can be extended, not shortened"), "{log}");
+
+    // Learning rates too small to move a weight: the second evaluation does not improve and
+    // patience 1 stops the run early, which more epochs would not change.
+    let stalled = text.replace("patience = 10", "patience = 1").replace("warmup_steps = 5", "warmup_steps = 0") + "lr = 1e-30\n";
+    let stalled = stalled.replace("emb_lr = 0.05", "emb_lr = 1e-30");
+    let cfg_stalled = dir.join("cfg-stalled.toml");
+    std::fs::write(&cfg_stalled, stalled).unwrap();
+    let (out, log) = train(&cfg_stalled, &dir.join("stalled"), None);
+    assert!(out.status.success(), "{log}");
+    let run = only_run(&dir.join("stalled"));
+    let (out, log) = extend(&run, "6");
+    assert!(!out.status.success());
+    assert!(log.contains("it stopped early (early stop after 1 evaluations without improvement)"), "{log}");
+
+    let cfg_fraction = dir.join("cfg-fraction.toml");
+    std::fs::write(&cfg_fraction, text.replace("epochs = 3\n", "epochs = 1\n").replace("warmup_steps = 5", "warmup_fraction = 0.1"))
+        .unwrap();
+    let (out, log) = train(&cfg_fraction, &dir.join("fraction"), None);
+    assert!(out.status.success(), "{log}");
+    let (out, log) = extend(&only_run(&dir.join("fraction")), "2");
+    assert!(!out.status.success());
+    assert!(log.contains("its warm-up is train.warmup_fraction = 0.1 of the planned steps"), "{log}");
+}

@@ -12,8 +12,9 @@ pub struct Args {
     #[arg(long, required_unless_present = "resume")]
     config: Option<PathBuf>,
     /// Continue the run in this directory from its newest valid checkpoint (its saved config
-    /// is used; give no --config or overrides).
-    #[arg(long, conflicts_with_all = ["config", "epochs", "batch_size", "lr", "emb_lr", "seed", "precision", "emb_storage"])]
+    /// is used; give no --config or overrides except --epochs, which extends the run to that
+    /// many epochs when it reached its cap still improving).
+    #[arg(long, conflicts_with_all = ["config", "batch_size", "lr", "emb_lr", "seed", "precision", "emb_storage"])]
     resume: Option<PathBuf>,
     #[command(flatten)]
     paths: SplitPaths,
@@ -75,7 +76,10 @@ fn train_or_resume(a: Args, opts: &RunOptions) -> Result<()> {
     let outcome = match (a.resume, a.config) {
         (Some(dir), _) => {
             anyhow::ensure!(a.paths.is_empty(), "--resume uses the run's saved config: give no --train/--valid/--test");
-            train::resume(&dir, &opts)?
+            match a.epochs {
+                Some(n) => train::extend(&dir, n, &opts)?,
+                None => train::resume(&dir, &opts)?,
+            }
         }
         (None, Some(config)) => {
             let mut cfg = ExperimentConfig::load(&config)?;

@@ -649,12 +649,47 @@ pub fn train(cfg: &ExperimentConfig, opts: &RunOptions) -> Result<TrainOutcome> 
     run(cfg.clone(), None, opts)
 }
 
+/// Why a run's loop ended because it reached its cap (the stop reason its checkpoints keep).
+fn cap_reason(epochs: usize) -> String {
+    format!("{epochs} epochs done")
+}
+
 /// Continues the run in `run_dir` from its newest valid checkpoint (`wukong train --resume`).
 /// With the same thread count on the CPU the result is bit-identical to a run never interrupted.
 pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<TrainOutcome> {
     let cfg = ExperimentConfig::load(&run_dir.join(checkpoint::CONFIG))
         .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
-    run(cfg, Some(run_dir.to_path_buf()), opts)
+    run(cfg, Some(Resume { dir: run_dir.to_path_buf(), extended_from: None }), opts)
+}
+
+/// Continues the run in `run_dir` with a larger epoch cap (`wukong train --resume DIR --epochs N`):
+/// a run that reached its cap still improving goes on instead of starting over, and (same thread
+/// count on the CPU) ends bit-identical to a run started with `epochs = N`. Refused where it could
+/// not be that run: fewer epochs, a run that stopped early (patience or pruning: more epochs
+/// change nothing), or a warm-up set as a fraction of the planned steps (it would lengthen).
+pub fn extend(run_dir: &Path, epochs: usize, opts: &RunOptions) -> Result<TrainOutcome> {
+    let mut cfg = ExperimentConfig::load(&run_dir.join(checkpoint::CONFIG))
+        .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
+    let old = cfg.train.epochs;
+    anyhow::ensure!(
+        epochs >= old,
+        "cannot extend {} to {epochs} epochs: it was started with {old}; a run can be extended, not shortened",
+        run_dir.display()
+    );
+    anyhow::ensure!(
+        cfg.train.warmup_fraction == 0.0 || epochs == old,
+        "cannot extend {}: its warm-up is train.warmup_fraction = {} of the planned steps, so with {epochs} epochs it would be longer than the one it trained with; start a new run instead",
+        run_dir.display(),
+        cfg.train.warmup_fraction
+    );
+    cfg.train.epochs = epochs;
+    run(cfg, Some(Resume { dir: run_dir.to_path_buf(), extended_from: Some(old) }), opts)
+}
+
+/// The run directory being continued, and the epoch cap it had when it is being extended.
+struct Resume {
+    dir: PathBuf,
+    extended_from: Option<usize>,
 }
 
 /// The device generator's seed for one step: it drives the stochastic rounding of half-precision
@@ -900,7 +935,7 @@ fn plateau_cut(scale: f64, factor: f64, floor: f64) -> f64 {
     (scale * factor).max(floor).min(scale)
 }
 
-fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) -> Result<TrainOutcome> {
+fn run(cfg: ExperimentConfig, resume: Option<Resume>, opts: &RunOptions) -> Result<TrainOutcome> {
     let cfg = &cfg;
     let t = &cfg.train;
     let comm = opts.comm.clone();
@@ -962,6 +997,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
 
     // Run directory: a new one, or the one being resumed (whose data must encode the same way).
     // In a job rank 0 creates it and tells the others its name.
+    let resume_dir = resume.as_ref().map(|r| r.dir.clone());
     let run_dir = match &resume_dir {
         None if !writer => {
             let c = comm.as_ref().expect("a non-zero rank is part of a job");
@@ -1094,8 +1130,24 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
             lp.encoder.fingerprint()
         );
         stepper = lp.stepper;
-        let restored = Loop::restore(&mut stepper, ckpt).with_context(|| format!("cannot resume from {}", path.display()))?;
+        let mut restored = Loop::restore(&mut stepper, ckpt).with_context(|| format!("cannot resume from {}", path.display()))?;
         lp.stepper = stepper;
+        if let Some(old) = resume.as_ref().and_then(|r| r.extended_from) {
+            if restored.done {
+                anyhow::ensure!(
+                    restored.stop_reason.as_deref() == Some(cap_reason(old).as_str()),
+                    "cannot extend {}: it stopped early ({}), which more epochs would not change",
+                    run_dir.display(),
+                    restored.stop_reason.as_deref().unwrap_or("no reason recorded")
+                );
+                restored.done = false;
+                restored.stop_reason = None;
+            }
+            if writer {
+                crate::runtime::write_atomic(&run_dir.join(checkpoint::CONFIG), cfg.to_toml().as_bytes())?;
+            }
+            log(v, format!("extending the run from {old} to {} epochs", t.epochs));
+        }
         log(v, format!("resuming from {} (step {}, epoch {}, batch {})", path.display(), restored.step, restored.epoch, restored.batch));
         lp.seconds_before = restored.seconds;
         lp.state = restored;
@@ -1125,7 +1177,7 @@ fn run(cfg: ExperimentConfig, resume_dir: Option<PathBuf>, opts: &RunOptions) ->
     'epochs: while !lp.state.done {
         if lp.state.epoch > t.epochs {
             lp.state.done = true;
-            lp.state.stop_reason = Some(format!("{} epochs done", t.epochs));
+            lp.state.stop_reason = Some(cap_reason(t.epochs));
             break;
         }
         let epoch = lp.state.epoch;
