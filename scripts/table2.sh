@@ -5,6 +5,8 @@
 #
 #   scripts/table2.sh movielens100k [frappe movielens10m_tags movielens100k3]   (THREADS=2 by default)
 #   scripts/table2.sh --save     stages the finished runs' small files for a commit
+#   scripts/table2.sh --status movielens100k3 [...]   one line per search: running or not, points
+#                                finished, time left (`wukong tune --status`)
 #
 # Resumable at every level: a finished trial or seed re-run is read back, not retrained, and an
 # interrupted one resumes from its checkpoint. The small files of finished runs (config,
@@ -29,6 +31,23 @@ BIN=${WUKONG_BIN:-target/release/wukong}
 [ -x "$BIN" ] || cargo build --release
 # MODELS= picks and orders the models (all eight by default)
 MODELS=${MODELS:-"wukong finalmlp dcnv2 dlrm masknet xdeepfm autoint afn"}
+if [ "${1:-}" = "--status" ]; then
+  shift
+  [ "$#" -gt 0 ] || { echo "usage: scripts/table2.sh --status DATASET..." >&2; exit 2; }
+  for ds in "$@"; do
+    for m in $MODELS; do
+      space="configs/tune/${ds}_${m}.toml"
+      out="experiments/table2/${ds}_${m}"
+      [ -f "$space" ] || { echo "no search space $space" >&2; exit 1; }
+      if [ -d "$out" ]; then
+        "$BIN" tune "$space" --out "$out" --status | sed -n 1p  # sed reads it all: no broken pipe
+      else
+        echo "$out: not started"
+      fi
+    done
+  done
+  exit 0
+fi
 # A search that fails (a bad space, a directory another process holds) is reported and the
 # queue goes on with the next one: the queue runs for days, and one failure should not idle it.
 failed=()
