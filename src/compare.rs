@@ -107,23 +107,42 @@ fn mean_pm_std(v: &[f64]) -> String {
     }
 }
 
-/// The paper's Table 2 from tuned searches: mean ± std over the seeds of each best config.
+/// Where a row stands against the best row of its table: its rank by mean test AUC, and its
+/// gap to the best mean, also in units of the larger of the two rows' stds (≤ 1: within one std
+/// of the best, the bar for "best").
+fn standing(auc: &[Option<(f64, f64)>], i: usize) -> (String, String) {
+    let Some((m, sd)) = auc[i] else { return ("–".into(), "–".into()) };
+    let rank = 1 + auc.iter().flatten().filter(|(o, _)| *o > m).count();
+    let best = auc.iter().flatten().copied().fold(None::<(f64, f64)>, |b, r| if b.is_none_or(|b| r.0 > b.0) { Some(r) } else { b });
+    let (bm, bsd) = best.expect("this row has a mean");
+    if bm <= m {
+        return (rank.to_string(), "best".into());
+    }
+    let unit = sd.max(bsd);
+    let stds = if unit > 0.0 { format!("{:.2} std", (bm - m) / unit) } else { "no std".into() };
+    (rank.to_string(), format!("−{:.6} ({stds})", bm - m))
+}
+
+/// The paper's Table 2 from tuned searches: mean ± std over the seeds of each best config, with
+/// each row's rank and gap to the best (see [`standing`]).
 pub fn tuned_table(rows: &[Tuned]) -> String {
     let mut s = String::new();
-    s.push_str("| search | model | test AUC (mean ± std) | test LogLoss (mean ± std) | calibrated test LogLoss (mean ± std) | seeds | trials (best) | #params (dense + embedding) | MFLOP/example | train s/epoch | search directory |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
-    for t in rows {
-        let auc: Vec<f64> = t.seeds.iter().map(|r| r.test_auc.unwrap_or(f64::NAN)).collect();
+    s.push_str("| search | model | test AUC (mean ± std) | rank | behind the best (in stds) | test LogLoss (mean ± std) | calibrated test LogLoss (mean ± std) | seeds | trials (best) | #params (dense + embedding) | MFLOP/example | train s/epoch | search directory |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let test_auc = |t: &Tuned| -> Vec<f64> { t.seeds.iter().map(|r| r.test_auc.unwrap_or(f64::NAN)).collect() };
+    let auc_stats: Vec<Option<(f64, f64)>> = rows.iter().map(|t| crate::tune::mean_std(&test_auc(t))).collect();
+    for (i, t) in rows.iter().enumerate() {
         let ll: Vec<f64> = t.seeds.iter().map(|r| r.test_logloss.unwrap_or(f64::NAN)).collect();
         let cal: Vec<f64> = t.seeds.iter().map(|r| r.calibrated_test_logloss.unwrap_or(f64::NAN)).collect();
         let first = &t.seeds[0];
         let secs = t.seeds.iter().map(|r| r.seconds_per_epoch).sum::<f64>() / t.seeds.len() as f64;
+        let (rank, behind) = standing(&auc_stats, i);
         writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} ({} + {}) | {:.3} | {:.1} | `{}` |",
+            "| {} | {} | {} | {rank} | {behind} | {} | {} | {} | {} ({}) | {} ({} + {}) | {:.3} | {:.1} | `{}` |",
             t.name,
             first.config.model.name(),
-            mean_pm_std(&auc),
+            mean_pm_std(&test_auc(t)),
             mean_pm_std(&ll),
             mean_pm_std(&cal),
             t.seeds.len(),
@@ -138,6 +157,7 @@ pub fn tuned_table(rows: &[Tuned]) -> String {
         )
         .unwrap();
     }
+    s.push_str("\nBehind the best: the best mean test AUC minus the row's, and that gap over the larger of the two rows' stds (≤ 1: within one std of the best).\n");
     s
 }
 

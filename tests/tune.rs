@@ -80,6 +80,16 @@ fn a_search_ranks_by_validation_resumes_and_reruns_the_best_with_seeds() {
     let cal: Vec<f64> = row.seeds.iter().map(|r| r.calibrated_test_logloss.unwrap()).collect();
     let (cm, cs) = tune::mean_std(&cal).unwrap();
     assert!(table.contains(&format!(" | {cm:.6} ± {cs:.6} | 2 | 4 (")), "{table}");
+    assert!(table.contains(&format!("| t | wukong | {mean:.6} ± {sd:.6} | 1 | best |")), "{table}");
+    // a second row 0.01 lower on every seed: ranked second, 0.01 behind, in units of the std
+    let mut worse = row.clone();
+    worse.name = "w".into();
+    worse.seeds.iter_mut().for_each(|r| r.test_auc = r.test_auc.map(|a| a - 0.01));
+    let two = wukong::compare::tuned_table(&[worse, row.clone()]);
+    let (_, wsd) = tune::mean_std(&seed_auc.iter().map(|a| a - 0.01).collect::<Vec<_>>()).unwrap();
+    let behind = format!("| w | wukong | {:.6} ± {wsd:.6} | 2 | −0.010000 ({:.2} std) |", mean - 0.01, 0.01 / sd.max(wsd));
+    assert!(two.contains(&behind), "{two}\nwanted {behind}");
+    assert!(two.contains(&format!("| t | wukong | {mean:.6} ± {sd:.6} | 1 | best |")), "{two}");
     // a second invocation trains nothing again
     let before = std::fs::metadata(out.join("points/trial-001/result.json")).unwrap().modified().unwrap();
     let again = tune::run(&dir.join("space.toml"), &out, &opts, None).unwrap();
