@@ -40,7 +40,8 @@ pub struct TrainConfig {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
-    /// Decoupled weight decay on dense parameters (0 = off).
+    /// L2 weight decay on dense parameters: `weight_decay · θ` added to the (clipped) gradient
+    /// before Adam's moments, as PyTorch's `Adam(weight_decay=…)` (not AdamW's decoupled decay); 0 = off.
     pub weight_decay: f64,
     /// Linear warm-up of both learning rates over this many steps …
     pub warmup_steps: usize,
