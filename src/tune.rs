@@ -356,14 +356,26 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
     for k in &keys {
         md.push_str(&format!(" {k} |"));
     }
-    md.push_str(" valid AUC | valid LogLoss | test AUC | test LogLoss | calibrated test LogLoss | seconds | pruned at |\n|---|---|");
-    md.push_str(&"---|".repeat(keys.len() + 7));
+    md.push_str(" valid AUC | valid LogLoss | test AUC | test LogLoss | calibrated test LogLoss | seconds | pruned at | best epoch | epochs run | at cap, improving |\n|---|---|");
+    md.push_str(&"---|".repeat(keys.len() + 10));
     md.push('\n');
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut header = vec!["rank".to_string(), "trial".to_string()];
     header.extend(keys.iter().map(|k| k.to_string()));
     header.extend(
-        ["valid_auc", "valid_logloss", "test_auc", "test_logloss", "calibrated_test_logloss", "seconds", "pruned_at"].map(String::from),
+        [
+            "valid_auc",
+            "valid_logloss",
+            "test_auc",
+            "test_logloss",
+            "calibrated_test_logloss",
+            "seconds",
+            "pruned_at",
+            "best_epoch",
+            "epochs_run",
+            "at_cap_improving",
+        ]
+        .map(String::from),
     );
     w.write_record(&header)?;
     for (rank, (s, f)) in order.into_iter().enumerate() {
@@ -378,6 +390,9 @@ pub fn leaderboard(space: &SpaceFile, trials: &[(Settings, Finished)]) -> Result
         // the evaluation at which the median rule stopped the trial (empty: it was not pruned)
         let pruned = r["stop_reason"].as_str().and_then(|s| s.strip_prefix(crate::train::prune::PRUNED_AT));
         rec.push(pruned.and_then(|s| s.split(':').next()).unwrap_or("").to_string());
+        // a trial the epoch cap cut while it still improved: the budget, not the config, ended it
+        rec.extend(["best_epoch", "epochs_run"].map(|k| r[k].as_u64().map_or(String::new(), |n| n.to_string())));
+        rec.push(if crate::train::capped_while_improving(r) { "yes" } else { "" }.to_string());
         md.push_str(&format!("| {} |\n", rec.join(" | ")));
         w.write_record(&rec)?;
     }
@@ -566,6 +581,13 @@ pub fn run(path: &Path, out: &Path, opts: &crate::train::RunOptions, launch: Opt
     done.extend(run_stage(&space, &trials[done.len()..], &trials, out, opts, children)?);
     let best = best_of(&space, &done)?;
     let best_trial = trials.iter().find(|(_, p)| p.id == best.id).expect("a trial");
+    if crate::train::capped_while_improving(&best.result) {
+        tracing::warn!(
+            "the best trial, {}, stopped at its epoch cap with its best evaluation in its last epoch: more epochs may pay (`wukong train --resume {} --epochs N` continues it; the other trials had the same cap)",
+            best.id,
+            experiment::point_dir(out, &best.id).display()
+        );
+    }
     // the best config with each seed (its trial seed included if listed: a separate run anyway)
     let seed_points = seed_points(&space, &best_trial.1);
     if let Some(launch) = children {

@@ -654,6 +654,15 @@ fn cap_reason(epochs: usize) -> String {
     format!("{epochs} epochs done")
 }
 
+/// Whether a finished run's `result.json` says it stopped at its epoch cap with its best
+/// evaluation in its last epoch: more epochs might have paid (`--resume DIR --epochs N`).
+pub fn capped_while_improving(result: &serde_json::Value) -> bool {
+    match (result["best_epoch"].as_u64(), result["epochs_run"].as_u64(), result["stop_reason"].as_str()) {
+        (Some(best), Some(run), Some(why)) => best == run && why == cap_reason(run as usize),
+        _ => false,
+    }
+}
+
 /// Continues the run in `run_dir` from its newest valid checkpoint (`wukong train --resume`).
 /// With the same thread count on the CPU the result is bit-identical to a run never interrupted.
 pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<TrainOutcome> {
@@ -1446,4 +1455,17 @@ fn run(cfg: ExperimentConfig, resume: Option<Resume>, opts: &RunOptions) -> Resu
         crate::runtime::write_atomic(&run_dir.join(checkpoint::RESULT), serde_json::to_string_pretty(&result)?.as_bytes())?;
     }
     Ok(TrainOutcome { run_dir, best_epoch: best_eval.epoch, epochs_run, valid, test, seconds, guard_events })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_run_counts_as_capped_while_improving_only_at_its_cap_with_its_best_last() {
+        let r = |best: u64, run: u64, why: &str| serde_json::json!({ "best_epoch": best, "epochs_run": run, "stop_reason": why });
+        assert!(super::capped_while_improving(&r(20, 20, "20 epochs done")));
+        assert!(!super::capped_while_improving(&r(17, 20, "20 epochs done")), "best before the cap");
+        assert!(!super::capped_while_improving(&r(8, 8, "early stop after 3 evaluations without improvement")));
+        assert!(!super::capped_while_improving(&r(4, 4, "pruned by the median rule at evaluation 4: …")));
+        assert!(!super::capped_while_improving(&serde_json::json!({ "best_epoch": 3 })), "a result without the fields");
+    }
 }
