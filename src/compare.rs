@@ -34,8 +34,7 @@ fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, key: &str, file:
 
 /// Reads a finished run directory.
 pub fn read_run(dir: &Path) -> Result<Row> {
-    let config =
-        ExperimentConfig::load(&dir.join(checkpoint::CONFIG)).with_context(|| format!("{} is not a run directory", dir.display()))?;
+    let config = checkpoint::saved_config(dir)?;
     let rpath = dir.join(checkpoint::RESULT);
     let text = std::fs::read_to_string(&rpath).with_context(|| format!("cannot read {} (did the run finish?)", rpath.display()))?;
     let r: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", rpath.display()))?;

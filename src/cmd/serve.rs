@@ -106,9 +106,8 @@ pub struct LoadtestArgs {
 }
 
 pub fn loadtest(a: LoadtestArgs) -> Result<()> {
-    let cfg = wukong::config::ExperimentConfig::load(&a.run.join("config.toml"))
-        .with_context(|| format!("{} is not a run directory", a.run.display()))?;
-    let encoder = wukong::data::Encoder::load(&a.run.join("encoder.json"))?;
+    let cfg = wukong::train::checkpoint::saved_config(&a.run)?;
+    let encoder = wukong::data::Encoder::load(&a.run.join(wukong::train::checkpoint::ENCODER))?;
     let path = match a.data {
         Some(p) => p,
         None => wukong::data::pipeline::split_sources(&cfg.data)

@@ -159,8 +159,13 @@ impl LoadedRun {
     }
 }
 
+/// The config a run directory was trained with (its `config.toml`).
+pub fn saved_config(dir: &Path) -> Result<ExperimentConfig> {
+    ExperimentConfig::load(&dir.join(CONFIG)).with_context(|| format!("{} is not a run directory", dir.display()))
+}
+
 pub fn load_run(dir: &Path, device: &Device) -> Result<LoadedRun> {
-    let config = ExperimentConfig::load(&dir.join(CONFIG)).with_context(|| format!("{} is not a run directory", dir.display()))?;
+    let config = saved_config(dir)?;
     let encoder = Encoder::load(&dir.join(ENCODER))?;
     let model = load_model(&config, &encoder, &dir.join(MODEL), device)?;
     Ok(LoadedRun { dir: dir.to_path_buf(), config, encoder, model })

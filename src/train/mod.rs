@@ -666,8 +666,7 @@ pub fn capped_while_improving(result: &serde_json::Value) -> bool {
 /// Continues the run in `run_dir` from its newest valid checkpoint (`wukong train --resume`).
 /// With the same thread count on the CPU the result is bit-identical to a run never interrupted.
 pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<TrainOutcome> {
-    let cfg = ExperimentConfig::load(&run_dir.join(checkpoint::CONFIG))
-        .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
+    let cfg = checkpoint::saved_config(run_dir)?;
     run(cfg, Some(Resume { dir: run_dir.to_path_buf(), extended_from: None }), opts)
 }
 
@@ -677,8 +676,7 @@ pub fn resume(run_dir: &Path, opts: &RunOptions) -> Result<TrainOutcome> {
 /// not be that run: fewer epochs, a run that stopped early (patience or pruning: more epochs
 /// change nothing), or a warm-up set as a fraction of the planned steps (it would lengthen).
 pub fn extend(run_dir: &Path, epochs: usize, opts: &RunOptions) -> Result<TrainOutcome> {
-    let mut cfg = ExperimentConfig::load(&run_dir.join(checkpoint::CONFIG))
-        .with_context(|| format!("{} is not a run directory", run_dir.display()))?;
+    let mut cfg = checkpoint::saved_config(run_dir)?;
     let old = cfg.train.epochs;
     anyhow::ensure!(
         epochs >= old,
