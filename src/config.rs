@@ -81,6 +81,14 @@ pub struct TrainConfig {
     /// `plateau_min_lr_scale`; set `plateau_lr_factor = 1` for the step schedule alone.
     pub lr_milestones: Vec<usize>,
     pub lr_milestone_factor: f64,
+    /// Weight averaging (stochastic weight averaging taken at evaluation points): from the
+    /// evaluation at the end of this epoch (1-based) on, every evaluation folds the present
+    /// weights into a running mean, and the mean is what is evaluated, selected (patience, the
+    /// plateau rule and the median rule see its metrics) and saved as the best weights; training
+    /// itself goes on from the raw weights. 0 (default) = off. Costs one f32 copy of every
+    /// parameter, the embedding table included, in memory and in each checkpoint. Not with batch
+    /// norm (its running statistics belong to the raw weights) nor in data-parallel jobs.
+    pub average_from_epoch: usize,
     pub seed: u64,
     /// Matrix products of the MLPs: `f32` (default) or `bf16` (mixed precision: bf16 inputs and
     /// weights, f32 accumulation, f32 master weights, optimizer state, loss and metrics).
@@ -148,6 +156,7 @@ impl Default for TrainConfig {
             plateau_min_lr_scale: 0.0,
             lr_milestones: Vec::new(),
             lr_milestone_factor: 0.1,
+            average_from_epoch: 0,
             seed: 2024,
             precision: Default::default(),
             eval_every_steps: 0,
@@ -238,6 +247,7 @@ impl TrainConfig {
             anyhow::bail!("train.lr_milestones must be increasing epoch numbers from 1, got {:?}", self.lr_milestones);
         }
         int("train.eval_every_steps", self.eval_every_steps, 0, 1 << 40)?;
+        int("train.average_from_epoch", self.average_from_epoch, 0, 1 << 20)?;
         int("train.checkpoint_every_steps", self.checkpoint_every_steps, 0, 1 << 40)?;
         num("train.checkpoint_every_secs", self.checkpoint_every_secs, 0.0, 1e9)?;
         int("train.keep_checkpoints", self.keep_checkpoints, 1, 1000)?;

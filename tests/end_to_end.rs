@@ -305,3 +305,73 @@ fn bad_milestones_are_refused_by_name() {
         assert!(err.contains("train.lr_milestones"), "{bad:?}: {err}");
     }
 }
+
+/// Weight averaging (`average_from_epoch = 2`): training goes on from the raw weights (the final
+/// weights equal those of the same run without it), the first averaged evaluation (one snapshot)
+/// scores what the plain run scored, later ones score something else, and the saved best
+/// weights are exactly the mean of the plain run's weights at the evaluations from epoch 2 to the
+/// selected one (read from its checkpoints).
+#[test]
+fn weight_averaging_evaluates_the_mean_and_leaves_training_alone() {
+    let _turn = serial();
+    let dir = workdir("average");
+    generate(&dir);
+    let mut cfg = config(&dir);
+    cfg.train.epochs = 5;
+    cfg.train.patience = 100;
+    cfg.train.plateau_lr_factor = 1.0; // the rates must not depend on what is evaluated
+    cfg.train.keep_checkpoints = 100;
+    cfg.train.checkpoint_every_secs = 0.0;
+    let plain = train_quietly(&cfg, &dir.join("plain"));
+    cfg.train.average_from_epoch = 2;
+    let avg = train_quietly(&cfg, &dir.join("avg"));
+    let result =
+        |run: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(run.join("result.json")).unwrap()).unwrap() };
+    let (rp, ra) = (result(&plain.run_dir), result(&avg.run_dir));
+    assert_eq!(rp["final_weights_digest"], ra["final_weights_digest"], "averaging changed the training itself");
+
+    let (ep, ea) = (common::metrics_lines(&plain.run_dir), common::metrics_lines(&avg.run_dir));
+    assert_eq!((ep.len(), ea.len()), (5, 5));
+    assert_eq!(ea[0]["averaged_over"], serde_json::Value::Null, "epoch 1 is before the averaging");
+    for (i, e) in ea.iter().enumerate().skip(1) {
+        assert_eq!(e["averaged_over"].as_u64(), Some(i as u64), "epoch {}", i + 1);
+    }
+    assert_eq!(ea[0]["valid_auc"], ep[0]["valid_auc"]);
+    assert_eq!(ea[1]["valid_auc"], ep[1]["valid_auc"], "a mean of one snapshot is the model itself");
+    assert!((2..5).any(|i| ea[i]["valid_auc"] != ep[i]["valid_auc"]), "the mean of several snapshots scored like the raw weights");
+
+    // The selected weights, rebuilt from the plain run's checkpoints at the same evaluations.
+    let best = ra["best_epoch"].as_u64().unwrap() as usize;
+    let ckpts = checkpoint::CheckpointDir::new(&plain.run_dir, 100, &Default::default()).unwrap();
+    let device = Device::flex();
+    let base = checkpoint::load_run(&plain.run_dir, &device).unwrap().model;
+    let weights_at = |epoch: usize| {
+        let (_, mut c) = ckpts.at(ep[epoch - 1]["step"].as_u64().unwrap()).unwrap();
+        checkpoint::load_model_bytes(base.clone(), c.take_section("model").unwrap(), "checkpoint").unwrap()
+    };
+    let expected = if best == 1 {
+        weights_at(1)
+    } else {
+        let mut mean = train::average::WeightAverage::default();
+        for e in 2..=best {
+            mean.add(&weights_at(e)).unwrap();
+        }
+        mean.apply(base.clone()).unwrap()
+    };
+    assert_eq!(ra["best_weights_digest"].as_str().unwrap(), checkpoint::weights_digest(&expected).unwrap(), "best epoch {best}");
+    assert!(best >= 3, "the test wants a selected mean of several snapshots; best epoch {best}: {ea:?}");
+}
+
+/// Weight averaging refuses what it would get wrong: batch-norm statistics of the raw weights.
+#[test]
+fn weight_averaging_refuses_batch_norm() {
+    let _turn = serial();
+    let dir = workdir("average-bn");
+    generate(&dir);
+    let mut cfg = config(&dir);
+    cfg.model = toml::from_str("name = \"dlrm\"\nembedding_dim = 8\ntop_mlp_units = [16]\nbatch_norm = true").unwrap();
+    cfg.train.average_from_epoch = 1;
+    let err = train::train(&cfg, &RunOptions { device: "cpu".into(), out_dir: dir.join("runs"), verbose: false, ..Default::default() })
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("train.average_from_epoch needs a model without batch norm"), "{err:#}");
+}

@@ -103,9 +103,14 @@ fn resume(run: &Path) -> (Output, String) {
 /// An uninterrupted reference run, then one run per fault, each crashed and resumed (twice when
 /// the fault is given as two faults separated by `|`, each for one process).
 fn check_resume_is_exact(tag: &str, model: &str, stream: bool, faults: &[&str]) {
+    check_resume_is_exact_with(tag, model, stream, "", faults)
+}
+
+/// [`check_resume_is_exact`] with `extra_train` lines in the config's `[train]` table.
+fn check_resume_is_exact_with(tag: &str, model: &str, stream: bool, extra_train: &str, faults: &[&str]) {
     let dir = common::workdir(&format!("resume-{tag}"));
     write_data(&dir);
-    let cfg = write_config(&dir, model, stream, "");
+    let cfg = write_config(&dir, model, stream, extra_train);
     let (out, text) = train(&cfg, &dir.join("reference"), None);
     assert!(out.status.success(), "{text}");
     let reference = fingerprint(&only_run(&dir.join("reference")));
@@ -143,6 +148,14 @@ fn wukong_in_memory_resumes_bit_identical() {
 #[test]
 fn wukong_streamed_resumes_bit_identical() {
     check_resume_is_exact("wukong-stream", WUKONG, true, &["abort-at-step:30", "abort-in-checkpoint:7|abort-at-step:61"]);
+}
+
+/// The running weight mean (`average_from_epoch`) lives in the checkpoints: a run crashed while
+/// averaging resumes with the same mean (its evaluations and selected weights are the
+/// uninterrupted run's).
+#[test]
+fn a_run_averaging_its_weights_resumes_bit_identical() {
+    check_resume_is_exact_with("average", WUKONG, false, "average_from_epoch = 1\n", &["abort-at-step:40", "abort-in-checkpoint:9"]);
 }
 
 #[test]

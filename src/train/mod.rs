@@ -3,6 +3,7 @@
 //! full-state checkpoints with exact resume, the loss-explosion guard, evaluation and prediction.
 
 pub mod adam;
+pub mod average;
 pub mod checkpoint;
 pub mod dist;
 pub mod guard;
@@ -775,7 +776,12 @@ struct Loop<'a> {
     shard_dir: Option<PathBuf>,
     /// Searches: the median stopping rule.
     median_rule: Option<prune::MedianRule>,
+    /// The running mean of the weights (`train.average_from_epoch`; empty until it starts).
+    average: average::WeightAverage,
 }
+
+/// The checkpoint section holding the running weight mean (present once it holds a snapshot).
+const AVERAGE_SECTION: &str = "weight_average";
 
 impl Loop<'_> {
     fn seconds(&self) -> f64 {
@@ -795,7 +801,10 @@ impl Loop<'_> {
             self.last_checkpoint = Instant::now();
             return Ok(());
         }
-        let (meta, sections) = self.stepper.save_state()?;
+        let (meta, mut sections) = self.stepper.save_state()?;
+        if self.average.count() > 0 {
+            sections.push((AVERAGE_SECTION.into(), self.average.to_bytes()));
+        }
         let state = serde_json::json!({ "train": self.state, "sparse_optimizer": meta, "encoder_fingerprint": self.encoder.fingerprint() });
         self.ckpts.write(self.state.step, &Checkpoint { state, sections })?;
         // counted after the write: the state on disk holds the time up to the previous one
@@ -804,14 +813,18 @@ impl Loop<'_> {
         Ok(())
     }
 
-    /// Restores the stepper from `ckpt` and returns its training state.
-    fn restore(stepper: &mut Stepper, mut ckpt: Checkpoint) -> Result<TrainState> {
+    /// Restores the stepper from `ckpt` and returns its training state and weight mean.
+    fn restore(stepper: &mut Stepper, mut ckpt: Checkpoint) -> Result<(TrainState, average::WeightAverage)> {
         let state: TrainState =
             serde_json::from_value(ckpt.state["train"].clone()).context("the checkpoint's training state is unreadable")?;
         let meta = ckpt.state["sparse_optimizer"].clone();
+        let average = match ckpt.section(AVERAGE_SECTION) {
+            Ok(b) => average::WeightAverage::from_bytes(b)?,
+            Err(_) => average::WeightAverage::default(),
+        };
         stepper.load_state(&meta, &mut ckpt)?;
         stepper.set_dropout_stream(state.dropout_stream);
-        Ok(state)
+        Ok((state, average))
     }
 
     /// Whether this process writes checkpoints and best weights: rank 0 (or the only process),
@@ -855,8 +868,17 @@ impl Loop<'_> {
     /// saves the best weights, checkpoints. `epoch` is the epoch the evaluation belongs to.
     fn evaluate(&mut self, epoch: usize, train_logloss: f64, end_of_epoch: bool, epoch_secs: Option<f64>) -> Result<()> {
         let t = &self.cfg.train;
+        // From the end of epoch `average_from_epoch` on, the running weight mean stands for the model.
+        let from = t.average_from_epoch;
+        let averaged = if from > 0 && (epoch > from || (end_of_epoch && epoch == from)) {
+            self.average.add(self.stepper.model())?;
+            Some(self.average.apply(self.stepper.model().valid())?)
+        } else {
+            None
+        };
+        let evaluated = averaged.as_ref().unwrap_or(self.stepper.model());
         let valid = score_on(
-            &self.stepper.model().valid(),
+            &evaluated.valid(),
             &self.valid_data,
             &self.encoder,
             t.eval_batch_size,
@@ -877,7 +899,7 @@ impl Loop<'_> {
             s.best = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
             s.bad_evals = 0;
             if keeps_files {
-                checkpoint::save_model(self.stepper.model(), &model_path)?;
+                checkpoint::save_model(evaluated, &model_path)?;
             }
         } else if s.step > self.warmup {
             s.bad_evals += 1;
@@ -890,15 +912,19 @@ impl Loop<'_> {
         if s.best_other.as_ref().is_none_or(|b| other.score(&valid) > other.score(&b.metrics())) {
             s.best_other = Some(BestEval { epoch, step: s.step, valid_auc: valid.auc, valid_logloss: valid.logloss, count: valid.count });
             if keeps_files {
-                checkpoint::save_model(self.stepper.model(), &other_path)?;
+                checkpoint::save_model(evaluated, &other_path)?;
             }
         }
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "epoch": epoch, "step": s.step, "examples": s.examples, "end_of_epoch": end_of_epoch,
             "train_logloss": train_logloss, "valid_auc": valid.auc, "valid_logloss": valid.logloss,
             "lr": t.lr * s.lr_scale * s.guard.lr_scale, "seconds": seconds,
             "epoch_seconds": epoch_secs, "best": improved,
         });
+        let mean_of = averaged.as_ref().map(|_| self.average.count());
+        if let Some(n) = mean_of {
+            line["averaged_over"] = n.into();
+        }
         if self.writer {
             append_line(&self.run_dir.join(checkpoint::METRICS), &line)?;
         }
@@ -906,11 +932,12 @@ impl Loop<'_> {
         log(
             self.verbose,
             format!(
-                "{what}: train logloss {train_logloss:.5}  valid AUC {:.6}  LogLoss {:.6}  ({} examples, {:.1}s){}",
+                "{what}: train logloss {train_logloss:.5}  valid AUC {:.6}  LogLoss {:.6}  ({} examples, {:.1}s){}{}",
                 valid.auc,
                 valid.logloss,
                 s.examples,
                 seconds,
+                mean_of.map_or(String::new(), |n| format!("  (weights: mean of {n})")),
                 if improved { "  *best" } else { "" }
             ),
         );
@@ -951,6 +978,14 @@ fn run(cfg: ExperimentConfig, resume: Option<Resume>, opts: &RunOptions) -> Resu
     let v = opts.verbose && writer;
     let faults = &opts.faults.for_rank(rank);
     cfg.validate()?;
+    anyhow::ensure!(
+        t.average_from_epoch == 0 || !cfg.model.uses_batch_norm(),
+        "train.average_from_epoch needs a model without batch norm: its running statistics belong to the raw weights, not to their mean (they would need recomputing on the training data); set batch_norm = false or average_from_epoch = 0"
+    );
+    anyhow::ensure!(
+        t.average_from_epoch == 0 || ranks == 1,
+        "train.average_from_epoch is not supported in data-parallel jobs yet: train in one process or set it to 0"
+    );
     anyhow::ensure!(
         ranks == 1 || !cfg.model.uses_batch_norm(),
         "batch_norm = true is not supported in data-parallel jobs yet: each rank would normalise its share of the batch with its own statistics (it needs synchronized batch norm); set batch_norm = false or train in one process"
@@ -1126,6 +1161,7 @@ fn run(cfg: ExperimentConfig, resume: Option<Resume>, opts: &RunOptions) -> Resu
         writer,
         shard_dir: shard_dir.clone(),
         median_rule: opts.median_rule.clone(),
+        average: average::WeightAverage::default(),
     };
     if resume_dir.is_some() {
         let (path, ckpt) = lp.newest_checkpoint()?;
@@ -1137,8 +1173,10 @@ fn run(cfg: ExperimentConfig, resume: Option<Resume>, opts: &RunOptions) -> Resu
             lp.encoder.fingerprint()
         );
         stepper = lp.stepper;
-        let mut restored = Loop::restore(&mut stepper, ckpt).with_context(|| format!("cannot resume from {}", path.display()))?;
+        let (mut restored, average) =
+            Loop::restore(&mut stepper, ckpt).with_context(|| format!("cannot resume from {}", path.display()))?;
         lp.stepper = stepper;
+        lp.average = average;
         if let Some(old) = resume.as_ref().and_then(|r| r.extended_from) {
             if restored.done {
                 anyhow::ensure!(
@@ -1243,7 +1281,9 @@ fn run(cfg: ExperimentConfig, resume: Option<Resume>, opts: &RunOptions) -> Resu
                 // Rollback: the newest checkpoint, minus the batches from it to here.
                 let mut memory = lp.state.guard.clone();
                 let (path, ckpt) = lp.newest_checkpoint()?;
-                let restored = Loop::restore(&mut lp.stepper, ckpt).with_context(|| format!("rollback to {}", path.display()))?;
+                let (restored, average) =
+                    Loop::restore(&mut lp.stepper, ckpt).with_context(|| format!("rollback to {}", path.display()))?;
+                lp.average = average;
                 let from = ((restored.epoch - 1) * nb + restored.batch) as u64;
                 let action = format!(
                     "rolled back to step {} ({}); skipping batches {from}..={g}; learning rates ×{}",
