@@ -12,6 +12,8 @@ use wukong::data::loader::batch_of;
 use wukong::data::{Batch, BatchLoader, EncodedDataset, Encoder};
 use wukong::model::{DataShape, ModelConfig, Pass, SlotLayout, SparseEmbedding, SparseInput, TableStorage};
 
+mod common;
+
 fn plan(items: &[(&str, usize)]) -> BTreeMap<String, usize> {
     items.iter().map(|&(k, m)| (k.to_string(), m)).collect()
 }
@@ -140,6 +142,7 @@ fn one_hot_batch() -> Batch {
 
 #[test]
 fn a_narrow_field_reads_only_its_first_columns() {
+    let _turn = common::serial();
     let device = Device::flex();
     device.seed(3);
     let shape = DataShape { fields: 3, dense: 0, table_rows: 12 };
@@ -178,7 +181,8 @@ fn grouping_is_counted_in_flops_and_checked_against_the_data() {
     assert_eq!(grouped.forward_flops(&shape), plain.forward_flops(&two) + 2 * (8 * 6 + 6 * 8));
     let ModelConfig::Wukong(w) = &grouped else { unreachable!() };
     assert_eq!(w.n0(&shape), 2);
-    // the built model has those parameters
+    // the built model has those parameters (its draw waits its turn: another test here is seeded)
+    let _turn = common::serial();
     let m = grouped.init(&shape, &Device::flex());
     let wukong::model::Model::Wukong(inner) = &m else { unreachable!() };
     assert_eq!((inner.wide_fields.clone(), inner.narrow_fields.clone(), inner.narrow_widths.clone()), (vec![0], vec![1, 2], vec![3, 5]));

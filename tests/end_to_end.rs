@@ -12,14 +12,6 @@ use wukong::data::pipeline::{self, SplitSource};
 use wukong::model::DataShape;
 use wukong::train::{self, RunOptions, checkpoint};
 
-/// burn's Flex backend seeds one process-wide generator, so trainings in this test binary take
-/// turns; otherwise concurrent tests would interleave their random draws.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 mod common;
 
 fn workdir(name: &str) -> PathBuf {
@@ -85,7 +77,7 @@ seed = 1
 
 #[test]
 fn tiny_training_learns_and_the_checkpoint_round_trips() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = workdir("train");
     generate(&dir);
     let cfg = config(&dir);
@@ -125,7 +117,7 @@ fn reload_and_score_test(run_dir: &Path, dir: &Path) -> (checkpoint::LoadedRun, 
 /// test split exactly as reported.
 #[test]
 fn several_embeddings_and_grouped_narrow_fields_train_and_reload() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = workdir("embedding-layer");
     generate(&dir);
     let mut cfg = config(&dir);
@@ -146,7 +138,7 @@ fn several_embeddings_and_grouped_narrow_fields_train_and_reload() {
 
 #[test]
 fn checkpoint_round_trip_gives_identical_predictions() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = workdir("ckpt");
     generate(&dir);
     let cfg = config(&dir);
@@ -175,7 +167,7 @@ fn checkpoint_round_trip_gives_identical_predictions() {
 
 #[test]
 fn same_seed_same_run_and_another_seed_differs() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = workdir("seed");
     generate(&dir);
     let mut cfg = config(&dir);
@@ -206,7 +198,7 @@ fn run_directories_never_collide() {
 
 #[test]
 fn logloss_monitor_keeps_the_epoch_with_the_lowest_validation_logloss() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = workdir("monitor");
     generate(&dir);
     let mut cfg = config(&dir);
@@ -228,7 +220,7 @@ fn overfitting_run(
     epochs: usize,
     rules: impl FnOnce(&mut wukong::config::TrainConfig),
 ) -> (ExperimentConfig, Vec<serde_json::Value>) {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = workdir(tag);
     generate(&dir);
     let mut cfg = config(&dir);
@@ -313,7 +305,7 @@ fn bad_milestones_are_refused_by_name() {
 /// selected one (read from its checkpoints).
 #[test]
 fn weight_averaging_evaluates_the_mean_and_leaves_training_alone() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = workdir("average");
     generate(&dir);
     let mut cfg = config(&dir);
@@ -365,7 +357,7 @@ fn weight_averaging_evaluates_the_mean_and_leaves_training_alone() {
 /// Weight averaging refuses what it would get wrong: batch-norm statistics of the raw weights.
 #[test]
 fn weight_averaging_refuses_batch_norm() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = workdir("average-bn");
     generate(&dir);
     let mut cfg = config(&dir);

@@ -7,10 +7,16 @@ use wukong::model::Precision::F32;
 use wukong::model::layers::{FmBlock, FmBlockSpec, FmKind, LinearCompress, WukongLayer};
 use wukong::model::{DataShape, ModelConfig, WukongConfig};
 
-fn dev() -> Device {
+mod common;
+
+/// The device, seeded, with this test's turn at the process-wide generator: every run draws the
+/// same weights and inputs (a finite-difference check at a random point could otherwise land on
+/// a ReLU kink in one run out of many).
+fn dev() -> (std::sync::MutexGuard<'static, ()>, Device) {
+    let turn = common::serial();
     let d = Device::flex();
     d.seed(7);
-    d
+    (turn, d)
 }
 
 fn spec(kind: FmKind, n_in: usize, n_out: usize) -> FmBlockSpec {
@@ -39,7 +45,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn optimized_fm_equals_x_xt_y() {
-    let device = dev();
+    let (_turn, device) = dev();
     let block = FmBlock::new(&spec(FmKind::Static, 5, 2), &device);
     let x = Tensor::<3>::random([3, 5, 4], Distribution::Normal(0.0, 1.0), &device);
     let y = block.projection.as_ref().unwrap().val();
@@ -66,7 +72,7 @@ fn optimized_fm_equals_x_xt_y() {
 
 #[test]
 fn full_fm_is_x_xt_and_attentive_fm_uses_a_per_example_projection() {
-    let device = dev();
+    let (_turn, device) = dev();
     let x = Tensor::<3>::random([2, 5, 4], Distribution::Normal(0.0, 1.0), &device);
     let full = FmBlock::new(&spec(FmKind::Full, 5, 2), &device);
     let got = to_vec(full.interactions(x.clone(), &Pass::f32()));
@@ -84,7 +90,7 @@ fn full_fm_is_x_xt_and_attentive_fm_uses_a_per_example_projection() {
 
 #[test]
 fn block_shapes() {
-    let device = dev();
+    let (_turn, device) = dev();
     let x = Tensor::<3>::random([3, 7, 4], Distribution::Normal(0.0, 1.0), &device);
     for kind in [FmKind::Static, FmKind::Attentive, FmKind::Full] {
         let block = FmBlock::new(&spec(kind, 7, 6), &device);
@@ -99,7 +105,7 @@ fn block_shapes() {
 
 #[test]
 fn residual_projection_exactly_when_counts_differ() {
-    let device = dev();
+    let (_turn, device) = dev();
     let same = WukongLayer::new(&spec(FmKind::Static, 8, 5), 3, &device);
     assert!(same.residual.is_none(), "8 in, 5+3 out: identity residual");
     let differ = WukongLayer::new(&spec(FmKind::Static, 8, 5), 4, &device);
@@ -123,7 +129,7 @@ fn residual_projection_exactly_when_counts_differ() {
 #[test]
 fn lcb_is_linear_so_it_keeps_the_interaction_order() {
     // LCB(a·X1 + X2) = a·LCB(X1) + LCB(X2): a linear map adds no product of embeddings.
-    let device = dev();
+    let (_turn, device) = dev();
     let lcb = LinearCompress::new(6, 4, &device);
     let x1 = Tensor::<3>::random([2, 6, 4], Distribution::Normal(0.0, 1.0), &device);
     let x2 = Tensor::<3>::random([2, 6, 4], Distribution::Normal(0.0, 1.0), &device);
@@ -155,7 +161,7 @@ fn check_gradient(x: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> f64, entries: &
 
 #[test]
 fn interaction_layer_gradient_matches_finite_differences() {
-    let device = dev();
+    let (_turn, device) = dev();
     let ad = device.clone().autodiff();
     let layer = WukongLayer::new(&spec(FmKind::Static, 5, 3), 4, &ad);
     let shape = [2, 5, 4];
@@ -179,7 +185,7 @@ fn interaction_layer_gradient_matches_finite_differences() {
 
 #[test]
 fn whole_model_forward_shape_and_flops_are_consistent() {
-    let device = dev();
+    let (_turn, device) = dev();
     let cfg = WukongConfig {
         embedding_dim: 4,
         num_layers: 3,
@@ -203,7 +209,7 @@ fn whole_model_forward_shape_and_flops_are_consistent() {
 
 #[test]
 fn dense_features_become_extra_embeddings() {
-    let device = dev();
+    let (_turn, device) = dev();
     let cfg = WukongConfig {
         embedding_dim: 4,
         num_layers: 1,
@@ -234,7 +240,7 @@ fn dense_features_become_extra_embeddings() {
 #[test]
 fn dropout_keeps_the_expected_fraction_scaled_and_is_off_in_inference() {
     use wukong::model::layers::{Dropout, Precision};
-    let device = dev();
+    let (_turn, device) = dev();
     let ad = device.clone().autodiff();
     let pass = Pass::seeded(Precision::F32, 1);
     let d = Dropout::new(0.25);
@@ -263,7 +269,7 @@ fn dropout_keeps_the_expected_fraction_scaled_and_is_off_in_inference() {
 fn ablations_zero_exactly_what_they_say() {
     use wukong::model::layers::LayerParts;
     use wukong::model::wukong::Ablation;
-    let device = dev();
+    let (_turn, device) = dev();
     let s = spec(FmKind::Static, 8, 5);
     let full = WukongLayer::new(&s, 3, &device);
     let x = Tensor::<3>::random([2, 8, 4], Distribution::Normal(0.0, 1.0), &device);

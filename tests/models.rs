@@ -14,14 +14,6 @@ use wukong::train::{self, RunOptions, bce_with_logits};
 
 mod common;
 
-/// burn's Flex backend has one process-wide generator: tests that draw from it take turns, so
-/// every run of this file initializes the models identically.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn model_config(name: &str, body: &str) -> ModelConfig {
     toml::from_str(&format!("name = \"{name}\"\n{body}")).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -60,7 +52,7 @@ fn batch(b: usize, dense: usize, seed: u64) -> Batch {
 
 #[test]
 fn every_model_gives_one_finite_logit_per_example_with_and_without_dense_features() {
-    let _turn = serial();
+    let _turn = common::serial();
     let device = Device::flex();
     for (name, body) in common::MODELS {
         for dense in [0, 2] {
@@ -91,7 +83,7 @@ fn models_and_switched_off() -> impl Iterator<Item = (&'static str, String)> {
 #[test]
 fn every_parameter_receives_a_gradient_fresh_and_after_a_checkpoint_round_trip() {
     use wukong::model::export::{model_parameters, named_gradients, strip_variant};
-    let _turn = serial();
+    let _turn = common::serial();
     let variants = models_and_switched_off().flat_map(|(name, body)| {
         // and each model that has it with every dense feature embedded on its own
         let per_feature = toml::from_str::<ModelConfig>(&format!("name = \"{name}\"\n{body}\nnumeric_embedding = \"per_feature\"")).ok();
@@ -123,7 +115,7 @@ fn every_parameter_receives_a_gradient_fresh_and_after_a_checkpoint_round_trip()
 
 #[test]
 fn embedding_row_gradients_match_finite_differences_for_every_model() {
-    let _turn = serial();
+    let _turn = common::serial();
     for (name, body) in models_and_switched_off() {
         let device = Device::flex();
         device.seed(7);
@@ -200,7 +192,7 @@ fn generate(dir: &Path) {
 
 #[test]
 fn every_model_learns_a_tiny_task_with_the_shared_trainer() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = common::workdir("models-learn");
     generate(&dir);
     let mut report = String::new();
@@ -233,7 +225,7 @@ fn every_model_learns_a_tiny_task_with_the_shared_trainer() {
 /// half-precision table.
 #[test]
 fn half_precision_tables_and_lazy_adam_train_like_the_default() {
-    let _turn = serial();
+    let _turn = common::serial();
     let dir = common::workdir("models-table-options");
     generate(&dir);
     let run = |name: &str, extra: &str| {
@@ -271,7 +263,7 @@ fn half_precision_tables_and_lazy_adam_train_like_the_default() {
 #[test]
 fn interaction_switches_remove_the_interaction_part() {
     use wukong::model::export::model_parameters;
-    let _turn = serial();
+    let _turn = common::serial();
     let device = Device::flex();
     let shape = DataShape { fields: 3, dense: 2, table_rows: 12 };
     for &(i, line, part) in &common::INTERACTION_OFF {

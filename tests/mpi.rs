@@ -18,6 +18,21 @@ mod common;
 
 const WUKONG: &str = env!("CARGO_BIN_EXE_wukong");
 
+#[test]
+fn weight_averaging_is_refused_in_a_job() {
+    if !have_mpirun() {
+        return;
+    }
+    let dir = common::workdir("mpi-average");
+    std::fs::write(dir.join("c.toml"), config("average_from_epoch = 1")).unwrap();
+    let out = train(2, &dir, &["--config", "c.toml", "--out", "runs"], None);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("train.average_from_epoch is not supported in data-parallel jobs"), "{}", text(&out));
+    // the same config trains in one process (the refusal is the job's, not the config's)
+    let one = train(0, &dir, &["--config", "c.toml", "--out", "one"], None);
+    assert!(one.status.success(), "{}", text(&one));
+}
+
 /// A small Wukong on the synthetic stream: 5,889 training examples in global batches of 256,
 /// so the last batch of each epoch has one example (rank 1's share of it is empty).
 fn config(extra_train: &str) -> String {

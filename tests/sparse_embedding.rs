@@ -6,6 +6,8 @@ use wukong::data::Batch;
 use wukong::model::{SlotLayout, SparseEmbedding, SparseInput};
 use wukong::train::RowWiseAdagrad;
 
+mod common;
+
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
 }
@@ -57,6 +59,7 @@ fn loss_of(x: Tensor<3>, w: &Tensor<3>) -> Tensor<1> {
 
 #[test]
 fn gathered_row_gradient_matches_dense_and_finite_differences() {
+    let _turn = common::serial();
     let device = Device::flex();
     device.seed(3);
     let ad = device.clone().autodiff();
@@ -112,6 +115,7 @@ fn gathered_row_gradient_matches_dense_and_finite_differences() {
 
 #[test]
 fn row_wise_adagrad_updates_touched_rows_only_and_matches_the_formula() {
+    let _turn = common::serial();
     let device = Device::flex();
     device.seed(5);
     let emb = SparseEmbedding::new(ROWS, D, 0.5, &device);
@@ -153,6 +157,7 @@ fn row_wise_adagrad_updates_touched_rows_only_and_matches_the_formula() {
 
 #[test]
 fn multi_hot_slots_are_weighted_and_pooled_per_field() {
+    let _turn = common::serial();
     let device = Device::flex();
     device.seed(5);
     let emb = SparseEmbedding::new(ROWS, D, 0.5, &device);
@@ -183,6 +188,7 @@ fn multi_hot_slots_are_weighted_and_pooled_per_field() {
 fn stochastic_rounding_is_unbiased_and_stays_on_the_format_grid() {
     use burn::tensor::DType;
     use wukong::model::TableStorage;
+    let _turn = common::serial();
     let device = Device::flex();
     device.seed(11);
     let n = 20_000;
@@ -219,6 +225,7 @@ fn stochastic_rounding_is_unbiased_and_stays_on_the_format_grid() {
 fn half_precision_tables_keep_updates_smaller_than_their_spacing() {
     use burn::tensor::DType;
     use wukong::model::TableStorage;
+    let _turn = common::serial();
     let device = Device::flex();
     device.seed(12);
     for storage in [TableStorage::F16, TableStorage::Bf16] {
@@ -255,6 +262,7 @@ fn half_precision_tables_keep_updates_smaller_than_their_spacing() {
 #[test]
 fn sparse_adam_updates_touched_rows_only_and_matches_the_formula() {
     use wukong::train::SparseAdam;
+    let _turn = common::serial();
     let device = Device::flex();
     device.seed(6);
     let emb = SparseEmbedding::new(ROWS, D, 0.5, &device);

@@ -10,6 +10,15 @@ pub fn workdir(tag: &str) -> PathBuf {
     dir
 }
 
+/// burn's Flex backend has one process-wide generator (`Device::seed` reseeds it for the whole
+/// process), so tests that seed it and draw from it take turns: otherwise concurrent tests
+/// interleave their draws and a test's random weights change from run to run.
+#[allow(dead_code)] // not every test binary draws
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[allow(dead_code)] // not every test binary uses every helper
 /// Small instances of every model (and the variants with other code paths).
 pub const MODELS: [(&str, &str); 15] = [
