@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 /// A fresh, empty scratch directory unique to this test process and `tag`.
+#[allow(dead_code)] // not every test binary writes files
 pub fn workdir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("wukong-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
