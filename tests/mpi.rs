@@ -18,21 +18,6 @@ mod common;
 
 const WUKONG: &str = env!("CARGO_BIN_EXE_wukong");
 
-#[test]
-fn weight_averaging_is_refused_in_a_job() {
-    if !have_mpirun() {
-        return;
-    }
-    let dir = common::workdir("mpi-average");
-    std::fs::write(dir.join("c.toml"), config("average_from_epoch = 1")).unwrap();
-    let out = train(2, &dir, &["--config", "c.toml", "--out", "runs"], None);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("train.average_from_epoch is not supported in data-parallel jobs"), "{}", text(&out));
-    // the same config trains in one process (the refusal is the job's, not the config's)
-    let one = train(0, &dir, &["--config", "c.toml", "--out", "one"], None);
-    assert!(one.status.success(), "{}", text(&one));
-}
-
 /// A small Wukong on the synthetic stream: 5,889 training examples in global batches of 256,
 /// so the last batch of each epoch has one example (rank 1's share of it is empty).
 fn config(extra_train: &str) -> String {
@@ -333,10 +318,31 @@ fn batch_norm_is_refused_in_a_job() {
     if !have_mpirun() {
         return;
     }
-    let dir = common::workdir("mpi-bn");
     let cfg = config("").replace("dense_mlp = [16]", "dense_mlp = [16]\nbatch_norm = true");
+    refused_in_a_job("mpi-bn", &cfg, "batch_norm = true is not supported in data-parallel jobs");
+}
+
+#[test]
+fn weight_averaging_is_refused_in_a_job() {
+    if !have_mpirun() {
+        return;
+    }
+    let dir = refused_in_a_job(
+        "mpi-average",
+        &config("average_from_epoch = 1"),
+        "train.average_from_epoch is not supported in data-parallel jobs",
+    );
+    // the same config trains in one process (the refusal is the job's, not the config's)
+    let one = train(0, &dir, &["--config", "c.toml", "--out", "one"], None);
+    assert!(one.status.success(), "{}", text(&one));
+}
+
+/// `cfg` under `mpirun -n 2` fails with `message`; returns the directory holding it as `c.toml`.
+fn refused_in_a_job(tag: &str, cfg: &str, message: &str) -> PathBuf {
+    let dir = common::workdir(tag);
     std::fs::write(dir.join("c.toml"), cfg).unwrap();
     let out = train(2, &dir, &["--config", "c.toml", "--out", "runs"], None);
-    assert!(!out.status.success());
-    assert!(text(&out).contains("batch_norm = true is not supported in data-parallel jobs"), "{}", text(&out));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(message), "{}", text(&out));
+    dir
 }
